@@ -1,0 +1,3 @@
+from phaul.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Container kinds behind one small interface.
+
+A kind knows how to create, run, inspect and remove its containers, and how to
+checkpoint and restore one with CRIU. The migration code talks only to
+`ContainerKind`; `phaul.containers.runc.RuncContainers` is the OCI/runc kind.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ContainerConfig:
+    """What `phaul ct create` asks for; stored with the container and moved with it."""
+
+    id: str
+    template: str = "busybox"
+    memory: int | None = None  # bytes, cgroup memory limit
+    cpus: float | None = None  # CPU quota in CPUs
+    pids: int | None = None  # pids.max
+    ip: str | None = None  # "ADDR/PREFIX" on the host's bridge (network-transparent migration)
+    gateway: str | None = None
+    mac: str | None = None  # derived from the ID when an ip is given
+    args: list[str] = field(default_factory=list)  # the command given at `ct start`
+
+
+@dataclass
+class ContainerInfo:
+    """What `phaul ct list` shows."""
+
+    id: str
+    state: str  # "created" (bundle, no process), "running", "paused", "stopped"
+    pid: int | None = None
+    memory_used: int | None = None
+    memory_limit: int | None = None
+    ip: str | None = None
+
+
+@dataclass
+class ExecResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class ContainerKind(ABC):
+    """One kind of container on one host (one state directory)."""
+
+    @abstractmethod
+    def create(self, config: ContainerConfig) -> ContainerInfo: ...
+
+    @abstractmethod
+    def start(self, ct_id: str, args: list[str] | None = None) -> ContainerInfo: ...
+
+    @abstractmethod
+    def exec(self, ct_id: str, args: list[str], timeout: float = 60.0) -> ExecResult: ...
+
+    @abstractmethod
+    def list(self) -> list[ContainerInfo]: ...
+
+    @abstractmethod
+    def info(self, ct_id: str) -> ContainerInfo: ...
+
+    @abstractmethod
+    def stop(self, ct_id: str, timeout: float = 10.0) -> ContainerInfo: ...
+
+    @abstractmethod
+    def destroy(self, ct_id: str) -> None: ...
+
+    @abstractmethod
+    def config(self, ct_id: str) -> ContainerConfig: ...
+
+    @abstractmethod
+    def container_dir(self, ct_id: str) -> Path:
+        """The directory holding everything of this container on this host."""
