@@ -76,3 +76,28 @@ class ContainerKind(ABC):
     @abstractmethod
     def container_dir(self, ct_id: str) -> Path:
         """The directory holding everything of this container on this host."""
+
+    # -- what migration needs ------------------------------------------------
+
+    @abstractmethod
+    def criu_config_path(self, ct_id: str) -> Path:
+        """The CRIU configuration file passed to CRIU on this container's dumps and restores."""
+
+    @abstractmethod
+    def checkpoint_cmd(
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, leave_running: bool = False,
+        tcp_established: bool = True, page_server: str | None = None, parent_path: Path | None = None,
+    ) -> list[str]:
+        """The argument list that dumps the container into `image_dir`."""
+
+    @abstractmethod
+    def restore(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> ContainerInfo:
+        """Restore the container (whose directory is in place) from `image_dir`."""
+
+    @abstractmethod
+    def rewrite_for_host(self, ct_id: str) -> None:
+        """Adapt a container directory copied from another host to this one."""
+
+    @abstractmethod
+    def resume(self, ct_id: str) -> None:
+        """Let every process of a container restored held stopped run."""

@@ -1,0 +1,346 @@
+"""The `phaul` command line: argument parsing and output only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from phaul import __version__, messages
+from phaul.client import Agent, connect
+from phaul.containers import ContainerConfig
+from phaul.errors import InvalidInput, PhaulError
+from phaul.report import Report
+from phaul.rpc import phaul_pb2 as pb
+from phaul.transport import Credentials
+from phaul.validate import check_id, parse_size
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
+
+DESCRIPTION = """\
+Live migration of Linux containers between hosts with CRIU.
+
+Every host runs `phaul agent`; the CLI talks to agents over mutual TLS. Hosts
+are named in a hosts file (the lab writes one: `phaul lab up`).
+
+  phaul lab up                              build a two-host lab (alpha, beta)
+  phaul --host alpha ct create web --memory 256M
+  phaul --host alpha ct start web -- /bin/sh -c 'while :; do sleep 1; done'
+  phaul --host alpha migrate web beta       move it, running, to beta
+"""
+
+MIGRATE_EPILOG = """\
+exit status: 0 the container runs on HOST; 1 the migration was rolled back
+(the container still runs here) or failed; 2 bad input, nothing changed;
+3 in doubt: run `phaul recover`.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.INFO if args.command == "agent" else logging.WARNING),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s" if args.command == "agent" else "%(levelname)s: %(message)s",
+    )
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return int(args.func(args) or 0)
+    except PhaulError as e:
+        print(f"phaul: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("phaul: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phaul", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"phaul {__version__}")
+    p.add_argument("--host", default="alpha", help="the agent to talk to: a name from the hosts file (default: alpha)")
+    p.add_argument("--hosts-file", type=Path, help="hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)")
+    a.add_argument("--name", required=True, help="this host's name, as in its certificate")
+    a.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address to serve on")
+    a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
+    a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"), help="containers, images, reports (default: /var/lib/phaul)")
+    a.add_argument("--cert", type=Path, required=True, help="this host's certificate")
+    a.add_argument("--key", type=Path, required=True, help="its private key")
+    a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
+    a.add_argument("--allow", default="", help="comma-separated certificate names allowed to call this agent (default: any from the CA)")
+    a.add_argument("--enable-fault-injection", action="store_true", help="tests only: accept migrations that name a fault to inject")
+    a.set_defaults(func=cmd_agent)
+
+    k = sub.add_parser("pki", help="make a CA and host certificates")
+    ksub = k.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+    ki = ksub.add_parser("init", help="create a CA")
+    ki.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ki.add_argument("--force", action="store_true", help="replace an existing CA")
+    ki.set_defaults(func=cmd_pki_init)
+    ks = ksub.add_parser("issue", help="issue a certificate for a host or client")
+    ks.add_argument("name")
+    ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
+    ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
+    ks.set_defaults(func=cmd_pki_issue)
+
+    lab = sub.add_parser("lab", help="the two-host lab in network namespaces")
+    lsub = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    lu = lsub.add_parser("up", help="build the lab and start its agents (harmless if already up)")
+    lu.add_argument("--subnet", help="IPv4 CIDR used inside the lab (default 10.213.0.0/24)")
+    lu.set_defaults(func=cmd_lab_up)
+    ls = lsub.add_parser("status", help="show the lab")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_lab_status)
+    le = lsub.add_parser("exec", help="run a command in a lab namespace (alpha, beta, client, sw)")
+    le.add_argument("name")
+    le.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    le.set_defaults(func=cmd_lab_exec)
+    ld = lsub.add_parser("down", help="remove everything the lab made")
+    ld.set_defaults(func=cmd_lab_down)
+
+    ct = sub.add_parser("ct", help="containers on --host")
+    csub = ct.add_subparsers(dest="ct_command", metavar="ACTION", required=True)
+    cc = csub.add_parser("create", help="create a container (not started)")
+    cc.add_argument("id")
+    cc.add_argument("--template", default="busybox", help="root file system template (default: busybox)")
+    cc.add_argument("--memory", help="memory limit, e.g. 256M")
+    cc.add_argument("--cpus", type=float, help="CPU limit in CPUs, e.g. 0.5")
+    cc.add_argument("--pids", type=int, help="maximum number of processes")
+    cc.add_argument("--ip", help="ADDR/PREFIX on the host's bridge")
+    cc.add_argument("--gateway", help="default gateway for --ip")
+    cc.set_defaults(func=cmd_ct_create)
+    cs = csub.add_parser("start", help="start a container, optionally with a command")
+    cs.add_argument("id")
+    cs.add_argument("cmd", nargs=argparse.REMAINDER, help="[-- CMD ARGS...]")
+    cs.set_defaults(func=cmd_ct_start)
+    ce = csub.add_parser("exec", help="run a command in a running container; exits with its code")
+    ce.add_argument("id")
+    ce.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    ce.add_argument("--timeout", type=float, default=60.0)
+    ce.set_defaults(func=cmd_ct_exec)
+    cl = csub.add_parser("list", help="list containers: ID, state, init PID, memory used and limit")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_ct_list)
+    for name, func, text in (("stop", cmd_ct_stop, "stop a container (kept, startable)"), ("destroy", cmd_ct_destroy, "stop and remove a container")):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("id")
+        c.set_defaults(func=func)
+
+    m = sub.add_parser(
+        "migrate", help="live-migrate a container from --host to HOST", epilog=MIGRATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("id", help="the container")
+    m.add_argument("dest", metavar="HOST", help="the destination host's name")
+    m.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    m.add_argument("--tcp", choices=("keep", "close"), default="keep", help="keep established TCP connections (default) or close them")
+    m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds (auto) or a single stop-and-copy (off)")
+    m.add_argument("--max-rounds", type=int, default=8, help="pre-copy round cap (default 8)")
+    m.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="target frozen time in ms (default 300)")
+    m.add_argument("--bandwidth", help="cap the pre-copy data rate, e.g. 50M (bytes/s)")
+    m.add_argument("--fault", default="", metavar="STEP:KIND", help="tests only: inject a fault (agents must allow it)")
+    m.set_defaults(func=cmd_migrate)
+
+    d = sub.add_parser("doctor", help="what this host has for migration, and what is missing")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+    return p
+
+
+# -- connections -------------------------------------------------------------------
+
+
+def _hosts(args: argparse.Namespace):  # -> lab.HostsFile
+    from phaul.lab import read_hosts
+
+    return read_hosts(args.hosts_file)
+
+
+def _agent(args: argparse.Namespace) -> Agent:
+    hosts = _hosts(args)
+    entry = hosts.host(check_id(args.host, "host name"))
+    creds = Credentials("admin", hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
+    target = f"unix:{entry.socket}" if entry.socket and entry.socket.exists() else entry.address
+    return connect(target, entry.name, creds)
+
+
+def _command(rest: list[str], what: str) -> list[str]:
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if not rest and what:
+        raise InvalidInput(f"no command given to {what}", f"write it after `--`, e.g. phaul {what} ID -- echo hello")
+    return rest
+
+
+# -- agent, pki, lab ------------------------------------------------------------------
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from phaul.agent import serve
+
+    creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
+    for path in (args.cert, args.key, args.ca):
+        if not path.is_file():
+            raise InvalidInput(f"{path} does not exist", "make certificates with `phaul pki init` and `phaul pki issue NAME`")
+    allow = frozenset(n.strip() for n in args.allow.split(",") if n.strip())
+    serve(args.name, args.listen, args.state_dir, creds, args.socket, allow, args.enable_fault_injection)
+    return EXIT_OK
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from phaul import pki
+
+    print(pki.init_ca(args.dir, force=args.force))
+    return EXIT_OK
+
+
+def cmd_pki_issue(args: argparse.Namespace) -> int:
+    from phaul import pki
+
+    cert, key = pki.issue(args.dir, args.name, args.ip, args.dns)
+    print(f"{cert}\n{key}")
+    return EXIT_OK
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from phaul import lab
+
+    print(lab.up(args.subnet).to_text())
+    return EXIT_OK
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from phaul import lab
+
+    st = lab.status()
+    print(st.to_json() if args.json else st.to_text())
+    return EXIT_OK if st.healthy else EXIT_NOT_OK
+
+
+def cmd_lab_exec(args: argparse.Namespace) -> int:
+    from phaul import lab
+
+    return lab.exec_in(args.name, _command(args.cmd, "lab exec"))
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from phaul import lab
+
+    for line in lab.down():
+        print(line)
+    return EXIT_OK
+
+
+# -- containers ----------------------------------------------------------------------
+
+
+def cmd_ct_create(args: argparse.Namespace) -> int:
+    config = ContainerConfig(
+        id=check_id(args.id), template=args.template,
+        memory=parse_size(args.memory, "memory limit") if args.memory else None,
+        cpus=args.cpus, pids=args.pids, ip=args.ip, gateway=args.gateway,
+    )
+    with _agent(args) as agent:
+        info = agent.call("CreateContainer", messages.config_to_proto(config))
+    print(f"{info.id} created on {args.host}")
+    return EXIT_OK
+
+
+def cmd_ct_start(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        info = agent.call("StartContainer", pb.StartRequest(id=check_id(args.id), args=_command(args.cmd, "")))
+    print(f"{info.id} running on {args.host}, init PID {info.pid}")
+    return EXIT_OK
+
+
+def cmd_ct_exec(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        r = agent.call(
+            "ExecContainer", pb.ExecRequest(id=check_id(args.id), args=_command(args.cmd, "ct exec"), timeout=args.timeout),
+            timeout=args.timeout + 10,
+        )
+    sys.stdout.buffer.write(r.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(r.stderr)
+    return int(r.returncode)
+
+
+def cmd_ct_list(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        infos = [messages.info_from_proto(i) for i in agent.call("ListContainers", pb.Empty()).containers]
+    if args.json:
+        print(json.dumps([asdict(i) for i in infos], indent=2))
+        return EXIT_OK
+    print(f"{'ID':<20} {'STATE':<9} {'PID':>7} {'MEMORY':>10} {'LIMIT':>10}  IP")
+    for i in infos:
+        print(f"{i.id:<20} {i.state:<9} {i.pid or '-':>7} {_mib(i.memory_used):>10} {_mib(i.memory_limit):>10}  {i.ip or '-'}")
+    return EXIT_OK
+
+
+def cmd_ct_stop(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        agent.call("StopContainer", pb.ContainerRef(id=check_id(args.id)))
+    print(f"{args.id} stopped on {args.host}")
+    return EXIT_OK
+
+
+def cmd_ct_destroy(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        agent.call("DestroyContainer", pb.ContainerRef(id=check_id(args.id)))
+    print(f"{args.id} destroyed on {args.host}")
+    return EXIT_OK
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f} MiB"
+
+
+# -- migrate, doctor ------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    hosts = _hosts(args)
+    dest = hosts.host(check_id(args.dest, "destination host name"))
+    if dest.name == args.host:
+        raise InvalidInput(f"{args.id} is already on {args.host}", "name another host as the destination")
+    request = pb.MigrateRequest(
+        ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
+        precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
+        bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0, fault=args.fault,
+    )
+    show_progress = not args.json and sys.stderr.isatty()
+    report: Report | None = None
+    with _agent(args) as agent:
+        for event in agent.stream("Migrate", request):
+            if event.HasField("progress") and show_progress:
+                p = event.progress
+                print(f"  {p.phase:<11} {p.message}", file=sys.stderr)
+            elif event.HasField("report"):
+                report = Report.from_proto(event.report)
+    if report is None:
+        raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
+    print(report.to_json() if args.json else report.to_table())
+    return {"ok": EXIT_OK, "in_doubt": EXIT_IN_DOUBT}.get(report.result, EXIT_NOT_OK)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from phaul import doctor
+
+    checks = doctor.run_checks()
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        print(doctor.report_table(checks))
+        print(doctor.summary(checks))
+    return EXIT_NOT_OK if any(c.status == "fail" for c in checks) else EXIT_OK

@@ -1,0 +1,104 @@
+"""gRPC channels to agents over mutual TLS, and errors carried across them.
+
+Agents and the CLI use `connect()`; a failed call raises the same PhaulError
+subclass the agent raised, so callers handle remote and local errors alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.rpc import phaul_pb2_grpc as pb_grpc
+from phaul.transport import Credentials
+
+MAX_MESSAGE = 16 << 20
+
+_TO_CODE: list[tuple[type[PhaulError], grpc.StatusCode]] = [
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (ToolFailed, grpc.StatusCode.ABORTED),
+]
+
+
+def status_code(err: PhaulError) -> grpc.StatusCode:
+    for cls, code in _TO_CODE:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
+    """A PhaulError for a failed call: the agent's own error, or a transport problem."""
+    code = err.code()
+    details = err.details() or ""
+    for cls, c in _TO_CODE:
+        if code == c:
+            return cls(details)
+    if code == grpc.StatusCode.UNKNOWN and details:
+        return PhaulError(details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return PhaulError(
+            f"agent {target} is unreachable: {details}",
+            "check that its agent runs (`phaul lab status`) and that both sides use certificates from the same CA",
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return PhaulError(f"agent {target} did not answer in time", "check the agent's log and the link")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PhaulError(f"agent {target} refused this host: {details}", "add this host's name to the agent's --allow list")
+    return PhaulError(f"call to agent {target} failed ({code.name}): {details}")
+
+
+@dataclass
+class Agent:
+    """A connected agent: `call("Method", request)` returns the reply or raises PhaulError."""
+
+    target: str
+    channel: grpc.Channel
+    stub: pb_grpc.AgentStub
+
+    def call(self, method: str, request: Any, timeout: float = 60.0) -> Any:
+        fn: Callable[..., Any] = getattr(self.stub, method)
+        try:
+            return fn(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from None
+
+    def stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        fn: Callable[..., Any] = getattr(self.stub, method)
+        try:
+            yield from fn(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(target: str, server_name: str, creds: Credentials) -> Agent:
+    """A channel to the agent at `target` ('ADDR:PORT' or 'unix:/path') whose
+    certificate must name `server_name`, authenticated with `creds`."""
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=creds.ca.read_bytes(),
+        private_key=creds.key.read_bytes(),
+        certificate_chain=creds.cert.read_bytes(),
+    )
+    options = [
+        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.default_authority", server_name),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+    ]
+    channel = grpc.secure_channel(target, tls, options=options)
+    return Agent(target, channel, pb_grpc.AgentStub(channel))

@@ -1,0 +1,636 @@
+"""OCI containers run by runc, one state directory per host.
+
+Layout under `state_dir`:
+
+    runc/                      runc's --root (its own state of running containers)
+    containers/ID/phaul.json   the ContainerConfig
+    containers/ID/criu.conf    CRIU configuration file, named in config.json (org.criu.config)
+    containers/ID/bundle/      the OCI bundle: config.json and rootfs/
+
+A container directory is self-contained: copying it to another host's
+state_dir and calling `rewrite_for_host` there makes it restorable there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
+from phaul.containers.template import build_rootfs
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.validate import check_id
+
+log = logging.getLogger(__name__)
+
+# PID 1 of a PID namespace ignores signals it has no handler for, so a bare
+# `sleep infinity` would ignore `runc kill TERM`; this one exits on TERM/INT.
+DEFAULT_ARGS = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+CPU_PERIOD_US = 100_000
+MIN_MEMORY = 4 << 20
+_UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as 0x7FFFFFFFFFFFF000
+_POLL = 0.05
+Argv = list[str]  # a command line; the class's `list` method hides the builtin in its annotations
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+# Docker's default capability set: enough for ordinary admin work inside the
+# container (chown, su, ping), nothing that reaches the host.
+_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+]  # fmt: skip
+
+
+class RuncContainers(ContainerKind):
+    """OCI containers on this host, managed with runc under `state_dir`.
+
+    `host` names this host; it keeps cgroup paths apart when two lab "hosts"
+    share one kernel (`/phaul-<host>/<ID>`).
+    """
+
+    def __init__(self, state_dir: Path, host: str) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.host = check_id(host, "host name")
+        self.runc_root = self.state_dir / "runc"
+        self.containers_dir = self.state_dir / "containers"
+        runc = shutil.which("runc")
+        if runc is None:
+            raise ToolFailed("runc not found on PATH", "install it: apt-get install runc (or run scripts/setup.sh)")
+        self.runc_path = Path(runc).resolve()
+        criu = shutil.which("criu")
+        # Only checkpoint and restore need CRIU; containers run without it.
+        self.criu_path: Path | None = Path(criu).resolve() if criu else None
+
+    # ---- paths ---------------------------------------------------------------
+
+    def container_dir(self, ct_id: str) -> Path:
+        """The directory holding everything of this container on this host (may not exist yet)."""
+        return self.containers_dir / check_id(ct_id)
+
+    def bundle_dir(self, ct_id: str) -> Path:
+        """The OCI bundle directory (config.json and rootfs/)."""
+        return self.container_dir(ct_id) / "bundle"
+
+    def criu_config_path(self, ct_id: str) -> Path:
+        """The CRIU configuration file runc hands to CRIU on checkpoint and restore (org.criu.config)."""
+        return self.container_dir(ct_id) / "criu.conf"
+
+    def cgroup_path(self, ct_id: str) -> str:
+        """The container's cgroup path below every hierarchy's root, as runc gets it."""
+        return f"/phaul-{self.host}/{ct_id}"
+
+    # ---- ContainerKind ----------------------------------------------------------
+
+    def create(self, config: ContainerConfig) -> ContainerInfo:
+        """Build the rootfs and bundle for `config`; the container is left "created" (no process)."""
+        config = dataclasses.replace(config, args=list(config.args))
+        _check_config(config)
+        final = self.container_dir(config.id)
+        if final.exists():
+            raise Conflict(f"container {config.id!r} already exists", f"pick another ID or run `phaul ct destroy {config.id}`")
+        if self._runc_state(config.id) is not None:
+            raise Conflict(
+                f"runc already knows a container {config.id!r} under {self.runc_root} but phaul has no directory for it",
+                f"remove the leftover: runc --root {self.runc_root} delete --force {config.id}",
+            )
+        self.containers_dir.mkdir(parents=True, exist_ok=True)
+        # Build under a hidden name and rename at the end: a crash or failure
+        # half-way leaves no container and never blocks the ID.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{config.id}.", dir=self.containers_dir))
+        try:
+            build_rootfs(config.template, tmp / "bundle" / "rootfs")
+            (tmp / "criu.conf").touch()
+            spec = self._spec(config, final)
+            _write_json(tmp / "bundle" / "config.json", spec)
+            _write_json(tmp / "phaul.json", dataclasses.asdict(config))
+            try:
+                tmp.rename(final)
+            except OSError as e:  # another create of the same ID won the race
+                raise Conflict(f"container {config.id!r} already exists", f"pick another ID ({e.strerror})") from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("created container %s in %s", config.id, final)
+        return self.info(config.id)
+
+    def start(self, ct_id: str, args: Argv | None = None) -> ContainerInfo:
+        """Run the container's command (or `args`, stored as its new command); returns once it runs."""
+        config = self.config(ct_id)
+        state = self._runc_state(ct_id)
+        if state is not None:
+            if state["status"] in ("running", "paused"):
+                raise Conflict(f"container {ct_id!r} is already {state['status']}", f"stop it first: phaul ct stop {ct_id}")
+            self._runc("delete", "--force", ct_id)  # exited on its own: clear runc's record
+        if args is not None:
+            if not args:
+                raise InvalidInput("empty command", "give the program to run and its arguments")
+            config.args = list(args)
+            spec = self._read_spec(ct_id)
+            spec["process"]["args"] = list(args)
+            _write_json(self.bundle_dir(ct_id) / "config.json", spec)
+            _write_json(self.container_dir(ct_id) / "phaul.json", dataclasses.asdict(config))
+        fd, log_name = tempfile.mkstemp(prefix=f"phaul-runc-{ct_id}-", suffix=".log")
+        os.close(fd)
+        try:
+            cmd = self._base("--log", log_name) + ["run", "--detach", "--bundle", str(self.bundle_dir(ct_id)), ct_id]
+            # The container inherits runc's stdio; /dev/null is what `runc checkpoint` copes with.
+            rc = subprocess.run(
+                cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
+            ).returncode
+            if rc != 0:
+                self._runc("delete", "--force", ct_id)
+                raise ToolFailed(
+                    f"runc could not start container {ct_id!r} (exit {rc}): {_tail(Path(log_name), 10)}",
+                    f"check the command {config.args or DEFAULT_ARGS} exists in the rootfs and the limits are sane",
+                )
+        finally:
+            os.unlink(log_name)
+        deadline = time.monotonic() + 10
+        while True:
+            state = self._runc_state(ct_id)
+            status = state["status"] if state else "created"
+            if status == "running" or time.monotonic() > deadline:
+                break
+            if status == "stopped":
+                log.warning("container %s exited right after start", ct_id)
+                break
+            time.sleep(_POLL)
+        log.info("started container %s (%s)", ct_id, status)
+        return self.info(ct_id)
+
+    def exec(self, ct_id: str, args: Argv, timeout: float = 60.0) -> ExecResult:
+        """Run `args` inside the running container; returns its exit code and output."""
+        if not args:
+            raise InvalidInput("empty command", "give the program to run and its arguments")
+        self._require_running(ct_id)
+        cmd = self._base() + ["exec", ct_id, *args]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # runc exec forwards SIGTERM to the command
+            try:
+                proc.communicate(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+            raise ToolFailed(
+                f"command {args!r} in container {ct_id!r} did not finish within {timeout:g} s",
+                "give it a longer timeout or run it in the background",
+            ) from None
+        return ExecResult(proc.returncode, out, err)
+
+    def list(self) -> list[ContainerInfo]:
+        """Every container in this state directory, created ones too, sorted by ID."""
+        if not self.containers_dir.is_dir():
+            return []
+        states = self._runc_states()
+        result: builtins.list[ContainerInfo] = []
+        for d in sorted(self.containers_dir.iterdir()):
+            if d.name.startswith(".") or not (d / "phaul.json").is_file():
+                continue  # a create in progress or failed half-way
+            try:
+                result.append(self._info(self.config(d.name), states.get(d.name)))
+            except NotFound:
+                continue  # destroyed meanwhile
+        return result
+
+    def info(self, ct_id: str) -> ContainerInfo:
+        """State, init PID, memory use and limit, and address of one container."""
+        config = self.config(ct_id)
+        return self._info(config, self._runc_state(ct_id))
+
+    def stop(self, ct_id: str, timeout: float = 10.0) -> ContainerInfo:
+        """SIGTERM the container's init, SIGKILL after `timeout` s, delete runc's record.
+
+        The bundle stays: the container is "created" afterwards and can be started again.
+        """
+        self.config(ct_id)  # NotFound
+        state = self._runc_state(ct_id)
+        if state is None:
+            return self.info(ct_id)
+        if state["status"] == "paused":
+            self._runc("resume", ct_id, check=False)
+        if state["status"] in ("running", "paused"):
+            self._runc("kill", ct_id, "TERM", check=False)
+            if not self._wait_stopped(ct_id, timeout):
+                log.info("container %s ignored SIGTERM for %g s; killing it", ct_id, timeout)
+                self._runc("kill", ct_id, "KILL", check=False)
+                self._wait_stopped(ct_id, 5)
+        proc = self._runc("delete", ct_id, check=False)
+        if proc.returncode != 0:
+            self._runc("delete", "--force", ct_id)
+        log.info("stopped container %s", ct_id)
+        return self.info(ct_id)
+
+    def resume(self, ct_id: str) -> ContainerInfo:
+        """Let the container run again: thaws a paused one and sends SIGCONT to a tree
+        restored stopped (CRIU's leave-stopped); a running one is left as it is."""
+        self.config(ct_id)  # NotFound
+        state = self._runc_state(ct_id)
+        if state is None or state["status"] not in ("running", "paused"):
+            raise Conflict(f"container {ct_id!r} has no processes to resume", f"start it: phaul ct start {ct_id}")
+        if state["status"] == "paused":
+            self._runc("resume", ct_id)
+        self._runc("kill", "--all", ct_id, "CONT")
+        log.info("resumed container %s", ct_id)
+        return self.info(ct_id)
+
+    def destroy(self, ct_id: str, timeout: float = 10.0) -> None:
+        """Stop the container if it runs and remove everything of it: runc state, cgroups, directory."""
+        d = self.container_dir(ct_id)
+        if not d.is_dir():
+            raise NotFound(f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here")
+        if (d / "phaul.json").is_file() and self._runc_state(ct_id) is not None:
+            try:
+                self.stop(ct_id, timeout)
+            except PhaulError as e:
+                log.warning("stopping %s before destroy failed (%s); forcing", ct_id, e)
+        self._runc("delete", "--force", ct_id)
+        self._remove_cgroups(ct_id)
+        shutil.rmtree(d)
+        log.info("destroyed container %s", ct_id)
+
+    def config(self, ct_id: str) -> ContainerConfig:
+        """The stored ContainerConfig of the container."""
+        path = self.container_dir(ct_id) / "phaul.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here") from None
+        except (OSError, ValueError) as e:
+            raise ToolFailed(f"cannot read {path}: {e}", f"fix or remove the file, then `phaul ct destroy {ct_id}`") from e
+        known = {f.name for f in dataclasses.fields(ContainerConfig)}
+        return ContainerConfig(**{k: v for k, v in data.items() if k in known})
+
+    def remove_host_cgroup(self) -> None:
+        """Remove this host's empty parent cgroups (`/phaul-<host>` in every hierarchy), e.g. at lab teardown."""
+        for mount in _cgroup_mounts():
+            try:
+                (mount / f"phaul-{self.host}").rmdir()
+            except OSError:
+                pass  # absent, or containers of this host still use it
+
+    # ---- checkpoint / restore (used by migration) -----------------------------
+
+    def checkpoint_cmd(
+        self,
+        ct_id: str,
+        image_dir: Path,
+        work_dir: Path,
+        *,
+        leave_running: bool = False,
+        tcp_established: bool = True,
+        page_server: str | None = None,
+        parent_path: Path | None = None,
+    ) -> Argv:
+        """The `runc checkpoint` argument list; CRIU logs to work_dir/dump.log, runc to work_dir/runc.log.
+
+        Run it with stdin at /dev/null; on failure build the error with `criu_error`.
+        """
+        check_id(ct_id)
+        cmd = self._base("--log", str(Path(work_dir).resolve() / "runc.log"), "--criu", str(self._criu()))
+        cmd += ["checkpoint", "--image-path", str(Path(image_dir).resolve()), "--work-path", str(Path(work_dir).resolve())]
+        if leave_running:
+            cmd.append("--leave-running")
+        if tcp_established:
+            cmd.append("--tcp-established")
+        if page_server:
+            cmd += ["--page-server", page_server]
+        if parent_path is not None:
+            cmd += ["--parent-path", str(parent_path)]  # CRIU resolves it relative to the image dir
+        return cmd + [ct_id]
+
+    def restore_cmd(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> Argv:
+        """The `runc restore --detach` argument list; CRIU logs to work_dir/restore.log, runc to work_dir/runc.log.
+
+        Run it with stdin, stdout and stderr at /dev/null (the restored container inherits them).
+        """
+        check_id(ct_id)
+        cmd = self._base("--log", str(Path(work_dir).resolve() / "runc.log"), "--criu", str(self._criu()))
+        cmd += ["restore", "--detach", "--bundle", str(self.bundle_dir(ct_id))]
+        cmd += ["--image-path", str(Path(image_dir).resolve()), "--work-path", str(Path(work_dir).resolve())]
+        if tcp_established:
+            cmd.append("--tcp-established")
+        return cmd + [ct_id]
+
+    def checkpoint(self, ct_id: str, image_dir: Path, work_dir: Path, **options: Any) -> None:
+        """Run `checkpoint_cmd` to completion; ToolFailed with CRIU's log tail if it fails."""
+        Path(image_dir).mkdir(parents=True, exist_ok=True)
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        cmd = self.checkpoint_cmd(ct_id, image_dir, work_dir, **options)
+        proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True)
+        if proc.returncode != 0:
+            raise self.criu_error(ct_id, "checkpoint", work_dir, proc.returncode, proc.stderr)
+
+    def restore(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> ContainerInfo:
+        """Run `restore_cmd` to completion; the container runs afterwards. ToolFailed with CRIU's log tail."""
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        cmd = self.restore_cmd(ct_id, image_dir, work_dir, tcp_established=tcp_established)
+        rc = subprocess.run(
+            cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ).returncode
+        if rc != 0:  # runc removes what it created; never delete here: the ID may name a running container
+            raise self.criu_error(ct_id, "restore", work_dir, rc)
+        return self.info(ct_id)
+
+    def criu_error(
+        self,
+        ct_id: str,
+        action: Literal["checkpoint", "restore"],
+        work_dir: Path,
+        returncode: int,
+        output: bytes | str = b"",
+    ) -> ToolFailed:
+        """The error for a failed `runc checkpoint`/`restore`: runc's message and the tail of CRIU's log."""
+        work_dir = Path(work_dir)
+        criu_log = work_dir / ("dump.log" if action == "checkpoint" else "restore.log")
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        parts = [f"runc {action} of {ct_id!r} failed (exit {returncode})"]
+        if output.strip():
+            parts.append(output.strip()[-2000:])
+        parts.append(f"runc log:\n{_tail(work_dir / 'runc.log', 5)}")
+        if criu_log.exists():
+            parts.append(f"{criu_log}:\n{_criu_log_tail(criu_log)}")
+            hint = f"read {criu_log} for CRIU's full account"
+        else:
+            hint = f"runc stopped before CRIU ran; `runc --root {self.runc_root} list` shows what runc holds"
+        return ToolFailed("\n".join(parts), hint)
+
+    def rewrite_for_host(self, ct_id: str) -> None:
+        """Point a container directory copied from another host at this host (cgroup path, CRIU config)."""
+        spec = self._read_spec(ct_id)
+        spec.setdefault("linux", {})["cgroupsPath"] = self.cgroup_path(ct_id)
+        spec.setdefault("annotations", {})["org.criu.config"] = str(self.criu_config_path(ct_id))
+        self.criu_config_path(ct_id).touch()
+        _write_json(self.bundle_dir(ct_id) / "config.json", spec)
+
+    # ---- internals ------------------------------------------------------------
+
+    def _criu(self) -> Path:
+        if self.criu_path is None:
+            raise ToolFailed("criu not found on PATH", "install CRIU >= 4.2: scripts/setup.sh")
+        return self.criu_path
+
+    def _base(self, *global_opts: str) -> Argv:
+        return [str(self.runc_path), "--root", str(self.runc_root), *global_opts]
+
+    def _runc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = self._base() + list(args)
+        try:
+            proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise ToolFailed(f"`runc {' '.join(args)}` hung for {timeout:g} s", "check `runc list` and the kernel log") from e
+        if check and proc.returncode != 0:
+            raise ToolFailed(f"`runc {' '.join(args)}` failed: {proc.stderr.strip()}", f"runc's state is under {self.runc_root}")
+        return proc
+
+    def _runc_state(self, ct_id: str) -> dict[str, Any] | None:
+        """runc's view of the container, or None when runc does not know it."""
+        proc = self._runc("state", ct_id, check=False)
+        if proc.returncode != 0:
+            if "does not exist" in proc.stderr:
+                return None
+            raise ToolFailed(f"`runc state {ct_id}` failed: {proc.stderr.strip()}", f"runc's state is under {self.runc_root}")
+        return json.loads(proc.stdout)
+
+    def _runc_states(self) -> dict[str, dict[str, Any]]:
+        proc = self._runc("list", "--format", "json")
+        return {s["id"]: s for s in json.loads(proc.stdout or "null") or []}
+
+    def _info(self, config: ContainerConfig, state: dict[str, Any] | None) -> ContainerInfo:
+        info = ContainerInfo(id=config.id, state="created", memory_limit=config.memory, ip=config.ip)
+        if state is None:
+            return info
+        info.state = state["status"]
+        if info.state in ("running", "paused"):
+            info.pid = state.get("pid") or None
+            used, limit = self._memory(config.id)
+            info.memory_used = used
+            if limit is not None:
+                info.memory_limit = limit if limit < _UNLIMITED else None
+        return info
+
+    def _memory(self, ct_id: str) -> tuple[int | None, int | None]:
+        """(used, limit) bytes from the container's memory cgroup, via `runc events --stats`."""
+        proc = self._runc("events", "--stats", ct_id, check=False, timeout=10)
+        if proc.returncode != 0:
+            return None, None
+        try:
+            usage = json.loads(proc.stdout)["data"]["memory"]["usage"]
+            return int(usage["usage"]), int(usage["limit"])
+        except (ValueError, KeyError, TypeError):
+            return None, None
+
+    def _require_running(self, ct_id: str) -> None:
+        self.config(ct_id)  # NotFound
+        state = self._runc_state(ct_id)
+        status = state["status"] if state else "created"
+        if status != "running":
+            if status == "paused":
+                fix = f"resume it: runc --root {self.runc_root} resume {ct_id}"
+            else:
+                fix = f"start it: phaul ct start {ct_id}"
+            raise Conflict(f"container {ct_id!r} is not running (it is {status})", fix)
+
+    def _wait_stopped(self, ct_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self._runc_state(ct_id)
+            if state is None or state["status"] == "stopped":
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+
+    def _read_spec(self, ct_id: str) -> dict[str, Any]:
+        path = self.bundle_dir(ct_id) / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}") from None
+
+    def _remove_cgroups(self, ct_id: str) -> None:
+        """Kill what is left in the container's cgroups and remove them in every hierarchy."""
+        rel = self.cgroup_path(ct_id).lstrip("/")
+        for mount in _cgroup_mounts():
+            path = mount / rel
+            if not path.is_dir():
+                continue
+            for attempt in range(40):
+                try:
+                    _rmdir_cgroup(path)
+                    break
+                except OSError as e:
+                    if attempt == 39:
+                        log.warning("cannot remove cgroup %s: %s", path, e)
+                        break
+                    _kill_cgroup(path)
+                    time.sleep(_POLL)
+
+    def _spec(self, config: ContainerConfig, ct_dir: Path) -> dict[str, Any]:
+        """The OCI config.json: `runc spec`'s defaults with phaul's changes."""
+        resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+        if config.memory is not None:
+            resources["memory"] = {"limit": config.memory}
+        if config.cpus is not None:
+            resources["cpu"] = {"quota": max(1000, round(config.cpus * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
+        if config.pids is not None:
+            resources["pids"] = {"limit": config.pids}
+        return {
+            "ociVersion": "1.0.2-dev",
+            "process": {
+                "terminal": False,
+                "user": {"uid": 0, "gid": 0},
+                "args": config.args or DEFAULT_ARGS,
+                "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm", "HOME=/root"],
+                "cwd": "/",
+                "capabilities": {k: list(_CAPS) for k in ("bounding", "effective", "permitted", "ambient")},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "noNewPrivileges": True,
+            },
+            "root": {"path": "rootfs", "readonly": False},
+            "hostname": config.id,
+            # runc spec's default mounts, unchanged: runc 1.1.5 + CRIU 4.2.1 checkpoint
+            # and restore all of them (tests/test_containers.py proves it).
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                 "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+            ],
+            "annotations": {"org.criu.config": str(ct_dir / "criu.conf")},  # == criu_config_path(ID)
+            "linux": {
+                "cgroupsPath": self.cgroup_path(config.id),
+                "resources": resources,
+                # No user or cgroup namespace: runc checkpoints those poorly, and
+                # the network namespace is runc's own (CRIU dumps and locks it).
+                "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+                "maskedPaths": [
+                    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+                ],
+                "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            },
+        }
+
+
+def _check_config(config: ContainerConfig) -> None:
+    """Validate a ContainerConfig from the user; fills in the MAC for an addressed container."""
+    check_id(config.id)
+    if config.memory is not None and (not isinstance(config.memory, int) or config.memory < MIN_MEMORY):
+        raise InvalidInput(f"memory limit {config.memory!r} is too small", "give at least 4M")
+    if config.cpus is not None and not 0.01 <= config.cpus <= 1024:
+        raise InvalidInput(f"invalid CPU limit {config.cpus!r}", "give a number of CPUs between 0.01 and 1024, e.g. 0.5")
+    if config.pids is not None and (not isinstance(config.pids, int) or config.pids < 1):
+        raise InvalidInput(f"invalid pids limit {config.pids!r}", "give a positive number of processes, e.g. 256")
+    if config.ip is not None:
+        try:
+            if "/" not in config.ip:
+                raise ValueError("no prefix length")
+            ipaddress.ip_interface(config.ip)
+        except ValueError as e:
+            raise InvalidInput(f"invalid address {config.ip!r} ({e})", "write ADDRESS/PREFIX, e.g. 10.77.0.10/24") from None
+        if config.mac is None:
+            digest = hashlib.sha256(config.id.encode()).digest()
+            config.mac = "02:" + ":".join(f"{b:02x}" for b in digest[:5])  # locally administered, unicast
+    if config.gateway is not None:
+        try:
+            ipaddress.ip_address(config.gateway)
+        except ValueError:
+            raise InvalidInput(f"invalid gateway {config.gateway!r}", "write a plain address, e.g. 10.77.0.1") from None
+    if config.mac is not None:
+        config.mac = config.mac.lower()
+        if not _MAC.match(config.mac) or int(config.mac[:2], 16) & 1:
+            raise InvalidInput(f"invalid MAC {config.mac!r}", "write a unicast MAC like 02:00:00:00:00:01, or omit it")
+    if any(not isinstance(a, str) for a in config.args):
+        raise InvalidInput(f"invalid command {config.args!r}", "give the command as a list of strings")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"({path} not written)"
+
+
+def _criu_log_tail(path: Path, lines: int = 12) -> str:
+    """CRIU's error lines (minus the harmless RLIMIT_NOFILE one) and the last lines of its log."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} not written: CRIU did not start)"
+    errors = [l for l in text if "Error" in l and "RLIMIT_NOFILE" not in l][-lines:]
+    tail = [l for l in text[-lines:] if l not in errors]
+    return "\n".join(errors + (["..."] if errors and tail else []) + tail)
+
+
+def _cgroup_mounts() -> list[Path]:
+    """Mount points of every cgroup (v1) and cgroup2 hierarchy on this host."""
+    mounts: list[Path] = []
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
+                p = Path(fields[1].replace("\\040", " "))
+                if p not in mounts:
+                    mounts.append(p)
+    except OSError:
+        pass
+    return mounts
+
+
+def _rmdir_cgroup(path: Path) -> None:
+    """Remove a cgroup directory and its child cgroups (deepest first)."""
+    for dirpath, _dirs, _files in os.walk(path, topdown=False):
+        os.rmdir(dirpath)
+
+
+def _kill_cgroup(path: Path) -> None:
+    for procs in path.rglob("cgroup.procs"):
+        try:
+            pids = procs.read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass

@@ -1,0 +1,111 @@
+"""Root file systems for new containers, built from what the host has installed.
+
+`build_rootfs("busybox", path)` gives a minimal root: a static busybox with a
+symlink per applet in /bin, the directories an OCI runtime mounts over, root's
+/etc/passwd and /etc/group, and the project's static workload programs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from phaul.errors import InvalidInput, ToolFailed
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("busybox",)
+WORKLOAD_DIR = Path(__file__).resolve().parents[2] / "workloads" / "bin"
+WORKLOADS = ("memload", "echo-server", "tcp-probe")
+
+_DIRS = {  # path in the rootfs -> mode
+    "bin": 0o755,
+    "proc": 0o555,
+    "sys": 0o555,
+    "dev": 0o755,
+    "tmp": 0o1777,
+    "etc": 0o755,
+    "root": 0o700,
+    "run": 0o755,
+    "var": 0o755,
+}
+_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+_GROUP = "root:x:0:\nnogroup:x:65534:\n"
+
+
+def build_rootfs(template: str, rootfs: Path) -> None:
+    """Fill `rootfs` (created if missing) with the named template's files."""
+    if template not in TEMPLATES:
+        raise InvalidInput(f"unknown template {template!r}", f"use one of: {', '.join(TEMPLATES)}")
+    _build_busybox(Path(rootfs))
+
+
+def _build_busybox(rootfs: Path) -> None:
+    busybox = _static_busybox()
+    rootfs.mkdir(parents=True, exist_ok=True)
+    for name, mode in _DIRS.items():
+        d = rootfs / name
+        d.mkdir(exist_ok=True)
+        d.chmod(mode)  # mkdir's mode is filtered by the umask; /tmp needs its sticky bit
+    bin_dir = rootfs / "bin"
+    shutil.copy2(busybox, bin_dir / "busybox")
+    for applet in _applets(busybox):
+        link = bin_dir / applet
+        if applet != "busybox" and not link.exists():
+            link.symlink_to("busybox")
+    (rootfs / "etc" / "passwd").write_text(_PASSWD)
+    (rootfs / "etc" / "group").write_text(_GROUP)
+    for name in WORKLOADS:
+        src = WORKLOAD_DIR / name
+        if not src.is_file():
+            log.debug("workload %s not built (%s missing); skipped", name, src)
+            continue
+        dst = bin_dir / name
+        dst.unlink(missing_ok=True)  # an applet of the same name must not be overwritten through its link
+        shutil.copy2(src, dst)
+        dst.chmod(0o755)
+
+
+def _static_busybox() -> Path:
+    """The host's busybox if it is statically linked (Debian's busybox-static)."""
+    hint = "install Debian's busybox-static: apt-get install busybox-static"
+    found = shutil.which("busybox") or ("/bin/busybox" if Path("/bin/busybox").exists() else None)
+    if found is None:
+        raise ToolFailed("busybox not found on this host", hint)
+    path = Path(found).resolve()
+    if not _is_static_elf(path):
+        raise ToolFailed(f"{path} is dynamically linked and cannot run inside a bare container", hint)
+    return path
+
+
+def _applets(busybox: Path) -> list[str]:
+    try:
+        out = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ToolFailed(f"`{busybox} --list` failed: {e}", "reinstall busybox-static") from e
+    names = [n.strip() for n in out.stdout.splitlines()]
+    return [n for n in names if n and "/" not in n and n not in {".", ".."}]
+
+
+def _is_static_elf(path: Path) -> bool:
+    """True if `path` is an ELF executable with no program interpreter (PT_INTERP)."""
+    with path.open("rb") as f:
+        ident = f.read(64)
+        if len(ident) < 64 or ident[:4] != b"\x7fELF":
+            return False
+        is64, endian = ident[4] == 2, "<" if ident[5] == 1 else ">"
+        if is64:
+            phoff, = struct.unpack_from(endian + "Q", ident, 0x20)
+            phentsize, phnum = struct.unpack_from(endian + "HH", ident, 0x36)
+        else:
+            phoff, = struct.unpack_from(endian + "I", ident, 0x1C)
+            phentsize, phnum = struct.unpack_from(endian + "HH", ident, 0x2A)
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            p_type, = struct.unpack(endian + "I", f.read(4))
+            if p_type == 3:  # PT_INTERP
+                return False
+    return True

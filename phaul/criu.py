@@ -1,0 +1,117 @@
+"""CRIU pieces phaul drives around runc: the commit gate and CRIU's statistics.
+
+The commit gate holds a dumped container frozen until the migration decides:
+CRIU runs an action script at `post-dump`; while the script waits, the dumped
+tree stays frozen; exit 0 lets CRIU kill it (commit), non-zero makes the dump
+fail and the tree resume, TCP connections included (rollback).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pycriu
+
+from phaul.errors import ToolFailed
+
+log = logging.getLogger(__name__)
+
+_GATE_SCRIPT = """#!/bin/sh
+# phaul commit gate (generated). CRIU runs this at each action.
+case "$CRTOOLS_SCRIPT_ACTION" in
+  pre-dump) date +%s%N > {dir}/frozen-at ;;
+  post-dump) : > {dir}/reached; read verdict < {dir}/verdict; [ "$verdict" = commit ] ;;
+esac
+"""
+
+
+class CommitGate:
+    """A gate in directory `path` for one final dump. `criu_options()` are the
+    lines to put in the CRIU configuration file runc passes to CRIU."""
+
+    def __init__(self, path: Path) -> None:
+        self.dir = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.script = path / "gate.sh"
+        self.script.write_text(_GATE_SCRIPT.format(dir=path))
+        self.script.chmod(0o700)
+        for name in ("reached", "frozen-at", "verdict"):
+            (path / name).unlink(missing_ok=True)
+        os.mkfifo(path / "verdict", 0o600)
+        self.released = False
+
+    def criu_options(self) -> str:
+        return f"action-script {self.script}\n"
+
+    def wait_reached(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        """Wait until the dump is complete and the tree held frozen. Raises
+        ToolFailed when the dump process ends first or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        reached = self.dir / "reached"
+        while not reached.exists():
+            if proc.poll() is not None:
+                raise ToolFailed(f"the final dump failed (exit {proc.returncode})", "see the CRIU log below")
+            if time.monotonic() > deadline:
+                raise ToolFailed(f"the final dump did not finish within {timeout:.0f} s")
+            time.sleep(0.002)
+
+    def frozen_at_ns(self) -> int:
+        """Wall-clock time (ns) just before CRIU froze the tree."""
+        try:
+            return int((self.dir / "frozen-at").read_text().strip())
+        except (OSError, ValueError):
+            return time.time_ns()
+
+    def release(self, commit: bool, timeout: float = 10.0) -> bool:
+        """Tell the waiting script: commit (the dumped tree is killed) or abort
+        (it resumes). Returns False if no script was waiting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.dir / "verdict", os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                    return False
+                if not (self.dir / "reached").exists():
+                    return False
+                time.sleep(0.002)
+        try:
+            os.write(fd, b"commit\n" if commit else b"abort\n")
+        finally:
+            os.close(fd)
+        self.released = True
+        return True
+
+
+def read_stats(image_dir: Path, which: str) -> dict[str, float]:
+    """CRIU's own timings (ms) and page counts from `stats-dump` or `stats-restore`."""
+    path = image_dir / f"stats-{which}"
+    try:
+        with open(path, "rb") as f:
+            entry = pycriu.images.load(f)["entries"][0][which]
+    except (OSError, KeyError, IndexError, Exception) as e:  # pycriu raises its own types
+        log.debug("no CRIU statistics in %s: %s", path, e)
+        return {}
+    out: dict[str, float] = {}
+    for key, value in entry.items():
+        if key.endswith("_time"):
+            out[key[: -len("_time")]] = int(value) / 1000.0
+        else:
+            out[key] = float(value)
+    return out
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last error lines of a CRIU log, for error messages."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [l for l in text if "Error" in l and "RLIMIT_NOFILE" not in l]
+    return "\n".join((errors or text)[-lines:])

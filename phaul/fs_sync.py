@@ -1,0 +1,86 @@
+"""Root file system (and image) sync back-ends.
+
+`RsyncReceiver` runs on the destination: an rsync daemon module rooted in the
+migration's directory, reachable only through the migration's TLS endpoint.
+`RsyncSender` runs on the source and pushes a directory into that module,
+sending only what changed since the last push.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from phaul.errors import ToolFailed
+from phaul.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
+
+log = logging.getLogger(__name__)
+
+MODULE = "migration"
+_SENT = re.compile(r"^Total bytes sent: ([\d,.]+)", re.MULTILINE)
+
+
+@dataclass
+class SyncStats:
+    bytes_sent: int
+    duration_ms: float
+
+
+class RsyncReceiver:
+    """Destination side: accepts pushes into `root` from `peer_name` only."""
+
+    def __init__(self, creds: Credentials, root: Path, bind: str, peer_name: str) -> None:
+        self.root = root
+        conf = root / "rsyncd.conf"
+        conf.write_text(
+            "use chroot = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
+            f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
+            "  exclude = rsyncd.conf\n"
+        )
+        self.endpoint = TlsEndpoint(
+            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."]
+        )
+
+    def open(self) -> str:
+        """Start listening; returns the ADDR:PORT to give the source."""
+        return self.endpoint.open(self.root / "data-channel.log")
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+class RsyncSender:
+    """Source side: pushes directories to a destination's `RsyncReceiver`."""
+
+    def __init__(self, creds: Credentials, peer: str, peer_name: str, bwlimit: int = 0) -> None:
+        self.env = {**os.environ, **rsh_env(creds, peer, peer_name)}
+        self.bwlimit = bwlimit
+
+    def push(self, src: Path, dest: str, excludes: tuple[str, ...] = ()) -> SyncStats:
+        """Make `dest` (relative to the migration's directory on the destination)
+        an exact copy of directory `src`; returns what it cost."""
+        args = [
+            "rsync", "-aH", "--numeric-ids", "--delete", "--stats",
+            "-e", f"sh {TLS_RSH}",
+        ]
+        if self.bwlimit:
+            args.append(f"--bwlimit={max(1, self.bwlimit // 1024)}")
+        args += [f"--exclude={e}" for e in excludes]
+        args += [f"{src}/", f"peer::{MODULE}/{dest}/"]
+        t0 = time.monotonic()
+        proc = subprocess.run(args, env=self.env, capture_output=True, text=True)
+        ms = (time.monotonic() - t0) * 1000
+        if proc.returncode != 0:
+            raise ToolFailed(
+                f"rsync of {src} to the destination failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}",
+                "check the link to the destination, its free disk space and its agent log",
+            )
+        m = _SENT.search(proc.stdout)
+        sent = int(re.sub(r"[,.]", "", m.group(1))) if m else 0
+        log.debug("rsync %s -> %s: %d bytes in %.0f ms", src, dest, sent, ms)
+        return SyncStats(sent, ms)

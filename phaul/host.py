@@ -1,0 +1,30 @@
+"""What an agent knows about the host it runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phaul.containers import ContainerKind
+from phaul.transport import Credentials
+
+
+@dataclass
+class Host:
+    """One host: its name (as in its certificate), state directory, credentials,
+    listening address and its containers."""
+
+    name: str
+    state_dir: Path
+    creds: Credentials
+    listen: str  # ADDR:PORT of the agent
+    containers: ContainerKind
+    allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
+    fault_injection: bool = False  # tests only: accept requests that name a fault
+
+    @property
+    def address(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    def migration_dir(self, migration_id: str) -> Path:
+        return self.state_dir / "migrations" / migration_id

@@ -1,0 +1,1021 @@
+"""The two-host lab: hosts alpha and beta, a switch and a client in network namespaces.
+
+Topology (all addresses inside one subnet, default 10.213.0.0/24)::
+
+    phaul-client  phl-client-up (.100) ─┐
+    phaul-alpha   br0 (.11) ─ phl-alpha-up ─┼─ br0 in phaul-sw
+    phaul-beta    br0 (.12) ─ phl-beta-up ──┘
+
+Every bridge has a pinned MAC, so plugging container veths into a host bridge
+never changes the address its peers have cached. Each host runs `phaul agent`
+under LAB_DIR/hosts/NAME with TLS material from LAB_DIR/pki, and the CLI finds
+them through LAB_DIR/hosts.json (see `read_hosts`). Tools are run in a host with
+`nsenter --net=/run/netns/NS`, never `ip netns exec` (which remounts /sys and
+breaks runc).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import phaul
+from phaul import pki
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+
+log = logging.getLogger(__name__)
+
+LAB_DIR = Path("/var/lib/phaul-lab")
+LAB_DIR_ENV = "PHAUL_LAB_DIR"
+HOSTS_FILE_ENV = "PHAUL_HOSTS_FILE"
+ETC_HOSTS_FILE = Path("/etc/phaul/hosts.json")
+DEFAULT_SUBNET = "10.213.0.0/24"
+AGENT_PORT = 7473
+HOSTS = ("alpha", "beta")
+ADMIN = "admin"
+BRIDGE = "br0"
+NETNS = {"sw": "phaul-sw", "alpha": "phaul-alpha", "beta": "phaul-beta", "client": "phaul-client"}
+LAB_NAMESPACES = tuple(NETNS.values())
+CGROUP_NAMES = tuple(NETNS[h] for h in HOSTS)
+VETH_PREFIX = "phl-"  # every veth the lab creates starts with this; all are <= 15 characters
+BRIDGE_MAC = {"sw": "02:70:68:6c:00:01", "alpha": "02:70:68:6c:00:11", "beta": "02:70:68:6c:00:12"}
+OWNER_ALIAS = "phaul-lab:"  # alias of the switch bridge: the LAB_DIR that owns the namespaces
+MARKER = ".phaul-lab"
+AGENT_START_TIMEOUT = 15.0
+AGENT_STOP_TIMEOUT = 5.0
+
+# Host offsets inside the subnet; small subnets put the client on the last usable address
+# and containers right after beta.
+ALPHA_OFFSET, BETA_OFFSET, CLIENT_OFFSET, CONTAINER_OFFSET = 11, 12, 100, 50
+
+
+def default_lab_dir() -> Path:
+    """The lab directory: $PHAUL_LAB_DIR if set, else /var/lib/phaul-lab."""
+    env = os.environ.get(LAB_DIR_ENV)
+    return Path(env).absolute() if env else LAB_DIR
+
+
+# --- addresses -----------------------------------------------------------------------
+
+
+def parse_subnet(text: str | ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """Parse and check a lab subnet: an IPv4 network CIDR with a /16 to /28 prefix."""
+    if isinstance(text, ipaddress.IPv4Network):
+        net = text
+    else:
+        try:
+            net = ipaddress.IPv4Network(str(text).strip(), strict=True)
+        except ValueError as e:
+            raise InvalidInput(
+                f"invalid lab subnet {text!r}: {e}",
+                f"give an IPv4 network in CIDR form with no host bits, e.g. {DEFAULT_SUBNET}",
+            ) from e
+        if "/" not in str(text):
+            raise InvalidInput(f"invalid lab subnet {text!r}: no prefix length", f"write it as CIDR, e.g. {DEFAULT_SUBNET}")
+    if not 16 <= net.prefixlen <= 28:
+        raise InvalidInput(f"lab subnet {net} is a /{net.prefixlen}", "use a prefix length from /16 to /28")
+    return net
+
+
+def _offsets(net: ipaddress.IPv4Network) -> tuple[int, int, int, int]:
+    """(alpha, beta, client, first container) offsets for `net`."""
+    if net.num_addresses > CLIENT_OFFSET + 1:
+        return ALPHA_OFFSET, BETA_OFFSET, CLIENT_OFFSET, CONTAINER_OFFSET
+    return ALPHA_OFFSET, BETA_OFFSET, net.num_addresses - 2, BETA_OFFSET + 1
+
+
+def host_address(subnet: str | ipaddress.IPv4Network, name: str) -> str:
+    """The address of lab node `name` ("alpha", "beta" or "client") in `subnet`."""
+    net = parse_subnet(subnet)
+    a, b, c, _ = _offsets(net)
+    try:
+        return str(net[{"alpha": a, "beta": b, "client": c}[name]])
+    except KeyError:
+        raise NotFound(f"no lab node {name!r}", "use alpha, beta or client") from None
+
+
+def container_address(subnet: str | ipaddress.IPv4Network, n: int) -> str:
+    """The address of the n-th lab container (n from 0): .50 upward in a /24, skipping the client."""
+    net = parse_subnet(subnet)
+    _, _, client, first = _offsets(net)
+    if n < 0:
+        raise InvalidInput(f"invalid container index {n}", "use 0 or more")
+    off = first + n
+    if off >= client and client >= first:
+        off += 1
+    if off >= net.num_addresses - 1:
+        raise Conflict(f"lab subnet {net} has no address for container number {n}", "use a larger --subnet")
+    return str(net[off])
+
+
+# --- hosts file --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PkiFiles:
+    """The TLS files the CLI presents to agents."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One agent host: where to reach it and, in the lab, where it lives."""
+
+    name: str
+    address: str  # "IP:PORT"
+    socket: Path | None = None
+    netns: str | None = None
+    bridge: str | None = None
+    state_dir: Path | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    """The lab's client namespace."""
+
+    netns: str
+    address: str
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    """A parsed hosts.json: the hosts the CLI can talk to and the credentials to use."""
+
+    path: Path
+    subnet: str | None
+    pki: PkiFiles
+    hosts: dict[str, HostEntry]
+    client: ClientEntry | None = None
+
+    def host(self, name: str) -> HostEntry:
+        """The entry for host `name`, or NotFound naming the known hosts."""
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise NotFound(
+                f"no host {name!r} in {self.path}", f"known hosts: {', '.join(sorted(self.hosts)) or 'none'}"
+            ) from None
+
+    def to_dict(self) -> dict:
+        """The JSON form written to hosts.json."""
+        hosts = {}
+        for name, h in self.hosts.items():
+            entry: dict[str, str] = {"address": h.address}
+            for key in ("socket", "netns", "bridge", "state_dir"):
+                value = getattr(h, key)
+                if value is not None:
+                    entry[key] = str(value)
+            hosts[name] = entry
+        out: dict = {"subnet": self.subnet, "pki": {k: str(v) for k, v in asdict(self.pki).items()}, "hosts": hosts}
+        if self.client is not None:
+            out["client"] = asdict(self.client)
+        return out
+
+
+def read_hosts(path: Path | None = None) -> HostsFile:
+    """Find and parse the hosts file: `path`, else $PHAUL_HOSTS_FILE, else LAB_DIR/hosts.json,
+    else /etc/phaul/hosts.json. Relative paths inside it are relative to the file."""
+    if path is not None:
+        candidates = [(Path(path), "the given hosts file")]
+    elif os.environ.get(HOSTS_FILE_ENV):
+        candidates = [(Path(os.environ[HOSTS_FILE_ENV]), f"${HOSTS_FILE_ENV}")]
+    else:
+        candidates = [(default_lab_dir() / "hosts.json", ""), (ETC_HOSTS_FILE, "")]
+    for candidate, what in candidates:
+        if candidate.exists():
+            return _parse_hosts(candidate)
+        if what:
+            raise NotFound(f"{what} {candidate} does not exist", "check the path, or run `phaul lab up`")
+    raise NotFound(
+        "no hosts file", f"run `phaul lab up` or write {ETC_HOSTS_FILE} (or set ${HOSTS_FILE_ENV})"
+    )
+
+
+def _parse_hosts(path: Path) -> HostsFile:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise PhaulError(f"cannot read hosts file {path}: {e.strerror}", "check its owner and mode") from e
+    except json.JSONDecodeError as e:
+        raise InvalidInput(
+            f"hosts file {path} is not valid JSON: {e}", "fix the file, or re-create it with `phaul lab up`"
+        ) from e
+    fix = "see the hosts file format in phaul/lab.py (`phaul lab up` writes an example)"
+    if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict):
+        raise InvalidInput(f"hosts file {path} has no \"hosts\" object", fix)
+    base = path.parent
+
+    def p(value: object, where: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise InvalidInput(f"hosts file {path}: {where} must be a path string", fix)
+        return (base / value) if not Path(value).is_absolute() else Path(value)
+
+    pki_data = data.get("pki") or {}
+    if not isinstance(pki_data, dict):
+        raise InvalidInput(f"hosts file {path}: \"pki\" must be an object", fix)
+    files = PkiFiles(
+        ca=p(pki_data.get("ca", str(pki.DEFAULT_PKI_DIR / "ca.crt")), "pki.ca"),
+        cert=p(pki_data.get("cert", str(pki.DEFAULT_PKI_DIR / f"{ADMIN}.crt")), "pki.cert"),
+        key=p(pki_data.get("key", str(pki.DEFAULT_PKI_DIR / f"{ADMIN}.key")), "pki.key"),
+    )
+    hosts: dict[str, HostEntry] = {}
+    for name, h in data["hosts"].items():
+        if not isinstance(h, dict):
+            raise InvalidInput(f"hosts file {path}: host {name!r} must be an object", fix)
+        address = h.get("address")
+        if not isinstance(address, str) or not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d{1,5}", address):
+            raise InvalidInput(f"hosts file {path}: host {name!r} needs \"address\": \"IP:PORT\"", fix)
+        hosts[name] = HostEntry(
+            name=name,
+            address=address,
+            socket=p(h["socket"], f"hosts.{name}.socket") if h.get("socket") else None,
+            netns=h.get("netns"),
+            bridge=h.get("bridge"),
+            state_dir=p(h["state_dir"], f"hosts.{name}.state_dir") if h.get("state_dir") else None,
+        )
+    client = data.get("client")
+    return HostsFile(
+        path=path,
+        subnet=data.get("subnet"),
+        pki=files,
+        hosts=hosts,
+        client=ClientEntry(netns=client["netns"], address=client["address"]) if isinstance(client, dict) else None,
+    )
+
+
+def _hosts_for(net: ipaddress.IPv4Network, d: Path) -> HostsFile:
+    pki_dir = d / "pki"
+    hosts = {}
+    for name in HOSTS:
+        state = d / "hosts" / name
+        hosts[name] = HostEntry(
+            name=name,
+            address=f"{host_address(net, name)}:{AGENT_PORT}",
+            socket=state / "agent.sock",
+            netns=NETNS[name],
+            bridge=BRIDGE,
+            state_dir=state,
+        )
+    return HostsFile(
+        path=d / "hosts.json",
+        subnet=str(net),
+        pki=PkiFiles(ca=pki_dir / "ca.crt", cert=pki_dir / f"{ADMIN}.crt", key=pki_dir / f"{ADMIN}.key"),
+        hosts=hosts,
+        client=ClientEntry(netns=NETNS["client"], address=host_address(net, "client")),
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+@dataclass
+class HostStatus:
+    """One lab host as found now."""
+
+    name: str
+    netns: str
+    netns_present: bool
+    address: str | None = None
+    agent_pid: int | None = None
+    agent_alive: bool = False
+    socket: str | None = None
+    socket_present: bool = False
+
+
+@dataclass
+class LabStatus:
+    """What the lab looks like now; `to_json()` for `phaul lab status --json`."""
+
+    lab_dir: str
+    subnet: str | None
+    namespaces: dict[str, bool]
+    hosts: dict[str, HostStatus]
+    client: dict[str, str | bool | None] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def network_up(self) -> bool:
+        return all(self.namespaces.values()) and not self.problems
+
+    @property
+    def healthy(self) -> bool:
+        """Network complete and every agent alive with its socket."""
+        return self.network_up and all(h.agent_alive and h.socket_present for h in self.hosts.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["network_up"], d["healthy"] = self.network_up, self.healthy
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        """A short table for humans."""
+        yn = {True: "yes", False: "no"}
+        lines = [f"lab {self.lab_dir}  subnet {self.subnet or '-'}  network {'up' if self.network_up else 'DOWN'}"]
+        lines.append(f"{'host':<7}{'address':<22}{'netns':<7}{'agent':<14}{'socket':<7}")
+        for h in self.hosts.values():
+            agent = f"{h.agent_pid} {'alive' if h.agent_alive else 'dead'}" if h.agent_pid else "-"
+            lines.append(f"{h.name:<7}{h.address or '-':<22}{yn[h.netns_present]:<7}{agent:<14}{yn[h.socket_present]:<7}")
+        if self.client:
+            lines.append(f"{'client':<7}{self.client.get('address') or '-':<22}{yn[bool(self.client.get('netns_present'))]:<7}")
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def status(lab_dir: Path | None = None) -> LabStatus:
+    """Inspect the lab: namespaces, network, agents and sockets."""
+    d = _resolve(lab_dir)
+    hosts_path = d / "hosts.json"
+    hf = _parse_hosts(hosts_path) if hosts_path.exists() else None
+    present = _netns_list()
+    namespaces = {ns: ns in present for ns in LAB_NAMESPACES}
+    hosts: dict[str, HostStatus] = {}
+    for name in HOSTS:
+        entry = hf.hosts.get(name) if hf else None
+        state = d / "hosts" / name
+        sock = entry.socket if entry and entry.socket else state / "agent.sock"
+        pid = _read_pid(state / "agent.pid")
+        hosts[name] = HostStatus(
+            name=name,
+            netns=NETNS[name],
+            netns_present=namespaces[NETNS[name]],
+            address=entry.address if entry else None,
+            agent_pid=pid,
+            agent_alive=pid is not None and _is_agent(pid, name, state),
+            socket=str(sock),
+            socket_present=sock.exists(),
+        )
+    problems: list[str] = []
+    if hf and hf.subnet and any(namespaces.values()):
+        problems = _network_problems(parse_subnet(hf.subnet), d)
+    elif any(namespaces.values()):
+        problems = [f"namespaces exist but {hosts_path} does not"]
+    client: dict[str, str | bool | None] = {
+        "netns": NETNS["client"],
+        "netns_present": namespaces[NETNS["client"]],
+        "address": hf.client.address if hf and hf.client else None,
+    }
+    return LabStatus(str(d), hf.subnet if hf else None, namespaces, hosts, client, problems)
+
+
+# --- up ------------------------------------------------------------------------------------
+
+
+def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: bool = True) -> LabStatus:
+    """Build the lab (or repair it) and return its status; harmless when it is already up.
+
+    `subnet` defaults to the running lab's, else 10.213.0.0/24. A complete network is
+    kept as it is and only missing pieces (certificates, hosts file, dead agents) are
+    redone; a partial one is torn down and rebuilt. `start_agents=False` is for tests."""
+    t0 = time.monotonic()
+    d = _resolve(lab_dir)
+    requested = parse_subnet(subnet) if subnet else None
+    present = _netns_list() & set(LAB_NAMESPACES)
+    existing = _parse_hosts(d / "hosts.json") if (d / "hosts.json").exists() else None
+    if present:
+        owner = _owner()
+        if owner is not None and owner != str(d):
+            if Path(owner).exists():
+                raise Conflict(
+                    f"the lab namespaces belong to the lab in {owner}, not {d}",
+                    f"run `{LAB_DIR_ENV}={owner} phaul lab down` first, or use that lab",
+                )
+            log.warning("lab namespaces belong to %s, which is gone; tearing them down", owner)
+            down(Path(owner))
+            present, existing = set(), None
+    if present and existing and existing.subnet and requested and parse_subnet(existing.subnet) != requested:
+        raise Conflict(
+            f"the lab is up with subnet {existing.subnet}, not {requested}",
+            "run `phaul lab down` first, or leave out --subnet",
+        )
+    net = requested or (parse_subnet(existing.subnet) if present and existing and existing.subnet else None)
+    net = net or parse_subnet(DEFAULT_SUBNET)
+
+    problems = _network_problems(net, d) if present else ["no lab namespaces"]
+    if problems:
+        if present or d.exists() or _stale_root_links():
+            log.info("lab is missing or incomplete (%s); clearing before building", "; ".join(problems[:3]))
+            down(d)
+        _prepare_dir(d)
+        _build_network(net, d)
+        if left := _network_problems(net, d):
+            raise ToolFailed(f"the lab network is incomplete after building: {'; '.join(left)}", "run `phaul lab down` and retry")
+    else:
+        _prepare_dir(d)
+        log.info("lab network in %s is up with subnet %s", d, net)
+
+    _ensure_pki(d / "pki", net)
+    hosts = _hosts_for(net, d)
+    text = json.dumps(hosts.to_dict(), indent=2) + "\n"
+    if not hosts.path.exists() or hosts.path.read_text() != text:
+        _write_atomic(hosts.path, text)
+        log.info("wrote %s", hosts.path)
+    for name in HOSTS:
+        assert hosts.hosts[name].state_dir is not None
+        hosts.hosts[name].state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    if start_agents:
+        for name in HOSTS:
+            _ensure_agent(hosts.hosts[name], hosts.pki, d)
+    log.info("lab up in %.2f s", time.monotonic() - t0)
+    return status(d)
+
+
+def _prepare_dir(d: Path) -> None:
+    d.mkdir(mode=0o755, parents=True, exist_ok=True)
+    (d / MARKER).touch()
+    (d / "hosts").mkdir(exist_ok=True)
+
+
+def _build_network(net: ipaddress.IPv4Network, d: Path) -> None:
+    """Create the four namespaces, the bridges, veths and addresses."""
+    sw = NETNS["sw"]
+    prefix = net.prefixlen
+    for ns in LAB_NAMESPACES:
+        _ip("netns", "add", ns)
+        _ip("link", "set", "lo", "up", ns=ns)
+    _ip("link", "add", BRIDGE, "address", BRIDGE_MAC["sw"], "type", "bridge", ns=sw)
+    _ip("link", "set", BRIDGE, "alias", _owner_alias(d), ns=sw)
+    _ip("link", "set", BRIDGE, "up", ns=sw)
+    for name in HOSTS:
+        ns, up_if, sw_if = NETNS[name], f"{VETH_PREFIX}{name}-up", f"{VETH_PREFIX}{name}-sw"
+        _sysctl(ns, "net.ipv4.ip_forward", "0")
+        _ip("link", "add", BRIDGE, "address", BRIDGE_MAC[name], "type", "bridge", ns=ns)
+        _ip("link", "add", sw_if, "type", "veth", "peer", "name", up_if, "netns", ns, ns=sw)
+        _ip("link", "set", sw_if, "master", BRIDGE, "up", ns=sw)
+        _ip("link", "set", up_if, "master", BRIDGE, "up", ns=ns)
+        _ip("addr", "add", f"{host_address(net, name)}/{prefix}", "dev", BRIDGE, ns=ns)
+        _ip("link", "set", BRIDGE, "up", ns=ns)
+    ns, up_if, sw_if = NETNS["client"], f"{VETH_PREFIX}client-up", f"{VETH_PREFIX}client-sw"
+    _ip("link", "add", sw_if, "type", "veth", "peer", "name", up_if, "netns", ns, ns=sw)
+    _ip("link", "set", sw_if, "master", BRIDGE, "up", ns=sw)
+    _ip("addr", "add", f"{host_address(net, 'client')}/{prefix}", "dev", up_if, ns=ns)
+    _ip("link", "set", up_if, "up", ns=ns)
+    _wait_carrier()
+    log.info("built lab network %s (%s)", net, ", ".join(LAB_NAMESPACES))
+
+
+def _wait_carrier(timeout: float = 5.0) -> None:
+    """Wait until every lab bridge and veth has carrier.
+
+    The kernel turns a bridge's carrier on through its link-watch work, up to a
+    second after its first port came up; until then it drops what it is asked to send."""
+    expect = {NETNS["sw"]: [BRIDGE, *(f"{VETH_PREFIX}{n}-sw" for n in (*HOSTS, "client"))],
+              NETNS["client"]: [f"{VETH_PREFIX}client-up"]}
+    expect |= {NETNS[n]: [BRIDGE, f"{VETH_PREFIX}{n}-up"] for n in HOSTS}
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = []
+        for ns, names in expect.items():
+            links = _links(ns)
+            waiting += [f"{ns}/{n}" for n in names if "LOWER_UP" not in links.get(n, {}).get("flags", [])]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            log.warning("no carrier after %.0f s on %s", timeout, ", ".join(waiting))
+            return
+        time.sleep(0.05)
+
+
+def _network_problems(net: ipaddress.IPv4Network, d: Path) -> list[str]:
+    """What differs from a complete lab network for `net`; empty when it is complete."""
+    problems: list[str] = []
+    present = _netns_list()
+    for ns in LAB_NAMESPACES:
+        if ns not in present:
+            problems.append(f"namespace {ns} is missing")
+    if problems:
+        return problems
+    links = {ns: _links(ns) for ns in LAB_NAMESPACES}
+
+    def want(ns: str, ifname: str, *, kind: str, mac: str | None = None, master: str | None = None,
+             addr: str | None = None) -> None:
+        link = links[ns].get(ifname)
+        if link is None:
+            problems.append(f"{ifname} is missing in {ns}")
+            return
+        if kind and link.get("linkinfo", {}).get("info_kind") != kind:
+            problems.append(f"{ifname} in {ns} is not a {kind}")
+        if "UP" not in link.get("flags", []):
+            problems.append(f"{ifname} in {ns} is down")
+        if mac and link.get("address") != mac:
+            problems.append(f"{ifname} in {ns} has MAC {link.get('address')}, not {mac}")
+        if master and link.get("master") != master:
+            problems.append(f"{ifname} in {ns} is not a port of {master}")
+        if addr is not None:
+            have = {f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", []) if a.get("family") == "inet"}
+            if have != {addr}:
+                problems.append(f"{ifname} in {ns} has addresses {sorted(have)}, not {addr}")
+
+    sw = NETNS["sw"]
+    want(sw, BRIDGE, kind="bridge", mac=BRIDGE_MAC["sw"])
+    if links[sw].get(BRIDGE, {}).get("ifalias") != _owner_alias(d):
+        problems.append(f"{BRIDGE} in {sw} is not marked as owned by {d}")
+    for name in (*HOSTS, "client"):
+        want(sw, f"{VETH_PREFIX}{name}-sw", kind="veth", master=BRIDGE)
+    for name in HOSTS:
+        ns = NETNS[name]
+        want(ns, BRIDGE, kind="bridge", mac=BRIDGE_MAC[name], addr=f"{host_address(net, name)}/{net.prefixlen}")
+        want(ns, f"{VETH_PREFIX}{name}-up", kind="veth", master=BRIDGE)
+        if _sysctl(ns, "net.ipv4.ip_forward") != "0":
+            problems.append(f"net.ipv4.ip_forward is not 0 in {ns}")
+    want(NETNS["client"], f"{VETH_PREFIX}client-up", kind="veth",
+         addr=f"{host_address(net, 'client')}/{net.prefixlen}")
+    for ns in LAB_NAMESPACES:
+        want(ns, "lo", kind="")
+    return problems
+
+
+def _ensure_pki(pki_dir: Path, net: ipaddress.IPv4Network) -> None:
+    """Make sure the lab CA and the alpha, beta and admin certificates exist and fit `net`."""
+    wanted = {name: [host_address(net, name)] for name in HOSTS} | {ADMIN: []}
+    if not (pki_dir / "ca.crt").exists() or not (pki_dir / "ca.key").exists():
+        pki.init_ca(pki_dir, "phaul lab CA", force=True)
+    try:
+        for name, ips in wanted.items():
+            _ensure_cert(pki_dir, name, ips)
+    except PhaulError as e:
+        log.warning("lab CA in %s is unusable (%s); making a new one", pki_dir, e.message)
+        pki.init_ca(pki_dir, "phaul lab CA", force=True)
+        for name, ips in wanted.items():
+            pki.issue(pki_dir, name, ips=ips)
+
+
+def _ensure_cert(pki_dir: Path, name: str, ips: list[str]) -> None:
+    try:
+        cred = pki.load(pki_dir, name)
+        soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=7)
+        if set(ips) <= set(cred.ips) and cred.not_after > soon:
+            return
+    except PhaulError as e:
+        log.info("issuing lab certificate %s: %s", name, e.message)
+    pki.issue(pki_dir, name, ips=ips)
+
+
+# --- agents ------------------------------------------------------------------------------
+
+
+def agent_command(
+    name: str,
+    listen: str,
+    socket: Path,
+    state_dir: Path,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    allow: Sequence[str] = (*HOSTS, ADMIN),
+    python: str = sys.executable,
+) -> list[str]:
+    """The argument list that runs one host's agent (without the nsenter prefix)."""
+    return [
+        python, "-m", "phaul", "agent",
+        "--name", name,
+        "--listen", listen,
+        "--socket", str(socket),
+        "--state-dir", str(state_dir),
+        "--cert", str(cert),
+        "--key", str(key),
+        "--ca", str(ca),
+        "--allow", ",".join(allow),
+    ]
+
+
+def _ensure_agent(host: HostEntry, files: PkiFiles, d: Path) -> None:
+    """Start host's agent unless it is alive with its socket; wait for the socket."""
+    state = host.state_dir or d / "hosts" / host.name
+    sock = host.socket or state / "agent.sock"
+    pid = _read_pid(state / "agent.pid")
+    if pid is not None and _is_agent(pid, host.name, state):
+        if sock.exists():
+            return
+        log.warning("agent %s (pid %d) is alive without its socket; restarting it", host.name, pid)
+        _terminate(pid)
+    pki_dir = d / "pki"
+    cmd = [
+        "nsenter", f"--net=/run/netns/{host.netns or NETNS[host.name]}", "--",
+        *agent_command(
+            host.name, host.address, sock, state,
+            pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca,
+        ),
+    ]
+    sock.unlink(missing_ok=True)
+    logfile = state / "agent.log"
+    if logfile.exists():
+        logfile.replace(state / "agent.log.1")
+    env = dict(os.environ)
+    root = str(Path(phaul.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with logfile.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=state, env=env, start_new_session=True,
+        )
+    _write_atomic(state / "agent.pid", f"{proc.pid}\n")
+    log.info("started agent %s (pid %d) listening on %s", host.name, proc.pid, host.address)
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if sock.exists():
+            return
+        if proc.poll() is not None:
+            raise ToolFailed(
+                f"agent {host.name} exited with status {proc.returncode} before creating {sock}:\n{_tail(logfile)}",
+                f"see {logfile}",
+            )
+        time.sleep(0.05)
+    _terminate(proc.pid)
+    proc.poll()
+    raise ToolFailed(
+        f"agent {host.name} did not create {sock} within {AGENT_START_TIMEOUT:.0f} s:\n{_tail(logfile)}",
+        f"see {logfile}; stop the lab with `phaul lab down`",
+    )
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return "  (no log)"
+    return "\n".join(f"  | {line}" for line in text) or "  (empty log)"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_agent(pid: int, name: str, state: Path) -> bool:
+    """Whether `pid` is a live (not zombie) agent for host `name` with state dir `state`."""
+    if not _alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args_s = [a.decode(errors="replace") for a in args]
+    return "agent" in args_s and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
+
+
+def _alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (reaped here if it is our child)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return False
+    return True
+
+
+def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.05)
+    log.warning("process %d survived SIGKILL", pid)
+
+
+# --- exec ------------------------------------------------------------------------------------
+
+
+def exec_in(name: str, args: Sequence[str]) -> int:
+    """Run `args` in lab namespace `name` (alpha, beta, client or sw) with stdio inherited;
+    return its exit status."""
+    ns = NETNS.get(name) or (name if name in LAB_NAMESPACES else None)
+    if ns is None:
+        raise NotFound(f"no lab namespace {name!r}", f"use one of {', '.join(NETNS)}")
+    if not args:
+        raise InvalidInput("no command to run", f"write it after --, e.g. `phaul lab exec {name} -- ip addr`")
+    if ns not in _netns_list():
+        raise NotFound(f"lab namespace {ns} does not exist", "run `phaul lab up`")
+    return subprocess.call(["nsenter", f"--net=/run/netns/{ns}", "--", *args])
+
+
+exec = exec_in  # noqa: A001 -- the name the CLI verb uses; shadows the builtin only inside this module
+
+
+# --- down --------------------------------------------------------------------------------------
+
+
+def down(lab_dir: Path | None = None) -> list[str]:
+    """Tear the lab down, however much of it exists; return what was removed.
+
+    Stops agents, deletes runc containers, kills what is left in the lab namespaces
+    and cgroups, removes the cgroups, namespaces, veths and mounts under the lab
+    directory, then the directory. Raises ToolFailed at the end if something stayed."""
+    t0 = time.monotonic()
+    d = _resolve(lab_dir)
+    removed: list[str] = []
+    problems: list[str] = []
+    states = sorted(p for p in (d / "hosts").iterdir() if p.is_dir()) if (d / "hosts").is_dir() else []
+
+    for state in states:
+        pid = _read_pid(state / "agent.pid")
+        if pid is not None and _is_agent(pid, state.name, state):
+            _terminate(pid)
+            removed.append(f"agent {state.name} (pid {pid})")
+
+    _thaw_cgroups()
+    for state in states:
+        removed += _delete_runc_containers(state, problems)
+
+    for ns in LAB_NAMESPACES:
+        killed = _kill_all(functools.partial(_netns_pids, ns))
+        if killed:
+            removed.append(f"{len(killed)} process(es) in {ns}")
+    for cg in _lab_cgroups():
+        killed = _kill_all(functools.partial(_cgroup_pids, cg))
+        if killed:
+            removed.append(f"{len(killed)} process(es) in cgroup {cg}")
+    for cg in _lab_cgroups():
+        removed += _rmdir_tree(cg, problems)
+
+    present = _netns_list()
+    for ns in LAB_NAMESPACES:
+        if ns in present:
+            r = _ip("netns", "delete", ns, check=False)
+            (removed.append(f"netns {ns}") if r.returncode == 0 else problems.append(f"netns {ns}: {r.stderr.strip()}"))
+    for link in _stale_root_links():
+        if link not in _stale_root_links():
+            continue  # went with its peer
+        r = _ip("link", "delete", link, check=False)
+        if r.returncode == 0 or "Cannot find device" in r.stderr:
+            removed.append(f"link {link}")
+        else:
+            problems.append(f"link {link}: {r.stderr.strip()}")
+
+    removed += _unmount_under(d, problems)
+    if d.exists():
+        removed += _remove_dir(d, problems)
+
+    for item in removed:
+        log.info("removed %s", item)
+    log.info("lab down in %.2f s", time.monotonic() - t0)
+    if problems:
+        raise ToolFailed(
+            "lab teardown left things behind: " + "; ".join(problems),
+            "fix them by hand, then run `phaul lab down` again",
+        )
+    return removed
+
+
+def _delete_runc_containers(state: Path, problems: list[str]) -> list[str]:
+    root = state / "runc"
+    if not root.is_dir():
+        return []
+    if shutil.which("runc") is None:
+        problems.append(f"runc is not installed; cannot delete containers under {root}")
+        return []
+    r = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        problems.append(f"runc list in {root}: {r.stderr.strip()}")
+        return []
+    out = []
+    for ct in r.stdout.split():
+        d = subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True, text=True, timeout=60)
+        if d.returncode == 0:
+            out.append(f"runc container {ct} on {state.name}")
+        else:
+            log.warning("runc delete --force %s (root %s): %s", ct, root, d.stderr.strip())
+    return out
+
+
+def _netns_pids(ns: str) -> set[int]:
+    r = _ip("netns", "pids", ns, check=False)
+    return {int(p) for p in r.stdout.split() if p.isdigit()} if r.returncode == 0 else set()
+
+
+def _cgroup_pids(cg: Path) -> set[int]:
+    pids: set[int] = set()
+    for procs in cg.rglob("cgroup.procs"):
+        try:
+            pids |= {int(p) for p in procs.read_text().split()}
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def _kill_all(find: Callable[[], set[int]], timeout: float = 5.0) -> set[int]:
+    """SIGKILL what `find()` returns until it returns nothing live; return the pids killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        pids = {p for p in find() if p != me and _alive(p)}
+        if not pids:
+            break
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+                killed.add(p)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    return killed
+
+
+def _cgroup_roots() -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    roots = [base] if (base / "cgroup.procs").exists() else []
+    if base.is_dir():
+        roots += sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists())
+    return roots
+
+
+def _lab_cgroups() -> list[Path]:
+    return [root / name for root in _cgroup_roots() for name in CGROUP_NAMES if (root / name).is_dir()]
+
+
+def _thaw_cgroups() -> None:
+    """Thaw frozen lab cgroups so that killed tasks can exit."""
+    for cg in _lab_cgroups():
+        for f in [*cg.rglob("freezer.state"), *cg.rglob("cgroup.freeze")]:
+            try:
+                f.write_text("THAWED" if f.name == "freezer.state" else "0")
+            except OSError:
+                pass
+
+
+def _rmdir_tree(cg: Path, problems: list[str]) -> list[str]:
+    """Remove a cgroup directory and its children, deepest first."""
+    failed = []
+    for dirpath, _dirs, _files in os.walk(cg, topdown=False):
+        for attempt in range(20):
+            try:
+                os.rmdir(dirpath)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == 19:
+                    failed.append(f"cgroup {dirpath}: {e.strerror}")
+                    break
+                time.sleep(0.05)
+    problems += failed
+    return [] if failed else [f"cgroup {cg}"]
+
+
+def _unescape(field_: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def _mounts_under(d: Path) -> list[str]:
+    """Mount points at or under `d`, deepest and most recent first."""
+    base = os.path.realpath(d)
+    found: list[tuple[int, int, str]] = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for i, line in enumerate(lines):
+        mp = _unescape(line.split()[4])
+        if mp == base or mp.startswith(base.rstrip("/") + "/"):
+            found.append((mp.count("/"), i, mp))
+    return [mp for _, _, mp in sorted(found, reverse=True)]
+
+
+def _unmount_under(d: Path, problems: list[str]) -> list[str]:
+    removed: list[str] = []
+    for _ in range(20):
+        mounts = _mounts_under(d)
+        if not mounts:
+            return removed
+        for mp in mounts:
+            r = subprocess.run(["umount", mp], capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                r = subprocess.run(["umount", "-l", mp], capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                removed.append(f"mount {mp}")
+    problems += [f"mount {mp} could not be unmounted" for mp in _mounts_under(d)]
+    return removed
+
+
+def _remove_dir(d: Path, problems: list[str]) -> list[str]:
+    if _mounts_under(d):
+        problems.append(f"{d} still has mounts; left it in place")
+        return []
+    known = {MARKER, "hosts", "pki", "hosts.json"}
+    if not (d / MARKER).exists() and not {p.name for p in d.iterdir()} <= known:
+        problems.append(f"{d} holds files phaul did not create and has no {MARKER} marker; left it in place")
+        return []
+    try:
+        shutil.rmtree(d)
+    except OSError as e:
+        problems.append(f"{d}: {e}")
+        return []
+    return [f"directory {d}"]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _resolve(d: Path | None) -> Path:
+    path = Path(d).absolute() if d is not None else default_lab_dir()
+    if len(path.parts) < 3:
+        raise InvalidInput(f"lab directory {path} is too close to /", f"use a directory such as {LAB_DIR}")
+    return path
+
+
+def _owner_alias(d: Path) -> str:
+    return (OWNER_ALIAS + str(d))[-255:]
+
+
+def _owner() -> str | None:
+    """The lab directory recorded on the switch bridge, if it exists."""
+    link = _links(NETNS["sw"]).get(BRIDGE, {}) if NETNS["sw"] in _netns_list() else {}
+    alias = link.get("ifalias", "")
+    return alias[len(OWNER_ALIAS):] if alias.startswith(OWNER_ALIAS) else None
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", *(("-n", ns) if ns else ()), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise ToolFailed(f"`{' '.join(cmd)}` failed: {r.stderr.strip()}", "run `phaul lab down` and try again")
+    return r
+
+
+def _links(ns: str) -> dict[str, dict]:
+    r = _ip("-j", "-d", "addr", "show", ns=ns, check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        return {}
+    return {link["ifname"]: link for link in json.loads(r.stdout)}
+
+
+def _netns_list() -> set[str]:
+    r = _ip("-j", "netns", "list", check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        return set()
+    return {n["name"] for n in json.loads(r.stdout)}
+
+
+def _stale_root_links() -> list[str]:
+    r = _ip("-j", "link", "show", check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        return []
+    return [link["ifname"] for link in json.loads(r.stdout) if link["ifname"].startswith(VETH_PREFIX)]
+
+
+def _sysctl(ns: str, key: str, value: str | None = None) -> str:
+    """Read (or set) a per-namespace sysctl inside lab namespace `ns`."""
+    arg = ["-w", f"{key}={value}"] if value is not None else ["-n", key]
+    cmd = ["nsenter", f"--net=/run/netns/{ns}", "--", "sysctl", *arg]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        if value is not None:
+            raise ToolFailed(f"`{' '.join(cmd)}` failed: {r.stderr.strip()}", "run `phaul lab down` and try again")
+        return ""
+    return r.stdout.strip()

@@ -1,0 +1,282 @@
+"""A small certificate authority for the agents' mutual TLS.
+
+One directory holds `ca.crt`/`ca.key` and a `NAME.crt`/`NAME.key` pair per host
+or user. Keys are EC P-256 and written with mode 0600. `load` returns the paths
+and bytes a gRPC channel or server needs, after checking that they belong
+together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.validate import check_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PKI_DIR = Path("/etc/phaul/pki")
+CA_NAME = "ca"
+CA_VALIDITY = datetime.timedelta(days=3650)
+CERT_VALIDITY = datetime.timedelta(days=365)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+_DNS = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$", re.I)
+
+
+class BadCredentials(PhaulError):
+    """A certificate or key exists but cannot be used (unreadable, expired, wrong CA or key)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A checked certificate, its key and the CA that signed it, as paths and PEM bytes."""
+
+    name: str
+    ca: Path
+    cert: Path
+    key: Path
+    ca_pem: bytes = field(repr=False)
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    not_after: datetime.datetime
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
+
+
+def init_ca(pki_dir: Path, name: str = "phaul CA", *, force: bool = False) -> Path:
+    """Create a CA in `pki_dir` (ca.crt, ca.key with mode 0600) and return the path of ca.crt.
+
+    Refuses to replace an existing CA unless `force`: every certificate it signed
+    stops being trusted."""
+    pki_dir = Path(pki_dir)
+    crt, key_path = pki_dir / "ca.crt", pki_dir / "ca.key"
+    if (crt.exists() or key_path.exists()) and not force:
+        raise Conflict(
+            f"a CA already exists in {pki_dir}",
+            "keep it, or pass force to replace it (then re-issue every certificate)",
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _ensure_dir(pki_dir)
+    _write(key_path, _key_pem(key), 0o600)
+    _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.info("created CA %r in %s", name, pki_dir)
+    return crt
+
+
+def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str] | None = None) -> tuple[Path, Path]:
+    """Issue NAME.crt/NAME.key signed by the CA in `pki_dir`; return (cert path, key path).
+
+    CN=name; SAN DNS:name plus `dns` and `ips`; serverAuth and clientAuth; one
+    year. Replaces an existing certificate of the same name."""
+    pki_dir = Path(pki_dir)
+    check_id(name, "host name")
+    if name == CA_NAME:
+        raise InvalidInput(f"{name!r} is reserved for the CA's own files", "choose another host name")
+    ip_objs = [_parse_ip(ip) for ip in (ips or [])]
+    dns_names = [name] + [_check_dns(d) for d in (dns or []) if d != name]
+    ca_cert, ca_key = _load_ca(pki_dir)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    san: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
+    san += [x509.IPAddress(ip) for ip in dict.fromkeys(ip_objs)]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    crt_path, key_path = pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
+    _write(key_path, _key_pem(key), 0o600)
+    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.info("issued certificate for %s (dns=%s ips=%s) in %s", name, dns_names, [str(i) for i in ip_objs], pki_dir)
+    return crt_path, key_path
+
+
+def load(pki_dir: Path, name: str) -> Credentials:
+    """Load and check NAME's certificate and key and the CA in `pki_dir`.
+
+    Checks that the files exist and are readable, that the certificate was
+    signed by this CA and is valid now, and that the key matches it."""
+    pki_dir = Path(pki_dir)
+    check_id(name, "host name")
+    ca_path, crt_path, key_path = pki_dir / "ca.crt", pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
+    reissue = f"run `phaul pki issue {name}`"
+    if not ca_path.exists():
+        raise NotFound(f"no CA certificate in {pki_dir}", "run `phaul pki init` (or `phaul lab up` for the lab)")
+    if not crt_path.exists():
+        raise NotFound(f"no certificate for host {name} in {pki_dir}", reissue)
+    if not key_path.exists():
+        raise NotFound(f"no key for host {name} in {pki_dir} (expected {key_path})", reissue)
+    ca_pem, cert_pem, key_pem = (_read(p) for p in (ca_path, crt_path, key_path))
+    ca_cert = _parse_cert(ca_path, ca_pem, "run `phaul pki init --force`, then re-issue every certificate")
+    cert = _parse_cert(crt_path, cert_pem, reissue)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise BadCredentials(f"{key_path} is not a usable private key: {e}", reissue) from e
+
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise BadCredentials(
+            f"the certificate for host {name} in {pki_dir} was not signed by the CA in {ca_path}",
+            f"{reissue} with this CA (the CA was probably replaced after it was issued)",
+        ) from e
+    if _public(key) != _public(cert.public_key()):
+        raise BadCredentials(f"{key_path} does not belong to {crt_path}", reissue)
+    now = _now()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise BadCredentials(
+            f"the certificate for host {name} in {pki_dir} is valid only from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            reissue,
+        )
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        dns, ips = (), ()
+    return Credentials(
+        name=name, ca=ca_path, cert=crt_path, key=key_path,
+        ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
+        not_after=cert.not_valid_after_utc, dns=dns, ips=ips,
+    )
+
+
+def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_path, key_path = pki_dir / "ca.crt", pki_dir / "ca.key"
+    if not ca_path.exists() or not key_path.exists():
+        raise NotFound(f"no CA in {pki_dir} (need ca.crt and ca.key)", "run `phaul pki init` first")
+    fix = "run `phaul pki init --force`, then re-issue every certificate"
+    ca_cert = _parse_cert(ca_path, _read(ca_path), fix)
+    try:
+        ca_key = serialization.load_pem_private_key(_read(key_path), password=None)
+    except (ValueError, TypeError) as e:
+        raise BadCredentials(f"{key_path} is not a usable private key: {e}", fix) from e
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or _public(ca_key) != _public(ca_cert.public_key()):
+        raise BadCredentials(f"{key_path} does not belong to {ca_path}", fix)
+    return ca_cert, ca_key
+
+
+def _parse_cert(path: Path, pem: bytes, hint: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise BadCredentials(f"{path} is not a PEM certificate: {e}", hint) from e
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise BadCredentials(f"cannot read {path}: {e.strerror}", "check its owner and mode (run as root)") from e
+
+
+def _public(key: Any) -> bytes:
+    """DER of a public key, or of a private key's public half, for comparison."""
+    pub = key.public_key() if hasattr(key, "public_key") else key
+    return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError as e:
+        raise InvalidInput(f"invalid IP address {value!r}", "write an address such as 10.213.0.11") from e
+
+
+def _check_dns(value: str) -> str:
+    if not isinstance(value, str) or not _DNS.match(value):
+        raise InvalidInput(f"invalid DNS name {value!r}", "use letters, digits, '-' and '.' (e.g. beta.lab)")
+    return value.lower()
+
+
+def _ensure_dir(path: Path) -> None:
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` atomically, created with `mode` (never briefly wider)."""
+    _ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)

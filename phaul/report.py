@@ -1,0 +1,96 @@
+"""The migration report: one dataclass, printed as a table or as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from phaul.rpc import phaul_pb2 as pb
+
+RESULTS = ("ok", "rolled_back", "in_doubt", "failed")
+
+
+@dataclass
+class Round:
+    """One memory round: a pre-copy round, or the final (frozen) dump."""
+
+    pages_dumped: int = 0
+    pages_sent: int = 0
+    bytes_sent: int = 0
+    frozen_ms: float = 0.0
+    duration_ms: float = 0.0
+    fs_bytes_sent: int = 0
+    predicted_frozen_ms: float = 0.0
+    dirty_rate: float = 0.0
+
+
+@dataclass
+class Report:
+    """What one migration did. `result` is one of RESULTS."""
+
+    migration_id: str
+    ct: str
+    source: str
+    destination: str
+    result: str = "failed"
+    memory_method: str = "stop-and-copy"
+    rounds: list[Round] = field(default_factory=list)
+    frozen_ms: float = 0.0
+    total_ms: float = 0.0
+    bytes_sent: int = 0
+    fs_bytes_sent: int = 0
+    criu_ms: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+    stop_reason: str = ""
+    started_at: str = ""
+
+    def to_proto(self) -> pb.Report:
+        d = asdict(self)
+        d["rounds"] = [pb.Round(**r) for r in d["rounds"]]
+        return pb.Report(**d)
+
+    @classmethod
+    def from_proto(cls, msg: pb.Report) -> Report:
+        d: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(cls)}
+        d["rounds"] = [Round(**{f.name: getattr(r, f.name) for f in fields(Round)}) for r in msg.rounds]
+        d["criu_ms"] = dict(msg.criu_ms)
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def to_table(self) -> str:
+        """A human-readable summary: key figures, then one line per round."""
+        lines = [
+            f"migration {self.migration_id}: {self.ct} {self.source} -> {self.destination}: {self.result.upper()}",
+        ]
+        rows = [
+            ("memory method", self.memory_method),
+            ("frozen", f"{self.frozen_ms:.0f} ms"),
+            ("total", f"{self.total_ms:.0f} ms"),
+            ("sent", f"{_size(self.bytes_sent)} ({_size(self.fs_bytes_sent)} file system)"),
+        ]
+        if self.stop_reason:
+            rows.append(("rounds stopped", self.stop_reason))
+        if self.criu_ms:
+            rows.append(("CRIU", ", ".join(f"{k} {v:.0f} ms" for k, v in self.criu_ms.items())))
+        if self.error:
+            rows.append(("error", self.error))
+        lines += [f"  {k:<15} {v}" for k, v in rows]
+        if self.rounds:
+            lines.append(f"  {'round':>5} {'pages':>9} {'sent pages':>10} {'sent':>10} {'fs sent':>10} {'frozen':>9} {'took':>9}")
+            for i, r in enumerate(self.rounds, 1):
+                lines.append(
+                    f"  {i:>5} {r.pages_dumped:>9} {r.pages_sent:>10} {_size(r.bytes_sent):>10} "
+                    f"{_size(r.fs_bytes_sent):>10} {r.frozen_ms:>6.0f} ms {r.duration_ms:>6.0f} ms"
+                )
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

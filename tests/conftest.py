@@ -1,0 +1,96 @@
+"""Shared fixtures: the lab (real namespaces, agents, TLS) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_LAB_DIR = Path("/var/lib/phaul-lab-test")
+TEST_SUBNET = "10.213.9.0/24"
+
+
+@dataclass
+class Lab:
+    dir: Path
+    hosts_file: Path
+
+    def phaul(self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real CLI against this lab."""
+        cmd = [sys.executable, "-m", "phaul", "--hosts-file", str(self.hosts_file), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} -> exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def migrate(self, ct: str, src: str, dst: str, *extra: str, check: bool = True) -> dict:
+        proc = self.phaul("--host", src, "migrate", ct, dst, "--json", *extra, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"migrate {ct} {src}->{dst}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {"exit": proc.returncode, "stderr": proc.stderr}
+
+    def ct_list(self, host: str) -> list[dict]:
+        return json.loads(self.phaul("--host", host, "ct", "list", "--json").stdout)
+
+    def exec(self, host: str, ct: str, *cmd: str) -> str:
+        return self.phaul("--host", host, "ct", "exec", ct, "--", *cmd).stdout
+
+    def counter(self, host: str, ct: str) -> int:
+        return int(self.exec(host, ct, "cat", "/counter").strip() or 0)
+
+    def state_dir(self, host: str) -> Path:
+        return self.dir / "hosts" / host
+
+    def destroy_all(self) -> None:
+        for host in ("alpha", "beta"):
+            for c in self.ct_list(host):
+                self.phaul("--host", host, "ct", "destroy", c["id"], check=False)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The two-host lab, built once per test session and always taken down."""
+    from phaul import lab as lab_mod
+
+    os.environ["PHAUL_LAB_DIR"] = str(TEST_LAB_DIR)
+    if any(n.startswith("phaul-") for n in _netns()) and not TEST_LAB_DIR.exists():
+        pytest.fail("a phaul lab is already up (not the test lab): run `phaul lab down` first")
+    lab_mod.down(TEST_LAB_DIR)
+    try:
+        lab_mod.up(TEST_SUBNET, lab_dir=TEST_LAB_DIR)
+        yield Lab(TEST_LAB_DIR, TEST_LAB_DIR / "hosts.json")
+    finally:
+        lab_mod.down(TEST_LAB_DIR)
+        os.environ.pop("PHAUL_LAB_DIR", None)
+
+
+@pytest.fixture
+def clean_lab(lab: Lab) -> Iterator[Lab]:
+    """The lab, emptied of containers after the test whatever happened."""
+    yield lab
+    lab.destroy_all()
+
+
+def _netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+COUNTER = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.05; done"]

@@ -1,0 +1,129 @@
+"""End-to-end live migration in the lab: real CRIU, runc, rsync, namespaces, TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import COUNTER, Lab, wait_for
+
+pytestmark = pytest.mark.lab
+
+
+def _start_counter(lab: Lab, ct: str, host: str = "alpha", *create: str) -> None:
+    lab.phaul("--host", host, "ct", "create", ct, *create)
+    lab.phaul("--host", host, "ct", "start", ct, "--", *COUNTER)
+    wait_for(lambda: lab.counter(host, ct) > 3, what=f"{ct}'s counter to run")
+
+
+def _leftovers(lab: Lab, host: str) -> list[str]:
+    """Everything a finished migration must not leave on a host."""
+    state = lab.state_dir(host)
+    found = []
+    for sub in ("migrations", "containers"):
+        d = state / sub
+        if d.exists():
+            found += [str(p) for p in d.iterdir()]
+    runc = subprocess.run(["runc", "--root", str(state / "runc"), "list", "-q"], capture_output=True, text=True)
+    found += [f"runc:{line}" for line in runc.stdout.split()]
+    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/*"):
+        if cg.is_dir():
+            found.append(str(cg))
+    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    found += [line for line in ps.splitlines() if line.startswith("T") or ("criu" in line and "phaul" not in line)]
+    found += [line for line in ps.splitlines() if str(state) in line and " agent " not in line]
+    return found
+
+
+def test_counter_keeps_counting_across_migration(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_counter(lab, "count1", "alpha", "--memory", "96M")
+    lab.exec("alpha", "count1", "sh", "-c", "echo precious > /data.txt")
+    before = lab.counter("alpha", "count1")
+    report = lab.migrate("count1", "alpha", "beta")
+    after = lab.counter("beta", "count1")
+    assert report["result"] == "ok", report
+    assert after >= before, f"counter went back from {before} to {after}: restarted, not migrated"
+    wait_for(lambda: lab.counter("beta", "count1") > after, what="the counter to keep increasing on beta")
+    assert lab.exec("beta", "count1", "cat", "/data.txt").strip() == "precious"
+    [info] = lab.ct_list("beta")
+    assert info["id"] == "count1" and info["state"] == "running"
+    assert info["memory_limit"] == 96 << 20
+    assert lab.ct_list("alpha") == []
+    assert report["frozen_ms"] > 0 and report["total_ms"] >= report["frozen_ms"]
+    assert report["bytes_sent"] > 0 and len(report["rounds"]) >= 1
+    for key in ("ct", "source", "destination", "memory_method", "fs_bytes_sent", "criu_ms"):
+        assert key in report
+    assert (lab.state_dir("alpha") / "reports" / f"{report['migration_id']}.json").exists()
+
+
+def test_round_trips_leave_nothing_behind(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_counter(lab, "trip")
+    hosts = ["alpha", "beta"]
+    last = lab.counter("alpha", "trip")
+    for i in range(10):  # five round trips
+        src, dst = hosts[i % 2], hosts[(i + 1) % 2]
+        report = lab.migrate("trip", src, dst)
+        assert report["result"] == "ok", report
+        now = lab.counter(dst, "trip")
+        assert now >= last
+        last = now
+        assert [c["id"] for c in lab.ct_list(src)] == []
+    lab.phaul("--host", "alpha", "ct", "destroy", "trip")
+    for host in hosts:
+        assert _leftovers(lab, host) == [], host
+
+
+def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_counter(lab, "fragile")
+    report = lab.migrate("fragile", "alpha", "beta", "--fault", "restore:damage-image", check=False)
+    assert report["result"] == "rolled_back", report
+    assert "restore" in report["error"]
+    [info] = lab.ct_list("alpha")
+    assert info["state"] == "running"
+    c = lab.counter("alpha", "fragile")
+    wait_for(lambda: lab.counter("alpha", "fragile") > c, what="the counter to resume on alpha")
+    assert lab.ct_list("beta") == []
+    assert _leftovers(lab, "beta") == []
+
+
+def test_unknown_container_is_refused(clean_lab: Lab) -> None:
+    proc = clean_lab.phaul("--host", "alpha", "migrate", "nosuch", "beta", check=False)
+    assert proc.returncode == 2
+    assert "no container 'nosuch'" in proc.stderr
+
+
+def test_invalid_id_is_refused(clean_lab: Lab) -> None:
+    proc = clean_lab.phaul("--host", "alpha", "ct", "create", "Bad/ID", check=False)
+    assert proc.returncode == 2 and "invalid container ID" in proc.stderr
+
+
+def test_duplicate_id_on_destination_is_refused(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_counter(lab, "dup")
+    lab.phaul("--host", "beta", "ct", "create", "dup")
+    proc = lab.phaul("--host", "alpha", "migrate", "dup", "beta", check=False)
+    assert proc.returncode == 2
+    assert "beta already has a container dup" in proc.stderr
+    assert lab.ct_list("alpha")[0]["state"] == "running"
+    assert lab.ct_list("beta")[0]["state"] == "created"
+    assert not any((lab.state_dir(h) / "migrations").glob("*") for h in ("alpha", "beta"))
+
+
+def test_client_without_valid_certificate_is_refused(lab: Lab, tmp_path: Path) -> None:
+    from phaul import pki
+
+    pki.init_ca(tmp_path / "pki", "mallory CA")
+    cert, key = pki.issue(tmp_path / "pki", "admin")
+    data = json.loads(lab.hosts_file.read_text())
+    data["pki"] = {"ca": str(tmp_path / "pki" / "ca.crt"), "cert": str(cert), "key": str(key)}
+    bad = tmp_path / "hosts.json"
+    bad.write_text(json.dumps(data))
+    out = Lab(lab.dir, bad).phaul("--host", "alpha", "ct", "list", check=False, timeout=60)
+    assert out.returncode == 2, out
+    assert "unreachable" in out.stderr and "same CA" in out.stderr
