@@ -89,9 +89,10 @@ class CommitGate:
         return True
 
 
-def read_stats(image_dir: Path, which: str) -> dict[str, float]:
-    """CRIU's own timings (ms) and page counts from `stats-dump` or `stats-restore`."""
-    path = image_dir / f"stats-{which}"
+def read_stats(work_dir: Path, which: str) -> dict[str, float]:
+    """CRIU's own timings (ms) and page counts from `stats-dump` or `stats-restore`
+    (CRIU writes them into its work directory)."""
+    path = work_dir / f"stats-{which}"
     try:
         with open(path, "rb") as f:
             entry = pycriu.images.load(f)["entries"][0][which]

@@ -121,7 +121,7 @@ class Destination:
                 conf.write_text("")
             took = (time.monotonic() - t0) * 1000
             m.state = "restored"
-        stats = criu.read_stats(m.dir / "images", "restore")
+        stats = criu.read_stats(m.dir / "work", "restore")
         stats["runc_restore"] = took
         log.info("migration %s: %s restored and held stopped in %.0f ms", migration_id, m.ct_id, took)
         return stats

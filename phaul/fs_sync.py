@@ -38,7 +38,7 @@ class RsyncReceiver:
         self.root = root
         conf = root / "rsyncd.conf"
         conf.write_text(
-            "use chroot = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
+            "use chroot = yes\nmunge symlinks = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
             f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
             "  exclude = rsyncd.conf\n"
         )

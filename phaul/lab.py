@@ -2,9 +2,10 @@
 
 Topology (all addresses inside one subnet, default 10.213.0.0/24)::
 
-    phaul-client  phl-client-up (.100) ─┐
-    phaul-alpha   br0 (.11) ─ phl-alpha-up ─┼─ br0 in phaul-sw
-    phaul-beta    br0 (.12) ─ phl-beta-up ──┘
+    phaul-sw      br0: ports phl-alpha-sw, phl-beta-sw, phl-client-sw
+    phaul-alpha   br0 .11: port phl-alpha-up (peer of phl-alpha-sw)
+    phaul-beta    br0 .12: port phl-beta-up  (peer of phl-beta-sw)
+    phaul-client  phl-client-up .100         (peer of phl-client-sw)
 
 Every bridge has a pinned MAC, so plugging container veths into a host bridge
 never changes the address its peers have cached. Each host runs `phaul agent`
@@ -269,6 +270,17 @@ def _parse_hosts(path: Path) -> HostsFile:
     )
 
 
+def _try_hosts(path: Path) -> HostsFile | None:
+    """The lab's own hosts file, or None when it is missing or unreadable (up rewrites it)."""
+    if not path.exists():
+        return None
+    try:
+        return _parse_hosts(path)
+    except PhaulError as e:
+        log.warning("ignoring %s: %s", path, e.message)
+        return None
+
+
 def _hosts_for(net: ipaddress.IPv4Network, d: Path) -> HostsFile:
     pki_dir = d / "pki"
     hosts = {}
@@ -368,7 +380,7 @@ def status(lab_dir: Path | None = None) -> LabStatus:
     """Inspect the lab: namespaces, network, agents and sockets."""
     d = _resolve(lab_dir)
     hosts_path = d / "hosts.json"
-    hf = _parse_hosts(hosts_path) if hosts_path.exists() else None
+    hf = _try_hosts(hosts_path)
     present = _netns_list()
     namespaces = {ns: ns in present for ns in LAB_NAMESPACES}
     hosts: dict[str, HostStatus] = {}
@@ -413,7 +425,7 @@ def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: 
     d = _resolve(lab_dir)
     requested = parse_subnet(subnet) if subnet else None
     present = _netns_list() & set(LAB_NAMESPACES)
-    existing = _parse_hosts(d / "hosts.json") if (d / "hosts.json").exists() else None
+    existing = _try_hosts(d / "hosts.json")
     if present:
         owner = _owner()
         if owner is not None and owner != str(d):
@@ -435,7 +447,7 @@ def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: 
 
     problems = _network_problems(net, d) if present else ["no lab namespaces"]
     if problems:
-        if present or d.exists() or _stale_root_links():
+        if present or d.exists() or _stale_root_links() or _lab_cgroups():
             log.info("lab is missing or incomplete (%s); clearing before building", "; ".join(problems[:3]))
             down(d)
         _prepare_dir(d)
@@ -453,11 +465,10 @@ def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: 
         _write_atomic(hosts.path, text)
         log.info("wrote %s", hosts.path)
     for name in HOSTS:
-        assert hosts.hosts[name].state_dir is not None
-        hosts.hosts[name].state_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        (d / "hosts" / name).mkdir(parents=True, exist_ok=True)
     if start_agents:
-        for name in HOSTS:
-            _ensure_agent(hosts.hosts[name], hosts.pki, d)
+        started = [_start_agent(hosts.hosts[name], hosts.pki, d) for name in HOSTS]
+        _wait_agents([a for a in started if a is not None])
     log.info("lab up in %.2f s", time.monotonic() - t0)
     return status(d)
 
@@ -596,6 +607,9 @@ def _ensure_cert(pki_dir: Path, name: str, ips: list[str]) -> None:
 # --- agents ------------------------------------------------------------------------------
 
 
+FAULT_INJECTION_ENV = "PHAUL_LAB_FAULT_INJECTION"
+
+
 def agent_command(
     name: str,
     listen: str,
@@ -621,14 +635,24 @@ def agent_command(
     ]
 
 
-def _ensure_agent(host: HostEntry, files: PkiFiles, d: Path) -> None:
-    """Start host's agent unless it is alive with its socket; wait for the socket."""
+@dataclass
+class _Started:
+    """An agent this call started and is waiting for."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    logfile: Path
+
+
+def _start_agent(host: HostEntry, files: PkiFiles, d: Path) -> _Started | None:
+    """Start host's agent unless it is alive with its socket (then return None)."""
     state = host.state_dir or d / "hosts" / host.name
     sock = host.socket or state / "agent.sock"
     pid = _read_pid(state / "agent.pid")
     if pid is not None and _is_agent(pid, host.name, state):
         if sock.exists():
-            return
+            return None
         log.warning("agent %s (pid %d) is alive without its socket; restarting it", host.name, pid)
         _terminate(pid)
     pki_dir = d / "pki"
@@ -639,6 +663,8 @@ def _ensure_agent(host: HostEntry, files: PkiFiles, d: Path) -> None:
             pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca,
         ),
     ]
+    if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: see phaul/faults.py
+        cmd.append("--enable-fault-injection")
     sock.unlink(missing_ok=True)
     logfile = state / "agent.log"
     if logfile.exists():
@@ -653,21 +679,33 @@ def _ensure_agent(host: HostEntry, files: PkiFiles, d: Path) -> None:
         )
     _write_atomic(state / "agent.pid", f"{proc.pid}\n")
     log.info("started agent %s (pid %d) listening on %s", host.name, proc.pid, host.address)
-    deadline = time.monotonic() + AGENT_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if sock.exists():
-            return
-        if proc.poll() is not None:
-            raise ToolFailed(
-                f"agent {host.name} exited with status {proc.returncode} before creating {sock}:\n{_tail(logfile)}",
-                f"see {logfile}",
-            )
-        time.sleep(0.05)
-    _terminate(proc.pid)
-    proc.poll()
+    return _Started(host.name, proc, sock, logfile)
+
+
+def _wait_agents(started: list[_Started], timeout: float = AGENT_START_TIMEOUT) -> None:
+    """Wait for every started agent's socket; on a death or the timeout, stop them all and
+    raise with the tail of the failing agent's log."""
+    deadline = time.monotonic() + timeout
+    pending = list(started)
+    while pending:
+        for a in list(pending):
+            if a.sock.exists():
+                pending.remove(a)
+            elif a.proc.poll() is not None:
+                _fail_agents(started, a, f"exited with status {a.proc.returncode} before creating {a.sock}")
+        if pending and time.monotonic() > deadline:
+            _fail_agents(started, pending[0], f"did not create {pending[0].sock} within {timeout:.0f} s")
+        if pending:
+            time.sleep(0.05)
+
+
+def _fail_agents(started: list[_Started], failed: _Started, what: str) -> None:
+    for a in started:
+        _terminate(a.proc.pid)
+        a.proc.poll()
     raise ToolFailed(
-        f"agent {host.name} did not create {sock} within {AGENT_START_TIMEOUT:.0f} s:\n{_tail(logfile)}",
-        f"see {logfile}; stop the lab with `phaul lab down`",
+        f"agent {failed.name} {what}:\n{_tail(failed.logfile)}",
+        f"see {failed.logfile}; stop the lab with `phaul lab down`",
     )
 
 
@@ -699,18 +737,12 @@ def _is_agent(pid: int, name: str, state: Path) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie (reaped here if it is our child)."""
+    """True if `pid` exists and is not a zombie (never reaps: a caller may hold its Popen)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:

@@ -210,7 +210,7 @@ class SourceMigration:
             self._gate.wait_reached(self._dump, DUMP_TIMEOUT)
         except ToolFailed as e:
             raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
-        stats = criu.read_stats(images, "dump")
+        stats = criu.read_stats(work, "dump")
         for key in ("freezing", "frozen", "memdump", "memwrite"):
             if key in stats:
                 self.report.criu_ms[key] = stats[key]

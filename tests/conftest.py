@@ -61,6 +61,7 @@ def lab() -> Iterator[Lab]:
     from phaul import lab as lab_mod
 
     os.environ["PHAUL_LAB_DIR"] = str(TEST_LAB_DIR)
+    os.environ[lab_mod.FAULT_INJECTION_ENV] = "1"
     if any(n.startswith("phaul-") for n in _netns()) and not TEST_LAB_DIR.exists():
         pytest.fail("a phaul lab is already up (not the test lab): run `phaul lab down` first")
     lab_mod.down(TEST_LAB_DIR)

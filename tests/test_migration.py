@@ -112,7 +112,7 @@ def test_duplicate_id_on_destination_is_refused(clean_lab: Lab) -> None:
     assert "beta already has a container dup" in proc.stderr
     assert lab.ct_list("alpha")[0]["state"] == "running"
     assert lab.ct_list("beta")[0]["state"] == "created"
-    assert not any((lab.state_dir(h) / "migrations").glob("*") for h in ("alpha", "beta"))
+    assert not any(list((lab.state_dir(h) / "migrations").glob("*")) for h in ("alpha", "beta"))
 
 
 def test_client_without_valid_certificate_is_refused(lab: Lab, tmp_path: Path) -> None:
