@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(PY) scripts/demo.py $(DEMO_ARGS)
+	@flock /run/lock/phaul-lab.lock $(PY) scripts/demo.py $(DEMO_ARGS)
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_FLAGS) tests

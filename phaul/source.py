@@ -165,7 +165,6 @@ class SourceMigration:
         images = sender.push(self.dir / "images", "images")
         round_.fs_bytes_sent = fs_final.bytes_sent
         round_.bytes_sent = images.bytes_sent
-        round_.pages_sent = round_.pages_dumped
         self.report.fs_bytes_sent += fs_final.bytes_sent
         self.report.criu_ms["transfer"] = (time.monotonic() - t_transfer) * 1000
 
@@ -177,6 +176,7 @@ class SourceMigration:
 
         self._phase("commit", f"destroying the copy on {self.host.name}")
         self._commit()
+        self._dump_stats(round_)
 
         self._phase("resume", f"starting the copy on {self.dest_name}")
         self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
@@ -210,11 +210,7 @@ class SourceMigration:
             self._gate.wait_reached(self._dump, DUMP_TIMEOUT)
         except ToolFailed as e:
             raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
-        stats = criu.read_stats(work, "dump")
-        for key in ("freezing", "frozen", "memdump", "memwrite"):
-            if key in stats:
-                self.report.criu_ms[key] = stats[key]
-        return Round(pages_dumped=int(stats.get("pages_written", 0)))
+        return Round()
 
     def _commit(self) -> None:
         """Let CRIU kill the frozen source copy, then remove what is left of it."""
@@ -226,6 +222,15 @@ class SourceMigration:
         if rc != 0:
             log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
         self.host.containers.destroy(self.ct_id)
+
+    def _dump_stats(self, round_: Round) -> None:
+        """CRIU's dump statistics, written once the dump has ended."""
+        stats = criu.read_stats(self.dir / "work", "dump")
+        for key in ("freezing", "frozen", "memdump", "memwrite"):
+            if key in stats:
+                self.report.criu_ms[key] = stats[key]
+        round_.pages_dumped = int(stats.get("pages_written", 0))
+        round_.pages_sent = round_.pages_dumped
 
     # -- failure handling -----------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -55,11 +57,41 @@ class Lab:
                 self.phaul("--host", host, "ct", "destroy", c["id"], check=False)
 
 
+LAB_LOCK = Path("/run/lock/phaul-lab.lock")
+_lock_depth = 0
+_lock_file = None
+
+
+@contextlib.contextmanager
+def lab_lock() -> Iterator[None]:
+    """Lab namespace names are fixed: test sessions (and `make demo`) take turns.
+    Re-entrant within one process."""
+    global _lock_depth, _lock_file
+    if _lock_depth == 0:
+        LAB_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        _lock_file = open(LAB_LOCK, "w")
+        fcntl.flock(_lock_file, fcntl.LOCK_EX)
+    _lock_depth += 1
+    try:
+        yield
+    finally:
+        _lock_depth -= 1
+        if _lock_depth == 0 and _lock_file is not None:
+            _lock_file.close()
+            _lock_file = None
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    """The two-host lab, built once per test session and always taken down."""
+    """The two-host lab, built once per test session and always taken down.
+    Namespace names are fixed, so concurrent sessions take turns (LAB_LOCK)."""
     from phaul import lab as lab_mod
 
+    with lab_lock():
+        yield from _lab_session(lab_mod)
+
+
+def _lab_session(lab_mod) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     os.environ["PHAUL_LAB_DIR"] = str(TEST_LAB_DIR)
     os.environ[lab_mod.FAULT_INJECTION_ENV] = "1"
     if any(n.startswith("phaul-") for n in _netns()) and not TEST_LAB_DIR.exists():

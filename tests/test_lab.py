@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import lab_lock
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -76,16 +78,17 @@ def assert_all_gone(d: Path) -> None:
 @pytest.fixture
 def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A test-only LAB_DIR; the lab is torn down afterwards whatever happened."""
-    taken = netns_names() & set(lab.LAB_NAMESPACES)
-    if taken:
-        pytest.skip(f"another lab is up ({', '.join(sorted(taken))}); run `phaul lab down` first")
-    d = tmp_path / "lab"
-    monkeypatch.setenv(lab.LAB_DIR_ENV, str(d))
-    monkeypatch.delenv(lab.HOSTS_FILE_ENV, raising=False)
-    try:
-        yield d
-    finally:
-        lab.down(d)
+    with lab_lock():
+        taken = netns_names() & set(lab.LAB_NAMESPACES)
+        if taken:
+            pytest.fail(f"another lab is up ({', '.join(sorted(taken))}); run `phaul lab down` first")
+        d = tmp_path / "lab"
+        monkeypatch.setenv(lab.LAB_DIR_ENV, str(d))
+        monkeypatch.delenv(lab.HOSTS_FILE_ENV, raising=False)
+        try:
+            yield d
+        finally:
+            lab.down(d)
 
 
 # --- pki ------------------------------------------------------------------------------
