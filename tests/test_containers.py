@@ -20,9 +20,6 @@ from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
 from phaul.containers.template import WORKLOAD_DIR, WORKLOADS
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("runc") is None, reason="needs root and runc"
-)
 
 COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.1; done"]
 
@@ -218,7 +215,7 @@ def test_errors(kind: RuncContainers) -> None:
 
 def test_checkpoint_restore_round_trip(kind: RuncContainers, tmp_path: Path) -> None:
     if kind.criu_path is None:
-        pytest.skip("criu not installed")
+        pytest.fail("criu not installed: run `make setup`")
     kind.create(ContainerConfig(id="cnt", memory=64 << 20, args=COUNTER))
     kind.start("cnt")
     assert _wait_for(lambda: _counter(kind, "cnt") >= 15)
@@ -259,7 +256,7 @@ def test_checkpoint_restore_round_trip(kind: RuncContainers, tmp_path: Path) -> 
 def test_restore_held_stopped_then_resume(kind: RuncContainers, tmp_path: Path) -> None:
     """CRIU options through criu.conf reach CRIU: leave-stopped holds the restored copy until resume()."""
     if kind.criu_path is None:
-        pytest.skip("criu not installed")
+        pytest.fail("criu not installed: run `make setup`")
     kind.create(ContainerConfig(id="held", args=COUNTER))
     kind.start("held")
     assert _wait_for(lambda: _counter(kind, "held") >= 3)
@@ -280,7 +277,7 @@ def test_restore_held_stopped_then_resume(kind: RuncContainers, tmp_path: Path) 
 
 def test_criu_error_names_the_cause(kind: RuncContainers, tmp_path: Path) -> None:
     if kind.criu_path is None:
-        pytest.skip("criu not installed")
+        pytest.fail("criu not installed: run `make setup`")
     kind.create(ContainerConfig(id="idle"))  # never started: runc has nothing to checkpoint
     with pytest.raises(PhaulError, match="checkpoint of 'idle' failed"):
         kind.checkpoint("idle", tmp_path / "img", tmp_path / "work")

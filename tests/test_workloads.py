@@ -35,7 +35,7 @@ def bins() -> dict[str, Path]:
         if res.returncode != 0:
             pytest.fail(f"building workloads failed:\n{res.stdout}{res.stderr}")
     elif missing:
-        pytest.skip(f"workload binaries {missing} missing and no gcc/make to build them")
+        pytest.fail(f"workload binaries {missing} missing and no gcc/make to build them: run `make setup`")
     return paths
 
 
