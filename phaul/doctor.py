@@ -17,11 +17,12 @@ import logging
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from phaul.fsutil import is_static_elf
 
 log = logging.getLogger(__name__)
 
@@ -297,27 +298,6 @@ def _check_tool(name: str, package: str, version_argv: list[str], pattern: str, 
     return Check(name, "ok", f"{path}, version {_version_in(r.out, pattern)}")
 
 
-def _is_static_elf(path: str) -> bool:
-    """True if `path` is an ELF file without a program interpreter (PT_INTERP)."""
-    with open(path, "rb") as f:
-        hdr = f.read(64)
-        if len(hdr) < 52 or hdr[:4] != b"\x7fELF":
-            return False
-        is64, end = hdr[4] == 2, "<" if hdr[5] == 1 else ">"
-        if is64:
-            phoff, = struct.unpack_from(end + "Q", hdr, 0x20)
-            phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x36)
-        else:
-            phoff, = struct.unpack_from(end + "I", hdr, 0x1C)
-            phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x2A)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    for i in range(phnum):
-        p_type, = struct.unpack_from(end + "I", table, i * phentsize)
-        if p_type == 3:  # PT_INTERP
-            return False
-    return True
-
 
 def _check_busybox() -> Check:
     fix = "apt-get install busybox-static"
@@ -326,7 +306,7 @@ def _check_busybox() -> Check:
         return _missing("busybox", "busybox-static", "the container template is a static busybox")
     real = os.path.realpath(path)
     try:
-        static = _is_static_elf(real)
+        static = is_static_elf(real)
     except OSError as e:
         return Check("busybox", "fail", f"cannot read {real}: {e}", fix)
     if not static:

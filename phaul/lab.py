@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 import phaul
 from phaul import pki
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -303,19 +303,6 @@ def _hosts_for(net: ipaddress.IPv4Network, d: Path) -> HostsFile:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 # --- status ------------------------------------------------------------------------------
 
@@ -462,7 +449,7 @@ def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: 
     hosts = _hosts_for(net, d)
     text = json.dumps(hosts.to_dict(), indent=2) + "\n"
     if not hosts.path.exists() or hosts.path.read_text() != text:
-        _write_atomic(hosts.path, text)
+        write_atomic(hosts.path, text)
         log.info("wrote %s", hosts.path)
     for name in HOSTS:
         (d / "hosts" / name).mkdir(parents=True, exist_ok=True)
@@ -677,7 +664,7 @@ def _start_agent(host: HostEntry, files: PkiFiles, d: Path) -> _Started | None:
             cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             cwd=state, env=env, start_new_session=True,
         )
-    _write_atomic(state / "agent.pid", f"{proc.pid}\n")
+    write_atomic(state / "agent.pid", f"{proc.pid}\n")
     log.info("started agent %s (pid %d) listening on %s", host.name, proc.pid, host.address)
     return _Started(host.name, proc, sock, logfile)
 

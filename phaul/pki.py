@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.fsutil import write_atomic
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -94,8 +93,8 @@ def init_ca(pki_dir: Path, name: str = "phaul CA", *, force: bool = False) -> Pa
         .sign(key, hashes.SHA256())
     )
     _ensure_dir(pki_dir)
-    _write(key_path, _key_pem(key), 0o600)
-    _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     log.info("created CA %r in %s", name, pki_dir)
     return crt
 
@@ -146,8 +145,8 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
         .sign(ca_key, hashes.SHA256())
     )
     crt_path, key_path = pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
-    _write(key_path, _key_pem(key), 0o600)
-    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     log.info("issued certificate for %s (dns=%s ips=%s) in %s", name, dns_names, [str(i) for i in ip_objs], pki_dir)
     return crt_path, key_path
 
@@ -261,21 +260,6 @@ def _check_dns(value: str) -> str:
 def _ensure_dir(path: Path) -> None:
     path.mkdir(mode=0o755, parents=True, exist_ok=True)
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` atomically, created with `mode` (never briefly wider)."""
-    _ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> datetime.datetime:

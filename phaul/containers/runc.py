@@ -32,6 +32,7 @@ from typing import Any, Literal
 from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.fsutil import write_atomic
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ class RuncContainers(ContainerKind):
             build_rootfs(config.template, tmp / "bundle" / "rootfs")
             (tmp / "criu.conf").touch()
             spec = self._spec(config, final)
-            _write_json(tmp / "bundle" / "config.json", spec)
-            _write_json(tmp / "phaul.json", dataclasses.asdict(config))
+            write_atomic(tmp / "bundle" / "config.json", json.dumps(spec, indent=2) + "\n")
+            write_atomic(tmp / "phaul.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
             try:
                 tmp.rename(final)
             except OSError as e:  # another create of the same ID won the race
@@ -141,8 +142,8 @@ class RuncContainers(ContainerKind):
             config.args = list(args)
             spec = self._read_spec(ct_id)
             spec["process"]["args"] = list(args)
-            _write_json(self.bundle_dir(ct_id) / "config.json", spec)
-            _write_json(self.container_dir(ct_id) / "phaul.json", dataclasses.asdict(config))
+            write_atomic(self.bundle_dir(ct_id) / "config.json", json.dumps(spec, indent=2) + "\n")
+            write_atomic(self.container_dir(ct_id) / "phaul.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         fd, log_name = tempfile.mkstemp(prefix=f"phaul-runc-{ct_id}-", suffix=".log")
         os.close(fd)
         try:
@@ -378,7 +379,7 @@ class RuncContainers(ContainerKind):
         spec.setdefault("linux", {})["cgroupsPath"] = self.cgroup_path(ct_id)
         spec.setdefault("annotations", {})["org.criu.config"] = str(self.criu_config_path(ct_id))
         self.criu_config_path(ct_id).touch()
-        _write_json(self.bundle_dir(ct_id) / "config.json", spec)
+        write_atomic(self.bundle_dir(ct_id) / "config.json", json.dumps(spec, indent=2) + "\n")
 
     # ---- internals ------------------------------------------------------------
 
@@ -568,20 +569,6 @@ def _check_config(config: ContainerConfig) -> None:
     if any(not isinstance(a, str) for a in config.args):
         raise InvalidInput(f"invalid command {config.args!r}", "give the command as a list of strings")
 
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
+from phaul.fsutil import is_static_elf
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _static_busybox() -> Path:
     if found is None:
         raise ToolFailed("busybox not found on this host", hint)
     path = Path(found).resolve()
-    if not _is_static_elf(path):
+    if not is_static_elf(path):
         raise ToolFailed(f"{path} is dynamically linked and cannot run inside a bare container", hint)
     return path
 
@@ -89,23 +89,3 @@ def _applets(busybox: Path) -> list[str]:
     names = [n.strip() for n in out.stdout.splitlines()]
     return [n for n in names if n and "/" not in n and n not in {".", ".."}]
 
-
-def _is_static_elf(path: Path) -> bool:
-    """True if `path` is an ELF executable with no program interpreter (PT_INTERP)."""
-    with path.open("rb") as f:
-        ident = f.read(64)
-        if len(ident) < 64 or ident[:4] != b"\x7fELF":
-            return False
-        is64, endian = ident[4] == 2, "<" if ident[5] == 1 else ">"
-        if is64:
-            phoff, = struct.unpack_from(endian + "Q", ident, 0x20)
-            phentsize, phnum = struct.unpack_from(endian + "HH", ident, 0x36)
-        else:
-            phoff, = struct.unpack_from(endian + "I", ident, 0x1C)
-            phentsize, phnum = struct.unpack_from(endian + "HH", ident, 0x2A)
-        for i in range(phnum):
-            f.seek(phoff + i * phentsize)
-            p_type, = struct.unpack(endian + "I", f.read(4))
-            if p_type == 3:  # PT_INTERP
-                return False
-    return True
