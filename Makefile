@@ -19,6 +19,14 @@ test-unit: setup
 test-lab: setup
 	@$(PY) -m pytest $(PYTEST_FLAGS) -m lab tests
 
+# Pre-copy vs stop-and-copy vs the local CRIU floor, in the lab (bench/run.py): every
+# workload, 3 repetitions (about 10 minutes on 2 cores); bench-quick: one workload, once.
+bench: setup
+	@$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-quick: setup
+	@$(PY) bench/run.py --quick $(BENCH_ARGS)
+
 lab-down:
 	@$(PY) -m phaul lab down
 

@@ -1,14 +1,25 @@
 """`phaul agent`: serves the agent protocol over mutual TLS only.
 
-Every request is checked: the caller's certificate must come from the CA and,
-when an allow list is configured, name an allowed host; IDs are validated
-before anything touches the state directory.
+Every request is checked before anything is touched:
+- the caller's certificate must come from the CA and name an admin (container
+  and migration management: the CLI) or a peer host (the destination-side and
+  settling methods, and only for migrations that peer takes part in), as the
+  agent's `--admins` and `--peers` lists say;
+- every field is bounded (string lengths, list sizes, no NUL), IDs and names
+  are checked by charset and length, and every path built from them must stay
+  inside the state directory with no symbolic link on the way;
+- messages are limited in size, calls between agents carry deadlines, idle
+  or dead connections are detected by keepalives, and the number of
+  concurrent calls and migrations is bounded.
+No shell command is ever built from received data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -19,24 +30,70 @@ from typing import Any, TypeVar
 
 import grpc
 
-from phaul import __version__, messages
-from phaul.client import MAX_MESSAGE, status_code
-from phaul.containers.runc import RuncContainers
+from phaul import __version__, criu, fs_sync, messages
+from phaul import preflight
+from phaul.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
+from phaul.containers import ContainerConfig
+from phaul.containers.runc import RuncContainers, _check_config
 from phaul.dest import Destination
 from phaul.doctor import criu_path, criu_version
-from phaul.errors import InvalidInput, PhaulError
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.faults import Fault
 from phaul.host import Host
+from phaul.journal import Journal
+from phaul.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.source import MigrateOptions, SourceMigration
 from phaul.transport import Credentials, parse_endpoint
-from phaul.validate import check_id
+from phaul.validate import check_args, check_id, check_message, confined
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Who may call what. Methods called by another agent during a migration (a new
+# agent-to-agent method must be named here, or peers are refused it):
+PEER_METHODS = frozenset({
+    "Prepare", "HoldTraffic", "ApplyPages", "OpenPageStream", "Restore", "Resume", "Abort", "Finish",
+    "MigrationStatus", "MigrationDecision", "PeerCheck",
+})
+ANY_METHODS = frozenset({"Info"})  # admins and peers
+# Every other method (containers, Migrate, ListMigrations, Recover, Check) is for admins only.
+
+MAX_REQUEST = 1 << 20  # bytes: the largest request an agent accepts
+MAX_CONCURRENT_RPCS = 64
+MAX_MIGRATIONS = 4  # migrations out of this host at once
+EXEC_TIMEOUT_MAX = 600.0  # s
+
+
+def check_config(config: ContainerConfig) -> ContainerConfig:
+    """A container configuration from the wire, validated (a copy)."""
+    config = dataclasses.replace(config, args=list(config.args))
+    _check_config(config)
+    return config
+
+
+def _allowed(host: Host, method: str, caller: str) -> bool:
+    if method in PEER_METHODS:
+        return caller in host.peers
+    if method in ANY_METHODS:
+        return caller in host.peers or caller in host.admins
+    return caller in host.admins
+
+
+def _authorize(host: Host, method: str, context: grpc.ServicerContext) -> str:
+    """The caller's certificate name, if it may call `method`; else the call is aborted."""
+    caller = _peer_name(context)
+    if not _allowed(host, method, caller):
+        log.warning("refused %s from %r", method, caller)
+        role = "a peer host (--peers)" if method in PEER_METHODS else "an admin (--admins)"
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{caller or 'this client'} may not call {method} on {host.name}: only {role} may",
+        )
+    return caller
 
 
 def _peer_name(context: grpc.ServicerContext) -> str:
@@ -49,11 +106,9 @@ def _rpc(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
-        peer = _peer_name(context)
-        if self.host.allow and peer not in self.host.allow:
-            log.warning("refused %s from %r (not in the allow list)", fn.__name__, peer)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer or 'this client'} is not allowed on {self.host.name}")
+        peer = _authorize(self.host, fn.__name__, context)
         try:
+            check_message(request)
             return fn(self, request, context)
         except PhaulError as e:
             log.info("%s from %s: %s", fn.__name__, peer, e.message)
@@ -71,6 +126,31 @@ class Servicer(pb_grpc.AgentServicer):
     def __init__(self, host: Host) -> None:
         self.host = host
         self.dest = Destination(host)
+        self.journal = Journal(host.state_dir)
+        self.active = Active()
+        self.recovery = Recovery(host, self.journal, self.dest, self.active)
+        self._migrations = threading.BoundedSemaphore(MAX_MIGRATIONS)
+
+    def _ct(self, ct_id: str) -> str:
+        """A container ID from the wire whose directory stays inside the state directory."""
+        check_id(ct_id)
+        confined(self.host.containers.container_dir(ct_id), self.host.state_dir)
+        return ct_id
+
+    def _from_source(self, migration_id: str, caller: str) -> str:
+        """Destination-side calls come from the migration's own source only."""
+        check_id(migration_id, "migration ID")
+        confined(self.host.migration_dir(migration_id), self.host.state_dir)
+        m = self.dest.lookup(migration_id)
+        source = m.source if m is not None else None
+        if source is None:
+            try:
+                source = self.journal.get(migration_id, "destination").peer
+            except NotFound:
+                return migration_id  # unknown here: the method says so
+        if caller != source:
+            raise Refused(f"migration {migration_id} comes from {source}, not from {caller}")
+        return migration_id
 
     @_rpc
     def Info(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HostInfo:
@@ -78,25 +158,29 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
             criu_version=".".join(map(str, v)) if v else "", address=self.host.listen,
+            bridge=self.host.bridge or "",
         )
 
     # -- containers -------------------------------------------------------------
 
     @_rpc
     def CreateContainer(self, request: pb.ContainerConfig, context: grpc.ServicerContext) -> pb.ContainerInfo:
+        self._ct(request.id)
         return messages.info_to_proto(self.host.containers.create(messages.config_from_proto(request)))
 
     @_rpc
     def StartContainer(self, request: pb.StartRequest, context: grpc.ServicerContext) -> pb.ContainerInfo:
-        info = self.host.containers.start(check_id(request.id), list(request.args) or None)
+        args = check_args(list(request.args)) if request.args else None
+        info = self.host.containers.start(self._ct(request.id), args)
         return messages.info_to_proto(info)
 
     @_rpc
     def ExecContainer(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> pb.ExecReply:
-        if not request.args:
-            raise InvalidInput("no command given", "write the command after `--`")
-        timeout = min(request.timeout or 60.0, 3600.0)
-        r = self.host.containers.exec(check_id(request.id), list(request.args), timeout)
+        args = check_args(list(request.args))
+        if request.timeout < 0:
+            raise InvalidInput(f"invalid timeout {request.timeout!r}", "give a number of seconds")
+        timeout = min(request.timeout or 60.0, EXEC_TIMEOUT_MAX)
+        r = self.host.containers.exec(self._ct(request.id), args, timeout)
         return pb.ExecReply(returncode=r.returncode, stdout=r.stdout[-MAX_MESSAGE // 4 :], stderr=r.stderr[-MAX_MESSAGE // 4 :])
 
     @_rpc
@@ -105,11 +189,11 @@ class Servicer(pb_grpc.AgentServicer):
 
     @_rpc
     def StopContainer(self, request: pb.ContainerRef, context: grpc.ServicerContext) -> pb.ContainerInfo:
-        return messages.info_to_proto(self.host.containers.stop(check_id(request.id)))
+        return messages.info_to_proto(self.host.containers.stop(self._ct(request.id)))
 
     @_rpc
     def DestroyContainer(self, request: pb.ContainerRef, context: grpc.ServicerContext) -> pb.Empty:
-        self.host.containers.destroy(check_id(request.id))
+        self.host.containers.destroy(self._ct(request.id))
         return pb.Empty()
 
     # -- migration, source side --------------------------------------------------
@@ -117,11 +201,23 @@ class Servicer(pb_grpc.AgentServicer):
     def Migrate(self, request: pb.MigrateRequest, context: grpc.ServicerContext) -> Iterator[pb.MigrateEvent]:
         """Runs the migration in its own thread, so that a client going away
         never interrupts it half-way; streams progress, then the report."""
-        peer = _peer_name(context)
-        if self.host.allow and peer not in self.host.allow:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer} is not allowed on {self.host.name}")
+        _authorize(self.host, "Migrate", context)
         events: queue.Queue[pb.MigrateEvent] = queue.Queue()
+        migration: SourceMigration | None = None
+        slot = False
         try:
+            check_message(request)
+            check_id(request.dest_name, "destination host name")
+            if request.dest_name not in self.host.peers:
+                raise Refused(
+                    f"{self.host.name} does not migrate to {request.dest_name}",
+                    f"add {request.dest_name} to the agent's --peers list",
+                )
+            if request.max_rounds > 1000 or request.max_downtime_ms > 3_600_000:
+                raise InvalidInput("max_rounds or max_downtime_ms is out of range")
+            slot = self._migrations.acquire(blocking=False)
+            if not slot:
+                raise Conflict(f"{self.host.name} already runs {MAX_MIGRATIONS} migrations", "try again when one has ended")
             options = MigrateOptions(
                 tcp="close" if request.tcp_close else "keep",
                 precopy=request.precopy or "auto",
@@ -129,6 +225,7 @@ class Servicer(pb_grpc.AgentServicer):
                 max_downtime_ms=request.max_downtime_ms or 300,
                 bandwidth=request.bandwidth,
                 fault=Fault.parse(request.fault, self.host.fault_injection),
+                force=preflight.check_force(list(request.force)),
             )
             if options.precopy not in ("auto", "off"):
                 raise InvalidInput(f"unknown pre-copy mode {options.precopy!r}", "use auto or off")
@@ -136,15 +233,33 @@ class Servicer(pb_grpc.AgentServicer):
                 self.host, request.ct_id, request.dest_name, request.dest_address, options,
                 lambda p: events.put(pb.MigrateEvent(progress=p)),
             )
+            self.active.add(migration.id)
             migration.preflight()
         except PhaulError as e:
+            if migration is not None:
+                self.active.discard(migration.id)
+            if slot:
+                self._migrations.release()
             context.abort(status_code(e), str(e))
+        except Exception as e:
+            if migration is not None:
+                self.active.discard(migration.id)
+            if slot:
+                self._migrations.release()
+            log.exception("Migrate failed before it began")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in the agent: {e}")
+        assert migration is not None
+        running = migration
 
         def run() -> None:
-            report = migration.run()
-            events.put(pb.MigrateEvent(report=report.to_proto()))
+            try:
+                report = running.run()
+                events.put(pb.MigrateEvent(report=report.to_proto()))
+            finally:
+                self.active.discard(running.id)
+                self._migrations.release()
 
-        threading.Thread(target=run, name=f"migrate-{migration.id}", daemon=True).start()
+        threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
             yield event
@@ -157,49 +272,174 @@ class Servicer(pb_grpc.AgentServicer):
     def Prepare(self, request: pb.PrepareRequest, context: grpc.ServicerContext) -> pb.PrepareReply:
         peer = _peer_name(context)
         if peer != request.source_name:
-            raise InvalidInput(f"the caller's certificate names {peer!r}, not the source {request.source_name!r}")
+            raise Refused(f"the caller's certificate names {peer!r}, not the source {request.source_name!r}")
+        check_id(request.migration_id, "migration ID")
+        confined(self.host.migration_dir(request.migration_id), self.host.state_dir)
+        if request.source_address:
+            parse_endpoint(request.source_address)
+        config = check_config(messages.config_from_proto(request.config))
+        self._ct(config.id)
+        if request.criu_version and not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,3}", request.criu_version):
+            raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
         address = self.dest.prepare(
-            request.migration_id, request.source_name, messages.config_from_proto(request.config), request.criu_version,
-            Fault.parse(request.fault, self.host.fault_injection),
+            request.migration_id, request.source_name, config, request.criu_version,
+            Fault.parse(request.fault, self.host.fault_injection), tcp_close=request.tcp_close,
+            source_address=request.source_address,
         )
         v = criu_version(criu_path() or "")
         return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())))
 
     @_rpc
+    def HoldTraffic(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._from_source(request.migration_id, _peer_name(context))
+        self.dest.hold_traffic(request.migration_id)
+        return pb.Empty()
+
+    @_rpc
+    def OpenPageStream(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.PageStreamReply:
+        self._from_source(request.migration_id, _peer_name(context))
+        return pb.PageStreamReply(address=self.dest.open_page_stream(request.migration_id))
+
+    @_rpc
+    def ApplyPages(self, request: pb.ApplyPagesRequest, context: grpc.ServicerContext) -> pb.ApplyPagesReply:
+        self._from_source(request.migration_id, _peer_name(context))
+        stats = self.dest.apply_pages(request.migration_id)
+        return pb.ApplyPagesReply(pages_written=stats.pages_written, apply_ms=stats.ms)
+
+    @_rpc
     def Restore(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.RestoreReply:
+        self._from_source(request.migration_id, _peer_name(context))
         stats = self.dest.restore(request.migration_id)
         return pb.RestoreReply(criu_ms=stats, restore_ms=stats.get("runc_restore", 0.0))
 
     @_rpc
     def Resume(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._from_source(request.migration_id, _peer_name(context))
         self.dest.resume(request.migration_id)
         return pb.Empty()
 
     @_rpc
     def Abort(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._from_source(request.migration_id, _peer_name(context))
         self.dest.abort(request.migration_id)
         return pb.Empty()
 
     @_rpc
     def Finish(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._from_source(request.migration_id, _peer_name(context))
         self.dest.finish(request.migration_id)
         return pb.Empty()
+
+    # -- settling migrations (phaul.recovery) -----------------------------------------
+
+    @_rpc
+    def MigrationStatus(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.MigrationState:
+        """Asked by a migration's source: what this host holds of it."""
+        self._from_source(request.migration_id, _peer_name(context))
+        return pb.MigrationState(state=self.recovery.dest_state(request.migration_id))
+
+    @_rpc
+    def MigrationDecision(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Decision:
+        """Asked by a migration's destination: run its copy, remove it, or wait."""
+        mid = check_id(request.migration_id, "migration ID")
+        try:
+            dest = self.journal.get(mid, "source").peer
+        except NotFound:
+            dest = None
+        if dest is not None and dest != _peer_name(context):
+            raise Refused(f"migration {mid} goes to {dest}, not to {_peer_name(context)}")
+        decision, message = self.recovery.decision(mid)
+        return pb.Decision(decision=decision, message=message)
+
+    # -- preflight (phaul.preflight) ------------------------------------------------------
+
+    @_rpc
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:
+        """`phaul check`: every preflight check of moving ct_id to dest_name, without moving it."""
+        ct_id = self._ct(request.ct_id)
+        check_id(request.dest_name, "destination host name")
+        if request.dest_name not in self.host.peers:
+            raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", f"add it to the agent's --peers list")
+        parse_endpoint(request.dest_address)
+        with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
+            results = preflight.run(self.host, ct_id, dest, request.dest_name)
+        return pb.CheckReply(checks=[r.to_proto() for r in results])
+
+    @_rpc
+    def PeerCheck(self, request: pb.PeerCheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:
+        """Asked by a source: could this host take the container?"""
+        if _peer_name(context) != request.source_name:
+            raise Refused(f"the caller's certificate names {_peer_name(context)!r}, not the source {request.source_name!r}")
+        config = check_config(messages.config_from_proto(request.config))
+        self._ct(config.id)
+        busy = self.dest.busy(config.id)
+        results = preflight.dest_checks(self.host, request.source_name, request, config, busy)
+        return pb.CheckReply(checks=[r.to_proto() for r in results])
+
+    @_rpc
+    def ListMigrations(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.MigrationList:
+        records = []
+        for e in self.journal.entries():
+            state = "in_progress" if e.migration_id in self.active else (e.result or "in_doubt")
+            records.append(pb.MigrationRecord(
+                migration_id=e.migration_id, role=e.role, ct=e.ct, peer=e.peer, state=state, step=e.step,
+                started_at=e.started_at, updated_at=e.updated_at, error=e.error[:1000], steps=e.steps[-50:],
+            ))
+        return pb.MigrationList(migrations=records[-200:])
+
+    @_rpc
+    def Recover(self, request: pb.RecoverRequest, context: grpc.ServicerContext) -> pb.RecoverReply:
+        if request.migration_id:
+            check_id(request.migration_id, "migration ID")
+            outcomes = [self.recovery.settle(request.migration_id)]
+        else:
+            outcomes = self.recovery.settle_all()
+        return pb.RecoverReply(outcomes=[o.to_proto() for o in outcomes])
 
 
 def serve(
     name: str, listen: str, state_dir: Path, creds: Credentials, socket: Path | None = None,
-    allow: frozenset[str] = frozenset(), fault_injection: bool = False,
+    allow: frozenset[str] = frozenset(), fault_injection: bool = False, bridge: str | None = None,
+    *, peers: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset(),
+    gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = fs_sync.IO_TIMEOUT, resolve_interval: float = 15.0,
 ) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
+    """Run the agent until SIGTERM or SIGINT.
+
+    `peers` are the hosts it migrates to and from, `admins` the clients that
+    manage it (`allow`, the older form, names both). `gate_timeout` bounds how
+    long a dumped container is held frozen without a decision; `link_timeout`
+    how long a data channel may stall; `resolve_interval` how often unsettled
+    migrations are retried (0: only at start-up)."""
     check_id(name, "host name")
     parse_endpoint(listen)
+    for n in allow | peers | admins:
+        check_id(n, "certificate name")
+    if not (allow | peers | admins):
+        raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
+    criu.GATE_TIMEOUT = gate_timeout  # process-wide settings, set once before serving
+    fs_sync.IO_TIMEOUT = link_timeout
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name), allow, fault_injection)
+    state_dir.chmod(0o700)
+    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), allow, fault_injection, bridge)
+    host.peers, host.admins = peers | allow, admins | allow
     servicer = Servicer(host)
+    for outcome in servicer.recovery.startup():
+        log.info("start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message)
+    keepalive = [
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST), ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_metadata_size", 16 << 10), *keepalive,
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     tls = grpc.ssl_server_credentials(
@@ -215,11 +455,13 @@ def serve(
     if socket is not None:
         socket.chmod(0o600)
     log.info("agent %s listening on %s%s (mutual TLS), state in %s", name, listen, f" and {socket}" if socket else "", state_dir)
+    servicer.recovery.start_resolver(resolve_interval)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("agent %s stopping", name)
+    servicer.recovery.stop()
     server.stop(grace=2).wait()
     servicer.dest.close_all()
     if socket is not None:

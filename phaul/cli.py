@@ -13,6 +13,7 @@ from phaul import __version__, messages
 from phaul.client import Agent, connect
 from phaul.containers import ContainerConfig
 from phaul.errors import InvalidInput, PhaulError
+from phaul.preflight import check_force
 from phaul.report import Report
 from phaul.rpc import phaul_pb2 as pb
 from phaul.transport import Credentials
@@ -77,8 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--cert", type=Path, required=True, help="this host's certificate")
     a.add_argument("--key", type=Path, required=True, help="its private key")
     a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
-    a.add_argument("--allow", default="", help="comma-separated certificate names allowed to call this agent (default: any from the CA)")
+    a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
+    a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
+    a.add_argument("--allow", default="", help="older form: names that are both peers and admins")
+    a.add_argument("--gate-timeout", type=float, default=300.0, metavar="S",
+                   help="longest time a dumped container is held frozen without a decision before it resumes (default 300)")
+    a.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
+                   help="a data channel that moves nothing this long fails the migration (default 30)")
+    a.add_argument("--resolve-interval", type=float, default=15.0, metavar="S",
+                   help="retry settling unfinished migrations this often; 0: only at start-up (default 15)")
     a.add_argument("--enable-fault-injection", action="store_true", help="tests only: accept migrations that name a fault to inject")
+    a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
     a.set_defaults(func=cmd_agent)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
@@ -146,15 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print only the report, as JSON")
     m.add_argument("--tcp", choices=("keep", "close"), default="keep", help="keep established TCP connections (default) or close them")
     m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds (auto) or a single stop-and-copy (off)")
-    m.add_argument("--max-rounds", type=int, default=8, help="pre-copy round cap (default 8)")
-    m.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="target frozen time in ms (default 300)")
+    m.add_argument("--max-rounds", type=int, default=8, help="at most N pre-copy rounds before the final dump (default 8)")
+    m.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="stop pre-copying once the predicted frozen time is within MS (default 300)")
     m.add_argument("--bandwidth", help="cap the pre-copy data rate, e.g. 50M (bytes/s)")
     m.add_argument("--fault", default="", metavar="STEP:KIND", help="tests only: inject a fault (agents must allow it)")
+    m.add_argument("--force", action="append", default=[], metavar="CHECK",
+                   help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
     m.set_defaults(func=cmd_migrate)
 
     d = sub.add_parser("doctor", help="what this host has for migration, and what is missing")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
+
+    ck = sub.add_parser("check", help="preflight: could --host move container ID to HOST? (pass, warning, failure)")
+    ck.add_argument("id", help="the container")
+    ck.add_argument("dest", metavar="HOST", help="the destination host's name")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_check)
+
+    ms = sub.add_parser("migrations", help="recent migrations --host took part in, and their states")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(func=cmd_migrations)
+    r = sub.add_parser(
+        "recover", help="settle migrations left in doubt (all of --host's, or MIGRATION-ID)",
+        description="Ask both agents what they hold and finish the migration one way or the other: the "
+        "container ends running on exactly one host. Run it on either host of the migration.",
+    )
+    r.add_argument("migration_id", nargs="?", metavar="MIGRATION-ID")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recover)
     return p
 
 
@@ -193,8 +223,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     for path in (args.cert, args.key, args.ca):
         if not path.is_file():
             raise InvalidInput(f"{path} does not exist", "make certificates with `phaul pki init` and `phaul pki issue NAME`")
-    allow = frozenset(n.strip() for n in args.allow.split(",") if n.strip())
-    serve(args.name, args.listen, args.state_dir, creds, args.socket, allow, args.enable_fault_injection)
+    def names(text: str) -> frozenset[str]:
+        return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
+
+    serve(
+        args.name, args.listen, args.state_dir, creds, args.socket, names(args.allow), args.enable_fault_injection, args.bridge,
+        peers=names(args.peers), admins=names(args.admins), gate_timeout=args.gate_timeout,
+        link_timeout=args.link_timeout, resolve_interval=args.resolve_interval,
+    )
     return EXIT_OK
 
 
@@ -314,24 +350,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     dest = hosts.host(check_id(args.dest, "destination host name"))
     if dest.name == args.host:
         raise InvalidInput(f"{args.id} is already on {args.host}", "name another host as the destination")
+    if args.max_rounds < 1 or args.max_downtime < 1:
+        raise InvalidInput("--max-rounds and --max-downtime must be at least 1", "or use --precopy=off for no rounds")
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
         bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0, fault=args.fault,
+        force=list(check_force(args.force)),
     )
     show_progress = not args.json and sys.stderr.isatty()
     report: Report | None = None
     with _agent(args) as agent:
         for event in agent.stream("Migrate", request):
             if event.HasField("progress") and show_progress:
-                p = event.progress
-                print(f"  {p.phase:<11} {p.message}", file=sys.stderr)
+                print(progress_line(event.progress), file=sys.stderr, flush=True)
             elif event.HasField("report"):
                 report = Report.from_proto(event.report)
     if report is None:
         raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
     print(report.to_json() if args.json else report.to_table())
     return {"ok": EXIT_OK, "in_doubt": EXIT_IN_DOUBT}.get(report.result, EXIT_NOT_OK)
+
+
+def progress_line(p: pb.Progress) -> str:
+    """One line of live progress; pre-copy rounds show their figures."""
+    if p.phase == "precopy" and p.round:
+        dirty = f"{p.dirty_rate / (1 << 20):6.1f} MiB/s" if p.dirty_rate else f"{'-':>11}"
+        return (
+            f"  round {p.round:<3} sent {p.bytes_sent / (1 << 20):8.1f} MiB at {p.rate / (1 << 20):6.1f} MiB/s"
+            f"  dirty {dirty}  predicted freeze {p.predicted_frozen_ms:6.0f} ms  {p.message}"
+        )
+    return f"  {p.phase:<11} {p.message}"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -344,3 +393,58 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
     return EXIT_NOT_OK if any(c.status == "fail" for c in checks) else EXIT_OK
+
+
+# -- migrations, recover ------------------------------------------------------------------
+
+
+def cmd_migrations(args: argparse.Namespace) -> int:
+    with _agent(args) as agent:
+        records = agent.call("ListMigrations", pb.Empty()).migrations
+    rows = [
+        {"migration_id": r.migration_id, "role": r.role, "ct": r.ct, "peer": r.peer, "state": r.state, "step": r.step,
+         "started_at": r.started_at, "updated_at": r.updated_at, "error": r.error, "steps": list(r.steps)}
+        for r in records
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'MIGRATION':<14} {'ROLE':<12} {'CT':<16} {'PEER':<10} {'STATE':<12} {'STEP':<17} STARTED")
+    for r in rows:
+        print(f"{r['migration_id']:<14} {r['role']:<12} {r['ct']:<16} {r['peer']:<10} {r['state']:<12} {r['step']:<17} {r['started_at']}")
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    mid = check_id(args.migration_id, "migration ID") if args.migration_id else ""
+    with _agent(args) as agent:
+        outcomes = agent.call("Recover", pb.RecoverRequest(migration_id=mid), timeout=600).outcomes
+    rows = [{"migration_id": o.migration_id, "role": o.role, "result": o.result, "message": o.message} for o in outcomes]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"nothing to settle on {args.host}")
+    for r in [] if args.json else rows:
+        print(f"{r['migration_id']} ({r['role']}): {r['result']}: {r['message']}")
+    return EXIT_IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
+        EXIT_NOT_OK if any(r["result"] == "failed" for r in rows) else EXIT_OK
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    hosts = _hosts(args)
+    dest = hosts.host(check_id(args.dest, "destination host name"))
+    request = pb.CheckRequest(ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address)
+    with _agent(args) as agent:
+        checks = agent.call("Check", request, timeout=120).checks
+    rows = [{"name": c.name, "status": c.status, "message": c.message, "host": c.host} for c in checks]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'CHECK':<10} {'HOST':<10} {'STATUS':<8} REASON")
+        for r in rows:
+            print(f"{r['name']:<10} {r['host']:<10} {r['status'].upper():<8} {r['message']}")
+        failed = sorted({r["name"] for r in rows if r["status"] == "failure"})
+        print(f"{args.id} can move to {dest.name}" if not failed else
+              f"{args.id} cannot move to {dest.name}: {', '.join(failed)} failed (`migrate --force CHECK` overrides one)")
+    return EXIT_NOT_OK if any(r["status"] == "failure" for r in rows) else EXIT_OK

@@ -12,17 +12,19 @@ from typing import Any
 
 import grpc
 
-from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.transport import Credentials
 
 MAX_MESSAGE = 16 << 20
+KEEPALIVE_MS = 3000  # ping an idle connection this often; a peer silent as long again is dead
 
 _TO_CODE: list[tuple[type[PhaulError], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ToolFailed, grpc.StatusCode.ABORTED),
+    (Refused, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -37,6 +39,8 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
     """A PhaulError for a failed call: the agent's own error, or a transport problem."""
     code = err.code()
     details = err.details() or ""
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return Refused(f"agent {target} refused the call: {details}", "add this certificate's name to the agent's --admins or --peers list")
     for cls, c in _TO_CODE:
         if code == c:
             return cls(details)
@@ -49,8 +53,6 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return PhaulError(f"agent {target} did not answer in time", "check the agent's log and the link")
-    if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PhaulError(f"agent {target} refused this host: {details}", "add this host's name to the agent's --allow list")
     return PhaulError(f"call to agent {target} failed ({code.name}): {details}")
 
 
@@ -99,6 +101,14 @@ def connect(target: str, server_name: str, creds: Credentials) -> Agent:
         ("grpc.default_authority", server_name),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
+        # A dead link or peer fails the calls on it within about 2 x KEEPALIVE_MS,
+        # however long their deadlines are.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # and a connection attempt to an unreachable host gives up after this long
+        ("grpc.min_reconnect_backoff_ms", KEEPALIVE_MS),
     ]
     channel = grpc.secure_channel(target, tls, options=options)
     return Agent(target, channel, pb_grpc.AgentStub(channel))

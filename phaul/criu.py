@@ -11,21 +11,33 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pycriu
 
+from phaul import freezer as freezer_mod
 from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
 
+# How long the gate holds a dumped container frozen when nobody decides (the
+# agent died and did not come back): then it resumes it. The agent sets it.
+GATE_TIMEOUT = 300.0
+
 _GATE_SCRIPT = """#!/bin/sh
 # phaul commit gate (generated). CRIU runs this at each action.
 case "$CRTOOLS_SCRIPT_ACTION" in
-  pre-dump) date +%s%N > {dir}/frozen-at ;;
-  post-dump) : > {dir}/reached; read verdict < {dir}/verdict; [ "$verdict" = commit ] ;;
+  pre-dump) date +%s%N > {dir}/frozen-at; {freeze} ;;
+  post-dump)
+    echo $$ > {dir}/waiting
+    : > {dir}/reached
+    verdict=$({timeout} {limit} {head} -n 1 {dir}/verdict)
+    echo "$verdict" > {dir}/ack
+    rm -f {dir}/waiting
+    [ "$verdict" = commit ] ;;
 esac
 """
 
@@ -34,16 +46,49 @@ class CommitGate:
     """A gate in directory `path` for one final dump. `criu_options()` are the
     lines to put in the CRIU configuration file runc passes to CRIU."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float | None = None, freezer: Path | None = None) -> None:
         self.dir = path
         path.mkdir(parents=True, exist_ok=True)
         self.script = path / "gate.sh"
-        self.script.write_text(_GATE_SCRIPT.format(dir=path))
+        limit = max(1, int(timeout if timeout is not None else GATE_TIMEOUT))
+        tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head")}
+        # With `freezer` (a freezer.state file) the script freezes the cgroup at pre-dump
+        # (phaul.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.
+        freeze = freezer_mod.freeze_snippet(freezer)
+        self.script.write_text(_GATE_SCRIPT.format(dir=path, limit=limit, freeze=freeze, **tools))
         self.script.chmod(0o700)
-        for name in ("reached", "frozen-at", "verdict"):
+        for name in ("reached", "frozen-at", "verdict", "waiting", "ack"):
             (path / name).unlink(missing_ok=True)
         os.mkfifo(path / "verdict", 0o600)
         self.released = False
+
+    @classmethod
+    def attach(cls, path: Path) -> CommitGate:
+        """The gate of an earlier dump in `path` (e.g. after an agent restart), unchanged."""
+        gate = cls.__new__(cls)
+        gate.dir = path
+        gate.script = path / "gate.sh"
+        gate.released = False
+        return gate
+
+    def waiting(self) -> bool:
+        """True while the gate script holds the dumped container and waits for a verdict.
+        Never touches the FIFO (opening it would end the wait)."""
+        try:
+            pid = int((self.dir / "waiting").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError):
+            return False
+        return str(self.script).encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+    def verdict(self) -> str | None:
+        """The verdict the gate script read ("commit", "abort", "" when it timed out),
+        or None while it has not ended."""
+        try:
+            return (self.dir / "ack").read_text().strip()
+        except OSError:
+            return None
 
     def criu_options(self) -> str:
         return f"action-script {self.script}\n"

@@ -31,3 +31,7 @@ class InvalidInput(PhaulError):
 
 class ToolFailed(PhaulError):
     """An external tool (CRIU, runc, rsync, ip) failed; the message carries its output."""
+
+
+class Refused(PhaulError):
+    """The caller may not do this (not in the agent's allow lists, or not a party to the migration)."""

@@ -2,11 +2,23 @@
 
 Off unless the agent is started with `--enable-fault-injection`; a request
 naming a fault is refused by an agent that was not.
+
+Kinds:
+- `fail`: the step fails (a PhaulError), as a tool failing there would;
+- `damage-image`: the destination damages the images before restoring them;
+- `kill-agent`: the source agent kills itself (SIGKILL) as the step begins;
+- `pause`: the source agent stops as the step begins, writes
+  STATE/faults/paused ("MIGRATION-ID STEP"), and goes on once the test removed
+  that file (or after PAUSE_LIMIT s). The test makes its fault happen meanwhile:
+  it kills an agent or CRIU, cuts the link, fills a disk, damages images.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +26,9 @@ from phaul.errors import InvalidInput, ToolFailed
 
 log = logging.getLogger(__name__)
 
-STEPS = ("preflight", "fs-presync", "dump", "transfer", "restore", "commit", "resume", "cleanup")
-KINDS = ("fail", "damage-image")
+STEPS = ("preflight", "fs-presync", "precopy", "dump", "transfer", "restore", "commit", "resume", "cleanup")
+KINDS = ("fail", "damage-image", "kill-agent", "pause")
+PAUSE_LIMIT = 120.0  # s
 
 
 @dataclass(frozen=True)
@@ -35,18 +48,51 @@ class Fault:
             )
         step, _, kind = text.partition(":")
         if step not in STEPS or kind not in KINDS:
-            raise InvalidInput(f"unknown fault {text!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}")
+            raise InvalidInput(f"unknown fault {text[:40]!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}")
         return cls(step, kind)
 
-    def at(self, step: str, image_dir: Path | None = None) -> None:
-        """Make the fault happen if this is its step."""
+    def at(self, step: str, image_dir: Path | None = None, *, state_dir: Path | None = None, migration_id: str = "") -> None:
+        """Make the fault happen if this is its step (on the side that can)."""
         if step != self.step:
             return
-        log.warning("fault injection: %s at %s", self.kind, step)
-        if self.kind == "damage-image" and image_dir is not None:
-            target = image_dir / "pstree.img"
-            data = bytearray(target.read_bytes())
-            data[:8] = b"\xde\xad\xbe\xef" * 2
-            target.write_bytes(bytes(data))
+        if self.kind == "damage-image":
+            if image_dir is None:
+                return
+            log.warning("fault injection: damaging the images in %s", image_dir)
+            damage_images(image_dir)
             return
-        raise ToolFailed(f"injected fault at {step}")
+        if self.kind == "fail":
+            log.warning("fault injection: failing at %s", step)
+            raise ToolFailed(f"injected fault at {step}")
+        if state_dir is None:
+            return  # kill-agent and pause act on the source agent only
+        if self.kind == "kill-agent":
+            log.warning("fault injection: killing this agent at %s", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "pause":
+            pause(state_dir, migration_id, step)
+
+
+def pause(state_dir: Path, migration_id: str, step: str) -> None:
+    """Wait at `step` until the test removes STATE/faults/paused."""
+    marker = state_dir / "faults" / "paused"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{migration_id} {step}\n")
+    log.warning("fault injection: paused at %s; remove %s to go on", step, marker)
+    deadline = time.monotonic() + PAUSE_LIMIT
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    marker.unlink(missing_ok=True)
+
+
+def damage_images(image_dir: Path) -> bool:
+    """Overwrite the start of the image CRIU reads first (and of every pages image);
+    False when there was no image to damage."""
+    damaged = False
+    for target in [image_dir / "pstree.img", *sorted(image_dir.glob("pages-*.img"))]:
+        if not target.is_file():
+            continue
+        with open(target, "r+b") as f:
+            f.write(b"\xde\xad\xbe\xef" * 2)
+        damaged = True
+    return damaged

@@ -22,6 +22,7 @@ from phaul.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
 log = logging.getLogger(__name__)
 
 MODULE = "migration"
+IO_TIMEOUT = 30.0  # s: a push that moves no data this long fails (a stalled or cut link)
 _SENT = re.compile(r"^Total bytes sent: ([\d,.]+)", re.MULTILINE)
 
 
@@ -40,7 +41,8 @@ class RsyncReceiver:
         conf.write_text(
             "use chroot = yes\nmunge symlinks = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
             f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
-            "  exclude = rsyncd.conf\n"
+            "  exclude = /rsyncd.conf /data-channel.*\n"
+            f"  timeout = {int(IO_TIMEOUT) * 2}\n"
         )
         self.endpoint = TlsEndpoint(
             creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."]
@@ -61,15 +63,31 @@ class RsyncSender:
         self.env = {**os.environ, **rsh_env(creds, peer, peer_name)}
         self.bwlimit = bwlimit
 
-    def push(self, src: Path, dest: str, excludes: tuple[str, ...] = ()) -> SyncStats:
+    def push(
+        self, src: Path, dest: str, excludes: tuple[str, ...] = (), *, bwlimit: int | None = None,
+        whole_file: bool = False, checksum: bool = False,
+    ) -> SyncStats:
         """Make `dest` (relative to the migration's directory on the destination)
-        an exact copy of directory `src`; returns what it cost."""
+        an exact copy of directory `src`; returns what it cost. `bwlimit` (bytes/s,
+        0 = none) overrides the sender's cap for this push; `whole_file` sends
+        changed files whole instead of rsync's block deltas (for files that never
+        have a useful basis on the other side); `checksum` decides what changed by
+        content instead of size and modification time.
+
+        Modification times are compared to the nanosecond (`--modify-window=-1`):
+        rsync's default whole seconds miss a file rewritten with the same size
+        within the second of the previous sync, which the final sync must not."""
         args = [
-            "rsync", "-aH", "--numeric-ids", "--delete", "--stats",
-            "-e", f"sh {TLS_RSH}",
+            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(IO_TIMEOUT))}",
+            "--modify-window=-1", "-e", f"sh {TLS_RSH}",
         ]
-        if self.bwlimit:
-            args.append(f"--bwlimit={max(1, self.bwlimit // 1024)}")
+        if checksum:
+            args.append("--checksum")
+        limit = self.bwlimit if bwlimit is None else bwlimit
+        if limit:
+            args.append(f"--bwlimit={max(1, limit // 1024)}")
+        if whole_file:
+            args.append("--whole-file")
         args += [f"--exclude={e}" for e in excludes]
         args += [f"{src}/", f"peer::{MODULE}/{dest}/"]
         t0 = time.monotonic()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from phaul.containers import ContainerKind
 from phaul.transport import Credentials
+from phaul.validate import check_id
 
 
 @dataclass
@@ -21,10 +22,14 @@ class Host:
     containers: ContainerKind
     allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
     fault_injection: bool = False  # tests only: accept requests that name a fault
+    bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.network)
+    peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
+    admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
 
     @property
     def address(self) -> str:
         return self.listen.rpartition(":")[0]
 
     def migration_dir(self, migration_id: str) -> Path:
-        return self.state_dir / "migrations" / migration_id
+        """The migration's directory; refuses an ID that is not a plain name."""
+        return self.state_dir / "migrations" / check_id(migration_id, "migration ID")

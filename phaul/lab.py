@@ -605,8 +605,9 @@ def agent_command(
     cert: Path,
     key: Path,
     ca: Path,
-    allow: Sequence[str] = (*HOSTS, ADMIN),
+    peers: Sequence[str] = HOSTS,
     python: str = sys.executable,
+    bridge: str | None = None,
 ) -> list[str]:
     """The argument list that runs one host's agent (without the nsenter prefix)."""
     return [
@@ -618,7 +619,13 @@ def agent_command(
         "--cert", str(cert),
         "--key", str(key),
         "--ca", str(ca),
-        "--allow", ",".join(allow),
+        "--peers", ",".join(peers),
+        "--admins", ADMIN,
+        # lab links are short: a stalled channel is dead after 5 s, an undecided gate after 120 s
+        "--link-timeout", "5",
+        "--gate-timeout", "120",
+        "--resolve-interval", "5",
+        *(("--bridge", bridge) if bridge else ()),
     ]
 
 
@@ -647,7 +654,7 @@ def _start_agent(host: HostEntry, files: PkiFiles, d: Path) -> _Started | None:
         "nsenter", f"--net=/run/netns/{host.netns or NETNS[host.name]}", "--",
         *agent_command(
             host.name, host.address, sock, state,
-            pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca,
+            pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca, bridge=host.bridge,
         ),
     ]
     if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: see phaul/faults.py

@@ -44,6 +44,7 @@ class Report:
     error: str = ""
     stop_reason: str = ""
     started_at: str = ""
+    phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
 
     def to_proto(self) -> pb.Report:
         d = asdict(self)
@@ -55,6 +56,7 @@ class Report:
         d: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(cls)}
         d["rounds"] = [Round(**{f.name: getattr(r, f.name) for f in fields(Round)}) for r in msg.rounds]
         d["criu_ms"] = dict(msg.criu_ms)
+        d["phases_ms"] = dict(msg.phases_ms)
         return cls(**d)
 
     def to_json(self) -> str:
@@ -75,15 +77,22 @@ class Report:
             rows.append(("rounds stopped", self.stop_reason))
         if self.criu_ms:
             rows.append(("CRIU", ", ".join(f"{k} {v:.0f} ms" for k, v in self.criu_ms.items())))
+        if self.phases_ms:
+            rows.append(("while frozen", ", ".join(f"{k} {v:.0f} ms" for k, v in self.phases_ms.items())))
         if self.error:
             rows.append(("error", self.error))
         lines += [f"  {k:<15} {v}" for k, v in rows]
         if self.rounds:
-            lines.append(f"  {'round':>5} {'pages':>9} {'sent pages':>10} {'sent':>10} {'fs sent':>10} {'frozen':>9} {'took':>9}")
+            lines.append(
+                f"  {'round':>5} {'pages':>9} {'sent pages':>10} {'sent':>10} {'fs sent':>10} {'frozen':>9} {'took':>9}"
+                f" {'dirty':>12} {'predicted':>9}"
+            )
             for i, r in enumerate(self.rounds, 1):
                 lines.append(
                     f"  {i:>5} {r.pages_dumped:>9} {r.pages_sent:>10} {_size(r.bytes_sent):>10} "
                     f"{_size(r.fs_bytes_sent):>10} {r.frozen_ms:>6.0f} ms {r.duration_ms:>6.0f} ms"
+                    + (f" {_size(r.dirty_rate):>10}/s" if r.dirty_rate else f" {'':>12}")
+                    + (f" {r.predicted_frozen_ms:>6.0f} ms" if r.predicted_frozen_ms else "")
                 )
         return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """The source side of a migration: the state machine.
 
-preflight -> file system pre-sync -> freeze and final dump (held at the commit
-gate) -> final sync and image transfer -> restore held stopped on the
-destination -> commit (the source copy is killed) -> resume on the
-destination -> clean-up.
+preflight -> pre-copy rounds of memory and files while the container runs
+(phaul.iterative_dump, phaul.memory_methods; with --precopy=off a file system
+pre-sync only) -> freeze and final dump (held at the commit gate) -> final
+sync and memory transfer -> restore held stopped on the destination -> commit
+(the source copy is killed) -> resume on the destination -> clean-up.
 
 The invariant: until the destination holds a restored copy, the source copy is
 running or frozen at the gate and resumes on any failure; the source copy is
@@ -15,23 +16,29 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
-from phaul import criu, messages
+from phaul import criu, fs_sync, iterative_dump, memory_methods, messages, network, preflight, recovery
 from phaul.client import Agent, connect
-from phaul.doctor import criu_path, criu_version
+from phaul.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
 from phaul.faults import Fault
 from phaul.fs_sync import RsyncSender
 from phaul.host import Host
+from phaul.journal import Journal
 from phaul.report import Report, Round
 from phaul.rpc import phaul_pb2 as pb
-from phaul.transport import parse_endpoint
+from phaul.page_stream import PageStream
+from phaul.transport import parse_endpoint, rsh_env
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 DUMP_TIMEOUT = 300.0
 RESTORE_TIMEOUT = 300.0
 CT_EXCLUDES = ("criu.conf",)
+RESTORE_COSTS = "restore-costs.json"  # iterative_dump.RestoreCosts, per destination
 
 
 @dataclass
@@ -49,6 +57,7 @@ class MigrateOptions:
     max_downtime_ms: int = 300
     bandwidth: int = 0  # bytes/s for pre-copy rounds, 0 = unlimited
     fault: Fault | None = None  # tests only
+    force: tuple[str, ...] = ()  # preflight checks whose failure does not stop the migration
 
 
 Emit = Callable[[pb.Progress], None]
@@ -76,10 +85,14 @@ class SourceMigration:
         self._dest: Agent | None = None
         self._prepared = False
         self._gate: criu.CommitGate | None = None
+        self._freeze: network.FreezeSignal | None = None  # addressed containers: when CRIU locks the network
         self._dump: subprocess.Popen[bytes] | None = None
         self._committed = False
         self._sender: RsyncSender
+        self._method: memory_methods.MemoryMethod | None = None
         self._t0 = time.monotonic()
+        self.journal = Journal(host.state_dir)
+        self._journaled = ""  # the last step journaled
 
     # -- the state machine -------------------------------------------------
 
@@ -87,12 +100,19 @@ class SourceMigration:
         """Check both hosts and open the data channel. Raises PhaulError with
         nothing changed anywhere when the migration cannot go ahead."""
         self._t0 = time.monotonic()
+        self.journal.begin(self.id, "source", self.ct_id, self.dest_name, self.dest_address)
         try:
             self._preflight()
-        except BaseException:
+        except BaseException as e:
             if self._dest is not None:
+                if self._prepared:
+                    try:
+                        self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=60)
+                    except PhaulError as ex:
+                        log.warning("migration %s: removing what %s prepared: %s", self.id, self.dest_name, ex)
                 self._dest.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+            self.journal.settle(self.id, "source", "refused", str(e))
             raise
 
     def run(self) -> Report:
@@ -107,6 +127,8 @@ class SourceMigration:
             self.report.error = str(e)
             self.report.result = self._recover_from_failure()
         finally:
+            self._stop_network_watch()
+            self._journal_result()
             self._clear_criu_config()
             if self._dest is not None:
                 self._dest.close()
@@ -130,6 +152,13 @@ class SourceMigration:
             raise ToolFailed(f"{self.host.name} has no usable CRIU", "run `make setup`")
         self._dest = connect(self.dest_address, self.dest_name, self.host.creds)
         self._dest.call("Info", pb.Empty(), timeout=10)
+        checks = preflight.run(self.host, self.ct_id, self._dest, self.dest_name)
+        for c in checks:
+            if c.status != preflight.PASS:
+                log.warning("migration %s: preflight %s on %s: %s: %s", self.id, c.name, c.host, c.status, c.message)
+        refused = preflight.refusal(checks, self.options.force)
+        if refused is not None:
+            raise refused
         self.dir.mkdir(parents=True)
         reply = self._dest.call(
             "Prepare",
@@ -137,6 +166,8 @@ class SourceMigration:
                 migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
                 criu_version=".".join(map(str, my_criu)),
                 fault=f"{self.options.fault.step}:{self.options.fault.kind}" if self.options.fault else "",
+                tcp_close=self.options.tcp == "close",
+                source_address=self.host.listen,
             ),
             timeout=30,
         )
@@ -149,61 +180,154 @@ class SourceMigration:
         ct = self.host.containers
         assert self._dest is not None
         sender = self._sender
-        self._phase("fs-presync", "copying the root file system while the container runs")
         ct_dir = ct.container_dir(self.ct_id)
-        presync = sender.push(ct_dir, "ct", CT_EXCLUDES)
-        self.report.fs_bytes_sent += presync.bytes_sent
-        self._phase("fs-presync", f"root file system copied ({presync.bytes_sent} bytes)", presync.bytes_sent)
+        cap = self.options.bandwidth
+        method = self._method = self._memory_method()
+        self.report.memory_method = method.name
 
-        self._phase("dump", "freezing and dumping")
-        round_ = self._final_dump()
-        self.report.memory_method = "stop-and-copy"
+        def fs_sync(bwlimit: int) -> int:
+            return sender.push(ct_dir, "ct", CT_EXCLUDES, bwlimit=bwlimit).bytes_sent
 
-        self._phase("transfer", "final file system sync and image transfer while frozen")
-        t_transfer = time.monotonic()
-        fs_final = sender.push(ct_dir, "ct", CT_EXCLUDES)
-        images = sender.push(self.dir / "images", "images")
-        round_.fs_bytes_sent = fs_final.bytes_sent
-        round_.bytes_sent = images.bytes_sent
-        self.report.fs_bytes_sent += fs_final.bytes_sent
-        self.report.criu_ms["transfer"] = (time.monotonic() - t_transfer) * 1000
+        if method.precopy:
+            self._phase("precopy", f"pre-copying memory ({method.name}) and files while the container runs")
+            try:
+                self._precopy(method, lambda: fs_sync(cap))
+            except ToolFailed as e:  # e.g. a dump CRIU cannot leave running: stop-and-copy still works
+                log.warning("migration %s: pre-copy failed, falling back to stop-and-copy: %s", self.id, e)
+                self.report.stop_reason = f"pre-copy failed ({e.message.splitlines()[0]}); stop-and-copy"
+                method.cleanup()
+                method = self._method = memory_methods.StopAndCopy(method.ctx)
+                self.report.memory_method = method.name
+        else:
+            self._phase("fs-presync", "copying the root file system while the container runs")
+            presync = fs_sync(cap)
+            self.report.fs_bytes_sent += presync
+            self.report.stop_reason = "pre-copy off: a single stop-and-copy" if self.options.precopy == "off" else ""
+            self._phase("fs-presync", f"root file system copied ({presync} bytes)", presync)
 
-        self._phase("restore", f"restoring on {self.dest_name}, held stopped")
-        restored = self._dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=RESTORE_TIMEOUT)
-        for key in ("restore", "forking", "runc_restore"):
-            if key in restored.criu_ms:
-                self.report.criu_ms[key] = restored.criu_ms[key]
-
-        self._phase("commit", f"destroying the copy on {self.host.name}")
-        self._commit()
-        self._dump_stats(round_)
-
-        self._phase("resume", f"starting the copy on {self.dest_name}")
-        self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
-        frozen_ms = (time.time_ns() - self._gate.frozen_at_ns()) / 1e6 if self._gate else 0.0
-        self.report.frozen_ms = frozen_ms
-        round_.frozen_ms = frozen_ms
-        round_.duration_ms = frozen_ms
-        self.report.rounds.append(round_)
-        self.report.bytes_sent = self.report.fs_bytes_sent + sum(r.bytes_sent for r in self.report.rounds)
+        method.prepare_final()
+        try:
+            self._final_phase(method, fs_sync)
+        finally:
+            method.release()
 
         self._phase("cleanup", "removing temporary state")
         try:
             self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=30)
         except PhaulError as e:
             log.warning("migration %s: destination clean-up: %s", self.id, e)
+        method.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _final_dump(self) -> Round:
+    def _final_phase(self, method: memory_methods.MemoryMethod, fs_sync: Callable[[int], int]) -> None:
+        """Freeze, dump, send, restore, commit, resume: the container is frozen throughout."""
+        assert self._dest is not None
+        self._phase("dump", "freezing and dumping")
+        round_ = self._final_dump(parent=method.final_parent())
+        assert self._gate is not None
+        frozen_at = self._gate.frozen_at_ns()
+        phases = self.report.phases_ms
+        phases["dump"] = (_mtime_ns(self._gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
+
+        self._phase("transfer", "final file system sync and memory transfer while frozen")
+        t_transfer = time.monotonic()
+        fs_final, sent = _parallel(lambda: fs_sync(0), lambda: method.send_final(self.dir / "images"))
+        round_.fs_bytes_sent = fs_final
+        round_.bytes_sent = sent.bytes_sent
+        round_.pages_sent = sent.pages_sent
+        self.report.fs_bytes_sent += fs_final
+        phases["transfer"] = (time.monotonic() - t_transfer) * 1000
+        phases.update({f"transfer.{k}": v for k, v in sent.phases_ms.items()})
+        self.report.criu_ms["transfer"] = phases["transfer"]
+
+        self._phase("restore", f"restoring on {self.dest_name}, held stopped")
+        t_restore = time.monotonic()
+        restored = self._dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=RESTORE_TIMEOUT)
+        phases["restore"] = (time.monotonic() - t_restore) * 1000
+        for key in ("restore", "forking", "runc_restore"):
+            if key in restored.criu_ms:
+                self.report.criu_ms[key] = restored.criu_ms[key]
+
+        self._phase("commit", f"destroying the copy on {self.host.name}")
+        t_commit = time.monotonic()
+        self._commit()
+        phases["commit"] = (time.monotonic() - t_commit) * 1000
+        self._dump_stats(round_)
+        round_.pages_sent = sent.pages_sent
+
+        self._phase("resume", f"starting the copy on {self.dest_name}")
+        t_resume = time.monotonic()
+        self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
+        phases["resume"] = (time.monotonic() - t_resume) * 1000
+        frozen_ms = (time.time_ns() - frozen_at) / 1e6
+        self.report.frozen_ms = frozen_ms
+        round_.frozen_ms = frozen_ms
+        round_.duration_ms = frozen_ms
+        self.report.rounds.append(round_)
+        self.report.bytes_sent = self.report.fs_bytes_sent + sum(r.bytes_sent for r in self.report.rounds)
+        iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS).record(
+            self.dest_name, round_.pages_dumped, (time.monotonic() - t_restore) * 1000
+        )
+
+    def _memory_method(self) -> memory_methods.MemoryMethod:
+        """The memory method for this host and the options (iterative_dump.choose_method)."""
+        name = iterative_dump.choose_method(self.options.precopy, features())
+        ct = self.host.containers
+        ctx = memory_methods.Context(
+            ct=ct, ct_id=self.ct_id, dir=self.dir, sender=self._sender, apply_pages=self._apply_pages,
+            bandwidth=self.options.bandwidth, tcp_established=True, freezer=ct.freezer_state(self.ct_id),
+            open_stream=self._open_page_stream,
+        )
+        return memory_methods.METHODS[name](ctx)
+
+    def _precopy(self, method: memory_methods.MemoryMethod, fs_sync: Callable[[], int]) -> None:
+        """Pre-copy rounds until the convergence policy stops them."""
+        policy = iterative_dump.ConvergencePolicy(
+            max_downtime_ms=self.options.max_downtime_ms, max_rounds=self.options.max_rounds
+        )
+        costs = iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS)
+
+        def progress(k: int, row: Round, d: iterative_dump.Decision) -> None:
+            rate = (row.bytes_sent + row.fs_bytes_sent) / (row.duration_ms / 1000) if row.duration_ms else 0.0
+            self.emit(pb.Progress(
+                phase="precopy", round=k, bytes_sent=row.bytes_sent + row.fs_bytes_sent, rate=rate,
+                dirty_rate=d.dirty_rate, predicted_frozen_ms=d.predicted_frozen_ms,
+                message=f"round {k}: {row.pages_sent} of {row.pages_dumped} pages sent"
+                + (f"; stopping: {d.reason}" if d.stop else ""),
+            ))
+
+        result = iterative_dump.run_rounds(
+            method, policy, fs_sync, progress, lambda pages: costs.estimate(self.dest_name, pages),
+            sequential_fs=self.options.bandwidth > 0,
+        )
+        self.report.rounds.extend(result.rounds)
+        self.report.fs_bytes_sent += result.fs_bytes_sent
+        self.report.stop_reason = result.stop_reason
+
+    def _open_page_stream(self) -> PageStream:
+        """A TLS stream to the destination's page receiver, ready before the freeze."""
+        assert self._dest is not None
+        reply = self._dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
+        return PageStream({**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name)})
+
+    def _apply_pages(self) -> float:
+        """Ask the destination to apply the page delta just pushed; its ms."""
+        assert self._dest is not None
+        reply = self._dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=RESTORE_TIMEOUT)
+        return float(reply.apply_ms)
+
+    def _final_dump(self, parent: Path | None = None) -> Round:
         """Freeze and dump into the migration's image directory, holding the
-        dumped container frozen at the commit gate."""
+        dumped container frozen at the commit gate. `parent`: the images of the
+        last pre-dump round (soft-dirty pre-copy), relative to the image directory."""
         ct = self.host.containers
         images, work = self.dir / "images", self.dir / "work"
         images.mkdir()
         work.mkdir()
-        self._gate = criu.CommitGate(self.dir / "gate")
-        ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options())
-        args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=self.options.tcp == "keep")
+        self._gate = criu.CommitGate(self.dir / "gate", freezer=ct.freezer_state(self.ct_id))
+        ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options() + self._watch_network_lock())
+        # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
+        args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
         with open(work / "runc-checkpoint.log", "wb") as out:
             self._dump = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         try:
@@ -217,11 +341,14 @@ class SourceMigration:
         assert self._gate is not None and self._dump is not None
         if not self._gate.release(commit=True):
             raise ToolFailed("the dumped container was not waiting at the commit gate")
-        self._committed = True
         rc = self._dump.wait(timeout=60)
+        if self._gate.verdict() != "commit":  # the gate gave up waiting and resumed the source copy
+            raise ToolFailed("the commit gate timed out before the commit; the source copy runs again")
+        self._committed = True
         if rc != 0:
             log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
         self.host.containers.destroy(self.ct_id)
+        self._journal_step("source-destroyed")
 
     def _dump_stats(self, round_: Round) -> None:
         """CRIU's dump statistics, written once the dump has ended."""
@@ -238,25 +365,48 @@ class SourceMigration:
         """Settle after a failure: before commit, resume the source and remove the
         destination's copy (rolled_back); after commit, try to get the
         destination's copy running (ok) or report in_doubt."""
+        link = max(5.0, fs_sync.IO_TIMEOUT)  # how long a call may wait on a link that may be dead
         if self._committed:
-            for _ in range(3):
-                try:
-                    assert self._dest is not None
-                    self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=30)
-                    return "ok"
-                except PhaulError as e:
-                    log.error("migration %s: resuming on %s failed: %s", self.id, self.dest_name, e)
-                    time.sleep(1)
-            return "in_doubt"
+            return "ok" if self._resume_dest(deadline=time.monotonic() + 3 * link) else "in_doubt"
+        self._stop_network_watch()
         source_ok = self._resume_source()
+        if not source_ok and self._prepared and recovery.source_copy(self.host, self.ct_id, self.dir) == "gone":
+            # The source copy died (e.g. CRIU was killed while it held it): a copy the
+            # destination holds restored is now the only one.
+            if self._dest_state(link) == recovery.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
+                self._committed = True
+                self.host.containers.destroy(self.ct_id)
+                return "ok"
         if self._prepared and self._dest is not None:
             try:
-                self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=60)
+                self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=3 * link)
             except PhaulError as e:
                 log.error("migration %s: removing the copy on %s failed: %s", self.id, self.dest_name, e)
                 self.report.error += f"; the destination may keep partial state: {e}"
+        if source_ok:
+            self._announce_source()
         shutil.rmtree(self.dir, ignore_errors=True)
         return "rolled_back" if source_ok else "failed"
+
+    def _resume_dest(self, deadline: float) -> bool:
+        """Tell the destination to run its copy, retrying until `deadline`; True once it runs."""
+        assert self._dest is not None
+        while True:
+            try:
+                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, fs_sync.IO_TIMEOUT))
+                return True
+            except PhaulError as e:
+                log.error("migration %s: resuming on %s failed: %s", self.id, self.dest_name, e)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+
+    def _dest_state(self, timeout: float) -> str | None:
+        try:
+            assert self._dest is not None
+            return str(self._dest.call("MigrationStatus", pb.MigrationRef(migration_id=self.id), timeout=timeout).state)
+        except PhaulError:
+            return None
 
     def _resume_source(self) -> bool:
         """Make sure the source copy runs again; True if it does."""
@@ -266,18 +416,59 @@ class SourceMigration:
                 self._dump.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 log.error("migration %s: the dump did not end after abort", self.id)
+        return recovery.ensure_running(self.host, self.ct_id)  # thaws a copy whose CRIU died at the gate
+
+    # -- the container's address (phaul.network) -----------------------------------
+
+    def _watch_network_lock(self) -> str:
+        """For an addressed container: CRIU options that signal the network lock of
+        the final dump, and a watcher that then asks the destination to hold the
+        container's traffic. "" for a container without an address."""
+        if self.host.containers.config(self.ct_id).ip is None:
+            return ""
+        dest = self._dest
+        assert dest is not None
+        self._freeze = network.FreezeSignal(self.dir / "net")
+        self._freeze.start(lambda: dest.call("HoldTraffic", pb.MigrationRef(migration_id=self.id), timeout=10))
+        return self._freeze.criu_options()
+
+    def _stop_network_watch(self) -> None:
+        if self._freeze is not None:
+            self._freeze.stop()
+
+    def _announce_source(self) -> None:
+        """After a rollback: the segment may have learned the destination; point it back here."""
         try:
-            return self.host.containers.info(self.ct_id).state == "running"
-        except PhaulError:
-            return False
+            ident = network.Identity.of(self.host.containers.config(self.ct_id))
+            pid = self.host.containers.info(self.ct_id).pid
+            if ident is not None and pid:
+                network.announce(pid, ident)
+        except (PhaulError, OSError) as e:
+            log.warning("migration %s: announcing %s again on %s failed: %s", self.id, self.ct_id, self.host.name, e)
 
     # -- helpers ------------------------------------------------------------------
 
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
         log.info("migration %s: %s: %s", self.id, phase, message)
-        if self.options.fault is not None and self.options.fault.kind == "fail":
-            self.options.fault.at(phase)
+        self._journal_step(phase)
+        if self.options.fault is not None:
+            self.options.fault.at(phase, state_dir=self.host.state_dir, migration_id=self.id)
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
+
+    def _journal_step(self, step: str) -> None:
+        """Journal `step` durably before acting on it (once per step)."""
+        if step != self._journaled:
+            self.journal.record(self.id, "source", step)
+            self._journaled = step
+
+    def _journal_result(self) -> None:
+        try:
+            if self.report.result == "in_doubt":
+                self.journal.mark_in_doubt(self.id, "source", self.report.error)
+            else:
+                self.journal.settle(self.id, "source", self.report.result, self.report.error)
+        except (OSError, PhaulError) as e:
+            log.error("migration %s: cannot journal the result %s: %s", self.id, self.report.result, e)
 
     def _clear_criu_config(self) -> None:
         try:
@@ -292,3 +483,34 @@ class SourceMigration:
         reports.mkdir(parents=True, exist_ok=True)
         (reports / f"{self.id}.json").write_text(self.report.to_json())
 
+
+def _mtime_ns(path: Path, default: int) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return default
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def _parallel(a: Callable[[], A], b: Callable[[], B]) -> tuple[A, B]:
+    """Run `a` in a thread and `b` here; both results, or the first failure (after both end)."""
+    box: dict[str, Any] = {}
+
+    def run_a() -> None:
+        try:
+            box["a"] = a()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run_a, name="parallel")
+    t.start()
+    try:
+        rb = b()
+    finally:
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["a"], rb

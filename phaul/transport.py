@@ -67,6 +67,11 @@ class TlsEndpoint:
     def address(self) -> str:
         return f"{self.bind}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The listener's PID (and process group), 0 when it is not running."""
+        return self._proc.pid if self._proc is not None else 0
+
     def open(self, log_path: Path, attempts: int = 5) -> str:
         """Start listening; returns ADDR:PORT."""
         for _ in range(attempts):

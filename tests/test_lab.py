@@ -187,7 +187,8 @@ def test_agent_command() -> None:
     assert args == {
         "--name": "alpha", "--listen": "10.213.7.11:7473", "--socket": "/x/hosts/alpha/agent.sock",
         "--state-dir": "/x/hosts/alpha", "--cert": "a.crt", "--key": "a.key", "--ca": "ca.crt",
-        "--allow": "alpha,beta,admin",
+        "--peers": "alpha,beta", "--admins": "admin",
+        "--link-timeout": "5", "--gate-timeout": "120", "--resolve-interval": "5",
     }
 
 

@@ -87,8 +87,13 @@ class ContainerKind(ABC):
     def checkpoint_cmd(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, leave_running: bool = False,
         tcp_established: bool = True, page_server: str | None = None, parent_path: Path | None = None,
+        pre_dump: bool = False,
     ) -> list[str]:
         """The argument list that dumps the container into `image_dir`."""
+
+    def freezer_state(self, ct_id: str) -> Path | None:
+        """The freezer.state file CRIU freezes this container with, if phaul may freeze it first."""
+        return None
 
     @abstractmethod
     def restore(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> ContainerInfo:

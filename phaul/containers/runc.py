@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from phaul import freezer, network
 from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
@@ -60,12 +61,14 @@ class RuncContainers(ContainerKind):
     """OCI containers on this host, managed with runc under `state_dir`.
 
     `host` names this host; it keeps cgroup paths apart when two lab "hosts"
-    share one kernel (`/phaul-<host>/<ID>`).
+    share one kernel (`/phaul-<host>/<ID>`). `bridge` is the bridge addressed
+    containers are plugged into (phaul.network); without one, `create` refuses them.
     """
 
-    def __init__(self, state_dir: Path, host: str) -> None:
+    def __init__(self, state_dir: Path, host: str, bridge: str | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.host = check_id(host, "host name")
+        self.bridge = bridge
         self.runc_root = self.state_dir / "runc"
         self.containers_dir = self.state_dir / "containers"
         runc = shutil.which("runc")
@@ -100,6 +103,8 @@ class RuncContainers(ContainerKind):
         """Build the rootfs and bundle for `config`; the container is left "created" (no process)."""
         config = dataclasses.replace(config, args=list(config.args))
         _check_config(config)
+        if config.ip is not None:
+            network.check_bridge(self.bridge, f"host {self.host}")
         final = self.container_dir(config.id)
         if final.exists():
             raise Conflict(f"container {config.id!r} already exists", f"pick another ID or run `phaul ct destroy {config.id}`")
@@ -147,11 +152,16 @@ class RuncContainers(ContainerKind):
         fd, log_name = tempfile.mkstemp(prefix=f"phaul-runc-{ct_id}-", suffix=".log")
         os.close(fd)
         try:
-            cmd = self._base("--log", log_name) + ["run", "--detach", "--bundle", str(self.bundle_dir(ct_id)), ct_id]
+            ident = network.Identity.of(config)
+            # An addressed container is created, plugged into the bridge, then started.
+            cmd = self._base("--log", log_name) + (["create"] if ident else ["run", "--detach"])
+            cmd += ["--bundle", str(self.bundle_dir(ct_id)), ct_id]
             # The container inherits runc's stdio; /dev/null is what `runc checkpoint` copes with.
             rc = subprocess.run(
                 cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60
             ).returncode
+            if rc == 0 and ident is not None:
+                rc = self._plug_and_start(ident)
             if rc != 0:
                 self._runc("delete", "--force", ct_id)
                 raise ToolFailed(
@@ -235,6 +245,7 @@ class RuncContainers(ContainerKind):
         proc = self._runc("delete", ct_id, check=False)
         if proc.returncode != 0:
             self._runc("delete", "--force", ct_id)
+        network.unplug(ct_id)
         log.info("stopped container %s", ct_id)
         return self.info(ct_id)
 
@@ -262,6 +273,7 @@ class RuncContainers(ContainerKind):
             except PhaulError as e:
                 log.warning("stopping %s before destroy failed (%s); forcing", ct_id, e)
         self._runc("delete", "--force", ct_id)
+        network.unplug(ct_id)
         self._remove_cgroups(ct_id)
         shutil.rmtree(d)
         log.info("destroyed container %s", ct_id)
@@ -298,8 +310,10 @@ class RuncContainers(ContainerKind):
         tcp_established: bool = True,
         page_server: str | None = None,
         parent_path: Path | None = None,
+        pre_dump: bool = False,
     ) -> Argv:
         """The `runc checkpoint` argument list; CRIU logs to work_dir/dump.log, runc to work_dir/runc.log.
+        `pre_dump`: memory only, with dirty tracking (needs soft-dirty); the container keeps running.
 
         Run it with stdin at /dev/null; on failure build the error with `criu_error`.
         """
@@ -314,7 +328,13 @@ class RuncContainers(ContainerKind):
             cmd += ["--page-server", page_server]
         if parent_path is not None:
             cmd += ["--parent-path", str(parent_path)]  # CRIU resolves it relative to the image dir
+        if pre_dump:
+            cmd.append("--pre-dump")
         return cmd + [ct_id]
+
+    def freezer_state(self, ct_id: str) -> Path | None:
+        """The container's cgroup v1 freezer.state (phaul.freezer), or None without one."""
+        return freezer.state_file(self.cgroup_path(check_id(ct_id)))
 
     def restore_cmd(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> Argv:
         """The `runc restore --detach` argument list; CRIU logs to work_dir/restore.log, runc to work_dir/runc.log.
@@ -387,6 +407,23 @@ class RuncContainers(ContainerKind):
         if self.criu_path is None:
             raise ToolFailed("criu not found on PATH", "install CRIU >= 4.2: scripts/setup.sh")
         return self.criu_path
+
+    def _plug_and_start(self, ident: network.Identity) -> int:
+        """Plug the created container's eth0 into the bridge, then let it run; runc's exit status."""
+        state = self._runc_state(ident.ct_id)
+        try:
+            if not state or not state.get("pid"):
+                raise ToolFailed(f"runc created {ident.ct_id!r} but reports no process", f"see `runc --root {self.runc_root} list`")
+            assert self.bridge is not None  # create refuses addressed containers without one
+            network.plug(ident, int(state["pid"]), self.bridge)
+        except BaseException:
+            self._runc("delete", "--force", ident.ct_id, check=False)
+            network.unplug(ident.ct_id)
+            raise
+        rc = self._runc("start", ident.ct_id, check=False).returncode
+        if rc != 0:
+            network.unplug(ident.ct_id)
+        return rc
 
     def _base(self, *global_opts: str) -> Argv:
         return [str(self.runc_path), "--root", str(self.runc_root), *global_opts]

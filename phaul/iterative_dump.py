@@ -1,0 +1,283 @@
+"""Pre-copy rounds: which memory method runs, and when the rounds stop.
+
+`choose_method` picks the memory method from what the host offers (soft-dirty
+tracking or not) and the user's `--precopy`. `ConvergencePolicy` watches the
+rounds: after each one it predicts the frozen time of a final dump taken now
+from the measured dirty rate, transfer rate, dump cost and restore cost, and
+says whether to stop. `run_rounds` drives a method's rounds under a policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phaul.fsutil import write_atomic
+from phaul.report import Round
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+MiB = 1 << 20
+
+STOP_AND_COPY = "stop-and-copy"
+PAGE_DELTA = "precopy-page-delta"
+SOFT_DIRTY = "precopy-soft-dirty"
+
+
+def choose_method(precopy: str, features: Mapping[str, bool]) -> str:
+    """The memory method for `--precopy` (auto | off) on a host with `features`
+    (`phaul.doctor.features()`): CRIU's pre-dump with memory tracking where the
+    kernel tracks dirty pages, full-dump rounds with page deltas where it does not."""
+    if precopy == "off":
+        return STOP_AND_COPY
+    if precopy != "auto":
+        raise ValueError(f"unknown pre-copy mode {precopy!r}")
+    return SOFT_DIRTY if features.get("soft_dirty") else PAGE_DELTA
+
+
+@dataclass(frozen=True)
+class RoundFigures:
+    """What one pre-copy round measured; the policy's only input."""
+
+    round: int  # from 1
+    pages: int  # pages in the round's dump
+    changed_pages: int  # pages that differed from what the destination held (round 1: all)
+    bytes_sent: int  # memory bytes the round sent (pages and the small images)
+    send_ms: float  # how long sending them took
+    dump_frozen_ms: float  # the dump's freeze up to its end: what the final dump will cost again
+    local_ms: float  # other work the final round repeats: computing and applying the delta
+    interval_s: float  # from the previous round's snapshot to this one's (0 in round 1)
+    window_s: float  # from this round's snapshot until a final dump started now would freeze
+    restore_ms: float  # predicted restore + commit + resume on the destination (RestoreCosts)
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: str  # "" while rounds go on; else one of ConvergencePolicy.REASONS
+    detail: str  # a sentence for the report
+    predicted_frozen_ms: float
+    dirty_rate: float  # bytes/s, 0 while unknown (round 1)
+    remaining_bytes: int  # what the final round would send
+    transfer_rate: float  # bytes/s
+
+
+@dataclass
+class ConvergencePolicy:
+    """Decides after each round whether to go on pre-copying.
+
+    Prediction of the frozen time of a final dump taken now:
+    the dump's freeze (the lower of the last two rounds') + the delta and apply
+    work of the last round + the transfer of
+    what will have changed (dirty rate x time since the last snapshot, plus the
+    small images) at the measured rate + the restore, commit and resume on the
+    destination (`RoundFigures.restore_ms`, from `RestoreCosts`).
+
+    Stops (first that holds): the prediction is within `max_downtime_ms`
+    ("downtime-target"); what is left to copy adds less than `negligible` of the
+    prediction, so no further round can shorten the freeze noticeably
+    ("converged"); the remaining work failed to shrink by `shrink` in
+    `max_stalls` rounds ("no-progress": the dirty rate keeps up with the
+    transfer); `max_rounds` rounds ran ("max-rounds").
+    """
+
+    REASONS = ("downtime-target", "converged", "no-progress", "max-rounds")
+
+    max_downtime_ms: float = 300.0
+    max_rounds: int = 8
+    shrink: float = 0.10
+    max_stalls: int = 2
+    negligible: float = 0.10
+    default_rate: float = 100e6  # bytes/s until a round measured one
+    default_overhead_ms: float = 30.0  # per transfer, until a small round measured it
+    history: list[RoundFigures] = field(default_factory=list)
+    stalls: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError("max_rounds must be at least 1")
+
+    def observe(self, fig: RoundFigures) -> Decision:
+        """Take round `fig` into account and decide."""
+        prev = self.history[-1] if self.history else None
+        self.history.append(fig)
+        rate, overhead = self._transfer_model()
+        small = max(0, fig.bytes_sent - fig.changed_pages * PAGE) if fig.round > 1 else self._small_bytes(fig)
+        total = fig.pages * PAGE
+        if prev is None or fig.interval_s <= 0:
+            dirty_rate = 0.0
+            dirty = total  # unknown: assume everything changes
+        else:
+            dirty_rate = fig.changed_pages * PAGE / fig.interval_s
+            dirty = min(total, int(dirty_rate * fig.window_s))
+        remaining = dirty + small
+        dirty_ms = dirty / rate * 1000
+        # The final dump costs what the recent ones did; the lower of the last two filters out a
+        # round slowed by something passing (a cold page cache, a busy CPU).
+        dump_ms = min(f.dump_frozen_ms for f in self.history[-2:])
+        predicted = dump_ms + fig.local_ms + overhead + remaining / rate * 1000 + fig.restore_ms
+
+        def decide(stop: bool, reason: str = "", detail: str = "") -> Decision:
+            return Decision(stop, reason, detail, predicted, dirty_rate, remaining, rate)
+
+        if prev is not None:
+            if predicted <= self.max_downtime_ms:
+                return decide(True, "downtime-target", f"predicted frozen time {predicted:.0f} ms <= {self.max_downtime_ms:.0f} ms")
+            if dirty_ms <= self.negligible * predicted:
+                return decide(
+                    True, "converged",
+                    f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; more rounds cannot shorten it",
+                )
+            if fig.changed_pages > (1 - self.shrink) * prev.changed_pages:
+                self.stalls += 1
+                if self.stalls >= self.max_stalls:
+                    return decide(
+                        True, "no-progress",
+                        f"the remaining work did not shrink by {self.shrink:.0%} in {self.stalls} rounds "
+                        f"(dirty rate {dirty_rate / MiB:.1f} MiB/s, transfer {rate / MiB:.1f} MiB/s)",
+                    )
+        if fig.round >= self.max_rounds:
+            return decide(True, "max-rounds", f"{self.max_rounds} pre-copy round{'s' if self.max_rounds > 1 else ''} ran")
+        return decide(False)
+
+    def _transfer_model(self) -> tuple[float, float]:
+        """(bytes/s, fixed ms per transfer) from the rounds so far."""
+        big = [f for f in self.history if f.bytes_sent >= MiB and f.send_ms > 0]
+        rate = max((f.bytes_sent / (f.send_ms / 1000) for f in big), default=self.default_rate)
+        small = [max(0.0, f.send_ms - f.bytes_sent / rate * 1000) for f in self.history[1:]]
+        overhead = min(small) if small else self.default_overhead_ms
+        return rate, overhead
+
+    @staticmethod
+    def _small_bytes(fig: RoundFigures) -> int:
+        return max(0, fig.bytes_sent - fig.pages * PAGE)
+
+
+# -- the restore cost, measured -----------------------------------------------------
+
+
+@dataclass
+class RestoreCosts:
+    """Restore + commit + resume times this source measured per destination,
+    kept in a small JSON file. `estimate` scales the recent ones to a memory
+    size; without any it uses a default model."""
+
+    path: Path
+    default_ms: float = 250.0
+    ms_per_mib: float = 2.0
+    keep: int = 16
+
+    def estimate(self, dest: str, pages: int) -> float:
+        mib = pages * PAGE / MiB
+        samples = self._load().get(dest, [])
+        if not samples:
+            return self.default_ms + self.ms_per_mib * mib
+        base = statistics.median(ms - self.ms_per_mib * (p * PAGE / MiB) for p, ms in samples)
+        return max(0.0, base) + self.ms_per_mib * mib
+
+    def record(self, dest: str, pages: int, ms: float) -> None:
+        data = self._load()
+        data[dest] = (data.get(dest, []) + [[int(pages), round(float(ms), 1)]])[-self.keep :]
+        try:
+            write_atomic(self.path, json.dumps(data))
+        except OSError as e:
+            log.warning("cannot keep restore costs in %s: %s", self.path, e)
+
+    def _load(self) -> dict[str, list[list[float]]]:
+        try:
+            data = json.loads(self.path.read_text())
+            return {str(k): [[int(p), float(m)] for p, m in v] for k, v in data.items()}
+        except (OSError, ValueError, TypeError):
+            return {}
+
+
+# -- driving the rounds -------------------------------------------------------------
+
+
+@dataclass
+class RoundsResult:
+    rounds: list[Round]
+    stop_reason: str
+    last_decision: Decision | None
+    fs_bytes_sent: int
+
+
+Progress = Callable[[int, Round, Decision], None]
+
+
+def run_rounds(
+    method: object,
+    policy: ConvergencePolicy,
+    fs_sync: Callable[[], int],
+    progress: Progress,
+    restore_estimate: Callable[[int], float],
+    sequential_fs: bool = False,
+) -> RoundsResult:
+    """Run `method`'s pre-copy rounds (phaul.memory_methods) until `policy` says
+    stop; each round also syncs the root file system (`fs_sync` returns the bytes
+    it sent), alongside the memory unless `sequential_fs` (a bandwidth cap that
+    must hold for both together)."""
+    from phaul.memory_methods import MemoryMethod
+
+    assert isinstance(method, MemoryMethod)
+    rounds: list[Round] = []
+    fs_total = 0
+    prev_snapshot_ns = 0
+    decision: Decision | None = None
+    for k in range(1, policy.max_rounds + 1):
+        t0 = time.monotonic()
+        fs_box: dict[str, object] = {}
+
+        def fs_job() -> None:
+            try:
+                fs_box["bytes"] = fs_sync()
+            except BaseException as e:  # re-raised below, in the migration's thread
+                fs_box["error"] = e
+
+        fs_thread = threading.Thread(target=fs_job, name=f"fs-round-{k}")
+        if not sequential_fs:
+            fs_thread.start()
+        try:
+            dump, sent = method.precopy_round(k)
+        finally:
+            if not sequential_fs:
+                fs_thread.join()
+        if sequential_fs:
+            fs_job()
+        if "error" in fs_box:
+            raise fs_box["error"]  # type: ignore[misc]
+        fs_bytes = int(fs_box.get("bytes", 0))  # type: ignore[call-overload]
+        fs_total += fs_bytes
+        end_ns = time.time_ns()
+        fig = RoundFigures(
+            round=k, pages=dump.pages, changed_pages=sent.pages_sent, bytes_sent=sent.bytes_sent,
+            send_ms=sent.send_ms, dump_frozen_ms=dump.dump_frozen_ms, local_ms=sent.local_ms,
+            interval_s=(dump.snapshot_ns - prev_snapshot_ns) / 1e9 if prev_snapshot_ns else 0.0,
+            window_s=(end_ns - dump.snapshot_ns) / 1e9 + dump.startup_ms / 1000,
+            restore_ms=restore_estimate(dump.pages),
+        )
+        prev_snapshot_ns = dump.snapshot_ns
+        decision = policy.observe(fig)
+        row = Round(
+            pages_dumped=dump.pages, pages_sent=sent.pages_sent, bytes_sent=sent.bytes_sent,
+            frozen_ms=dump.frozen_ms, duration_ms=(time.monotonic() - t0) * 1000, fs_bytes_sent=fs_bytes,
+            predicted_frozen_ms=decision.predicted_frozen_ms, dirty_rate=decision.dirty_rate,
+        )
+        rounds.append(row)
+        log.info(
+            "pre-copy round %d: %d pages dumped, %d sent (%d bytes), frozen %.0f ms, predicted final freeze %.0f ms%s",
+            k, row.pages_dumped, row.pages_sent, row.bytes_sent, row.frozen_ms, row.predicted_frozen_ms,
+            f"; stop: {decision.reason}" if decision.stop else "",
+        )
+        progress(k, row, decision)
+        if decision.stop:
+            break
+    assert decision is not None
+    return RoundsResult(rounds, f"{decision.reason}: {decision.detail}", decision, fs_total)

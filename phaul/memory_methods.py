@@ -1,0 +1,311 @@
+"""How a container's memory reaches the destination: one class per method.
+
+- `StopAndCopy`: nothing before the freeze; the final dump's images travel
+  whole while the container is frozen.
+- `PageDelta` (no soft-dirty tracking, e.g. this project's machines): pre-copy
+  rounds of `runc checkpoint --leave-running`; the first round's images travel
+  whole, every later round (and the final dump) only as a page delta against
+  what the destination already holds (`phaul.page_delta`), which the
+  destination applies so that it always holds exactly the last dump's images.
+  The final delta goes over a page stream opened before the freeze
+  (`phaul.page_stream`), rounds' deltas by rsync (they may be rate-capped).
+- `SoftDirty` (kernels with soft-dirty): CRIU's own pre-dump rounds with memory
+  tracking; each round holds only the pages dirtied since the previous one and
+  names it as its parent; the final dump does too, and CRIU restores through
+  the parent chain. Written against CRIU's documented behaviour but not run
+  on the project's machines (they have no soft-dirty tracking).
+
+Every pre-copy round freezes the container through `phaul.freezer` (no 100 ms
+CRIU freezer poll) and thaws it right after the dump.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from phaul import criu, freezer, page_delta
+from phaul.containers import ContainerKind
+from phaul.errors import PhaulError, ToolFailed
+from phaul.fs_sync import RsyncSender
+from phaul.page_stream import PageStream, StreamError
+
+log = logging.getLogger(__name__)
+
+DUMP_TIMEOUT = 300.0
+PAGE = page_delta.PAGE
+
+_ROUND_SCRIPT = """#!/bin/sh
+# phaul pre-copy round (generated). CRIU runs this at each action.
+case "$CRTOOLS_SCRIPT_ACTION" in
+  pre-dump) date +%s%N > {dir}/frozen-at; {freeze} ;;
+  post-dump) date +%s%N > {dir}/dumped-at ;;
+esac
+exit 0
+"""
+
+
+@dataclass
+class Context:
+    """What a method needs from the migration."""
+
+    ct: ContainerKind
+    ct_id: str
+    dir: Path  # the migration's directory on the source
+    sender: RsyncSender
+    apply_pages: Callable[[], float]  # the destination applies delta/ onto images/; returns its ms
+    bandwidth: int = 0  # bytes/s cap of pre-copy transfers, 0 = none
+    open_stream: Callable[[], PageStream] | None = None  # a page stream to the destination (phaul.page_stream)
+    tcp_established: bool = True
+    freezer: Path | None = None  # the container's freezer.state, if phaul may freeze it
+
+
+@dataclass
+class RoundDump:
+    """One pre-copy dump on the source."""
+
+    dir: Path
+    pages: int
+    frozen_ms: float  # the container's freeze, from the freeze to the thaw
+    dump_frozen_ms: float  # the freeze up to the end of the dump (what a final dump costs)
+    snapshot_ns: int  # wall clock of the freeze: the moment the images show
+    startup_ms: float  # from starting runc to the freeze
+    criu_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Sent:
+    """What one round (or the final transfer) sent."""
+
+    pages_sent: int
+    bytes_sent: int
+    send_ms: float  # the transfer itself
+    local_ms: float = 0.0  # delta computation and the destination applying it
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+class MemoryMethod(ABC):
+    """One way to move memory. `precopy` says whether it runs rounds before the freeze."""
+
+    name: ClassVar[str]
+    precopy: ClassVar[bool]
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.rounds_dir = ctx.dir / "rounds"
+
+    def precopy_round(self, k: int) -> tuple[RoundDump, Sent]:
+        """Dump (the container keeps running) and send round `k` (from 1)."""
+        raise NotImplementedError(f"{self.name} has no pre-copy rounds")
+
+    def final_parent(self) -> Path | None:
+        """The parent images of the final dump, relative to its image directory."""
+        return None
+
+    def prepare_final(self) -> None:
+        """Before the freeze: get ready to send the final dump fast."""
+
+    def release(self) -> None:
+        """Let go of what `prepare_final` holds (idempotent)."""
+
+    @abstractmethod
+    def send_final(self, images: Path) -> Sent:
+        """Send what the destination needs to hold the final dump `images` exactly."""
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.rounds_dir, ignore_errors=True)
+        shutil.rmtree(self.ctx.dir / "round-work", ignore_errors=True)
+
+
+class StopAndCopy(MemoryMethod):
+    name = "stop-and-copy"
+    precopy = False
+
+    def send_final(self, images: Path) -> Sent:
+        s = self.ctx.sender.push(images, "images", bwlimit=0, whole_file=True)
+        return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+
+
+class PageDelta(MemoryMethod):
+    name = "precopy-page-delta"
+    precopy = True
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.basis: Path | None = None  # the images the destination holds, kept here to compare with
+        self.outgoing = ctx.dir / "outgoing"
+        self.stream: PageStream | None = None
+
+    def precopy_round(self, k: int) -> tuple[RoundDump, Sent]:
+        d = dump_round(self.ctx, k, self.rounds_dir / str(k))
+        return d, self._send(d.dir, self.ctx.bandwidth)
+
+    def prepare_final(self) -> None:
+        """Open the page stream now, while the container still runs: its TLS
+        handshake and the receiver's start-up then cost the freeze nothing."""
+        if self.ctx.open_stream is None or self.basis is None or self.stream is not None:
+            return
+        try:
+            self.stream = self.ctx.open_stream()
+        except (PhaulError, StreamError, OSError) as e:
+            log.warning("no page stream to the destination (%s); the final delta goes by rsync", e)
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def send_final(self, images: Path) -> Sent:
+        if self.stream is None or self.basis is None:
+            return self._send(images, 0)
+        try:
+            t0 = time.monotonic()
+            try:
+                delta, stats = page_delta.make_delta(images, self.basis, self.outgoing)
+            except (page_delta.DeltaError, OSError, ValueError) as e:
+                log.warning("no page delta for %s (%s); sending the images whole", images, e)
+                return self._send_whole(images, 0)
+            delta_ms = (time.monotonic() - t0) * 1000
+            try:
+                res = self.stream.send(self.outgoing)
+            except StreamError as e:  # the destination's images may be half patched: send them whole
+                log.warning("the page stream failed (%s); sending the images whole", e)
+                return self._send_whole(images, 0)
+            self._rebase(images)
+            phases = {"delta": delta_ms, "stream": res.ms, "apply_dest": res.dest_ms}
+            return Sent(stats.literal_pages, res.bytes_sent, res.ms, delta_ms, phases)
+        finally:
+            self.release()
+
+    def _send(self, images: Path, bwlimit: int) -> Sent:
+        ctx = self.ctx
+        if self.basis is None:
+            s = ctx.sender.push(images, "images", bwlimit=bwlimit, whole_file=True)
+            self._rebase(images)
+            return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+        t0 = time.monotonic()
+        try:
+            delta, stats = page_delta.make_delta(images, self.basis, self.outgoing)
+        except (page_delta.DeltaError, OSError, ValueError) as e:
+            log.warning("no page delta for %s (%s); sending the images whole", images, e)
+            return self._send_whole(images, bwlimit)
+        delta_ms = (time.monotonic() - t0) * 1000
+        # By content: every dump rewrites the small images, most of them unchanged.
+        s = ctx.sender.push(self.outgoing, "delta", bwlimit=bwlimit, whole_file=True, checksum=True)
+        t1 = time.monotonic()
+        try:
+            dest_ms = ctx.apply_pages()
+        except PhaulError as e:
+            log.warning("the destination could not apply the page delta (%s); sending the images whole", e)
+            whole = self._send_whole(images, bwlimit)
+            whole.bytes_sent += s.bytes_sent
+            return whole
+        apply_ms = (time.monotonic() - t1) * 1000
+        self._rebase(images)
+        phases = {"delta": delta_ms, "delta_transfer": s.duration_ms, "apply": apply_ms, "apply_dest": dest_ms}
+        return Sent(stats.literal_pages, s.bytes_sent, s.duration_ms, delta_ms + apply_ms, phases)
+
+    def _send_whole(self, images: Path, bwlimit: int) -> Sent:
+        s = self.ctx.sender.push(images, "images", bwlimit=bwlimit)
+        self._rebase(images)
+        return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+
+    def _rebase(self, images: Path) -> None:
+        """`images` is what the destination holds now; the old basis goes."""
+        old, self.basis = self.basis, images
+        if old is not None and old != images:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self.release()
+        super().cleanup()
+        shutil.rmtree(self.outgoing, ignore_errors=True)
+
+
+class SoftDirty(MemoryMethod):
+    """CRIU pre-dump rounds with memory tracking (needs soft-dirty, see module doc)."""
+
+    name = "precopy-soft-dirty"
+    precopy = True
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.last = 0
+
+    def precopy_round(self, k: int) -> tuple[RoundDump, Sent]:
+        parent = Path(f"../{self.last}") if self.last else None
+        d = dump_round(self.ctx, k, self.rounds_dir / str(k), pre_dump=True, parent=parent)
+        s = self.ctx.sender.push(d.dir, f"rounds/{k}", bwlimit=self.ctx.bandwidth, whole_file=True)
+        self.last = k
+        pages = int(d.criu_ms.get("pages_written", _pages_in(d.dir)))
+        return d, Sent(pages, s.bytes_sent, s.duration_ms)
+
+    def final_parent(self) -> Path | None:
+        # The final dump is written to DIR/images; its parent is DIR/rounds/N (same layout on both hosts).
+        return Path(f"../rounds/{self.last}") if self.last else None
+
+    def send_final(self, images: Path) -> Sent:
+        s = self.ctx.sender.push(images, "images", bwlimit=0, whole_file=True)
+        return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+
+
+METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDelta, SoftDirty)}
+
+
+def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False, parent: Path | None = None) -> RoundDump:
+    """One dump that leaves the container running (a pre-copy round)."""
+    work = ctx.dir / "round-work" / str(k)
+    stamps = work / "stamps"
+    for d in (image_dir, work, stamps):
+        d.mkdir(parents=True, exist_ok=True)
+    script = stamps / "round.sh"
+    script.write_text(_ROUND_SCRIPT.format(dir=stamps, freeze=freezer.freeze_snippet(ctx.freezer)))
+    script.chmod(0o700)
+    conf = ctx.ct.criu_config_path(ctx.ct_id)
+    conf.write_text(f"action-script {script}\n")
+    args = ctx.ct.checkpoint_cmd(
+        ctx.ct_id, image_dir, work, leave_running=True, tcp_established=ctx.tcp_established,
+        pre_dump=pre_dump, parent_path=parent,
+    )
+    start_ns = time.time_ns()
+    try:
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=DUMP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise ToolFailed(f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}") from None
+    finally:
+        freezer.thaw(ctx.freezer)
+        thawed_ns = time.time_ns()
+        conf.write_text("")
+    if proc.returncode != 0:
+        raise ToolFailed(
+            f"pre-copy dump {k} failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-300:]}\n"
+            f"{criu.log_tail(work / 'dump.log')}",
+            "see the CRIU log in the agent's state directory; `--precopy=off` skips pre-copy",
+        )
+    frozen_ns = _stamp(stamps / "frozen-at", start_ns)
+    dumped_ns = _stamp(stamps / "dumped-at", thawed_ns)
+    stats = criu.read_stats(work, "dump")
+    pages = int(stats.get("pages_written", 0)) or _pages_in(image_dir)
+    return RoundDump(
+        dir=image_dir, pages=pages,
+        frozen_ms=(thawed_ns - frozen_ns) / 1e6, dump_frozen_ms=(dumped_ns - frozen_ns) / 1e6,
+        snapshot_ns=frozen_ns, startup_ms=max(0.0, (frozen_ns - start_ns) / 1e6), criu_ms=stats,
+    )
+
+
+def _stamp(path: Path, default: int) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def _pages_in(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.glob("pages-*.img")) // PAGE

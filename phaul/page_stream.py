@@ -1,0 +1,195 @@
+"""A pre-opened stream for the final page delta.
+
+An rsync push costs about 70 ms before the first byte moves (TLS handshake,
+rsync's start and file list), and applying the delta takes one more call to
+the destination agent. The final delta travels while the container is frozen,
+so the source opens this stream before it freezes the container: the
+destination agent listens on a per-migration TLS endpoint (`phaul.transport`)
+that accepts the source's certificate only and runs `python -m
+phaul.page_stream DIR` for the connection; that process says `ready`, then
+for each message writes the files into DIR/delta, applies the page delta to
+DIR/images (`phaul.page_delta`) and answers.
+
+Message: one JSON line `{"files": [[NAME, SIZE], ...]}`, then the files'
+bytes in that order. Answer: one JSON line, `{"ok": true, "pages_written": N,
+"ms": MS}` or `{"ok": false, "error": TEXT}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+MAX_FILES = 100_000
+MAX_BYTES = 1 << 40
+MAX_HEADER = 64 << 20
+CHUNK = 1 << 20
+READY = b"ready\n"
+
+
+class StreamError(Exception):
+    """The stream failed; the caller sends the delta another way."""
+
+
+@dataclass
+class StreamResult:
+    bytes_sent: int
+    pages_written: int
+    dest_ms: float
+    ms: float
+
+
+# -- destination: the process behind the endpoint ----------------------------------------
+
+
+def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
+    """Answer messages on `rx`/`tx` until the source closes the stream."""
+    from phaul import page_delta
+
+    tx.write(READY)
+    tx.flush()
+    while True:
+        line = rx.readline(MAX_HEADER)
+        if not line:
+            return
+        try:
+            files = _parse_header(line)
+            delta = mdir / "delta"
+            delta.mkdir(exist_ok=True)
+            for p in delta.iterdir():
+                p.unlink()
+            for name, size in files:
+                _receive(rx, delta / name, size)
+            stats = page_delta.apply_delta(delta, mdir / "images")
+            answer = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
+        except (page_delta.DeltaError, StreamError, OSError, ValueError) as e:
+            answer = {"ok": False, "error": str(e)[:2000]}
+            tx.write(json.dumps(answer).encode() + b"\n")
+            tx.flush()
+            return  # the rest of the stream cannot be trusted
+        tx.write(json.dumps(answer).encode() + b"\n")
+        tx.flush()
+
+
+def _parse_header(line: bytes) -> list[tuple[str, int]]:
+    try:
+        raw = json.loads(line)["files"]
+        files = [(str(n), int(s)) for n, s in raw]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StreamError(f"malformed page stream header: {e}") from None
+    if len(files) > MAX_FILES or sum(s for _, s in files) > MAX_BYTES:
+        raise StreamError("page stream message too large")
+    for name, size in files:
+        if not name or name != os.path.basename(name) or name in (".", "..") or "\0" in name or size < 0:
+            raise StreamError(f"invalid file {name!r} in page stream")
+    if len({n for n, _ in files}) != len(files):
+        raise StreamError("duplicate file in page stream")
+    return files
+
+
+def _receive(rx: BinaryIO, path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = rx.read(min(CHUNK, left))
+            if not chunk:
+                raise StreamError(f"page stream ended inside {path.name}")
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m phaul.page_stream MIGRATION_DIR", file=sys.stderr)
+        return 2
+    serve(Path(argv[0]), sys.stdin.buffer, sys.stdout.buffer)
+    return 0
+
+
+# -- source ----------------------------------------------------------------------------------
+
+
+class PageStream:
+    """The source's end: a TLS connection (`phaul.transport.TLS_RSH`) to the
+    destination's page stream endpoint, opened and ready before the freeze."""
+
+    def __init__(self, env: dict[str, str], timeout: float = 30.0) -> None:
+        from phaul.transport import TLS_RSH
+
+        self.timeout = timeout
+        self.proc = subprocess.Popen(
+            ["sh", str(TLS_RSH)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        line = self._readline()
+        if line != READY:
+            self.close()
+            raise StreamError(f"the page stream did not become ready ({line[:80]!r})")
+
+    def send(self, delta_dir: Path) -> StreamResult:
+        """Send every file of `delta_dir`; the destination applies the delta. Raises StreamError."""
+        t0 = time.monotonic()
+        files = sorted((p.name, p.stat().st_size) for p in delta_dir.iterdir() if p.is_file())
+        header = json.dumps({"files": files}, separators=(",", ":")).encode() + b"\n"
+        sent = len(header)
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            stdin.write(header)
+            for name, size in files:
+                with open(delta_dir / name, "rb") as f:
+                    left = size
+                    while left:
+                        chunk = f.read(min(CHUNK, left))
+                        if not chunk:
+                            raise StreamError(f"{name} shrank while it was sent")
+                        stdin.write(chunk)
+                        left -= len(chunk)
+                sent += size
+            stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise StreamError(f"the page stream broke: {e}") from None
+        line = self._readline()
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise StreamError(f"the page stream answered {line[:80]!r}") from None
+        if not answer.get("ok"):
+            raise StreamError(f"the destination could not apply the page delta: {answer.get('error')}")
+        return StreamResult(sent, int(answer.get("pages_written", 0)), float(answer.get("ms", 0.0)), (time.monotonic() - t0) * 1000)
+
+    def _readline(self) -> bytes:
+        import select
+
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            raise StreamError(f"the page stream did not answer within {self.timeout:g} s")
+        return self.proc.stdout.readline(4096)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,315 @@
+"""Preflight: can container ID move from this host to HOST? (`phaul check`, and
+the first step of every `phaul migrate`).
+
+Each check ends `pass`, `warning` or `failure` with the reason. The source
+checks the container and its own tools, measures what the container needs and
+dumps its CPU's features (`criu cpuinfo dump`); the destination checks its
+CRIU against the source's, its CPU against that image (`criu cpuinfo check`),
+its free memory and disk against the needs, that the container's ID and
+address are free there, its bridge and runc. `migrate` refuses on a failure
+unless told `--force CHECK` for that check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from phaul.containers import ContainerConfig
+from phaul.doctor import criu_path, criu_version
+from phaul.errors import Conflict, NotFound, PhaulError
+from phaul.host import Host
+from phaul.rpc import phaul_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PASS, WARNING, FAILURE = "pass", "warning", "failure"
+CHECKS = ("agent", "container", "criu", "cpu", "memory", "disk", "ct-id", "address", "bridge", "runc")
+CPUINFO_MAX = 64 << 10
+TOOL_TIMEOUT = 30.0
+
+
+@dataclass
+class CheckResult:
+    name: str  # one of CHECKS
+    status: str  # pass | warning | failure
+    message: str
+    host: str
+
+    def to_proto(self) -> pb.CheckResult:
+        return pb.CheckResult(**asdict(self))
+
+    @classmethod
+    def from_proto(cls, m: pb.CheckResult) -> CheckResult:
+        return cls(m.name, m.status, m.message, m.host)
+
+
+def check_force(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Validate `--force` names."""
+    from phaul.errors import InvalidInput
+
+    bad = [n for n in names if n not in CHECKS]
+    if bad:
+        raise InvalidInput(f"unknown check {bad[0][:40]!r} to force", f"name one of: {', '.join(CHECKS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def refusal(results: list[CheckResult], force: tuple[str, ...]) -> Conflict | None:
+    """The error that stops a migration: failures not forced; None when it may go ahead."""
+    failed = [r for r in results if r.status == FAILURE and r.name not in force]
+    if not failed:
+        return None
+    lines = "; ".join(f"{r.name} on {r.host}: {r.message}" for r in failed)
+    names = " ".join(f"--force {n}" for n in dict.fromkeys(r.name for r in failed))
+    return Conflict(f"preflight failed: {lines}", f"fix it, or migrate anyway with {names} (see `phaul check`)")
+
+
+# -- the source ---------------------------------------------------------------------------
+
+
+@dataclass
+class Needs:
+    """What the source measured for the destination to check."""
+
+    config: ContainerConfig
+    criu_version: str
+    memory: int
+    disk: int
+    cpuinfo: bytes
+
+
+def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | None]:
+    """The source's own checks, and what the destination must check (None when the
+    container cannot be moved at all)."""
+    out: list[CheckResult] = []
+    me = host.name
+    try:
+        info = host.containers.info(ct_id)
+        config = host.containers.config(ct_id)
+    except NotFound as e:
+        return [CheckResult("container", FAILURE, e.message, me)], None
+    if info.state != "running":
+        out.append(CheckResult("container", FAILURE, f"{ct_id} is {info.state}, not running", me))
+    else:
+        out.append(CheckResult("container", PASS, f"{ct_id} runs (init PID {info.pid})", me))
+    path = criu_path()
+    version = criu_version(path) if path else None
+    if version is None:
+        out.append(CheckResult("criu", FAILURE, "no usable CRIU here; run `make setup`", me))
+    else:
+        out.append(CheckResult("criu", PASS, f"CRIU {_v(version)} at {path}", me))
+    out.append(_runc_check(me))
+    cpuinfo, why = _cpuinfo_dump(host) if path else (b"", "no CRIU")
+    if not cpuinfo:
+        out.append(CheckResult("cpu", WARNING, f"could not describe this host's CPU for the destination: {why}", me))
+    memory = info.memory_used or 0
+    disk = _du(host.containers.container_dir(ct_id)) + memory  # files + the images of its memory
+    return out, Needs(config, _v(version) if version else "", memory, disk, cpuinfo)
+
+
+def _cpuinfo_dump(host: Host) -> tuple[bytes, str]:
+    tmp = host.state_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
+        r = _run([criu_path() or "criu", "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"])
+        img = Path(d) / "cpuinfo.img"
+        if r.returncode != 0 or not img.is_file():
+            return b"", _criu_error(Path(d) / "cpuinfo.log", r)
+        data = img.read_bytes()
+        return (data, "") if len(data) <= CPUINFO_MAX else (b"", "the CPU image is too large")
+
+
+# -- the destination --------------------------------------------------------------------------
+
+
+def dest_checks(host: Host, source: str, req: pb.PeerCheckRequest, config: ContainerConfig, busy: bool) -> list[CheckResult]:
+    """The destination's checks for a container `source` wants to send here. `busy`:
+    a migration of this container to this host is already under way."""
+    me = host.name
+    out = [_criu_check(me, req.criu_version), _cpu_check(host, req.cpuinfo), _memory_check(me, req.need_memory),
+           _disk_check(host, req.need_disk), _id_check(host, config.id, busy), _address_check(host, config),
+           _bridge_check(host, config), _runc_check(me)]
+    return out
+
+
+def _criu_check(me: str, theirs_text: str) -> CheckResult:
+    path = criu_path()
+    mine = criu_version(path) if path else None
+    if mine is None:
+        return CheckResult("criu", FAILURE, "no usable CRIU here; run `make setup`", me)
+    theirs = tuple(int(x) for x in theirs_text.split(".") if x.isdigit())
+    if theirs and mine < theirs:
+        return CheckResult("criu", FAILURE, f"CRIU {_v(mine)} here is older than the source's {theirs_text}: it may not read its images", me)
+    if theirs and mine[:2] != theirs[:2]:
+        return CheckResult("criu", WARNING, f"CRIU {_v(mine)} here, {theirs_text} on the source: newer, should read its images", me)
+    return CheckResult("criu", PASS, f"CRIU {_v(mine)}" + (f", as the source's {theirs_text}" if theirs else ""), me)
+
+
+def _cpu_check(host: Host, cpuinfo: bytes) -> CheckResult:
+    me = host.name
+    if not cpuinfo:
+        return CheckResult("cpu", WARNING, "the source sent no CPU description; not checked", me)
+    if criu_path() is None:
+        return CheckResult("cpu", FAILURE, "no CRIU here to check the CPU with", me)
+    tmp = host.state_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
+        (Path(d) / "cpuinfo.img").write_bytes(cpuinfo)
+        r = _run([criu_path() or "criu", "cpuinfo", "check", "-D", d, "-o", "cpuinfo.log"])
+        if r.returncode == 0:
+            return CheckResult("cpu", PASS, "this CPU has every feature the container's processes may use (criu cpuinfo check)", me)
+        return CheckResult("cpu", FAILURE, f"this CPU lacks features of the source's: {_criu_error(Path(d) / 'cpuinfo.log', r)}", me)
+
+
+def _memory_check(me: str, need: int) -> CheckResult:
+    avail = _mem_available()
+    if avail is None:
+        return CheckResult("memory", WARNING, "cannot read MemAvailable from /proc/meminfo", me)
+    if need > avail:
+        return CheckResult("memory", FAILURE, f"the container uses {_mib(need)}, only {_mib(avail)} is available", me)
+    if need > avail * 0.8:
+        return CheckResult("memory", WARNING, f"the container uses {_mib(need)} of {_mib(avail)} available", me)
+    return CheckResult("memory", PASS, f"{_mib(avail)} available, the container uses {_mib(need)}", me)
+
+
+def _disk_check(host: Host, need: int) -> CheckResult:
+    me = host.name
+    try:
+        st = os.statvfs(host.state_dir)
+    except OSError as e:
+        return CheckResult("disk", FAILURE, f"cannot stat the state directory: {e.strerror}", me)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        return CheckResult("disk", FAILURE, f"the container needs about {_mib(need)}, {host.state_dir} has {_mib(free)} free", me)
+    if need * 2 > free:
+        return CheckResult("disk", WARNING, f"the container needs about {_mib(need)} of {_mib(free)} free (pre-copy rounds need more)", me)
+    return CheckResult("disk", PASS, f"{_mib(free)} free in {host.state_dir}, about {_mib(need)} needed", me)
+
+
+def _id_check(host: Host, ct_id: str, busy: bool) -> CheckResult:
+    me = host.name
+    if host.containers.container_dir(ct_id).exists():
+        return CheckResult("ct-id", FAILURE, f"{me} already has a container {ct_id}", me)
+    if busy:
+        return CheckResult("ct-id", FAILURE, f"a migration of {ct_id} to {me} is already under way", me)
+    return CheckResult("ct-id", PASS, f"no container {ct_id} here", me)
+
+
+def _address_check(host: Host, config: ContainerConfig) -> CheckResult:
+    me = host.name
+    if not config.ip:
+        return CheckResult("address", PASS, "the container has no address of its own", me)
+    ip = config.ip.split("/")[0]
+    for c in _configs(host):
+        if c.ip and c.ip.split("/")[0] == ip and c.id != config.id:
+            return CheckResult("address", FAILURE, f"container {c.id} here already has {ip}", me)
+    r = _run(["ip", "-o", "addr", "show"])
+    if re.search(rf"inet {re.escape(ip)}/", r.stdout):
+        return CheckResult("address", FAILURE, f"{ip} is an address of {me} itself", me)
+    return CheckResult("address", PASS, f"{ip} is free here", me)
+
+
+def _bridge_check(host: Host, config: ContainerConfig) -> CheckResult:
+    me = host.name
+    if not config.ip:
+        return CheckResult("bridge", PASS, "the container has no address: no bridge needed", me)
+    if not host.bridge:
+        return CheckResult("bridge", FAILURE, f"{me}'s agent has no --bridge for addressed containers", me)
+    if not Path(f"/sys/class/net/{host.bridge}/bridge").is_dir():
+        return CheckResult("bridge", FAILURE, f"bridge {host.bridge} does not exist on {me}", me)
+    return CheckResult("bridge", PASS, f"bridge {host.bridge} is present", me)
+
+
+def _runc_check(me: str) -> CheckResult:
+    path = shutil.which("runc")
+    if path is None:
+        return CheckResult("runc", FAILURE, "runc is not installed (apt-get install runc)", me)
+    first = _run([path, "--version"]).stdout.splitlines()
+    return CheckResult("runc", PASS, first[0] if first else path, me)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _configs(host: Host) -> list[ContainerConfig]:
+    out = []
+    for info in host.containers.list():
+        try:
+            out.append(host.containers.config(info.id))
+        except PhaulError:
+            continue
+    return out
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return subprocess.CompletedProcess(argv, 255, "", str(e))
+
+
+def _criu_error(log_path: Path, r: subprocess.CompletedProcess[str]) -> str:
+    try:
+        lines = [l for l in log_path.read_text(errors="replace").splitlines() if "Error" in l and "RLIMIT" not in l]
+    except OSError:
+        lines = []
+    text = (lines[-1] if lines else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
+    return text[-300:]
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def _v(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def run(host: Host, ct_id: str, dest: object, dest_name: str) -> list[CheckResult]:
+    """Every check, on this host (the source) and on the destination agent `dest`
+    (a connected phaul.client.Agent)."""
+    from phaul import messages
+    from phaul.client import Agent
+
+    assert isinstance(dest, Agent)
+    results, needs = source_checks(host, ct_id)
+    if needs is None:
+        return results
+    request = pb.PeerCheckRequest(
+        source_name=host.name, config=messages.config_to_proto(needs.config), criu_version=needs.criu_version,
+        need_memory=needs.memory, need_disk=needs.disk, cpuinfo=needs.cpuinfo,
+    )
+    try:
+        reply = dest.call("PeerCheck", request, timeout=60)
+    except PhaulError as e:
+        results.append(CheckResult("agent", FAILURE, f"cannot ask {dest_name}: {e.message}", host.name))
+        return results
+    results.append(CheckResult("agent", PASS, f"{dest_name}'s agent answers", host.name))
+    return results + [CheckResult.from_proto(c) for c in reply.checks]

@@ -1,0 +1,519 @@
+"""Settling migrations that a failure or an agent restart left unfinished.
+
+The source agent decides: it alone may destroy its copy of the container, and
+it tells the destination to run its copy only once its own copy is gone. The
+destination never runs a copy it was not told to run and never removes a
+restored copy without the source's word; what it holds before its restore has
+ended it may remove on its own (the source cannot have committed).
+
+A settled migration ends `ok` (the copy runs on the destination),
+`rolled_back` (it runs on the source), or `failed` (no copy could be run); one
+that cannot be settled yet (the peer is unreachable) stays `in_doubt` and is
+retried by the agent's resolver and by `phaul recover`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from phaul import criu
+from phaul.client import Agent, connect
+from phaul.errors import NotFound, PhaulError
+from phaul.host import Host
+from phaul.journal import Journal, JournalEntry
+from phaul.rpc import phaul_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PEER_TIMEOUT = 10.0  # s, one call to the peer while settling
+DUMP_WAIT = 60.0  # s, how long to wait for a dump in progress to reach the gate or end
+GATE_END_WAIT = 60.0  # s, how long to wait for the gate to act on a verdict
+
+# What the source answers when the destination asks what to do with its copy.
+COMMIT, ABORT, PENDING, UNKNOWN = "commit", "abort", "pending", "unknown"
+# What the destination holds.
+ABSENT, PREPARED, RESTORED, RUNNING, ABORTED = "absent", "prepared", "restored", "running", "aborted"
+
+
+@dataclass
+class Outcome:
+    """How settling one migration ended on this host."""
+
+    migration_id: str
+    role: str
+    result: str  # ok | rolled_back | failed | in_doubt | in_progress
+    message: str = ""
+
+    def to_proto(self) -> pb.RecoverOutcome:
+        return pb.RecoverOutcome(migration_id=self.migration_id, role=self.role, result=self.result, message=self.message)
+
+
+class Active:
+    """The migrations this agent process is running right now (they are not
+    settled by recovery: their own thread does that)."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, migration_id: str) -> None:
+        with self._lock:
+            self._ids.add(migration_id)
+
+    def discard(self, migration_id: str) -> None:
+        with self._lock:
+            self._ids.discard(migration_id)
+
+    def __contains__(self, migration_id: object) -> bool:
+        with self._lock:
+            return migration_id in self._ids
+
+
+# -- processes and containers -----------------------------------------------------
+
+
+def procs_using(path: Path) -> list[int]:
+    """PIDs of live processes whose command line names `path` or something under it."""
+    needle = str(path).encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def kill_data_channel(mdir: Path) -> None:
+    """Stop the data channel a (possibly dead) agent opened for migration directory `mdir`."""
+    try:
+        pid = int((mdir / "data-channel.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and str(mdir).encode() in _cmdline(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in procs_using(mdir):  # rsync servers and socats the listener forked
+        if os.path.basename(_cmdline(p).split(b"\0")[0]).decode(errors="replace") in ("socat", "rsync"):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+_CRIU_UNLOCK = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n"
+
+
+def unlock_network(pid: int) -> None:
+    """Remove CRIU's network lock from the network namespace of `pid`, left when
+    CRIU was killed while it held the container (best effort)."""
+    for save, restore in (("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")):
+        if shutil.which(save) is None:
+            continue
+        ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
+        try:
+            rules = subprocess.run([*ns, save, "-t", "filter"], capture_output=True, text=True, timeout=10).stdout
+            if ":CRIU " in rules:
+                subprocess.run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, capture_output=True, text=True, timeout=10)
+                log.info("removed CRIU's network lock from the namespace of %d", pid)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e)
+
+
+def source_copy(host: Host, ct_id: str, mdir: Path) -> str:
+    """What the source copy is now: "gate" (dumped, held at the commit gate),
+    "dumping" (a dump of it is under way), "running", "frozen" (its processes
+    exist but are frozen, with nothing holding them) or "gone"."""
+    if criu.CommitGate.attach(mdir / "gate").waiting():
+        return "gate"
+    if any(b"checkpoint" in _cmdline(p) for p in procs_using(mdir)):
+        return "dumping"
+    try:
+        state = host.containers.info(ct_id).state
+    except NotFound:
+        return "gone"
+    except PhaulError as e:
+        log.warning("cannot inspect %s: %s", ct_id, e)
+        return "gone" if not host.containers.container_dir(ct_id).exists() else "frozen"
+    return {"running": "running", "paused": "frozen"}.get(state, "gone")
+
+
+def ensure_running(host: Host, ct_id: str) -> bool:
+    """Make a source copy whose dump was abandoned run again: thaw it and lift
+    CRIU's network lock. True when it runs."""
+    try:
+        info = host.containers.info(ct_id)
+        if info.state == "paused":
+            host.containers.resume(ct_id)
+            info = host.containers.info(ct_id)
+            if info.pid:
+                unlock_network(info.pid)
+        return info.state == "running"
+    except PhaulError as e:
+        log.error("cannot resume %s: %s", ct_id, e)
+        return False
+
+
+# -- settling ---------------------------------------------------------------------------
+
+
+class Recovery:
+    """Settles this host's unfinished migrations: at start-up, periodically (the
+    resolver) and on request (`phaul recover`)."""
+
+    def __init__(self, host: Host, journal: Journal, dest: object, active: Active) -> None:
+        from phaul.dest import Destination
+
+        assert isinstance(dest, Destination)
+        self.host = host
+        self.journal = journal
+        self.dest = dest
+        self.active = active
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    @contextmanager
+    def _locked(self, migration_id: str, role: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._locks.setdefault(f"{role}-{migration_id}", threading.Lock())
+        with lock:
+            yield
+
+    # -- start-up and the resolver --------------------------------------------------
+
+    def startup(self) -> list[Outcome]:
+        """Settle what can be settled without the peers (quick; run before serving):
+        destination migrations whose restore never ended are removed, a resumed
+        copy is finished; a held copy is reloaded so the source can still decide."""
+        outcomes = []
+        for e in self.journal.unsettled():
+            if e.role == "destination":
+                try:
+                    outcomes.append(self._dest_startup(e))
+                except Exception as ex:  # keep starting
+                    log.exception("migration %s: start-up recovery failed", e.migration_id)
+                    outcomes.append(Outcome(e.migration_id, e.role, "in_doubt", str(ex)))
+        self.journal.prune()
+        return outcomes
+
+    def start_resolver(self, interval: float) -> threading.Thread:
+        """Settle unsettled migrations in the background now, then every `interval` s
+        (0: only once)."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.settle_all(quiet=True)
+                if interval <= 0 or self._stop.wait(interval):
+                    return
+
+        t = threading.Thread(target=loop, name="resolver", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def settle_all(self, quiet: bool = False) -> list[Outcome]:
+        out = []
+        for e in self.journal.unsettled():
+            if e.migration_id in self.active:
+                continue
+            try:
+                out.append(self.settle(e.migration_id, e.role))
+            except Exception as ex:
+                if not quiet:
+                    raise
+                log.warning("migration %s: settling failed: %s", e.migration_id, ex)
+        return out
+
+    def settle(self, migration_id: str, role: str | None = None) -> Outcome:
+        """Settle one migration (either role) as far as possible now."""
+        e = self.journal.get(migration_id, role)
+        if e.migration_id in self.active:
+            return Outcome(e.migration_id, e.role, "in_progress", "the migration is still running on this agent")
+        with self._locked(e.migration_id, e.role):
+            e = self.journal.get(migration_id, e.role)
+            if e.role == "source":
+                return self._settle_source(e)
+            return self._settle_dest(e)
+
+    # -- the source's side ---------------------------------------------------------------
+
+    def decision(self, migration_id: str) -> tuple[str, str]:
+        """What the destination should do with its copy: COMMIT (run it: the source
+        copy is gone), ABORT (remove it: the source copy runs and never will be
+        destroyed), PENDING (ask again later) or UNKNOWN."""
+        if migration_id in self.active:
+            return PENDING, "the migration is under way"
+        try:
+            e = self.journal.get(migration_id, "source")
+        except NotFound:
+            return UNKNOWN, "this host has no record of the migration"
+        with self._locked(e.migration_id, "source"):
+            e = self.journal.get(migration_id, "source")
+            if e.result == "ok":
+                return COMMIT, "committed"
+            if e.settled:
+                return ABORT, f"the migration ended {e.result}"
+            local = source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id))
+            if local == "gone":
+                return COMMIT, "the source copy is gone"
+            if local in ("running", "frozen"):
+                return ABORT, f"the source copy is {local}; it will be resumed"
+            return PENDING, f"the source copy is {local}"
+
+    def _settle_source(self, e: JournalEntry) -> Outcome:
+        mid, ct = e.migration_id, e.ct
+        mdir = self.host.migration_dir(mid)
+        if e.settled:
+            return self._reconcile_settled_source(e)
+        local = source_copy(self.host, ct, mdir)
+        if local == "dumping":
+            gate = criu.CommitGate.attach(mdir / "gate")
+            wait_until(lambda: gate.waiting() or source_copy(self.host, ct, mdir) != "dumping", DUMP_WAIT, 0.1)
+            local = source_copy(self.host, ct, mdir)
+            if local == "dumping":
+                self.journal.mark_in_doubt(mid, "source", "a dump of the container is still under way")
+                return Outcome(mid, "source", "in_doubt", "a dump of the container is still under way; try again")
+        peer_state, peer_error = self._peer_dest_state(e)
+        log.info("migration %s: settling (source copy %s, destination %s)", mid, local, peer_state or peer_error)
+
+        if local == "gate":
+            if e.reached("commit") and peer_state in (RESTORED, RUNNING):
+                return self._finish_commit(e, mdir)
+            gate = criu.CommitGate.attach(mdir / "gate")
+            self.journal.record(mid, "source", "abort")
+            gate.release(commit=False)
+            wait_until(lambda: gate.verdict() is not None and not procs_using(mdir / "images"), GATE_END_WAIT, 0.05)
+            local = source_copy(self.host, ct, mdir)
+        if local in ("running", "frozen"):
+            if not ensure_running(self.host, ct):
+                self.journal.mark_in_doubt(mid, "source", f"the source copy of {ct} could not be resumed")
+                return Outcome(mid, "source", "in_doubt", f"the source copy of {ct} could not be resumed")
+            self._clear_criu_config(ct)
+            note = self._abort_dest(e, peer_state)
+            self.journal.settle(mid, "source", "rolled_back", note)
+            shutil.rmtree(mdir, ignore_errors=True)
+            return Outcome(mid, "source", "rolled_back", f"{ct} runs on {self.host.name}" + (f"; {note}" if note else ""))
+        # the source copy is gone
+        if peer_state in (RESTORED, RUNNING):
+            return self._finish_commit(e, mdir)
+        if peer_state is None:
+            msg = f"the source copy is gone and {e.peer} cannot be reached ({peer_error}); its copy may be held there"
+            self.journal.mark_in_doubt(mid, "source", msg)
+            return Outcome(mid, "source", "in_doubt", msg)
+        if peer_state == PREPARED:
+            self._abort_dest(e, peer_state)
+        msg = f"no copy of {ct} is left: the source copy is gone and {e.peer} has {peer_state}; images kept in {mdir}"
+        log.error("migration %s: %s", mid, msg)
+        self.journal.settle(mid, "source", "failed", msg)
+        return Outcome(mid, "source", "failed", msg)
+
+    def _finish_commit(self, e: JournalEntry, mdir: Path) -> Outcome:
+        """The destination holds a restored copy: make sure the source copy is
+        destroyed, then let the destination's copy run."""
+        mid, ct = e.migration_id, e.ct
+        gate = criu.CommitGate.attach(mdir / "gate")
+        if gate.waiting():
+            self.journal.record(mid, "source", "commit")
+            gate.release(commit=True)
+            wait_until(lambda: gate.verdict() is not None, GATE_END_WAIT, 0.02)
+            if gate.verdict() != "commit":
+                return self._settle_source(self.journal.get(mid, "source"))  # the gate gave up: roll back
+            wait_until(lambda: not procs_using(mdir / "images"), GATE_END_WAIT, 0.05)
+        self._destroy_source(ct)
+        self.journal.record(mid, "source", "source-destroyed")
+        self.journal.record(mid, "source", "resume")
+        try:
+            with self._peer(e) as peer:
+                peer.call("Resume", pb.MigrationRef(migration_id=mid), timeout=PEER_TIMEOUT * 3)
+        except PhaulError as ex:
+            if self._peer_dest_state(e)[0] == RUNNING:  # it was told meanwhile (its own resolver asked)
+                return self._settled_ok(e, mdir)
+            msg = f"the source copy is destroyed; {e.peer} did not confirm its copy runs: {ex.message}"
+            self.journal.mark_in_doubt(mid, "source", msg)
+            return Outcome(mid, "source", "in_doubt", msg)
+        return self._settled_ok(e, mdir)
+
+    def _settled_ok(self, e: JournalEntry, mdir: Path) -> Outcome:
+        self._finish_dest(e)
+        self.journal.settle(e.migration_id, "source", "ok")
+        shutil.rmtree(mdir, ignore_errors=True)
+        return Outcome(e.migration_id, "source", "ok", f"{e.ct} runs on {e.peer}")
+
+    def _reconcile_settled_source(self, e: JournalEntry) -> Outcome:
+        """A settled migration: make sure the destination agrees (it may have been
+        unreachable when the migration settled)."""
+        state, err = self._peer_dest_state(e)
+        note = ""
+        if e.result == "ok" and state == RESTORED:
+            try:
+                with self._peer(e) as peer:
+                    peer.call("Resume", pb.MigrationRef(migration_id=e.migration_id), timeout=PEER_TIMEOUT * 3)
+                note = f"; told {e.peer} to run its copy"
+            except PhaulError as ex:
+                note = f"; {e.peer} did not resume its copy: {ex.message}"
+        elif e.result == "ok" and state == RUNNING:
+            self._finish_dest(e)
+        elif e.result != "ok" and state in (PREPARED, RESTORED):
+            note = "; " + (self._abort_dest(e, state) or f"removed what {e.peer} held")
+        elif state is None:
+            note = f"; {e.peer} is unreachable ({err})"
+        return Outcome(e.migration_id, "source", e.result, f"already settled{note}")
+
+    def _destroy_source(self, ct: str) -> None:
+        try:
+            self.host.containers.destroy(ct)
+        except NotFound:
+            pass
+
+    def _clear_criu_config(self, ct: str) -> None:
+        try:
+            path = self.host.containers.criu_config_path(ct)
+            if path.exists():
+                path.write_text("")
+        except (OSError, PhaulError):
+            pass
+
+    def _peer(self, e: JournalEntry) -> Agent:
+        if not e.peer_address:
+            raise PhaulError(f"the journal of migration {e.migration_id} does not say where {e.peer} is")
+        return connect(e.peer_address, e.peer, self.host.creds)
+
+    def _peer_dest_state(self, e: JournalEntry) -> tuple[str | None, str]:
+        """(what the destination holds, "") or (None, why it could not be asked)."""
+        try:
+            with self._peer(e) as peer:
+                reply = peer.call("MigrationStatus", pb.MigrationRef(migration_id=e.migration_id), timeout=PEER_TIMEOUT)
+            return reply.state, ""
+        except PhaulError as ex:
+            return None, ex.message
+
+    def _abort_dest(self, e: JournalEntry, state: str | None) -> str:
+        if state in (ABSENT, ABORTED):
+            return ""
+        try:
+            with self._peer(e) as peer:
+                peer.call("Abort", pb.MigrationRef(migration_id=e.migration_id), timeout=PEER_TIMEOUT * 6)
+            return ""
+        except PhaulError as ex:
+            return f"{e.peer} may still hold partial state ({ex.message}); it removes it once it learns the outcome"
+
+    def _finish_dest(self, e: JournalEntry) -> None:
+        try:
+            with self._peer(e) as peer:
+                peer.call("Finish", pb.MigrationRef(migration_id=e.migration_id), timeout=PEER_TIMEOUT * 3)
+        except PhaulError as ex:
+            log.info("migration %s: clean-up on %s: %s", e.migration_id, e.peer, ex.message)
+
+    # -- the destination's side -----------------------------------------------------------
+
+    def dest_state(self, migration_id: str) -> str:
+        """What this host holds of an incoming migration (asked by the source)."""
+        m = self.dest.lookup(migration_id)
+        if m is not None:
+            return {"prepared": PREPARED, "restored": RESTORED, "running": RUNNING, "aborted": ABORTED}.get(m.state, PREPARED)
+        try:
+            e = self.journal.get(migration_id, "destination")
+        except NotFound:
+            return ABSENT
+        if e.result == "ok" or e.reached("resume"):
+            return RUNNING
+        if e.settled:
+            return ABORTED
+        return RESTORED if e.reached("restored") else PREPARED
+
+    def _dest_startup(self, e: JournalEntry) -> Outcome:
+        mid = e.migration_id
+        mdir = self.host.migration_dir(mid)
+        if e.reached("resume"):
+            return self._dest_finish_resume(e)
+        if e.reached("restored"):
+            kill_data_channel(mdir)  # the dead agent's; nothing more travels for this migration
+            self.dest.reload_restored(e)
+            return Outcome(mid, "destination", "in_doubt", f"{e.ct} is held restored; waiting for {e.peer}'s decision")
+        # The restore never ended here: the source cannot have committed. Remove it all.
+        kill_data_channel(mdir)
+        wait_until(lambda: not procs_using(mdir), DUMP_WAIT, 0.05)
+        self.dest.remove_leftovers(e)
+        self.journal.settle(mid, "destination", "rolled_back", "removed at agent start-up: the restore never ended")
+        return Outcome(mid, "destination", "rolled_back", f"removed the partial copy of {e.ct}")
+
+    def _dest_finish_resume(self, e: JournalEntry) -> Outcome:
+        mid = e.migration_id
+        try:
+            self.host.containers.resume(e.ct)
+        except PhaulError as ex:
+            log.info("migration %s: resuming %s: %s", mid, e.ct, ex.message)
+        mdir = self.host.migration_dir(mid)
+        kill_data_channel(mdir)
+        self.dest.forget(mid)
+        shutil.rmtree(mdir, ignore_errors=True)
+        self.journal.settle(mid, "destination", "ok")
+        return Outcome(mid, "destination", "ok", f"{e.ct} runs here")
+
+    def _settle_dest(self, e: JournalEntry) -> Outcome:
+        mid = e.migration_id
+        if e.settled:
+            return Outcome(mid, "destination", e.result, "already settled")
+        if e.reached("resume"):
+            return self._dest_finish_resume(e)
+        held = e.reached("restored")
+        if not held and self.dest.lookup(mid) is None:
+            return self._dest_startup(e)  # nothing alive holds it: remove
+        try:
+            with self._peer(e) as peer:
+                reply = peer.call("MigrationDecision", pb.MigrationRef(migration_id=mid), timeout=PEER_TIMEOUT)
+            decision, why = reply.decision, reply.message
+        except PhaulError as ex:
+            decision, why = None, ex.message
+        if decision == COMMIT and held:
+            self.dest.resume(mid)
+            self.dest.finish(mid)
+            return Outcome(mid, "destination", "ok", f"{e.ct} runs here ({e.peer}: {why})")
+        if decision == ABORT or (decision in (UNKNOWN, COMMIT) and not held):
+            self.dest.abort(mid)
+            return Outcome(mid, "destination", "rolled_back", f"removed the copy of {e.ct} ({e.peer}: {why})")
+        msg = f"{e.ct} is held {'restored' if held else 'prepared'} here; {e.peer}: {why}"
+        if held:
+            self.journal.mark_in_doubt(mid, "destination", msg)
+        return Outcome(mid, "destination", "in_doubt" if held else "in_progress", msg)

@@ -1,0 +1,283 @@
+"""Helpers for the tests that break migrations on purpose (test_recovery.py,
+test_faults.py): pausing a migration at a step, killing agents and CRIU,
+cutting the lab link, and checking what is left on each host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, Lab, wait_for
+
+HOSTS = ("alpha", "beta")
+
+
+@pytest.fixture
+def broken_lab(lab: Lab):  # type: ignore[no-untyped-def]
+    """The lab for tests that break it: afterwards links are healed, dead agents
+    restarted, what is in doubt settled, and every container removed."""
+    yield lab
+    for host in HOSTS:
+        link(host, up=True)
+        pause_marker(lab, host).unlink(missing_ok=True)
+    restart_agents(lab)
+    for host in HOSTS:
+        lab.phaul("--host", host, "recover", check=False, timeout=600)
+    lab.destroy_all()
+
+
+def runc_state(lab: Lab, host: str, ct: str) -> str | None:
+    """runc's view of a container, without asking the (maybe dead) agent."""
+    proc = subprocess.run(["runc", "--root", str(lab.state_dir(host) / "runc"), "state", ct], capture_output=True, text=True)
+    return json.loads(proc.stdout)["status"] if proc.returncode == 0 else None
+
+
+def counter_file(lab: Lab, host: str, ct: str) -> int:
+    """The counter as written into the container's root file system (no agent needed)."""
+    try:
+        return int((lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs" / "counter").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return -1
+
+
+def frozen(lab: Lab, host: str, ct: str, seconds: float = 0.5) -> bool:
+    """True if the container's counter does not move for `seconds`."""
+    before = counter_file(lab, host, ct)
+    time.sleep(seconds)
+    return before == counter_file(lab, host, ct) != -1
+
+
+# A counter that also keeps a random value drawn at start-up in its memory only
+# (a restarted copy would draw another); it writes the value to /mark when /ask appears.
+MARKED_COUNTER = [
+    "/bin/sh", "-c",
+    "v=$(head -c8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); i=0; "
+    "while :; do i=$((i+1)); echo $i > /counter; "
+    "if [ -e /ask ]; then rm -f /ask; echo $v > /mark; fi; sleep 0.05; done",
+]
+
+
+def start_counter(lab: Lab, ct: str, host: str = "alpha") -> str:
+    """Create and start a marked counter; returns the value it keeps in memory."""
+    lab.phaul("--host", host, "ct", "create", ct, "--memory", "64M")
+    lab.phaul("--host", host, "ct", "start", ct, "--", *MARKED_COUNTER)
+    wait_for(lambda: lab.counter(host, ct) > 2, what=f"{ct}'s counter to run")
+    return read_memory_mark(lab, host, ct)
+
+
+def read_memory_mark(lab: Lab, host: str, ct: str, timeout: float = 10) -> str:
+    """The value the counter keeps in memory (asked through /ask and /mark)."""
+    lab.exec(host, ct, "sh", "-c", "rm -f /mark; touch /ask")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = lab.exec(host, ct, "sh", "-c", "cat /mark 2>/dev/null || true").strip()
+        if out:
+            return out
+        time.sleep(0.05)
+    return ""
+
+
+def migrate_async(lab: Lab, ct: str, src: str, dst: str, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "phaul", "--hosts-file", str(lab.hosts_file), "--host", src, "migrate", ct, dst, "--json", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> dict:
+    out, err = proc.communicate(timeout=timeout)
+    if out.strip().startswith("{"):
+        return json.loads(out)
+    return {"result": "no report", "exit": proc.returncode, "stderr": err.strip()[-600:]}
+
+
+def pause_marker(lab: Lab, host: str) -> Path:
+    return lab.state_dir(host) / "faults" / "paused"
+
+
+def wait_paused(lab: Lab, host: str, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[str, str]:
+    """Wait until the migration pauses at its fault step; (migration ID, step)."""
+    marker = pause_marker(lab, host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            mid, step = marker.read_text().split()
+            return mid, step
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"the migration ended before pausing: {finish(proc)}")
+        time.sleep(0.02)
+    raise AssertionError("the migration never paused")
+
+
+def release(lab: Lab, host: str) -> None:
+    pause_marker(lab, host).unlink(missing_ok=True)
+
+
+def agent_pid(lab: Lab, host: str) -> int:
+    return int((lab.state_dir(host) / "agent.pid").read_text())
+
+
+def kill_agent(lab: Lab, host: str) -> None:
+    os.kill(agent_pid(lab, host), signal.SIGKILL)
+    wait_for(lambda: not _alive(agent_pid(lab, host)), what=f"{host}'s agent to die")
+
+
+def restart_agents(lab: Lab) -> None:
+    """What an admin does after an agent died: `phaul lab up` restarts dead agents."""
+    lab.phaul("lab", "up", timeout=120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def link(host: str, up: bool) -> None:
+    """Take host's leg of the lab switch down (cut) or up (heal)."""
+    subprocess.run(["ip", "-n", "phaul-sw", "link", "set", f"phl-{host}-sw", "up" if up else "down"], check=True)
+
+
+def criu_pids(lab: Lab, host: str) -> list[int]:
+    """CRIU processes working for host's runc."""
+    root = str(lab.state_dir(host) / "runc").encode()
+    runcs = set()
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(d.name)] = (cmd, ppid)
+        if root in cmd and b"runc" in cmd.split(b"\0")[0]:
+            runcs.add(int(d.name))
+    return [pid for pid, (cmd, ppid) in procs.items() if os.path.basename(cmd.split(b"\0")[0]) == b"criu" and ppid in runcs]
+
+
+def kill_criu(lab: Lab, host: str, timeout: float = 30) -> bool:
+    """SIGKILL the first CRIU working for host's runc within `timeout` s; True if one was."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = criu_pids(lab, host)
+        if pids:
+            for p in pids:
+                os.kill(p, signal.SIGKILL)
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def migrations(lab: Lab, host: str) -> dict[str, dict]:
+    rows = json.loads(lab.phaul("--host", host, "migrations", "--json").stdout)
+    return {r["migration_id"]: r for r in rows}
+
+
+def recover(lab: Lab, host: str, mid: str = "") -> list[dict]:
+    proc = lab.phaul("--host", host, "recover", *([mid] if mid else []), "--json", check=False, timeout=600)
+    assert proc.returncode in (0, 1, 3), proc
+    return json.loads(proc.stdout)
+
+
+@dataclass
+class Where:
+    """Where a container is, host by host: runc state or None."""
+
+    states: dict[str, str | None]
+
+    @property
+    def running(self) -> list[str]:
+        return [h for h, s in self.states.items() if s == "running"]
+
+
+def where(lab: Lab, ct: str) -> Where:
+    """Asks runc and the state directories, not the agents (which may be dead)."""
+    states: dict[str, str | None] = {}
+    for host in HOSTS:
+        state = runc_state(lab, host, ct)
+        if state is None and (lab.state_dir(host) / "containers" / ct / "phaul.json").exists():
+            state = "created"
+        states[host] = state
+    return Where(states)
+
+
+def stopped_processes(lab: Lab, host: str, ct: str) -> list[str]:
+    """Processes of the container on `host` that are stopped (T) or frozen."""
+    out = []
+    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/{ct}"):
+        state = cg / "freezer.state"
+        if state.exists() and state.read_text().strip() != "THAWED":
+            out.append(f"{cg} is {state.read_text().strip()}")
+        procs = cg / "cgroup.procs"
+        if not procs.exists():
+            continue
+        for pid in procs.read_text().split():
+            try:
+                st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if st in ("T", "t"):
+                out.append(f"pid {pid} of {ct} on {host} is stopped")
+    return out
+
+
+def leftovers(lab: Lab, host: str, keep_ct: str | None = None) -> list[str]:
+    """Everything a settled migration must not leave on a host (the container
+    `keep_ct`, if it lives there, excepted)."""
+    state = lab.state_dir(host)
+    found = []
+    for sub in ("migrations", "containers"):
+        d = state / sub
+        if d.exists():
+            found += [str(p) for p in d.iterdir() if p.name != keep_ct]
+    runc = subprocess.run(["runc", "--root", str(state / "runc"), "list", "-q"], capture_output=True, text=True)
+    found += [f"runc:{line}" for line in runc.stdout.split() if line != keep_ct]
+    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/*"):
+        if cg.is_dir() and cg.name != keep_ct:
+            found.append(str(cg))
+    if keep_ct:
+        found += stopped_processes(lab, host, keep_ct)
+    found += [f"process {p}: {args}" for p, args in netns_processes(host) if p != agent_pid(lab, host)]
+    links = subprocess.run(["ip", "-n", f"phaul-{host}", "-o", "link", "show"], capture_output=True, text=True).stdout
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        if name not in ("lo", "br0", f"phl-{host}-up") and not (keep_ct and keep_ct in name):
+            found.append(f"link {name}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if str(state) in line.split()[4]]
+    return found
+
+
+def netns_processes(host: str) -> list[tuple[int, str]]:
+    """(PID, command line) of every process in lab host `host`'s network namespace:
+    its agent and whatever the agent started and left (CRIU, runc, rsync, socat,
+    gate scripts). Containers have namespaces of their own."""
+    try:
+        want = os.stat(f"/run/netns/phaul-{host}").st_ino
+    except OSError:
+        return []
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.stat(d / "ns" / "net").st_ino != want:
+                continue
+            args = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if stat not in ("Z", "X") and args:
+            out.append((int(d.name), args))
+    return out

@@ -1,0 +1,314 @@
+"""A running agent against malformed, oversized and hostile requests.
+
+The agent runs as in production (mutual TLS, a unix socket and TCP on
+127.0.0.1, its own PKI and state directory, peers and admins configured). A
+property-based test sends it random requests to every method from an admin,
+a peer and a stranger: it never crashes, answers each with a clear error,
+and never touches a path outside its state directory (symbolic links into a
+canary directory are planted inside it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phaul import pki
+from phaul.client import connect
+from phaul.recovery import procs_using
+from phaul.rpc import phaul_pb2 as pb
+from phaul.transport import Credentials
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "hosta"
+OK_CODES = {
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
+PEER_ONLY = {"Prepare", "HoldTraffic", "ApplyPages", "Restore", "Resume", "Abort", "Finish", "MigrationStatus",
+             "MigrationDecision", "PeerCheck"}
+# Values that reach deeper than random text: names the agent knows, paths that try to escape.
+HOSTILE = [
+    "", ".", "..", "../..", "../../canary", "/etc/passwd", "a/b", "evil", "evilm", "ct1", "ct2", "peer1", HOST,
+    "admin", "x" * 63, "x" * 64, "x" * 5000, "a\0b", "\u00e9t\u00e9", "-rf", "--help", "$(touch /tmp/pwned)",
+    "`id`", "; rm -rf /", "127.0.0.1:1", "127.0.0.1:99999", "10.213.99.5/24", "02:00:00:00:00:01", "ct1\n",
+    "/bin/true", "echo", "busybox", "4.2.1", "restore:fail", "commit:kill-agent", "keep", "auto", "off",
+]
+
+
+@dataclass
+class RunningAgent:
+    dir: Path
+    state: Path
+    canary: Path
+    cwd: Path
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    port: int
+    creds: dict[str, Credentials]
+
+    def stub(self, who: str) -> Any:
+        return connect(f"unix:{self.sock}", HOST, self.creds[who])
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        out = []
+        for p in sorted(self.canary.rglob("*")):
+            st_ = p.lstat()
+            out.append((str(p), st_.st_size, st_.st_mtime_ns))
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    d = tmp_path_factory.mktemp("hardening")
+    ca = d / "pki"
+    pki.init_ca(ca, "hardening CA")
+    creds = {}
+    for name in (HOST, "peer1", "admin", "stranger"):
+        cert, key = pki.issue(ca, name, ips=["127.0.0.1"])
+        creds[name] = Credentials(name, cert, key, ca / "ca.crt")
+    other = d / "other-pki"  # a certificate from another CA, with an allowed name
+    pki.init_ca(other, "mallory CA")
+    cert, key = pki.issue(other, "admin")
+    creds["mallory"] = Credentials("admin", cert, key, ca / "ca.crt")
+    state, canary, cwd = d / "state", d / "canary", d / "cwd"
+    for p in (state / "containers", state / "migrations", canary / "sub", cwd):
+        p.mkdir(parents=True)
+    (canary / "phaul.json").write_text('{"id": "evil"}')
+    (canary / "sub" / "keep.txt").write_text("precious")
+    (state / "containers" / "evil").symlink_to(canary)
+    (state / "migrations" / "evilm").symlink_to(canary)
+    port = _free_port()
+    sock = d / "agent.sock"
+    cmd = [
+        sys.executable, "-m", "phaul", "agent", "--name", HOST, "--listen", f"127.0.0.1:{port}", "--socket", str(sock),
+        "--state-dir", str(state), "--cert", str(creds[HOST].cert), "--key", str(creds[HOST].key),
+        "--ca", str(ca / "ca.crt"), "--peers", "peer1", "--admins", "admin", "--resolve-interval", "0",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(d / "agent.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (d / "agent.log").read_text()
+        time.sleep(0.05)
+    try:
+        yield RunningAgent(d, state, canary, cwd, proc, sock, port, creds)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        _remove_containers(state)
+
+
+def _remove_containers(state: Path) -> None:
+    """Whatever the fuzzer managed to create and start: runc state and cgroups."""
+    root = state / "runc"
+    if root.is_dir():
+        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+        for ct in ids:
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
+    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{HOST}"):
+        for sub in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
+            if sub.is_dir():
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+        try:
+            cg.rmdir()
+        except OSError:
+            pass
+    for pid in procs_using(state):  # data channels the fuzzer opened, if the agent left any
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- requests --------------------------------------------------------------------------
+
+_INT_RANGES = {
+    3: (-(2**63), 2**63 - 1), 18: (-(2**63), 2**63 - 1), 5: (-(2**31), 2**31 - 1),
+    4: (0, 2**64 - 1), 13: (0, 2**32 - 1),
+}
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
+_strings = st.one_of(st.sampled_from(HOSTILE), _text)
+
+
+def _field_strategy(fd: Any, depth: int) -> st.SearchStrategy[Any]:
+    t = fd.type
+    if t == fd.TYPE_STRING:
+        s: st.SearchStrategy[Any] = _strings
+    elif t == fd.TYPE_BYTES:
+        s = st.one_of(st.binary(max_size=64), st.just(b"\x00" * 70_000))
+    elif t == fd.TYPE_BOOL:
+        s = st.booleans()
+    elif t in (fd.TYPE_DOUBLE, fd.TYPE_FLOAT):
+        s = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32 if t == fd.TYPE_FLOAT else 64),
+                      st.sampled_from([0.0, 1.0, 1e9, -1.0]))
+    elif t == fd.TYPE_MESSAGE:
+        if fd.message_type.GetOptions().map_entry:
+            return st.dictionaries(_strings, st.floats(allow_nan=False), max_size=3)
+        s = _message_strategy(fd.message_type, depth + 1)
+    else:
+        lo, hi = _INT_RANGES.get(t, (0, 2**32 - 1))
+        s = st.one_of(st.integers(lo, hi), st.sampled_from([0, 1, lo, hi]))
+    if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+        return st.one_of(st.lists(s, max_size=4), st.lists(s, min_size=300, max_size=300)) if t != fd.TYPE_MESSAGE else st.lists(s, max_size=2)
+    return s
+
+
+def _message_strategy(desc: Any, depth: int = 0) -> st.SearchStrategy[Any]:
+    cls = getattr(pb, desc.name)
+    if depth > 2:
+        return st.just(cls())
+    fields = {fd.name: _field_strategy(fd, depth) for fd in desc.fields}
+    return st.fixed_dictionaries({}, optional=fields).map(lambda kw: cls(**kw))
+
+
+_calls = st.sampled_from(list(SERVICE.methods)).flatmap(
+    lambda m: st.tuples(st.just(m), _message_strategy(m.input_type), st.sampled_from(["admin", "peer1", "stranger", "mallory"]))
+)
+
+
+def _call(agent: RunningAgent, method: Any, request: Any, who: str) -> tuple[grpc.StatusCode, str]:
+    a = agent.stub(who)
+    try:
+        fn = getattr(a.stub, method.name)
+        if method.server_streaming:
+            for _ in fn(request, timeout=60):
+                pass
+        else:
+            fn(request, timeout=60)
+        return grpc.StatusCode.OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
+    finally:
+        a.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(call=_calls)
+def test_hostile_requests_get_clear_errors_and_nothing_escapes(agent: RunningAgent, call: tuple[Any, Any, str]) -> None:
+    method, request, who = call
+    before = agent.snapshot()
+    code, details = _call(agent, method, request, who)
+    assert agent.proc.poll() is None, "the agent died"
+    if who == "stranger":
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, code, details)
+    elif who == "mallory":  # another CA: the TLS handshake fails
+        assert code == grpc.StatusCode.UNAVAILABLE, (method.name, code, details)
+        return
+    assert code in OK_CODES, f"{method.name} from {who}: {code} {details}"
+    if code != grpc.StatusCode.OK:
+        assert details.strip(), f"{method.name} from {who}: {code} without a message"
+    if who == "peer1" and method.name not in PEER_ONLY | {"Info"}:
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, code, details)
+    if who == "admin" and method.name in PEER_ONLY:
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, code, details)
+    assert agent.snapshot() == before, "the agent touched the canary outside its state directory"
+    assert list(agent.cwd.iterdir()) == [], "the agent wrote into its working directory"
+
+
+def test_certificate_from_another_ca_is_refused(agent: RunningAgent) -> None:
+    code, details = _call(agent, SERVICE.methods_by_name["Info"], pb.Empty(), "mallory")
+    assert code == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails: no call reaches the agent
+
+
+def test_roles_are_kept_apart(agent: RunningAgent) -> None:
+    info = SERVICE.methods_by_name["Info"]
+    assert _call(agent, info, pb.Empty(), "admin")[0] == grpc.StatusCode.OK
+    assert _call(agent, info, pb.Empty(), "peer1")[0] == grpc.StatusCode.OK
+    code, details = _call(agent, info, pb.Empty(), "stranger")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "stranger" in details
+    code, details = _call(agent, SERVICE.methods_by_name["ExecContainer"], pb.ExecRequest(id="ct1", args=["id"]), "peer1")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+    code, _ = _call(agent, SERVICE.methods_by_name["Abort"], pb.MigrationRef(migration_id="m1"), "admin")
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    # a peer may only act on the migrations it takes part in, and only as the source it claims to be
+    prep = pb.PrepareRequest(migration_id="m1", source_name=HOST, config=pb.ContainerConfig(id="ct9"))
+    code, details = _call(agent, SERVICE.methods_by_name["Prepare"], prep, "peer1")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not the source" in details
+    migrate = pb.MigrateRequest(ct_id="ct1", dest_name="elsewhere", dest_address="127.0.0.1:1")
+    code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "--peers" in details
+
+
+def test_paths_from_the_wire_stay_in_the_state_directory(agent: RunningAgent) -> None:
+    before = agent.snapshot()
+    for method, request in (
+        ("DestroyContainer", pb.ContainerRef(id="evil")),
+        ("StopContainer", pb.ContainerRef(id="evil")),
+        ("CreateContainer", pb.ContainerConfig(id="evil")),
+        ("ExecContainer", pb.ExecRequest(id="evil", args=["true"])),
+        ("DestroyContainer", pb.ContainerRef(id="../canary")),
+        ("Recover", pb.RecoverRequest(migration_id="../../canary")),
+    ):
+        code, details = _call(agent, SERVICE.methods_by_name[method], request, "admin")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+    for method in ("Abort", "Finish", "MigrationStatus", "Restore"):
+        code, details = _call(agent, SERVICE.methods_by_name[method], pb.MigrationRef(migration_id="evilm"), "peer1")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+    assert agent.snapshot() == before
+    assert (agent.canary / "sub" / "keep.txt").read_text() == "precious"
+
+
+def test_oversized_and_malformed_messages(agent: RunningAgent) -> None:
+    code, details = _call(agent, SERVICE.methods_by_name["ExecContainer"], pb.ExecRequest(id="ct1", args=["x" * 2_000_000]), "admin")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    code, details = _call(agent, SERVICE.methods_by_name["ExecContainer"], pb.ExecRequest(id="ct1", args=["a"] * 1000), "admin")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "entries" in details
+    # raw bytes that are not a protobuf message at all
+    a = agent.stub("admin")
+    try:
+        raw = a.channel.unary_unary("/phaul.v1.Agent/CreateContainer", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff\xff\xff garbage", timeout=10)
+        assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)  # refused by gRPC itself
+    finally:
+        a.close()
+    assert agent.proc.poll() is None
+    assert _call(agent, SERVICE.methods_by_name["Info"], pb.Empty(), "admin")[0] == grpc.StatusCode.OK
+
+
+def test_well_formed_requests_still_work(agent: RunningAgent) -> None:
+    """The same agent serves its admin: the checks refuse the hostile, not the ordinary."""
+    m = SERVICE.methods_by_name
+    assert _call(agent, m["CreateContainer"], pb.ContainerConfig(id="okct", memory=64 << 20), "admin")[0] == grpc.StatusCode.OK
+    try:
+        assert _call(agent, m["StartContainer"], pb.StartRequest(id="okct"), "admin")[0] == grpc.StatusCode.OK
+        a = agent.stub("admin")
+        try:
+            r = a.call("ExecContainer", pb.ExecRequest(id="okct", args=["echo", "hello"], timeout=10))
+        finally:
+            a.close()
+        assert r.returncode == 0 and r.stdout == b"hello\n"
+        code, details = _call(agent, m["Check"], pb.CheckRequest(ct_id="okct", dest_name="peer1", dest_address="127.0.0.1:1"), "admin")
+        assert code == grpc.StatusCode.OK, details
+    finally:
+        assert _call(agent, m["DestroyContainer"], pb.ContainerRef(id="okct"), "admin")[0] == grpc.StatusCode.OK

@@ -1,0 +1,125 @@
+"""Pre-copy in the lab: real containers, real CRIU rounds, memory verified after restore."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import Lab, wait_for
+
+pytestmark = pytest.mark.lab
+
+REASONS = ("downtime-target", "converged", "no-progress", "max-rounds")
+
+
+def _start_memload(lab: Lab, ct: str, size_mib: int, rate: float, host: str = "alpha") -> None:
+    lab.phaul("--host", host, "ct", "create", ct, "--memory", f"{size_mib + 96}M")
+    lab.phaul("--host", host, "ct", "start", ct, "--", "memload", "--size", str(size_mib), "--rate", str(rate))
+    wait_for(lambda: lab.exec(host, ct, "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
+             timeout=60, what=f"memload in {ct} to fill its memory")
+
+
+def _verify_memory(lab: Lab, host: str, ct: str) -> str:
+    """memload checks every page of its memory against its own generation table."""
+    lab.exec(host, ct, "sh", "-c", "rm -f /memload.report; kill -USR1 $(cat /memload.pid)")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = lab.exec(host, ct, "sh", "-c", "cat /memload.report 2>/dev/null || true").strip()
+        if out:
+            return out
+        time.sleep(0.2)
+    raise AssertionError("memload wrote no report")
+
+
+def _check_totals(report: dict) -> None:
+    """The rounds add up to the report's totals."""
+    rounds = report["rounds"]
+    assert report["fs_bytes_sent"] == sum(r["fs_bytes_sent"] for r in rounds)
+    assert report["bytes_sent"] == report["fs_bytes_sent"] + sum(r["bytes_sent"] for r in rounds)
+    assert report["frozen_ms"] == pytest.approx(rounds[-1]["frozen_ms"])
+    assert report["total_ms"] > sum(r["duration_ms"] for r in rounds[:-1]) + report["frozen_ms"] * 0.99
+    for r in rounds:
+        assert 0 <= r["pages_sent"] <= r["pages_dumped"]
+        assert r["bytes_sent"] >= r["pages_sent"] * 4096
+        assert 0 < r["frozen_ms"] <= r["duration_ms"] + 1
+
+
+def test_precopy_256m_working_set(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_memload(lab, "mem256", 256, 8)
+    report = lab.migrate("mem256", "alpha", "beta")
+    assert report["result"] == "ok", report
+    assert report["memory_method"] == "precopy-page-delta"
+    rounds = report["rounds"]
+    assert len(rounds) >= 3, rounds  # at least two pre-copy rounds, then the final dump
+    assert report["stop_reason"].split(":")[0] in REASONS, report["stop_reason"]
+    first, last = rounds[0], rounds[-1]
+    assert first["pages_sent"] == first["pages_dumped"] > 256 * 256  # the first round sends everything
+    for r in rounds[1:]:
+        assert r["pages_sent"] < r["pages_dumped"] // 4  # later rounds: only what changed
+        assert r["bytes_sent"] < first["bytes_sent"] // 4
+    for r in rounds[1:-1]:
+        assert r["dirty_rate"] > 0 and r["predicted_frozen_ms"] > 0
+    _check_totals(report)
+    # total traffic stays near one copy of the memory plus the file system
+    assert report["bytes_sent"] < 1.5 * (first["bytes_sent"] + first["fs_bytes_sent"])
+    assert last["frozen_ms"] < 5000
+    verdict = _verify_memory(lab, "beta", "mem256")
+    assert verdict.startswith("ok pages=65536"), verdict
+    assert lab.ct_list("alpha") == []
+
+
+def test_precopy_off_is_a_single_stop_and_copy(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_memload(lab, "memoff", 32, 4)
+    report = lab.migrate("memoff", "alpha", "beta", "--precopy=off")
+    assert report["result"] == "ok", report
+    assert report["memory_method"] == "stop-and-copy"
+    [only] = report["rounds"]
+    assert only["pages_sent"] == only["pages_dumped"] > 32 * 256
+    assert "off" in report["stop_reason"]
+    assert report["bytes_sent"] == report["fs_bytes_sent"] + only["bytes_sent"]
+    assert _verify_memory(lab, "beta", "memoff").startswith("ok pages=8192")
+
+
+def test_max_rounds_one(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_memload(lab, "memone", 32, 4)
+    report = lab.migrate("memone", "alpha", "beta", "--max-rounds", "1")
+    assert report["result"] == "ok", report
+    assert report["memory_method"] == "precopy-page-delta"
+    pre, final = report["rounds"]
+    assert report["stop_reason"].startswith("max-rounds")
+    assert pre["pages_sent"] == pre["pages_dumped"]
+    assert final["pages_sent"] < final["pages_dumped"]
+    _check_totals(report)
+    assert _verify_memory(lab, "beta", "memone").startswith("ok pages=8192")
+
+
+def test_bandwidth_caps_precopy_and_round_trip_back(clean_lab: Lab) -> None:
+    """--bandwidth slows the pre-copy rounds (not the frozen phase); then back to alpha."""
+    lab = clean_lab
+    _start_memload(lab, "memcap", 24, 1)
+    report = lab.migrate("memcap", "alpha", "beta", "--bandwidth", "12M")
+    assert report["result"] == "ok", report
+    first = report["rounds"][0]
+    # ~25 MiB of memory plus the file system at 12 MiB/s: at least 2 s
+    assert first["duration_ms"] > 0.8 * (first["bytes_sent"] + first["fs_bytes_sent"]) / (12 << 20) * 1000
+    back = lab.migrate("memcap", "beta", "alpha", "--max-downtime", "10000")
+    assert back["result"] == "ok", back
+    assert back["stop_reason"].split(":")[0] in REASONS
+    assert _verify_memory(lab, "alpha", "memcap").startswith("ok pages=6144")
+
+
+def test_precopy_rollback_thaws_the_source(clean_lab: Lab) -> None:
+    """A restore failure after pre-copy rounds: the source, frozen by phaul's own
+    freezer at the final dump, runs again with its memory intact."""
+    lab = clean_lab
+    _start_memload(lab, "memrb", 32, 8)
+    report = lab.migrate("memrb", "alpha", "beta", "--fault", "restore:damage-image", check=False)
+    assert report["result"] == "rolled_back", report
+    [info] = lab.ct_list("alpha")
+    assert info["state"] == "running"
+    assert _verify_memory(lab, "alpha", "memrb").startswith("ok pages=8192")
+    assert lab.ct_list("beta") == []
