@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_FLAGS ?= -q -rfE
 
-.PHONY: setup demo test test-unit test-lab bench bench-quick clean lab-down
+.PHONY: setup demo test test-unit test-lab test-faults bench bench-quick clean lab-down
 
 setup:
 	@bash scripts/setup.sh
@@ -10,14 +10,23 @@ setup:
 demo: setup
 	@flock /run/lock/phaul-lab.lock $(PY) scripts/demo.py $(DEMO_ARGS)
 
+# The fault matrix (tests/test_faults.py) runs in `make test` too; its table follows the results.
+FAULT_RESULTS := .pytest_cache/fault-matrix.jsonl
+
 test: setup
-	@$(PY) -m pytest $(PYTEST_FLAGS) tests
+	@rm -f $(FAULT_RESULTS)
+	@$(PY) -m pytest $(PYTEST_FLAGS) tests; rc=$$?; $(PY) scripts/fault_table.py $(FAULT_RESULTS) || true; exit $$rc
 
 test-unit: setup
 	@$(PY) -m pytest $(PYTEST_FLAGS) -m "not lab" tests
 
 test-lab: setup
 	@$(PY) -m pytest $(PYTEST_FLAGS) -m lab tests
+
+# Every step boundary x every fault, in the lab (about 6 minutes on 2 cores), then the table.
+test-faults: setup
+	@rm -f $(FAULT_RESULTS)
+	@$(PY) -m pytest $(PYTEST_FLAGS) tests/test_faults.py; rc=$$?; $(PY) scripts/fault_table.py $(FAULT_RESULTS); exit $$rc
 
 # Pre-copy vs stop-and-copy vs the local CRIU floor, in the lab (bench/run.py): every
 # workload, 3 repetitions (about 10 minutes on 2 cores); bench-quick: one workload, once.

@@ -459,6 +459,8 @@ def main() -> int:
     with open(LOCK, "w") as lock:
         print(f"bench: waiting for the lab lock {LOCK}", file=sys.stderr, flush=True)
         fcntl.flock(lock, fcntl.LOCK_EX)
+        t_start = time.monotonic()  # the lab and the runs, not the wait for the lock
+        print("bench: bringing the lab up", file=sys.stderr, flush=True)
         lab.down(LAB_DIR)
         try:
             lab.up(SUBNET, lab_dir=LAB_DIR)
@@ -478,8 +480,8 @@ def main() -> int:
             finally:
                 bench.close()
         finally:
-            for line in lab.down(LAB_DIR):
-                print(f"bench: lab down: {line}", file=sys.stderr)
+            left = lab.down(LAB_DIR)
+            print(f"bench: lab down ({len(left)} items removed)", file=sys.stderr)
     for r in runs:
         if r.method == "phaul" and r.ok:
             base = [s for s in runs if s.workload == r.workload and s.rep == r.rep and s.method == "stop-and-copy" and s.ok]

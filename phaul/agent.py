@@ -17,6 +17,7 @@ No shell command is ever built from received data.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import queue
 import re
@@ -68,6 +69,10 @@ MAX_MIGRATIONS = 4  # migrations out of this host at once
 EXEC_TIMEOUT_MAX = 600.0  # s
 
 
+def host_error(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
 def check_config(config: ContainerConfig) -> ContainerConfig:
     """A container configuration from the wire, validated (a copy)."""
     config = dataclasses.replace(config, args=list(config.args))
@@ -113,6 +118,10 @@ def _rpc(fn: F) -> F:
         except PhaulError as e:
             log.info("%s from %s: %s", fn.__name__, peer, e.message)
             context.abort(status_code(e), str(e))
+        except OSError as e:  # e.g. the state directory is full: say so, not "internal error"
+            log.warning("%s from %s: %s", fn.__name__, peer, e)
+            hint = "free space in the agent's state directory" if e.errno == errno.ENOSPC else "see the agent's log"
+            context.abort(grpc.StatusCode.ABORTED, f"{host_error(e)}\n  hint: {hint}")
         except Exception as e:
             log.exception("%s from %s failed", fn.__name__, peer)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in the agent: {e}")

@@ -54,10 +54,10 @@ class CommitGate:
         tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head")}
         # With `freezer` (a freezer.state file) the script freezes the cgroup at pre-dump
         # (phaul.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.
-        freeze = freezer_mod.freeze_snippet(freezer)
+        freeze = freezer_mod.freeze_snippet(freezer, path / "frozen")
         self.script.write_text(_GATE_SCRIPT.format(dir=path, limit=limit, freeze=freeze, **tools))
         self.script.chmod(0o700)
-        for name in ("reached", "frozen-at", "verdict", "waiting", "ack"):
+        for name in ("reached", "frozen-at", "frozen", "verdict", "waiting", "ack"):
             (path / name).unlink(missing_ok=True)
         os.mkfifo(path / "verdict", 0o600)
         self.released = False
@@ -105,6 +105,11 @@ class CommitGate:
                 raise ToolFailed(f"the final dump did not finish within {timeout:.0f} s")
             time.sleep(0.002)
 
+    def frozen(self) -> bool:
+        """True once the gate script has frozen the cgroup itself (with `freezer`):
+        nothing in the container changes any more, though CRIU is still dumping."""
+        return (self.dir / "frozen").exists()
+
     def frozen_at_ns(self) -> int:
         """Wall-clock time (ns) just before CRIU froze the tree."""
         try:
@@ -123,7 +128,7 @@ class CommitGate:
             except OSError as e:
                 if e.errno != errno.ENXIO or time.monotonic() > deadline:
                     return False
-                if not (self.dir / "reached").exists():
+                if not (self.dir / "reached").exists() or not self.waiting():
                     return False
                 time.sleep(0.002)
         try:

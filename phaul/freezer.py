@@ -31,16 +31,18 @@ def state_file(cgroup_path: str, root: Path = V1_ROOT) -> Path | None:
     return path if path.is_file() else None
 
 
-def freeze_snippet(state: Path | None) -> str:
+def freeze_snippet(state: Path | None, marker: Path | None = None) -> str:
     """Shell lines for an action script's `pre-dump` case: freeze the cgroup and
-    wait (busy, no sleep) until it is FROZEN. Always succeeds (a failed freeze
-    leaves the freezing to CRIU); a no-op without a freezer."""
+    wait (busy, no sleep) until it is FROZEN, then create `marker` (if given):
+    from then on nothing in the container changes. Always succeeds (a failed
+    freeze leaves the freezing to CRIU, and no marker); a no-op without a freezer."""
     if state is None:
         return ":"
     f = shlex.quote(str(state))
+    done = f' && [ "$s" = FROZEN ] && : > {shlex.quote(str(marker))}' if marker is not None else ""
     return (
         f"{{ echo FROZEN > {f} && i=0 && while read s < {f} && [ \"$s\" != FROZEN ] && [ $i -lt {POLL_LIMIT} ];"
-        f" do i=$((i+1)); [ $((i % 2000)) != 0 ] || echo FROZEN > {f}; done; }} 2>/dev/null; :"
+        f" do i=$((i+1)); [ $((i % 2000)) != 0 ] || echo FROZEN > {f}; done{done}; }} 2>/dev/null; :"
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -142,20 +143,22 @@ class PageDelta(MemoryMethod):
         self.basis: Path | None = None  # the images the destination holds, kept here to compare with
         self.outgoing = ctx.dir / "outgoing"
         self.stream: PageStream | None = None
+        self.retired: Path | None = None  # the previous basis, removed before the next dump
 
     def precopy_round(self, k: int) -> tuple[RoundDump, Sent]:
+        self._drop_retired()
         d = dump_round(self.ctx, k, self.rounds_dir / str(k))
         return d, self._send(d.dir, self.ctx.bandwidth)
 
     def prepare_final(self) -> None:
         """Open the page stream now, while the container still runs: its TLS
         handshake and the receiver's start-up then cost the freeze nothing."""
-        if self.ctx.open_stream is None or self.basis is None or self.stream is not None:
-            return
-        try:
-            self.stream = self.ctx.open_stream()
-        except (PhaulError, StreamError, OSError) as e:
-            log.warning("no page stream to the destination (%s); the final delta goes by rsync", e)
+        if self.ctx.open_stream is not None and self.basis is not None and self.stream is None:
+            try:
+                self.stream = self.ctx.open_stream()
+            except (PhaulError, StreamError, OSError) as e:
+                log.warning("no page stream to the destination (%s); the final delta goes by rsync", e)
+        self._drop_retired()
 
     def release(self) -> None:
         if self.stream is not None:
@@ -179,7 +182,8 @@ class PageDelta(MemoryMethod):
                 log.warning("the page stream failed (%s); sending the images whole", e)
                 return self._send_whole(images, 0)
             self._rebase(images)
-            phases = {"delta": delta_ms, "stream": res.ms, "apply_dest": res.dest_ms}
+            self._drop_retired(background=True)  # the last basis is of no more use; free it off the frozen path
+            phases = {"delta": delta_ms, "delta.compare": stats.compare_ms, "stream": res.ms, "apply_dest": res.dest_ms}
             return Sent(stats.literal_pages, res.bytes_sent, res.ms, delta_ms, phases)
         finally:
             self.release()
@@ -218,10 +222,23 @@ class PageDelta(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
     def _rebase(self, images: Path) -> None:
-        """`images` is what the destination holds now; the old basis goes."""
+        """`images` is what the destination holds now. The old basis is removed
+        right before the next dump rather than now: on a VM whose host reclaims
+        free guest memory, pages freed just before they are needed again are
+        still backed, and CRIU writes the next dump into them several times
+        faster than into memory the host has to fault in again."""
         old, self.basis = self.basis, images
         if old is not None and old != images:
-            shutil.rmtree(old, ignore_errors=True)
+            self._drop_retired()
+            self.retired = old
+
+    def _drop_retired(self, background: bool = False) -> None:
+        if self.retired is not None:
+            old, self.retired = self.retired, None
+            if background:
+                threading.Thread(target=shutil.rmtree, args=(old, True), name="drop-basis", daemon=True).start()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
 
     def cleanup(self) -> None:
         self.release()

@@ -14,6 +14,7 @@ retried by the agent's resolver and by `phaul recover`.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 PEER_TIMEOUT = 10.0  # s, one call to the peer while settling
 DUMP_WAIT = 60.0  # s, how long to wait for a dump in progress to reach the gate or end
 GATE_END_WAIT = 60.0  # s, how long to wait for the gate to act on a verdict
+RECENT = 60.0  # s: the resolver leaves an incoming migration journaled this recently to its source
 
 # What the source answers when the destination asks what to do with its copy.
 COMMIT, ABORT, PENDING, UNKNOWN = "commit", "abort", "pending", "unknown"
@@ -103,6 +105,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _age(timestamp: str) -> float:
+    """Seconds since a journal timestamp (large when unreadable)."""
+    try:
+        return time.time() - dt.datetime.fromisoformat(timestamp).timestamp()
+    except ValueError:
+        return float("inf")
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -180,6 +190,7 @@ def source_copy(host: Host, ct_id: str, mdir: Path) -> str:
 def ensure_running(host: Host, ct_id: str) -> bool:
     """Make a source copy whose dump was abandoned run again: thaw it and lift
     CRIU's network lock. True when it runs."""
+    t0 = time.monotonic()
     try:
         info = host.containers.info(ct_id)
         if info.state == "paused":
@@ -187,6 +198,7 @@ def ensure_running(host: Host, ct_id: str) -> bool:
             info = host.containers.info(ct_id)
             if info.pid:
                 unlock_network(info.pid)
+            log.info("resumed the abandoned copy of %s in %.0f ms", ct_id, (time.monotonic() - t0) * 1000)
         return info.state == "running"
     except PhaulError as e:
         log.error("cannot resume %s: %s", ct_id, e)
@@ -253,9 +265,14 @@ class Recovery:
         self._stop.set()
 
     def settle_all(self, quiet: bool = False) -> list[Outcome]:
+        """Settle every unsettled migration. `quiet` (the resolver): log failures, and
+        leave alone an incoming migration this agent took part in within RECENT s
+        (its source is still driving it)."""
         out = []
         for e in self.journal.unsettled():
             if e.migration_id in self.active:
+                continue
+            if quiet and e.role == "destination" and self.dest.lookup(e.migration_id) is not None and _age(e.updated_at) < RECENT:
                 continue
             try:
                 out.append(self.settle(e.migration_id, e.role))
@@ -402,7 +419,7 @@ class Recovery:
 
     def _destroy_source(self, ct: str) -> None:
         try:
-            self.host.containers.destroy(ct)
+            self.host.containers.destroy(ct, timeout=0)  # a dumped copy: killed, not stopped
         except NotFound:
             pass
 
@@ -473,7 +490,7 @@ class Recovery:
             return Outcome(mid, "destination", "in_doubt", f"{e.ct} is held restored; waiting for {e.peer}'s decision")
         # The restore never ended here: the source cannot have committed. Remove it all.
         kill_data_channel(mdir)
-        wait_until(lambda: not procs_using(mdir), DUMP_WAIT, 0.05)
+        wait_until(lambda: not procs_using(mdir), 10.0, 0.05)  # a restore the dead agent started
         self.dest.remove_leftovers(e)
         self.journal.settle(mid, "destination", "rolled_back", "removed at agent start-up: the restore never ended")
         return Outcome(mid, "destination", "rolled_back", f"removed the partial copy of {e.ct}")

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from phaul import criu, fs_sync, iterative_dump, memory_methods, messages, network, preflight, recovery
 from phaul.client import Agent, connect
@@ -223,15 +223,25 @@ class SourceMigration:
         """Freeze, dump, send, restore, commit, resume: the container is frozen throughout."""
         assert self._dest is not None
         self._phase("dump", "freezing and dumping")
-        round_ = self._final_dump(parent=method.final_parent())
-        assert self._gate is not None
-        frozen_at = self._gate.frozen_at_ns()
-        phases = self.report.phases_ms
-        phases["dump"] = (_mtime_ns(self._gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
+        # Once the container is frozen its files stop changing: the final file
+        # system sync then runs while CRIU is still dumping memory.
+        fs_job = _Job(lambda: fs_sync(0), "final-fs-sync")
+        try:
+            round_ = self._final_dump(parent=method.final_parent(), on_frozen=fs_job.start)
+            assert self._gate is not None
+            frozen_at = self._gate.frozen_at_ns()
+            phases = self.report.phases_ms
+            phases["dump"] = (_mtime_ns(self._gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
 
-        self._phase("transfer", "final file system sync and memory transfer while frozen")
-        t_transfer = time.monotonic()
-        fs_final, sent = _parallel(lambda: fs_sync(0), lambda: method.send_final(self.dir / "images"))
+            self._phase("transfer", "final file system sync and memory transfer while frozen")
+            t_transfer = time.monotonic()
+            fs_job.start()  # if CRIU froze the container itself
+            sent = method.send_final(self.dir / "images")
+            phases["transfer.memory"] = (time.monotonic() - t_transfer) * 1000
+            fs_final = fs_job.result()
+        finally:
+            fs_job.wait()
+        phases["transfer.fs"] = fs_job.ms
         round_.fs_bytes_sent = fs_final
         round_.bytes_sent = sent.bytes_sent
         round_.pages_sent = sent.pages_sent
@@ -316,10 +326,12 @@ class SourceMigration:
         reply = self._dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=RESTORE_TIMEOUT)
         return float(reply.apply_ms)
 
-    def _final_dump(self, parent: Path | None = None) -> Round:
+    def _final_dump(self, parent: Path | None = None, on_frozen: Callable[[], None] | None = None) -> Round:
         """Freeze and dump into the migration's image directory, holding the
         dumped container frozen at the commit gate. `parent`: the images of the
-        last pre-dump round (soft-dirty pre-copy), relative to the image directory."""
+        last pre-dump round (soft-dirty pre-copy), relative to the image directory.
+        `on_frozen` runs as soon as the gate script has frozen the container itself,
+        while CRIU still dumps (not at all when CRIU does the freezing)."""
         ct = self.host.containers
         images, work = self.dir / "images", self.dir / "work"
         images.mkdir()
@@ -331,6 +343,15 @@ class SourceMigration:
         with open(work / "runc-checkpoint.log", "wb") as out:
             self._dump = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         try:
+            if on_frozen is not None:
+                gate, dump = self._gate, self._dump
+                deadline = time.monotonic() + DUMP_TIMEOUT
+                while not gate.frozen() and dump.poll() is None and time.monotonic() < deadline:
+                    if (gate.dir / "reached").exists():
+                        break
+                    time.sleep(0.001)
+                if gate.frozen():
+                    on_frozen()
             self._gate.wait_reached(self._dump, DUMP_TIMEOUT)
         except ToolFailed as e:
             raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
@@ -339,15 +360,20 @@ class SourceMigration:
     def _commit(self) -> None:
         """Let CRIU kill the frozen source copy, then remove what is left of it."""
         assert self._gate is not None and self._dump is not None
-        if not self._gate.release(commit=True):
-            raise ToolFailed("the dumped container was not waiting at the commit gate")
+        gate = self._gate
+        if not gate.release(commit=True):
+            raise ToolFailed("the dumped container was not waiting at the commit gate (its CRIU or the gate ended)")
+        # The gate script acknowledges what it read; only then is the commit certain
+        # (whether runc and CRIU are still alive or not).
+        recovery.wait_until(lambda: gate.verdict() is not None or not gate.waiting(), 10.0, 0.002)
         rc = self._dump.wait(timeout=60)
-        if self._gate.verdict() != "commit":  # the gate gave up waiting and resumed the source copy
-            raise ToolFailed("the commit gate timed out before the commit; the source copy runs again")
+        if gate.verdict() != "commit":  # the gate gave up waiting and resumed the source copy
+            raise ToolFailed("the commit gate ended without the commit (it timed out); the source copy runs again")
         self._committed = True
         if rc != 0:
             log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
-        self.host.containers.destroy(self.ct_id)
+        # A dumped copy is killed, never stopped gracefully: its life goes on on the destination.
+        self.host.containers.destroy(self.ct_id, timeout=0)
         self._journal_step("source-destroyed")
 
     def _dump_stats(self, round_: Round) -> None:
@@ -375,7 +401,7 @@ class SourceMigration:
             # destination holds restored is now the only one.
             if self._dest_state(link) == recovery.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
                 self._committed = True
-                self.host.containers.destroy(self.ct_id)
+                self.host.containers.destroy(self.ct_id, timeout=0)
                 return "ok"
         if self._prepared and self._dest is not None:
             try:
@@ -491,26 +517,36 @@ def _mtime_ns(path: Path, default: int) -> int:
         return default
 
 
-A = TypeVar("A")
-B = TypeVar("B")
+class _Job:
+    """`fn` in a thread of its own, started at most once; `result()` returns
+    its value or raises its exception in the caller's thread."""
 
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._fn = fn
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.ms = 0.0
 
-def _parallel(a: Callable[[], A], b: Callable[[], B]) -> tuple[A, B]:
-    """Run `a` in a thread and `b` here; both results, or the first failure (after both end)."""
-    box: dict[str, Any] = {}
-
-    def run_a() -> None:
+    def _run(self) -> None:
+        t0 = time.monotonic()
         try:
-            box["a"] = a()
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
+            self._box["value"] = self._fn()
+        except BaseException as e:  # re-raised by result()
+            self._box["error"] = e
+        finally:
+            self.ms = (time.monotonic() - t0) * 1000
 
-    t = threading.Thread(target=run_a, name="parallel")
-    t.start()
-    try:
-        rb = b()
-    finally:
-        t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["a"], rb
+    def start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def result(self) -> Any:
+        self.start()
+        self.wait()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["value"]

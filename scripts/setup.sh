@@ -42,7 +42,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.phaul-stamp 2>/dev/null)" != "$s
     PATH="$wrap:$PATH" make -C "$criu_tree" lib >"$criu_tree/lib-build.log" 2>&1 \
         || { tail -20 "$criu_tree/lib-build.log" >&2; rm -rf "$wrap"; exit 1; }
     rm -rf "$wrap"
-    .venv/bin/pip install -q --no-build-isolation "$criu_tree/lib"
+    .venv/bin/pip install -q --no-build-isolation "$criu_tree/lib" 2>>"$criu_tree/lib-build.log"
     echo "$stamp" > .venv/.phaul-stamp
 fi
 

@@ -4,11 +4,13 @@ cutting the lab link, and checking what is left on each host."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +165,14 @@ def criu_pids(lab: Lab, host: str) -> list[int]:
         procs[int(d.name)] = (cmd, ppid)
         if root in cmd and b"runc" in cmd.split(b"\0")[0]:
             runcs.add(int(d.name))
-    return [pid for pid, (cmd, ppid) in procs.items() if os.path.basename(cmd.split(b"\0")[0]) == b"criu" and ppid in runcs]
+    return [pid for pid, (_cmd, ppid) in procs.items() if ppid in runcs and _comm(pid) == "criu"]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def kill_criu(lab: Lab, host: str, timeout: float = 30) -> bool:
@@ -281,3 +290,92 @@ def netns_processes(host: str) -> list[tuple[int, str]]:
         if stat not in ("Z", "X") and args:
             out.append((int(d.name), args))
     return out
+
+
+class Admin:
+    """In-process calls to the lab's agents as the admin (no CLI start-up per call)."""
+
+    def __init__(self, lab: Lab) -> None:
+        from phaul.lab import read_hosts
+        from phaul.transport import Credentials
+
+        self.lab = lab
+        self.hosts = read_hosts(lab.hosts_file)
+        self.creds = Credentials("admin", self.hosts.pki.cert, self.hosts.pki.key, self.hosts.pki.ca)
+
+    def call(self, host: str, method: str, request: object, timeout: float = 60) -> object:
+        from phaul.client import connect
+
+        entry = self.hosts.host(host)
+        with connect(f"unix:{entry.socket}", host, self.creds) as agent:
+            return agent.call(method, request, timeout=timeout)
+
+    def migrate(self, ct: str, src: str, dst: str, fault: str = "", precopy: str = "auto") -> "Migration":
+        from phaul.rpc import phaul_pb2 as pb
+
+        dest = self.hosts.host(dst)
+        req = pb.MigrateRequest(ct_id=ct, dest_name=dst, dest_address=dest.address, precopy=precopy, fault=fault)
+        m = Migration()
+
+        def run() -> None:
+            from phaul.client import connect
+            from phaul.errors import PhaulError
+            from phaul.report import Report
+
+            try:
+                with connect(f"unix:{self.hosts.host(src).socket}", src, self.creds) as agent:
+                    for event in agent.stream("Migrate", req, timeout=600):
+                        if event.HasField("report"):
+                            m.report = dataclasses.asdict(Report.from_proto(event.report))
+            except PhaulError as e:
+                m.error = str(e)
+
+        m.thread = threading.Thread(target=run, daemon=True)
+        m.thread.start()
+        return m
+
+    def migrations(self, host: str) -> dict[str, dict]:
+        from phaul.rpc import phaul_pb2 as pb
+
+        rows = self.call(host, "ListMigrations", pb.Empty()).migrations  # type: ignore[attr-defined]
+        return {r.migration_id: {"state": r.state, "step": r.step, "ct": r.ct, "error": r.error} for r in rows}
+
+    def recover(self, host: str, mid: str) -> list[dict]:
+        from phaul.rpc import phaul_pb2 as pb
+
+        reply = self.call(host, "Recover", pb.RecoverRequest(migration_id=mid), timeout=600)
+        return [{"result": o.result, "message": o.message} for o in reply.outcomes]  # type: ignore[attr-defined]
+
+    def destroy(self, host: str, ct: str) -> None:
+        from phaul.errors import PhaulError
+        from phaul.rpc import phaul_pb2 as pb
+
+        try:
+            self.call(host, "DestroyContainer", pb.ContainerRef(id=ct))
+        except PhaulError:
+            pass
+
+
+@dataclass
+class Migration:
+    """A migration running in a thread: its report, or the error that ended the call."""
+
+    report: dict | None = None
+    error: str = ""
+    thread: threading.Thread | None = None
+
+    def wait(self, timeout: float = 300) -> "Migration":
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the migration call did not end"
+        return self
+
+
+def ensure_agents(lab: Lab) -> list[str]:
+    """Restart the lab's dead agents (as `phaul lab up` does), in-process; the hosts restarted."""
+    from phaul import lab as lab_mod
+
+    dead = [h for h in HOSTS if not (_alive(agent_pid(lab, h)) and (lab.state_dir(h) / "agent.sock").exists())]
+    if dead:
+        lab_mod.up(lab_dir=lab.dir)
+    return dead

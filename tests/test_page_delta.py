@@ -199,3 +199,16 @@ def test_real_criu_dumps_of_a_running_process(tmp_path: Path) -> None:
     delta = _roundtrip(tmp_path, tmp_path / "d1", tmp_path / "d2")
     assert delta.pages > 32 * 256
     assert 0 < delta.literal_pages < delta.pages // 2, (delta.literal_pages, delta.pages)
+
+
+def test_large_files_are_compared_in_two_halves(tmp_path: Path) -> None:
+    n = page_delta._PARALLEL_PAGES + 1000
+    content = np.zeros((n, PAGE // 8), dtype=np.uint64)
+    content[:, 0] = np.arange(n)
+    _write_dump(tmp_path / "old", {1: ([(0x10000000, n)], content)})
+    changed = content.copy()
+    hit = [0, 255, 256, n // 2 - 1, n // 2, n // 2 + 1, n - 1]
+    changed[hit, 3] = 7
+    _write_dump(tmp_path / "new", {1: ([(0x10000000, n)], changed)})
+    delta = _roundtrip(tmp_path, tmp_path / "old", tmp_path / "new")
+    assert delta.literal_pages == len(hit)

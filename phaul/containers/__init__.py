@@ -68,7 +68,8 @@ class ContainerKind(ABC):
     def stop(self, ct_id: str, timeout: float = 10.0) -> ContainerInfo: ...
 
     @abstractmethod
-    def destroy(self, ct_id: str) -> None: ...
+    def destroy(self, ct_id: str, timeout: float = 10.0) -> None:
+        """Stop it (SIGKILL after `timeout` s; 0: at once) and remove everything of it."""
 
     @abstractmethod
     def config(self, ct_id: str) -> ContainerConfig: ...

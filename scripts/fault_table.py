@@ -1,0 +1,84 @@
+"""Print the fault matrix (tests/test_faults.py) as a table: step x fault -> outcome.
+
+usage: python scripts/fault_table.py [RESULTS.jsonl] [--markdown]
+
+Each cell: what the migration's report said, then what settled it when it
+did not settle itself ("restart": a dead agent came back, "recover": `phaul
+recover`), then where the container runs (α alpha, the source; β beta, the
+destination). A failed case shows FAIL; "-" marks a fault that cannot happen
+at that step (no image yet, no CRIU running there).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STEPS = ("preflight", "fs-presync", "precopy", "dump", "transfer", "restore", "commit", "cleanup")
+FAULTS = (
+    "dest agent killed", "source agent killed", "link cut 5 s", "link cut for good", "dest disk full",
+    "damaged image", "source CRIU killed", "dest CRIU killed",
+)
+SHORT = {"rolled_back": "rolled back", "no report: agent killed": "agent died", "in_doubt": "in doubt", "refused": "refused"}
+WHERE = {"alpha": "α", "beta": "β"}
+
+
+def cell(row: dict) -> str:
+    if not str(row.get("outcome", "")).startswith("pass"):
+        return "FAIL"
+    text = SHORT.get(row.get("report", ""), row.get("report", "?"))
+    then = []
+    if row.get("restarted"):
+        then.append("restart")
+    if row.get("recovered"):
+        then.append("recover")
+    if then or row.get("journal") != row.get("report"):
+        text += " → " + "+".join(then or ["settled"]) + " → " + SHORT.get(row.get("journal", ""), row.get("journal", ""))
+    where = "".join(WHERE.get(h, h) for h in row.get("runs_on", []))
+    return f"{text} ({where})"
+
+
+def main(argv: list[str]) -> int:
+    markdown = "--markdown" in argv
+    paths = [a for a in argv if not a.startswith("--")]
+    path = Path(paths[0]) if paths else Path(__file__).resolve().parents[1] / ".pytest_cache" / "fault-matrix.jsonl"
+    if not path.exists():
+        print(f"no fault matrix results in {path}: run `make test-faults`", file=sys.stderr)
+        return 1
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        rows[(r["step"], r["fault"])] = r
+    faults = [f for f in FAULTS if any(k[1] == f for k in rows)]
+    cells = {k: cell(r) for k, r in rows.items()}
+    widths = [max([len("step")] + [len(s) for s in STEPS])] + [
+        max([len(f)] + [len(cells.get((s, f), "-")) for s in STEPS]) for f in faults
+    ]
+    header = ["step", *faults]
+    lines = []
+    if markdown:
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---" for _ in header) + "|")
+        for s in STEPS:
+            lines.append("| " + " | ".join([s, *[cells.get((s, f), "-") for f in faults]]) + " |")
+    else:
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for s in STEPS:
+            lines.append("  ".join(v.ljust(w) for v, w in zip([s, *[cells.get((s, f), "-") for f in faults]], widths)))
+    passed = sum(1 for r in rows.values() if str(r.get("outcome", "")).startswith("pass"))
+    seconds = sum(float(r.get("seconds", 0)) for r in rows.values())
+    doubt = sum(1 for r in rows.values() if r.get("report") == "in_doubt")
+    lines.append(
+        f"{len(rows)} cases: {passed} passed, {len(rows) - passed} failed; {doubt} ended in doubt and were settled by "
+        f"`phaul recover` or the agents' resolvers; {seconds:.0f} s of cases"
+    )
+    print("\n".join(lines))
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
