@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from phaul import __version__, criu, fs_sync, messages
+from phaul import __version__, criu, messages, transport
 from phaul import preflight
 from phaul.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.containers import ContainerConfig
@@ -410,7 +410,7 @@ def serve(
     name: str, listen: str, state_dir: Path, creds: Credentials, socket: Path | None = None,
     allow: frozenset[str] = frozenset(), fault_injection: bool = False, bridge: str | None = None,
     *, peers: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset(),
-    gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = fs_sync.IO_TIMEOUT, resolve_interval: float = 15.0,
+    gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = transport.LINK_TIMEOUT, resolve_interval: float = 15.0,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT.
 
@@ -426,7 +426,7 @@ def serve(
     if not (allow | peers | admins):
         raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
     criu.GATE_TIMEOUT = gate_timeout  # process-wide settings, set once before serving
-    fs_sync.IO_TIMEOUT = link_timeout
+    transport.LINK_TIMEOUT = link_timeout
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)

@@ -81,8 +81,8 @@ class Destination:
                 f"upgrade CRIU on {self.host.name} (`make setup`)",
             )
         ident = network.Identity.of(config)
-        if ident is not None:  # refuse before anything is made here
-            network.check_destination(ident, self.host.bridge, self.host.name, self._configs())
+        if ident is not None:  # a container with an address needs the bridge (preflight checks the address)
+            network.check_bridge(self.host.bridge, self.host.name)
         with self._lock:
             if self.host.containers.container_dir(ct_id).exists():
                 raise Conflict(
@@ -243,6 +243,8 @@ class Destination:
             if m.state != "prepared":
                 m.receiver.close()
                 _close_stream(m)
+                if m.net is not None:  # its held frames die with this agent
+                    m.net.close()
                 continue
             try:
                 self.abort(mid)
@@ -250,19 +252,16 @@ class Destination:
                 log.warning("migration %s: %s", mid, e)
 
     def hold_traffic(self, migration_id: str) -> None:
-        """The source's network is locked: keep the container's frames until it is restored here."""
+        """The source's final dump begins: keep the container's frames until its copy here runs."""
         m = self._get(migration_id)
         if m.net is not None:
             m.net.attract()
 
     # -- network (phaul.network) -----------------------------------------------------
 
-    def _configs(self) -> list[ContainerConfig]:
-        return [self.host.containers.config(i.id) for i in self.host.containers.list()]
-
     def _prepare_network(self, migration_id: str, ident: network.Identity) -> None:
         """Open the holding port of an addressed container; on failure nothing is left."""
-        assert self.host.bridge is not None  # check_destination refused otherwise
+        assert self.host.bridge is not None  # prepare refused otherwise
         hold = network.TrafficHold(ident, self.host.bridge)
         try:
             hold.open()
@@ -281,10 +280,7 @@ class Destination:
         """The source copy is gone: put the restored copy (init `pid`) on the segment
         and hand it the frames held meanwhile."""
         if m.net is None:  # e.g. reloaded after an agent restart: no frames were kept
-            ident = network.Identity.of(self.host.containers.config(m.ct_id))
-            if ident is not None and self.host.bridge:
-                network.plug_restored(ident, self.host.bridge)
-                _announce(pid, ident)
+            network.adopt_restored(self.host.containers, m.ct_id, self.host.bridge)
             return
         try:
             m.net.release(pid)

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
@@ -31,10 +31,11 @@ KINDS = ("fail", "damage-image", "kill-agent", "pause")
 PAUSE_LIMIT = 120.0  # s
 
 
-@dataclass(frozen=True)
+@dataclass
 class Fault:
     step: str
     kind: str
+    fired: bool = field(default=False, compare=False)  # a fault happens once, the first time its step begins
 
     @classmethod
     def parse(cls, text: str, enabled: bool) -> Fault | None:
@@ -52,13 +53,14 @@ class Fault:
         return cls(step, kind)
 
     def at(self, step: str, image_dir: Path | None = None, *, state_dir: Path | None = None, migration_id: str = "") -> None:
-        """Make the fault happen if this is its step (on the side that can)."""
-        if step != self.step:
+        """Make the fault happen if this is its step (on the side that can), once."""
+        if step != self.step or self.fired:
             return
         if self.kind == "damage-image":
             if image_dir is None:
                 return
             log.warning("fault injection: damaging the images in %s", image_dir)
+            self.fired = True
             damage_images(image_dir)
             return
         if self.kind == "fail":
@@ -66,6 +68,7 @@ class Fault:
             raise ToolFailed(f"injected fault at {step}")
         if state_dir is None:
             return  # kill-agent and pause act on the source agent only
+        self.fired = True
         if self.kind == "kill-agent":
             log.warning("fault injection: killing this agent at %s", step)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.errors import ToolFailed
+from phaul import transport
 from phaul.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
 
 log = logging.getLogger(__name__)
 
 MODULE = "migration"
-IO_TIMEOUT = 30.0  # s: a push that moves no data this long fails (a stalled or cut link)
 _SENT = re.compile(r"^Total bytes sent: ([\d,.]+)", re.MULTILINE)
 
 
@@ -42,7 +42,7 @@ class RsyncReceiver:
             "use chroot = yes\nmunge symlinks = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
             f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
             "  exclude = /rsyncd.conf /data-channel.*\n"
-            f"  timeout = {int(IO_TIMEOUT) * 2}\n"
+            f"  timeout = {int(transport.LINK_TIMEOUT) * 2}\n"
         )
         self.endpoint = TlsEndpoint(
             creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."]
@@ -78,7 +78,7 @@ class RsyncSender:
         rsync's default whole seconds miss a file rewritten with the same size
         within the second of the previous sync, which the final sync must not."""
         args = [
-            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(IO_TIMEOUT))}",
+            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(transport.LINK_TIMEOUT))}",
             "--modify-window=-1", "-e", f"sh {TLS_RSH}",
         ]
         if checksum:

@@ -209,7 +209,7 @@ class RoundsResult:
     fs_bytes_sent: int
 
 
-Progress = Callable[[int, Round, Decision], None]
+Progress = Callable[[RoundFigures, Round, Decision], None]  # after each round
 
 
 def run_rounds(
@@ -276,7 +276,7 @@ def run_rounds(
             k, row.pages_dumped, row.pages_sent, row.bytes_sent, row.frozen_ms, row.predicted_frozen_ms,
             f"; stop: {decision.reason}" if decision.stop else "",
         )
-        progress(k, row, decision)
+        progress(fig, row, decision)
         if decision.stop:
             break
     assert decision is not None

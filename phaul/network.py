@@ -17,15 +17,17 @@ until `TrafficHold.release` plugs it in after the commit.
 What the pieces give:
 
 - `plug` / `unplug`: the veth of a starting / removed container.
-- `check_destination`: the preflight refusals (no bridge, address in use).
+- `bridge_problem`, `address_problem`: the destination's preflight checks
+  (phaul.preflight) for an addressed container.
 - `FreezeSignal` (source) and `TrafficHold` (destination): no client packet
-  is lost while the container is frozen. When CRIU locks the source's
-  network, the destination attracts the container's MAC to a holding port on
-  its bridge and keeps every frame sent to it; once the restored sockets
-  exist it announces the address from the restored container and replays the
-  kept frames into it. A client's retransmission therefore reaches the
-  restored socket as soon as it exists, instead of being dropped at the
-  frozen source and waiting for the client's next retransmission timeout.
+  is lost while the container moves. When CRIU begins the final dump, the
+  destination attracts the container's MAC to a holding port on its bridge
+  and keeps every frame sent to it; once the source copy is gone it plugs
+  the restored copy in, announces the address from it and replays the kept
+  frames into it. A client's packet (or retransmission) sent while the
+  container was frozen reaches the restored socket as soon as it runs,
+  instead of being dropped at the frozen source and waiting for the client's
+  next retransmission timeout.
 - `announce`: gratuitous ARP from inside a container's namespace.
 - `close_tcp_connections`: `migrate --tcp=close`, a FIN on every
   established connection of a restored copy before it runs.
@@ -50,8 +52,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from phaul.containers import ContainerConfig
-from phaul.errors import Conflict, InvalidInput, ToolFailed
+from phaul.containers import ContainerConfig, ContainerKind
+from phaul.errors import Conflict, InvalidInput, PhaulError, ToolFailed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ HOST_VETH_PREFIX = "phv"  # host end of a container's veth
 HOLD_PREFIX = "phh"  # holding port on the destination's bridge
 HOLD_PEER_PREFIX = "phi"  # its peer, where the held frames are read
 ARP_PROBE_WAIT = 0.2  # s to wait for answers to the address-in-use probe
-ATTRACT_REPEAT_MS = (10, 30, 60, 100, 200, 400)  # re-announce the holding port (source may still send)
+# Re-announce the holding port: until CRIU has frozen and locked it, the source copy may still send.
+ATTRACT_REPEAT_MS = (5, 10, 20, 30, 45, 60, 80, 100, 130, 160, 200, 300, 400)
 FREEZE_POLL = 0.001
 LINK_UP_WAIT = 1.0  # s a link just brought up may take to pass frames
 HOLD_BUFFER = 16 << 20  # bytes of held frames the kernel keeps for us
@@ -231,9 +234,37 @@ def _tool(name: str) -> str:
     raise ToolFailed(f"{name} not found", "install iproute2 and util-linux")
 
 
-def plug_restored(ident: Identity, bridge: str) -> None:
-    """Plug the host end of a restored container's veth into `bridge` and bring it up."""
+def plug_restored(ident: Identity, bridge: str, pid: int) -> None:
+    """Put a restored copy (init `pid`) on the segment: plug the host end of its
+    veth into `bridge`, bring it up, and announce the address from inside."""
     _ip("link", "set", "dev", ident.host_veth, "master", bridge, "up")
+    # The restored kernel tried to resolve its peers while eth0 had no carrier; such
+    # entries would hold its first answers until their next ARP retry (1 s).
+    _ip_in(pid, [f"neighbour flush dev {CT_IFNAME}"])
+    announce(pid, ident)  # the bridge now sends new frames to the restored eth0
+
+
+def adopt_restored(containers: ContainerKind, ct_id: str, bridge: str | None) -> None:
+    """Put a restored copy on the segment when nothing was held for it (its agent
+    restarted meanwhile); removes a holding port the dead agent left."""
+    ident = Identity.of(containers.config(ct_id))
+    pid = containers.info(ct_id).pid
+    if ident is None or not bridge or not pid:
+        return
+    TrafficHold(ident, bridge).close()
+    plug_restored(ident, bridge, pid)
+
+
+def reannounce(containers: ContainerKind, ct_id: str) -> None:
+    """Announce the address of a container running here again, e.g. after a rollback
+    (the segment may have learned the destination meanwhile). Best effort."""
+    try:
+        ident = Identity.of(containers.config(ct_id))
+        pid = containers.info(ct_id).pid
+        if ident is not None and pid:
+            announce(pid, ident)
+    except (PhaulError, OSError) as e:
+        log.warning("announcing %s again failed: %s", ct_id, e)
 
 
 # --- preflight ----------------------------------------------------------------------------
@@ -256,26 +287,32 @@ def check_bridge(bridge: str | None, where: str) -> None:
                        "start the agent with --bridge naming a bridge")
 
 
-def check_destination(ident: Identity, bridge: str | None, where: str, others: Iterable[ContainerConfig]) -> None:
-    """Refuse (Conflict) a destination `where` the container cannot be plugged into:
-    no bridge, or its address already in use there (on the host, by another
-    container of the host, or by another machine answering ARP on the bridge)."""
-    check_bridge(bridge, where)
-    assert bridge is not None
+def bridge_problem(bridge: str | None, where: str) -> str | None:
+    """Why containers cannot be plugged into `bridge` on this host (`where`), or None."""
+    try:
+        check_bridge(bridge, where)
+    except Conflict as e:
+        return e.message
+    return None
+
+
+def address_problem(ident: Identity, where: str, others: Iterable[ContainerConfig], bridge: str | None) -> str | None:
+    """Why the container's address cannot live on this host (`where`), or None: it
+    is an address of the host, of another container of the host, or answered
+    for on the bridge's segment by another machine (an ARP probe)."""
     for other in others:
         if other.id != ident.ct_id and other.ip and ipaddress.ip_interface(other.ip).ip == ident.address.ip:
-            raise Conflict(f"address {ident.ip} of {ident.ct_id} is already used by container {other.id} on {where}",
-                           f"give one of them another address or migrate elsewhere")
+            return f"container {other.id} on {where} already has {ident.ip}"
     r = _ip("-j", "address", "show")
     for dev in json.loads(r.stdout or "[]"):
         for a in dev.get("addr_info", []):
             if a.get("local") == ident.ip:
-                raise Conflict(f"address {ident.ip} of {ident.ct_id} is already in use on {where} ({dev['ifname']})",
-                               f"remove it there or migrate elsewhere")
-    owner = arp_probe(bridge, ident.address.ip, ignore_mac=ident.mac) if ident.address.version == 4 else None
-    if owner:
-        raise Conflict(f"address {ident.ip} of {ident.ct_id} is already in use on {where}'s segment (by {owner})",
-                       "find the machine that holds it, or migrate elsewhere")
+                return f"{ident.ip} is already an address of {where} ({dev['ifname']})"
+    if bridge and link(bridge) is not None and ident.address.version == 4:
+        owner = arp_probe(bridge, ident.address.ip, ignore_mac=ident.mac)
+        if owner:
+            return f"{ident.ip} is already in use on {where}'s segment (answered by {owner})"
+    return None
 
 
 def arp_probe(ifname: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ignore_mac: str, wait: float = ARP_PROBE_WAIT) -> str | None:
@@ -375,41 +412,45 @@ class _socket_in_netns:
         self.sock.close()
 
 
-# --- source side: the moment the network is locked ------------------------------------------
+# --- source side: the moment of the freeze -----------------------------------------------------
 
 
 class FreezeSignal:
-    """Tells the source agent when CRIU locks the container's network during the
-    final dump (CRIU's `network-lock` action), so that the destination starts
-    holding the container's traffic at once."""
+    """Tells the source agent when CRIU begins the final dump (its `pre-dump`
+    action, just before it freezes the container), so that the destination
+    starts holding the container's traffic at once: what the frozen copy would
+    drop (TCP segments after the network lock) or swallow (UDP datagrams
+    before it, which CRIU does not dump) is kept for the restored copy."""
+
+    ACTION = "pre-dump"
 
     def __init__(self, path: Path) -> None:
         self.dir = path
         path.mkdir(parents=True, exist_ok=True)
         self.script = path / "net-hook.sh"
-        self.marker = path / "net-locked"
+        self.marker = path / "freezing"
         self.marker.unlink(missing_ok=True)
         self.script.write_text(
             "#!/bin/sh\n# phaul network hook (generated). CRIU runs this at each action.\n"
-            f'[ "$CRTOOLS_SCRIPT_ACTION" = network-lock ] && : > {self.marker}\nexit 0\n'
+            f'[ "$CRTOOLS_SCRIPT_ACTION" = {self.ACTION} ] && : > {self.marker}\nexit 0\n'
         )
         self.script.chmod(0o700)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.locked_at: float | None = None  # time.monotonic() when the lock was seen
+        self.seen_at: float | None = None  # time.monotonic() when the action was seen
 
     def criu_options(self) -> str:
         return f"action-script {self.script}\n"
 
-    def start(self, on_locked: Callable[[], None]) -> None:
-        """Call `on_locked()` in a thread of its own once CRIU reaches the network lock."""
+    def start(self, on_freeze: Callable[[], None]) -> None:
+        """Call `on_freeze()` in a thread of its own once CRIU reaches the action."""
 
         def watch() -> None:
             while not self._stop.is_set():
                 if self.marker.exists():
-                    self.locked_at = time.monotonic()
+                    self.seen_at = time.monotonic()
                     try:
-                        on_locked()
+                        on_freeze()
                     except Exception as e:  # holding is an optimisation; the migration goes on
                         log.warning("holding the container's traffic failed: %s", e)
                     return
@@ -431,8 +472,8 @@ class TrafficHold:
     """A holding port for one incoming container on this host's bridge.
 
     `open()` (at prepare) makes a veth pair: one end a bridge port, the other
-    read through a packet socket. `attract()` (when the source's network is
-    locked) sends gratuitous ARP for the container through it, so the segment
+    read through a packet socket. `attract()` (when the source's final dump
+    begins) sends gratuitous ARP for the container through it, so the segment
     delivers the container's frames here; the kernel keeps them in the socket.
     Nothing answers them meanwhile, so no copy acknowledges data that a
     rollback would lose. `release(pid)` (once the source copy is gone and the
@@ -496,11 +537,7 @@ class TrafficHold:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        plug_restored(self.ident, self.bridge)
-        # The restored kernel tried to resolve its peers while eth0 had no carrier; such
-        # entries would hold its first answers until their next ARP retry (1 s).
-        _ip_in(pid, [f"neighbour flush dev {CT_IFNAME}"])
-        announce(pid, self.ident)  # the bridge now sends new frames to the restored eth0
+        plug_restored(self.ident, self.bridge, pid)
         if self._sock is None or self.attracted_at is None:
             self.close()
             return 0

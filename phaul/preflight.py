@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from phaul import network
 from phaul.containers import ContainerConfig
 from phaul.doctor import criu_path, criu_version
 from phaul.errors import Conflict, NotFound, PhaulError
@@ -205,24 +205,21 @@ def _address_check(host: Host, config: ContainerConfig) -> CheckResult:
     me = host.name
     if not config.ip:
         return CheckResult("address", PASS, "the container has no address of its own", me)
-    ip = config.ip.split("/")[0]
-    for c in _configs(host):
-        if c.ip and c.ip.split("/")[0] == ip and c.id != config.id:
-            return CheckResult("address", FAILURE, f"container {c.id} here already has {ip}", me)
-    r = _run(["ip", "-o", "addr", "show"])
-    if re.search(rf"inet {re.escape(ip)}/", r.stdout):
-        return CheckResult("address", FAILURE, f"{ip} is an address of {me} itself", me)
-    return CheckResult("address", PASS, f"{ip} is free here", me)
+    ident = network.Identity.of(config)
+    assert ident is not None
+    problem = network.address_problem(ident, me, _configs(host), host.bridge)
+    if problem:
+        return CheckResult("address", FAILURE, problem, me)
+    return CheckResult("address", PASS, f"{ident.ip} is free here", me)
 
 
 def _bridge_check(host: Host, config: ContainerConfig) -> CheckResult:
     me = host.name
     if not config.ip:
         return CheckResult("bridge", PASS, "the container has no address: no bridge needed", me)
-    if not host.bridge:
-        return CheckResult("bridge", FAILURE, f"{me}'s agent has no --bridge for addressed containers", me)
-    if not Path(f"/sys/class/net/{host.bridge}/bridge").is_dir():
-        return CheckResult("bridge", FAILURE, f"bridge {host.bridge} does not exist on {me}", me)
+    problem = network.bridge_problem(host.bridge, me)  # ip(8): this agent's network namespace, not /sys
+    if problem:
+        return CheckResult("bridge", FAILURE, problem, me)
     return CheckResult("bridge", PASS, f"bridge {host.bridge} is present", me)
 
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul import criu
+from phaul import criu, network
 from phaul.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
 from phaul.host import Host
@@ -348,6 +348,7 @@ class Recovery:
                 return Outcome(mid, "source", "in_doubt", f"the source copy of {ct} could not be resumed")
             self._clear_criu_config(ct)
             note = self._abort_dest(e, peer_state)
+            network.reannounce(self.host.containers, ct)  # the destination may have held its traffic
             self.journal.settle(mid, "source", "rolled_back", note)
             shutil.rmtree(mdir, ignore_errors=True)
             return Outcome(mid, "source", "rolled_back", f"{ct} runs on {self.host.name}" + (f"; {note}" if note else ""))
@@ -498,6 +499,7 @@ class Recovery:
     def _dest_finish_resume(self, e: JournalEntry) -> Outcome:
         mid = e.migration_id
         try:
+            network.adopt_restored(self.host.containers, e.ct, self.host.bridge)  # plugged in, announced
             self.host.containers.resume(e.ct)
         except PhaulError as ex:
             log.info("migration %s: resuming %s: %s", mid, e.ct, ex.message)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phaul import criu, fs_sync, iterative_dump, memory_methods, messages, network, preflight, recovery
+from phaul import criu, iterative_dump, memory_methods, messages, network, preflight, recovery, transport
 from phaul.client import Agent, connect
 from phaul.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
@@ -85,7 +85,7 @@ class SourceMigration:
         self._dest: Agent | None = None
         self._prepared = False
         self._gate: criu.CommitGate | None = None
-        self._freeze: network.FreezeSignal | None = None  # addressed containers: when CRIU locks the network
+        self._freeze: network.FreezeSignal | None = None  # addressed containers: when the final dump begins
         self._dump: subprocess.Popen[bytes] | None = None
         self._committed = False
         self._sender: RsyncSender
@@ -241,12 +241,14 @@ class SourceMigration:
             fs_final = fs_job.result()
         finally:
             fs_job.wait()
-        phases["transfer.fs"] = fs_job.ms
+        transfer_ms = (time.monotonic() - t_transfer) * 1000
         round_.fs_bytes_sent = fs_final
         round_.bytes_sent = sent.bytes_sent
         round_.pages_sent = sent.pages_sent
         self.report.fs_bytes_sent += fs_final
-        phases["transfer"] = (time.monotonic() - t_transfer) * 1000
+        # in the order things happen; transfer.fs may have begun during the dump
+        memory_ms = phases.pop("transfer.memory")
+        phases.update({"transfer": transfer_ms, "transfer.fs": fs_job.ms, "transfer.memory": memory_ms})
         phases.update({f"transfer.{k}": v for k, v in sent.phases_ms.items()})
         self.report.criu_ms["transfer"] = phases["transfer"]
 
@@ -297,8 +299,9 @@ class SourceMigration:
         )
         costs = iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS)
 
-        def progress(k: int, row: Round, d: iterative_dump.Decision) -> None:
-            rate = (row.bytes_sent + row.fs_bytes_sent) / (row.duration_ms / 1000) if row.duration_ms else 0.0
+        def progress(fig: iterative_dump.RoundFigures, row: Round, d: iterative_dump.Decision) -> None:
+            k = fig.round
+            rate = fig.bytes_sent / (fig.send_ms / 1000) if fig.send_ms > 0 else 0.0  # the memory transfer's own rate
             self.emit(pb.Progress(
                 phase="precopy", round=k, bytes_sent=row.bytes_sent + row.fs_bytes_sent, rate=rate,
                 dirty_rate=d.dirty_rate, predicted_frozen_ms=d.predicted_frozen_ms,
@@ -337,7 +340,7 @@ class SourceMigration:
         images.mkdir()
         work.mkdir()
         self._gate = criu.CommitGate(self.dir / "gate", freezer=ct.freezer_state(self.ct_id))
-        ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options() + self._watch_network_lock())
+        ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options() + self._watch_freeze())
         # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
         args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
         with open(work / "runc-checkpoint.log", "wb") as out:
@@ -391,9 +394,12 @@ class SourceMigration:
         """Settle after a failure: before commit, resume the source and remove the
         destination's copy (rolled_back); after commit, try to get the
         destination's copy running (ok) or report in_doubt."""
-        link = max(5.0, fs_sync.IO_TIMEOUT)  # how long a call may wait on a link that may be dead
+        link = max(5.0, transport.LINK_TIMEOUT)  # how long a call may wait on a link that may be dead
         if self._committed:
-            return "ok" if self._resume_dest(deadline=time.monotonic() + 3 * link) else "in_doubt"
+            if not self._resume_dest(deadline=time.monotonic() + 3 * link):
+                return "in_doubt"  # the images stay until the migration settles (phaul recover)
+            self._finish_after_failure()
+            return "ok"
         self._stop_network_watch()
         source_ok = self._resume_source()
         if not source_ok and self._prepared and recovery.source_copy(self.host, self.ct_id, self.dir) == "gone":
@@ -402,6 +408,7 @@ class SourceMigration:
             if self._dest_state(link) == recovery.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
                 self._committed = True
                 self.host.containers.destroy(self.ct_id, timeout=0)
+                self._finish_after_failure()
                 return "ok"
         if self._prepared and self._dest is not None:
             try:
@@ -409,17 +416,36 @@ class SourceMigration:
             except PhaulError as e:
                 log.error("migration %s: removing the copy on %s failed: %s", self.id, self.dest_name, e)
                 self.report.error += f"; the destination may keep partial state: {e}"
-        if source_ok:
-            self._announce_source()
+        if source_ok:  # the segment may have learned the destination meanwhile
+            network.reannounce(self.host.containers, self.ct_id)
+        self._cleanup_method()
         shutil.rmtree(self.dir, ignore_errors=True)
         return "rolled_back" if source_ok else "failed"
+
+    def _cleanup_method(self) -> None:
+        """Close what the memory method holds (streams, round images), whatever happened."""
+        if self._method is not None:
+            try:
+                self._method.cleanup()
+            except Exception as e:  # keep settling
+                log.warning("migration %s: memory method clean-up: %s", self.id, e)
+
+    def _finish_after_failure(self) -> None:
+        """The destination's copy runs after all: drop what the migration kept here and there."""
+        try:
+            assert self._dest is not None
+            self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, transport.LINK_TIMEOUT))
+        except PhaulError as e:
+            log.warning("migration %s: destination clean-up: %s (its resolver finishes it)", self.id, e)
+        self._cleanup_method()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _resume_dest(self, deadline: float) -> bool:
         """Tell the destination to run its copy, retrying until `deadline`; True once it runs."""
         assert self._dest is not None
         while True:
             try:
-                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, fs_sync.IO_TIMEOUT))
+                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, transport.LINK_TIMEOUT))
                 return True
             except PhaulError as e:
                 log.error("migration %s: resuming on %s failed: %s", self.id, self.dest_name, e)
@@ -446,9 +472,9 @@ class SourceMigration:
 
     # -- the container's address (phaul.network) -----------------------------------
 
-    def _watch_network_lock(self) -> str:
-        """For an addressed container: CRIU options that signal the network lock of
-        the final dump, and a watcher that then asks the destination to hold the
+    def _watch_freeze(self) -> str:
+        """For an addressed container: CRIU options that signal the start of the
+        final dump, and a watcher that then asks the destination to hold the
         container's traffic. "" for a container without an address."""
         if self.host.containers.config(self.ct_id).ip is None:
             return ""
@@ -461,16 +487,6 @@ class SourceMigration:
     def _stop_network_watch(self) -> None:
         if self._freeze is not None:
             self._freeze.stop()
-
-    def _announce_source(self) -> None:
-        """After a rollback: the segment may have learned the destination; point it back here."""
-        try:
-            ident = network.Identity.of(self.host.containers.config(self.ct_id))
-            pid = self.host.containers.info(self.ct_id).pid
-            if ident is not None and pid:
-                network.announce(pid, ident)
-        except (PhaulError, OSError) as e:
-            log.warning("migration %s: announcing %s again on %s failed: %s", self.id, self.ct_id, self.host.name, e)
 
     # -- helpers ------------------------------------------------------------------
 

@@ -23,6 +23,16 @@ from phaul.validate import check_id
 log = logging.getLogger(__name__)
 
 TLS_RSH = Path(__file__).resolve().parent / "data" / "tls-rsh"
+# s: a data channel that moves nothing this long while it has data to move is
+# dead (rsync --timeout); its TCP connections give up after 4 times as long
+# (TCP_USER_TIMEOUT) and probe idle peers (keepalive). The agent sets it.
+LINK_TIMEOUT = 30.0
+TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
+
+
+def tcp_options() -> str:
+    """socat address options that end a TCP connection to a dead or cut-off peer."""
+    return f"keepalive,keepidle=5,keepintvl=2,keepcnt=3,setsockopt-int=6:{TCP_USER_TIMEOUT}:{int(LINK_TIMEOUT * 4000)}"
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class TlsEndpoint:
             listen = (
                 f"OPENSSL-LISTEN:{self.port},bind={self.bind},reuseaddr,fork,"
                 f"cert={self.creds.cert},key={self.creds.key},cafile={self.creds.ca},"
-                f"verify=1,commonname={self.peer_name},nodelay"
+                f"verify=1,commonname={self.peer_name},nodelay,{tcp_options()}"
             )
             with open(log_path, "ab") as errlog:
                 self._proc = subprocess.Popen(
@@ -142,4 +152,5 @@ def rsh_env(creds: Credentials, peer: str, peer_name: str) -> dict[str, str]:
         "PHAUL_CERT": str(creds.cert),
         "PHAUL_KEY": str(creds.key),
         "PHAUL_CA": str(creds.ca),
+        "PHAUL_TCP_OPTIONS": tcp_options(),
     }

@@ -375,7 +375,49 @@ def ensure_agents(lab: Lab) -> list[str]:
     """Restart the lab's dead agents (as `phaul lab up` does), in-process; the hosts restarted."""
     from phaul import lab as lab_mod
 
-    dead = [h for h in HOSTS if not (_alive(agent_pid(lab, h)) and (lab.state_dir(h) / "agent.sock").exists())]
+    def alive(h: str) -> bool:
+        try:
+            return _alive(agent_pid(lab, h)) and (lab.state_dir(h) / "agent.sock").exists()
+        except (OSError, ValueError):
+            return False
+
+    dead = [h for h in HOSTS if not alive(h)]
     if dead:
         lab_mod.up(lab_dir=lab.dir)
     return dead
+
+
+def scrub(lab: Lab) -> None:
+    """After a failed case: remove by force what it left, so that the next case
+    starts clean (the failure itself is already recorded)."""
+    import shutil
+
+    for host in HOSTS:
+        state = lab.state_dir(host)
+        try:
+            agent = agent_pid(lab, host)
+        except (OSError, ValueError):
+            agent = 0
+        for pid, _args in netns_processes(host):
+            if pid != agent:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        root = state / "runc"
+        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+        for ct in ids:
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
+        for sub in ("migrations", "containers"):
+            for p in (state / sub).glob("*") if (state / sub).is_dir() else []:
+                shutil.rmtree(p, ignore_errors=True)
+        for cg in sorted(Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/*"), reverse=True):
+            for freezer in cg.rglob("freezer.state"):
+                try:
+                    freezer.write_text("THAWED")
+                except OSError:
+                    pass
+            try:
+                cg.rmdir()
+            except OSError:
+                pass

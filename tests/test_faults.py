@@ -30,7 +30,7 @@ import pytest
 from conftest import Lab, wait_for
 from faultlib import (
     HOSTS, MARKED_COUNTER, Admin, agent_pid, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
-    pause_marker, stopped_processes, where,
+    pause_marker, scrub, stopped_processes, where,
 )
 from phaul import faults as faults_mod
 from phaul.rpc import phaul_pb2 as pb
@@ -252,6 +252,8 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         with open(RESULTS, "a") as f:
             f.write(json.dumps(row) + "\n")
         _cleanup(lab, admin, ct, timers)
+        if row["outcome"] != "pass":
+            scrub(lab)
 
 
 def _cleanup(lab: Lab, admin: Admin, ct: str, timers: list[threading.Thread]) -> None:
