@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TLS_RSH = Path(__file__).resolve().parent / "data" / "tls-rsh"
 # s: a data channel that moves nothing this long while it has data to move is
-# dead (rsync --timeout); its TCP connections give up after 4 times as long
+# dead (rsync --timeout); its TCP connections give up after twice as long
 # (TCP_USER_TIMEOUT) and probe idle peers (keepalive). The agent sets it.
 LINK_TIMEOUT = 30.0
 TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
@@ -32,7 +32,7 @@ TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
 
 def tcp_options() -> str:
     """socat address options that end a TCP connection to a dead or cut-off peer."""
-    return f"keepalive,keepidle=5,keepintvl=2,keepcnt=3,setsockopt-int=6:{TCP_USER_TIMEOUT}:{int(LINK_TIMEOUT * 4000)}"
+    return f"keepalive,keepidle=5,keepintvl=2,keepcnt=3,setsockopt-int=6:{TCP_USER_TIMEOUT}:{int(LINK_TIMEOUT * 2000)}"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 usage: python scripts/fault_table.py [RESULTS.jsonl] [--markdown]
 
-Each cell: what the migration's report said, then what settled it when it
-did not settle itself ("restart": a dead agent came back, "recover": `phaul
-recover`), then where the container runs (α alpha, the source; β beta, the
-destination). A failed case shows FAIL; "-" marks a fault that cannot happen
-at that step (no image yet, no CRIU running there).
+Each cell: what the migration's report said ("agent died": the source agent
+was killed and no report came), "→" how the migration settled when that
+differs, in brackets what it took ("restart": the dead agent was started
+again, "recover": `phaul recover` settled it), then where the one running
+copy is (α alpha, the source; β beta, the destination). A failed case shows
+FAIL; "-" marks a fault that cannot happen at that step (no image yet, no
+CRIU running there).
 """
 
 from __future__ import annotations
@@ -25,18 +27,17 @@ WHERE = {"alpha": "α", "beta": "β"}
 
 
 def cell(row: dict) -> str:
+    """e.g. "rolled back α", "in doubt → ok [restart, recover] β"."""
     if not str(row.get("outcome", "")).startswith("pass"):
         return "FAIL"
-    text = SHORT.get(row.get("report", ""), row.get("report", "?"))
-    then = []
-    if row.get("restarted"):
-        then.append("restart")
-    if row.get("recovered"):
-        then.append("recover")
-    if then or row.get("journal") != row.get("report"):
-        text += " → " + "+".join(then or ["settled"]) + " → " + SHORT.get(row.get("journal", ""), row.get("journal", ""))
-    where = "".join(WHERE.get(h, h) for h in row.get("runs_on", []))
-    return f"{text} ({where})"
+    report, final = row.get("report", "?"), row.get("journal", "?")
+    text = SHORT.get(report, report)
+    if final != report:
+        text += " → " + SHORT.get(final, final)
+    then = (["restart"] if row.get("restarted") else []) + (["recover"] if row.get("recovered") else [])
+    if then:
+        text += f" [{', '.join(then)}]"
+    return text + " " + "".join(WHERE.get(h, h) for h in row.get("runs_on", []))
 
 
 def main(argv: list[str]) -> int:
