@@ -212,3 +212,85 @@ def test_large_files_are_compared_in_two_halves(tmp_path: Path) -> None:
     _write_dump(tmp_path / "new", {1: ([(0x10000000, n)], changed)})
     delta = _roundtrip(tmp_path, tmp_path / "old", tmp_path / "new")
     assert delta.literal_pages == len(hit)
+
+
+# -- the page stream (phaul.page_stream), without TLS -------------------------------------
+
+
+def _stream_message(delta_dir: Path) -> bytes:
+    import json
+
+    files = sorted((p.name, p.stat().st_size) for p in delta_dir.iterdir())
+    body = b"".join((delta_dir / n).read_bytes() for n, _ in files)
+    return json.dumps({"files": files}).encode() + b"\n" + body
+
+
+def _two_dumps(tmp: Path) -> None:
+    content = _pages(20, 40)
+    _write_dump(tmp / "old", {1: ([(0x10000, 40)], content)})
+    changed = content.copy()
+    changed[[1, 30], 5] ^= 1
+    _write_dump(tmp / "new", {1: ([(0x10000, 40)], changed)}, {"core-1.img": b"core-new", "pstree.img": b"tree"})
+    make_delta(tmp / "new", tmp / "old", tmp / "out")
+    (tmp / "mdir").mkdir()
+    shutil.copytree(tmp / "old", tmp / "mdir" / "images")
+
+
+def test_page_stream_receiver_applies_each_message(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from phaul import page_stream
+
+    _two_dumps(tmp_path)
+    rx = io.BytesIO(_stream_message(tmp_path / "out"))
+    tx = io.BytesIO()
+    page_stream.serve(tmp_path / "mdir", rx, tx)
+    ready, answer = tx.getvalue().splitlines()
+    assert ready == b"ready"
+    assert json.loads(answer) == {"ok": True, "pages_written": 2, "ms": pytest.approx(json.loads(answer)["ms"])}
+    _same_dirs(tmp_path / "new", tmp_path / "mdir" / "images")
+
+
+@pytest.mark.parametrize("header", [
+    b'{"files": [["../escape", 1]]}\n', b'{"files": [["a", -1]]}\n', b'{"files": [["a", 1], ["a", 1]]}\n', b"not json\n",
+])
+def test_page_stream_receiver_refuses_bad_messages(tmp_path: Path, header: bytes) -> None:
+    import io
+    import json
+
+    from phaul import page_stream
+
+    (tmp_path / "mdir" / "images").mkdir(parents=True)
+    tx = io.BytesIO()
+    page_stream.serve(tmp_path / "mdir", io.BytesIO(header + b"x"), tx)
+    answer = json.loads(tx.getvalue().splitlines()[1])
+    assert answer["ok"] is False
+    assert not (tmp_path / "escape").exists()
+
+
+def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
+    """The source's PageStream over a pipe instead of TLS: send, answer, close."""
+    import sys
+
+    from phaul import page_stream
+
+    _two_dumps(tmp_path)
+
+    class Local(page_stream.PageStream):
+        def __init__(self) -> None:  # the receiver directly, no TLS hop
+            self.timeout = 30.0
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "phaul.page_stream", str(tmp_path / "mdir")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
+            )
+            assert self._readline() == page_stream.READY
+
+    s = Local()
+    try:
+        res = s.send(tmp_path / "out")
+    finally:
+        s.close()
+    assert res.pages_written == 2 and res.bytes_sent > 2 * PAGE
+    _same_dirs(tmp_path / "new", tmp_path / "mdir" / "images")
+    assert s.proc.returncode == 0
