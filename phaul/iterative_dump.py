@@ -56,6 +56,7 @@ class RoundFigures:
     interval_s: float  # from the previous round's snapshot to this one's (0 in round 1)
     window_s: float  # from this round's snapshot until a final dump started now would freeze
     restore_ms: float  # predicted restore + commit + resume on the destination (RestoreCosts)
+    frozen_ms: float = 0.0  # how long this round kept the container frozen: what another round costs it
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class ConvergencePolicy:
 
     Stops (first that holds): the prediction is within `max_downtime_ms`
     ("downtime-target"); what is left to copy adds less than `negligible` of the
-    prediction, so no further round can shorten the freeze noticeably
-    ("converged"); the remaining work failed to shrink by `shrink` in
+    prediction, or less than the freeze one more round would cost the
+    container, so no further round can pay off ("converged"); the remaining work failed to shrink by `shrink` in
     `max_stalls` rounds ("no-progress": the dirty rate keeps up with the
     transfer); `max_rounds` rounds ran ("max-rounds").
     """
@@ -134,6 +135,12 @@ class ConvergencePolicy:
                 return decide(
                     True, "converged",
                     f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; more rounds cannot shorten it",
+                )
+            if dirty_ms <= fig.frozen_ms:
+                return decide(
+                    True, "converged",
+                    f"another round would freeze the container for about {fig.frozen_ms:.0f} ms to save at most "
+                    f"{dirty_ms:.0f} ms of a predicted {predicted:.0f} ms freeze",
                 )
             if fig.changed_pages > (1 - self.shrink) * prev.changed_pages:
                 self.stalls += 1
@@ -261,7 +268,7 @@ def run_rounds(
             send_ms=sent.send_ms, dump_frozen_ms=dump.dump_frozen_ms, local_ms=sent.local_ms,
             interval_s=(dump.snapshot_ns - prev_snapshot_ns) / 1e9 if prev_snapshot_ns else 0.0,
             window_s=(end_ns - dump.snapshot_ns) / 1e9 + dump.startup_ms / 1000,
-            restore_ms=restore_estimate(dump.pages),
+            restore_ms=restore_estimate(dump.pages), frozen_ms=dump.frozen_ms,
         )
         prev_snapshot_ns = dump.snapshot_ns
         decision = policy.observe(fig)

@@ -131,7 +131,7 @@ def _host_mac(tag: str, ct_id: str) -> str:
 
 def _run(cmd: list[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, input=input)
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, input=input)
     except FileNotFoundError as e:
         raise ToolFailed(f"{cmd[0]} not found", "install iproute2 and util-linux") from e
     if check and r.returncode != 0:
@@ -280,7 +280,7 @@ def check_bridge(bridge: str | None, where: str) -> None:
     found = link(bridge)
     if found is None:
         raise Conflict(f"{where} has no bridge {bridge!r}: its containers cannot be plugged in",
-                       f"create the bridge or start the agent with the right --bridge")
+                       "create the bridge or start the agent with the right --bridge")
     kind = found.get("linkinfo", {}).get("info_kind")
     if kind != "bridge":
         raise Conflict(f"{bridge!r} on {where} is a {kind or 'plain'} device, not a bridge",

@@ -3,6 +3,7 @@ the choice of memory method (including what this machine's kernel offers)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,23 @@ def test_idle_container_converges_at_once() -> None:
     policy.observe(fig(1, 16000, pages=16000, dump_ms=150.0))
     d = policy.observe(fig(2, 3, pages=16000, dump_ms=150.0, interval_s=0.6))
     assert d.stop and d.reason in ("downtime-target", "converged")
+
+
+def test_a_round_that_costs_more_freeze_than_it_can_save_is_not_run() -> None:
+    """1 GiB rewriting 32 MiB/s: a full dump freezes it for a second; once what is
+    left to send takes less than that, another round cannot pay off."""
+    gib = 262144
+    policy = ConvergencePolicy(max_downtime_ms=300)
+    big = dict(pages=gib, dump_ms=900.0, local_ms=200.0, restore_ms=1500.0)
+    assert not policy.observe(replace(fig(1, gib, bytes_sent=gib * 4096, send_ms=5000.0, **big), frozen_ms=1000.0)).stop
+    # 256 MiB changed in 8 s: 32 MiB/s; 4 s since the snapshot: 128 MiB, ~560 ms to send, more than
+    # a tenth of the predicted freeze but less than the second another full dump would freeze it for
+    d2 = policy.observe(replace(fig(2, 65536, interval_s=8.0, window_s=4.0, **big), frozen_ms=1000.0))
+    assert d2.stop and d2.reason == "converged" and "another round would freeze" in d2.detail, d2
+    # the same round with a short freeze (e.g. soft-dirty pre-dumps): another round pays off
+    policy = ConvergencePolicy(max_downtime_ms=300)
+    policy.observe(replace(fig(1, gib, bytes_sent=gib * 4096, send_ms=5000.0, **big), frozen_ms=100.0))
+    assert not policy.observe(replace(fig(2, 65536, interval_s=8.0, window_s=4.0, **big), frozen_ms=100.0)).stop
 
 
 def test_policy_rejects_zero_rounds() -> None:

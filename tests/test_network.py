@@ -16,8 +16,8 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import REPO, TEST_SUBNET, Lab, wait_for
+
 from phaul import lab as lab_mod
 from phaul import network
 from phaul.containers import ContainerConfig
@@ -38,7 +38,7 @@ def _probe_cmd(ns: str, ip: str, *args: str) -> list[str]:
 
 def _short_probe(ns: str, ip: str, *args: str, seconds: float = 0.3) -> tuple[int, dict]:
     """A new connection (or UDP flow) from lab namespace `ns`, held for `seconds`."""
-    r = subprocess.run(_probe_cmd(ns, ip, "--duration", str(seconds), *args), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(_probe_cmd(ns, ip, "--duration", str(seconds), *args), check=False, capture_output=True, text=True, timeout=30)
     return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {"error": r.stderr}
 
 
@@ -141,6 +141,8 @@ def test_address_reachable_on_the_segment(clean_lab: Lab) -> None:
         assert rc == 0 and result["received"] == result["sent"] > 0, (ns, result)
     rc, result = _short_probe("phaul-client", ip, "--udp")
     assert rc == 0 and result["missing"] == 0, result
+    proc = clean_lab.phaul("--host", "alpha", "ct", "create", "web2", "--ip", f"{ip}/24", check=False)
+    assert proc.returncode == 2 and f"container web on host alpha already has {ip}" in proc.stderr, proc
 
 
 @lab

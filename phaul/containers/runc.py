@@ -103,8 +103,13 @@ class RuncContainers(ContainerKind):
         """Build the rootfs and bundle for `config`; the container is left "created" (no process)."""
         config = dataclasses.replace(config, args=list(config.args))
         _check_config(config)
-        if config.ip is not None:
+        ident = network.Identity.of(config)
+        if ident is not None:
             network.check_bridge(self.bridge, f"host {self.host}")
+            others = [self.config(i.id) for i in self.list()]
+            problem = network.address_problem(ident, f"host {self.host}", others, bridge=None)
+            if problem:
+                raise Conflict(problem, "give the container another address")
         final = self.container_dir(config.id)
         if final.exists():
             raise Conflict(f"container {config.id!r} already exists", f"pick another ID or run `phaul ct destroy {config.id}`")
