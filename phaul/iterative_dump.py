@@ -57,6 +57,7 @@ class RoundFigures:
     window_s: float  # from this round's snapshot until a final dump started now would freeze
     restore_ms: float  # predicted restore + commit + resume on the destination (RestoreCosts)
     frozen_ms: float = 0.0  # how long this round kept the container frozen: what another round costs it
+    fs_ms: float = 0.0  # how long this round's file system sync took (the final one runs alongside the dump)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,14 @@ class Decision:
 class ConvergencePolicy:
     """Decides after each round whether to go on pre-copying.
 
-    Prediction of the frozen time of a final dump taken now:
-    the dump's freeze (the lower of the last two rounds') + the delta and apply
-    work of the last round + the transfer of
+    Prediction of the frozen time of a final dump taken now: the dump's freeze
+    (the lower of the last two rounds') + the delta and apply work of the last
+    round + the transfer of
     what will have changed (dirty rate x time since the last snapshot, plus the
     small images) at the measured rate + the restore, commit and resume on the
-    destination (`RoundFigures.restore_ms`, from `RestoreCosts`).
+    destination (`RoundFigures.restore_ms`, from `RestoreCosts`); the final file
+    system sync runs from the freeze on, alongside all that but the restore, so
+    it counts only where it takes longer (`RoundFigures.fs_ms` of the last round).
 
     Stops (first that holds): the prediction is within `max_downtime_ms`
     ("downtime-target"); what is left to copy adds less than `negligible` of the
@@ -123,7 +126,8 @@ class ConvergencePolicy:
         # The final dump costs what the recent ones did; the lower of the last two filters out a
         # round slowed by something passing (a cold page cache, a busy CPU).
         dump_ms = min(f.dump_frozen_ms for f in self.history[-2:])
-        predicted = dump_ms + fig.local_ms + overhead + remaining / rate * 1000 + fig.restore_ms
+        memory_ms = dump_ms + fig.local_ms + overhead + remaining / rate * 1000
+        predicted = max(memory_ms, fig.fs_ms) + fig.restore_ms
 
         def decide(stop: bool, reason: str = "", detail: str = "") -> Decision:
             return Decision(stop, reason, detail, predicted, dirty_rate, remaining, rate)
@@ -243,10 +247,13 @@ def run_rounds(
         fs_box: dict[str, object] = {}
 
         def fs_job() -> None:
+            t_fs = time.monotonic()
             try:
                 fs_box["bytes"] = fs_sync()
             except BaseException as e:  # re-raised below, in the migration's thread
                 fs_box["error"] = e
+            finally:
+                fs_box["ms"] = (time.monotonic() - t_fs) * 1000
 
         fs_thread = threading.Thread(target=fs_job, name=f"fs-round-{k}")
         if not sequential_fs:
@@ -269,6 +276,7 @@ def run_rounds(
             interval_s=(dump.snapshot_ns - prev_snapshot_ns) / 1e9 if prev_snapshot_ns else 0.0,
             window_s=(end_ns - dump.snapshot_ns) / 1e9 + dump.startup_ms / 1000,
             restore_ms=restore_estimate(dump.pages), frozen_ms=dump.frozen_ms,
+            fs_ms=float(fs_box.get("ms", 0.0)),  # type: ignore[arg-type]
         )
         prev_snapshot_ns = dump.snapshot_ns
         decision = policy.observe(fig)

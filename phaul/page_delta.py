@@ -136,7 +136,24 @@ class PagesFile:
 
 
 def pages_files(image_dir: Path) -> dict[str, PagesFile]:
-    """Every pages-*.img of a dump with the addresses its pages belong to."""
+    """Every pages-*.img of a dump with the addresses its pages belong to. A
+    dump's directory never changes once written, so the answer is kept for
+    the next round, where this dump is the basis (only an optimisation: pages
+    are always compared by content)."""
+    st = image_dir.stat()
+    key = (str(image_dir), st.st_ino, st.st_mtime_ns)
+    found = _INDEX.get(key)
+    if found is None:
+        found = _read_pages_files(image_dir)
+        _INDEX.clear()  # one dump back is all a delta needs
+        _INDEX[key] = found
+    return found
+
+
+_INDEX: dict[tuple[str, int, int], dict[str, PagesFile]] = {}
+
+
+def _read_pages_files(image_dir: Path) -> dict[str, PagesFile]:
     import numpy as np
     import pycriu
 
@@ -184,8 +201,8 @@ def make_delta(new_dir: Path, basis_dir: Path, out_dir: Path) -> tuple[PageDelta
     for p in out_dir.iterdir():
         p.unlink()
     files = _image_files(new_dir)
-    new_pf = pages_files(new_dir)
     old_pf = pages_files(basis_dir)
+    new_pf = pages_files(new_dir)  # kept: the basis of the next delta
     old_by_owner = {pf.owner: pf for pf in old_pf.values() if pf.owner}
     data_bytes = 0
     for name in files:

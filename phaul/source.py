@@ -264,8 +264,6 @@ class SourceMigration:
         t_commit = time.monotonic()
         self._commit()
         phases["commit"] = (time.monotonic() - t_commit) * 1000
-        self._dump_stats(round_)
-        round_.pages_sent = sent.pages_sent
 
         self._phase("resume", f"starting the copy on {self.dest_name}")
         t_resume = time.monotonic()
@@ -275,6 +273,8 @@ class SourceMigration:
         self.report.frozen_ms = frozen_ms
         round_.frozen_ms = frozen_ms
         round_.duration_ms = frozen_ms
+        self._dump_stats(round_)
+        round_.pages_sent = sent.pages_sent
         self.report.rounds.append(round_)
         self.report.bytes_sent = self.report.fs_bytes_sent + sum(r.bytes_sent for r in self.report.rounds)
         iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS).record(
@@ -316,6 +316,20 @@ class SourceMigration:
         self.report.rounds.extend(result.rounds)
         self.report.fs_bytes_sent += result.fs_bytes_sent
         self.report.stop_reason = result.stop_reason
+
+    def _set_aside_rootfs(self) -> None:
+        """Once the commit has killed the source copy: move its root file system
+        into the migration directory (one rename), so that destroying the
+        container does not delete thousands of files while the destination's copy
+        waits to run; the clean-up after the resume removes it."""
+        bundle_dir = getattr(self.host.containers, "bundle_dir", None)
+        if bundle_dir is None:
+            return
+        rootfs = bundle_dir(self.ct_id) / "rootfs"
+        try:
+            rootfs.rename(self.dir / "source-rootfs")
+        except OSError as e:  # then destroy removes it, only more slowly
+            log.debug("migration %s: cannot set %s aside: %s", self.id, rootfs, e)
 
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
@@ -376,6 +390,7 @@ class SourceMigration:
         if rc != 0:
             log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
         # A dumped copy is killed, never stopped gracefully: its life goes on on the destination.
+        self._set_aside_rootfs()
         self.host.containers.destroy(self.ct_id, timeout=0)
         self._journal_step("source-destroyed")
 

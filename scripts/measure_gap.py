@@ -94,7 +94,8 @@ def captures(directory: Path | None, run: int) -> Iterator[None]:
                 p.wait()
 
 
-def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval_ms: int, udp: bool) -> list[dict]:
+def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval_ms: int, udp: bool,
+            migrate_args: list[str]) -> list[dict]:
     rows = []
     where = ["alpha", "beta"]
     for i in range(runs):
@@ -106,7 +107,7 @@ def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             time.sleep(SETTLE_S)
-            r = phaul(hosts, "--host", src, "migrate", CT, dst, "--json", check=False)
+            r = phaul(hosts, "--host", src, "migrate", CT, dst, "--json", *migrate_args, check=False)
             time.sleep(SETTLE_S)
             probe.send_signal(signal.SIGINT)
             out, err = probe.communicate(timeout=30)
@@ -120,7 +121,8 @@ def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval
             # UDP may lose datagrams (they are counted); TCP may lose nothing
             "probe_ok": probe.returncode == 0 if not udp else result.get("wrong") == 0 and result.get("received", 0) > 0,
             "reset": result.get("reset"), "missing": result.get("missing"), "wrong": result.get("wrong"),
-            "criu_ms": report.get("criu_ms", {}),
+            "criu_ms": report.get("criu_ms", {}), "memory_method": report.get("memory_method"),
+            "rounds": len(report.get("rounds", [])),
         }
         rows.append(row)
         print(f"  run {row['run']:>2} {src:>5} -> {dst:<5} frozen {row['frozen_ms']:7.1f} ms  "
@@ -149,6 +151,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--interval-ms", type=int, default=10, help="the probe's send interval (default 10)")
     parser.add_argument("--udp", action="store_true", help="probe the UDP echo instead of a TCP connection")
+    parser.add_argument("--precopy", choices=("auto", "off"), default="auto", help="passed to `phaul migrate`")
     args = parser.parse_args()
     if not PROBE.is_file():
         raise SystemExit(f"measure_gap: {PROBE} is missing: run `make setup`")
@@ -166,7 +169,8 @@ def main() -> int:
             time.sleep(0.5)
             print(f"measure_gap: idle container {CT} at {address}, echo server on port {PORT}; "
                   f"{args.runs} migrations", file=sys.stderr, flush=True)
-            rows = measure(hosts, address, args.runs, args.capture, args.interval_ms, args.udp)
+            rows = measure(hosts, address, args.runs, args.capture, args.interval_ms, args.udp,
+                           ["--precopy", args.precopy])
         finally:
             lab.down(LAB_DIR)
     print(json.dumps(rows, indent=2) if args.json else table(rows))

@@ -264,7 +264,7 @@ def leftovers(lab: Lab, host: str, keep_ct: str | None = None) -> list[str]:
         if name not in ("lo", "br0", f"phl-{host}-up") and not (keep_ct and keep_ct in name):
             found.append(f"link {name}")
     mounts = Path("/proc/self/mountinfo").read_text()
-    found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if str(state) in line.split()[4]]
+    found += [f"mount {mp}" for mp in (line.split()[4] for line in mounts.splitlines()) if mp.startswith(f"{state}/")]
     return found
 
 

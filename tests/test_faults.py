@@ -70,16 +70,19 @@ def _damage(lab: Lab, mid: str) -> str:
 
 def _fill(path: Path) -> None:
     """Fill the file system of `path` to the last byte."""
-    with open(path / ".filler", "wb") as f:
+    fd = os.open(path / ".filler", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         for chunk in (1 << 20, 4096, 1):
             while True:
                 try:
-                    f.write(b"\0" * chunk)
-                    f.flush()
+                    if os.write(fd, b"\0" * chunk) < chunk:
+                        break
                 except OSError as e:
                     if e.errno != errno.ENOSPC:
                         raise
                     break
+    finally:
+        os.close(fd)
 
 
 def _apply(lab: Lab, fault: str, mid: str, timers: list[threading.Thread]) -> str:

@@ -80,6 +80,19 @@ def test_prediction_counts_every_part() -> None:
     assert d.predicted_frozen_ms == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_slow_file_system_sync_counts_where_it_is_the_longer_part() -> None:
+    """20,000 files: the final sync (alongside the dump) takes longer than the memory part."""
+    small = dict(pages=600, dump_ms=80.0, local_ms=5.0, restore_ms=150.0)
+    p1, p2 = ConvergencePolicy(max_downtime_ms=300), ConvergencePolicy(max_downtime_ms=300)
+    for p in (p1, p2):
+        p.observe(fig(1, 600, **small))
+    fast = p1.observe(fig(2, 2, interval_s=1.0, **small))
+    slow = p2.observe(replace(fig(2, 2, interval_s=1.0, **small), fs_ms=280.0))
+    assert fast.reason == "downtime-target"
+    assert slow.predicted_frozen_ms == pytest.approx(280.0 + 150.0)
+    assert slow.stop and slow.reason == "converged"
+
+
 def test_no_progress_when_dirty_rate_outpaces_the_transfer() -> None:
     """The remaining work grows by more than 10% twice: stop after the second time."""
     policy = ConvergencePolicy(max_downtime_ms=50)
