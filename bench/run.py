@@ -471,6 +471,7 @@ def main() -> int:
                         for m in METHODS:
                             r = bench.run(WORKLOADS[w], m, rep)
                             runs.append(r)
+                            write_results(runs, workloads, reps, t_start, args.out, complete=False)  # survives an interruption
                             state = "ok" if r.ok else f"FAILED: {r.error[:300] or r.verified}"
                             print(
                                 f"bench: {w:<9} rep {rep} {m:<14} frozen {r.frozen_ms:7.0f} ms  total {r.total_ms:7.0f} ms  "
@@ -482,14 +483,23 @@ def main() -> int:
         finally:
             left = lab.down(LAB_DIR)
             print(f"bench: lab down ({len(left)} items removed)", file=sys.stderr)
+    summary = write_results(runs, workloads, reps, t_start, args.out, complete=True)
+    chart(summary, args.out / "latest.png")
+    print(table(summary))
+    print(f"bench: {len(runs)} runs in {time.monotonic() - t_start:.0f} s; {args.out / 'latest.json'}, {args.out / 'latest.png'}")
+    return 0 if all(r.ok for r in runs) else 1
+
+
+def write_results(runs: list[Run], workloads: list[str], reps: int, t_start: float, out: Path, complete: bool) -> dict[str, Any]:
+    """bench/results/latest.json: every run so far and the medians; returns the summary."""
     for r in runs:
         if r.method == "phaul" and r.ok:
             base = [s for s in runs if s.workload == r.workload and s.rep == r.rep and s.method == "stop-and-copy" and s.ok]
-            if base and base[0].frozen_ms:
-                r.frozen_ratio_vs_stop_and_copy = r.frozen_ms / base[0].frozen_ms
+            r.frozen_ratio_vs_stop_and_copy = r.frozen_ms / base[0].frozen_ms if base and base[0].frozen_ms else None
     summary = summarize(runs, workloads)
     result = {
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
         "duration_s": round(time.monotonic() - t_start, 1),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "criu": _version(["criu", "--version"]),
                  "runc": _version(["runc", "--version"])},
@@ -498,11 +508,10 @@ def main() -> int:
         "summary": summary,
         "runs": [asdict(r) for r in runs],
     }
-    (args.out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
-    chart(summary, args.out / "latest.png")
-    print(table(summary))
-    print(f"bench: {len(runs)} runs in {result['duration_s']:.0f} s; {args.out / 'latest.json'}, {args.out / 'latest.png'}")
-    return 0 if all(r.ok for r in runs) else 1
+    tmp = out / ".latest.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out / "latest.json")
+    return summary
 
 
 def _version(cmd: list[str]) -> str:

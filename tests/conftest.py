@@ -127,3 +127,10 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 
 
 COUNTER = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.05; done"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """tests/test_lab.py builds and removes labs of its own, which cannot exist
+    beside the shared session lab (namespace names are fixed): run it first,
+    before any test asks for the shared lab."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_lab.py" else 1)
