@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,7 @@ def lab() -> Iterator[Lab]:
 def _lab_session(lab_mod) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
     os.environ["PHAUL_LAB_DIR"] = str(TEST_LAB_DIR)
     os.environ[lab_mod.FAULT_INJECTION_ENV] = "1"
-    if any(n.startswith("phaul-") for n in _netns()) and not TEST_LAB_DIR.exists():
-        pytest.fail("a phaul lab is already up (not the test lab): run `phaul lab down` first")
+    take_down_any_lab()
     lab_mod.down(TEST_LAB_DIR)
     try:
         lab_mod.up(TEST_SUBNET, lab_dir=TEST_LAB_DIR)
@@ -110,6 +110,21 @@ def clean_lab(lab: Lab) -> Iterator[Lab]:
     """The lab, emptied of containers after the test whatever happened."""
     yield lab
     lab.destroy_all()
+
+
+def take_down_any_lab() -> None:
+    """Lab namespace names are fixed: a lab left up by anything else (a kept demo,
+    a killed run) is taken down, with a warning, before the tests build theirs."""
+    from phaul import lab as lab_mod
+
+    if not set(_netns()) & set(lab_mod.LAB_NAMESPACES):
+        return
+    owner = lab_mod._owner()
+    warnings.warn(f"taking down the lab left up in {owner or 'an unknown directory'}")
+    lab_mod.down(Path(owner) if owner else TEST_LAB_DIR)
+    if set(_netns()) & set(lab_mod.LAB_NAMESPACES):  # its directory is gone: remove what remains
+        for ns in lab_mod.LAB_NAMESPACES:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
 def _netns() -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import lab_lock
+from conftest import lab_lock, take_down_any_lab
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -75,9 +75,7 @@ def assert_all_gone(d: Path) -> None:
 def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A test-only LAB_DIR; the lab is torn down afterwards whatever happened."""
     with lab_lock():
-        taken = netns_names() & set(lab.LAB_NAMESPACES)
-        if taken:
-            pytest.fail(f"another lab is up ({', '.join(sorted(taken))}); run `phaul lab down` first")
+        take_down_any_lab()
         d = tmp_path / "lab"
         monkeypatch.setenv(lab.LAB_DIR_ENV, str(d))
         monkeypatch.delenv(lab.HOSTS_FILE_ENV, raising=False)
