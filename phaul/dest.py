@@ -227,6 +227,8 @@ class Destination:
         with self._lock:
             m = self._incoming.pop(migration_id, None)
         if m is None:
+            if self._journaled(migration_id, "ok"):
+                return  # finished already (the source and its resolver may both ask)
             raise NotFound(f"no migration {migration_id} on {self.host.name}")
         m.receiver.close()
         _close_stream(m)

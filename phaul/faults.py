@@ -26,7 +26,8 @@ from phaul.errors import InvalidInput, ToolFailed
 
 log = logging.getLogger(__name__)
 
-STEPS = ("preflight", "fs-presync", "precopy", "dump", "transfer", "restore", "commit", "resume", "cleanup")
+# "precopy" begins the first pre-copy round; "precopy-2" follows it (the second round, or the final dump)
+STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "resume", "cleanup")
 KINDS = ("fail", "damage-image", "kill-agent", "pause")
 PAUSE_LIMIT = 120.0  # s
 

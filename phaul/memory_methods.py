@@ -53,6 +53,11 @@ exit 0
 """
 
 
+class PrecopyDumpFailed(ToolFailed):
+    """A pre-copy dump (the container left running) failed; the container runs on
+    as it was. The migration can still stop and copy."""
+
+
 @dataclass
 class Context:
     """What a method needs from the migration."""
@@ -295,13 +300,13 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     try:
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=DUMP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise ToolFailed(f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}") from None
+        raise PrecopyDumpFailed(f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}") from None
     finally:
         freezer.thaw(ctx.freezer)
         thawed_ns = time.time_ns()
         conf.write_text("")
     if proc.returncode != 0:
-        raise ToolFailed(
+        raise PrecopyDumpFailed(
             f"pre-copy dump {k} failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-300:]}\n"
             f"{criu.log_tail(work / 'dump.log')}",
             "see the CRIU log in the agent's state directory; `--precopy=off` skips pre-copy",

@@ -40,6 +40,7 @@ PEER_TIMEOUT = 10.0  # s, one call to the peer while settling
 DUMP_WAIT = 60.0  # s, how long to wait for a dump in progress to reach the gate or end
 GATE_END_WAIT = 60.0  # s, how long to wait for the gate to act on a verdict
 RECENT = 60.0  # s: the resolver leaves an incoming migration journaled this recently to its source
+STALE_PREPARED = 3600.0  # s: an incoming migration never restored, its source silent this long, is removed
 
 # What the source answers when the destination asks what to do with its copy.
 COMMIT, ABORT, PENDING, UNKNOWN = "commit", "abort", "pending", "unknown"
@@ -309,8 +310,10 @@ class Recovery:
             e = self.journal.get(migration_id, "source")
             if e.result == "ok":
                 return COMMIT, "committed"
-            if e.settled:
+            if e.result in ("rolled_back", "refused"):
                 return ABORT, f"the migration ended {e.result}"
+            # unsettled, or failed: what the source holds decides (a copy held by the
+            # destination is never removed while the source has none)
             local = source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id))
             if local == "gone":
                 return COMMIT, "the source copy is gone"
@@ -403,6 +406,8 @@ class Recovery:
         unreachable when the migration settled)."""
         state, err = self._peer_dest_state(e)
         note = ""
+        if e.result == "failed" and state == RESTORED and source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id)) == "gone":
+            return self._finish_commit(e, self.host.migration_dir(e.migration_id))  # the last copy: run it
         if e.result == "ok" and state == RESTORED:
             try:
                 with self._peer(e) as peer:
@@ -525,13 +530,23 @@ class Recovery:
             decision, why = reply.decision, reply.message
         except PhaulError as ex:
             decision, why = None, ex.message
-        if decision == COMMIT and held:
-            self.dest.resume(mid)
-            self.dest.finish(mid)
-            return Outcome(mid, "destination", "ok", f"{e.ct} runs here ({e.peer}: {why})")
-        if decision == ABORT or (decision in (UNKNOWN, COMMIT) and not held):
+        try:
+            if decision == COMMIT and held:
+                self.dest.resume(mid)
+                self.dest.finish(mid)
+                return Outcome(mid, "destination", "ok", f"{e.ct} runs here ({e.peer}: {why})")
+            if decision == ABORT or (decision in (UNKNOWN, COMMIT) and not held):
+                self.dest.abort(mid)
+                return Outcome(mid, "destination", "rolled_back", f"removed the copy of {e.ct} ({e.peer}: {why})")
+        except NotFound:  # the source settled it meanwhile, through this agent's methods
+            e = self.journal.get(mid, "destination")
+            if e.settled:
+                return Outcome(mid, "destination", e.result, f"settled meanwhile by {e.peer}")
+            raise
+        if decision is None and not held and _age(e.updated_at) > STALE_PREPARED:
+            # nothing restored, the source gone silent for long: it cannot commit without us
             self.dest.abort(mid)
-            return Outcome(mid, "destination", "rolled_back", f"removed the copy of {e.ct} ({e.peer}: {why})")
+            return Outcome(mid, "destination", "rolled_back", f"removed: {e.peer} has been unreachable since {e.updated_at}")
         msg = f"{e.ct} is held {'restored' if held else 'prepared'} here; {e.peer}: {why}"
         if held:
             self.journal.mark_in_doubt(mid, "destination", msg)

@@ -75,7 +75,7 @@ class SourceMigration:
         self.dest_address = dest_address
         parse_endpoint(dest_address)
         self.options = options
-        self.emit = emit
+        self.emit = self._round_boundaries(emit)
         self.id = uuid.uuid4().hex[:12]
         self.dir = host.migration_dir(self.id)
         self.report = Report(
@@ -192,7 +192,7 @@ class SourceMigration:
             self._phase("precopy", f"pre-copying memory ({method.name}) and files while the container runs")
             try:
                 self._precopy(method, lambda: fs_sync(cap))
-            except ToolFailed as e:  # e.g. a dump CRIU cannot leave running: stop-and-copy still works
+            except memory_methods.PrecopyDumpFailed as e:  # CRIU cannot dump it and leave it running: stop and copy
                 log.warning("migration %s: pre-copy failed, falling back to stop-and-copy: %s", self.id, e)
                 self.report.stop_reason = f"pre-copy failed ({e.message.splitlines()[0]}); stop-and-copy"
                 method.cleanup()
@@ -511,6 +511,20 @@ class SourceMigration:
         if self.options.fault is not None:
             self.options.fault.at(phase, state_dir=self.host.state_dir, migration_id=self.id)
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
+
+    def _round_boundaries(self, emit: Emit) -> Emit:
+        """Progress passes through; the end of pre-copy round k is the boundary of
+        step "precopy-K" (K = k + 1): journaled, and a fault may happen there."""
+
+        def wrapped(p: pb.Progress) -> None:
+            emit(p)
+            if p.phase == "precopy" and p.round > 0:
+                step = f"precopy-{p.round + 1}"
+                self._journal_step(step)
+                if self.options.fault is not None:
+                    self.options.fault.at(step, state_dir=self.host.state_dir, migration_id=self.id)
+
+        return wrapped
 
     def _journal_step(self, step: str) -> None:
         """Journal `step` durably before acting on it (once per step)."""

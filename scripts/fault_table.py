@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-STEPS = ("preflight", "fs-presync", "precopy", "dump", "transfer", "restore", "commit", "cleanup")
+STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "cleanup")
 FAULTS = (
     "dest agent killed", "source agent killed", "link cut 5 s", "link cut for good", "dest disk full",
     "damaged image", "source CRIU killed", "dest CRIU killed",

@@ -257,6 +257,10 @@ def test_roles_are_kept_apart(agent: RunningAgent) -> None:
     migrate = pb.MigrateRequest(ct_id="ct1", dest_name="elsewhere", dest_address="127.0.0.1:1")
     code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
     assert code == grpc.StatusCode.PERMISSION_DENIED and "--peers" in details
+    # fault injection is for tests only: refused by an agent started without --enable-fault-injection
+    migrate = pb.MigrateRequest(ct_id="ct1", dest_name="peer1", dest_address="127.0.0.1:1", fault="restore:fail")
+    code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "fault injection is off" in details
 
 
 def test_paths_from_the_wire_stay_in_the_state_directory(agent: RunningAgent) -> None:

@@ -37,15 +37,15 @@ from phaul.rpc import phaul_pb2 as pb
 
 pytestmark = pytest.mark.lab
 
-STEPS = ("preflight", "fs-presync", "precopy", "dump", "transfer", "restore", "commit", "cleanup")
+STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "cleanup")
 ALL = STEPS
 FAULTS: dict[str, tuple[str, ...]] = {
     "dest agent killed": ALL,
     "source agent killed": ALL,
     "link cut 5 s": ALL,
     "link cut for good": ALL,
-    "damaged image": ("dump", "transfer", "restore", "commit", "cleanup"),  # where images exist
-    "source CRIU killed": ("precopy", "dump", "transfer", "restore", "commit"),  # where it runs
+    "damaged image": ("precopy-2", "dump", "transfer", "restore", "commit", "cleanup"),  # where images exist
+    "source CRIU killed": ("precopy", "precopy-2", "dump", "transfer", "restore", "commit"),  # where it runs
     "dest CRIU killed": ("restore",),
     "dest disk full": ALL,  # last: the cases share beta's state directory on a small tmpfs
 }

@@ -76,6 +76,32 @@ def test_destination_agent_killed_before_commit_ends_in_doubt_then_runs(broken_l
     _check_runs_only_on(lab, "rk3", "beta", mark)
 
 
+def test_link_cut_for_good_after_commit_is_in_doubt_until_recover(broken_lab: Lab) -> None:
+    lab = broken_lab
+    mark = start_counter(lab, "rk4")
+    proc = migrate_async(lab, "rk4", "alpha", "beta", "--fault", "commit:pause")
+    mid, _ = wait_paused(lab, "alpha", proc)
+    link("beta", up=False)
+    try:
+        release(lab, "alpha")
+        report = finish(proc)
+        assert report["result"] == "in_doubt", report
+        assert migrations(lab, "alpha")[mid]["state"] == "in_doubt"
+        outcomes = recover(lab, "alpha", mid)  # beta unreachable: still in doubt, nothing lost
+        assert [o["result"] for o in outcomes] == ["in_doubt"], outcomes
+        assert where(lab, "rk4").states == {"alpha": None, "beta": "running"}  # held stopped on beta
+        assert frozen(lab, "beta", "rk4")
+    finally:
+        link("beta", up=True)
+    # `phaul recover` works from either host: beta asks alpha, learns that the source
+    # copy is gone and runs its copy (unless alpha's resolver, retrying on its own
+    # now that the link is back, got there first); alpha then settles too.
+    outcomes = recover(lab, "beta", mid)
+    assert [(o["role"], o["result"]) for o in outcomes] == [("destination", "ok")], outcomes
+    wait_for(lambda: _settled(lab, "alpha", mid) == "ok", timeout=30, what="alpha to settle")
+    _check_runs_only_on(lab, "rk4", "beta", mark)
+
+
 def test_migrations_lists_each_side(broken_lab: Lab) -> None:
     lab = broken_lab
     start_counter(lab, "rk5")
