@@ -12,6 +12,7 @@ from pathlib import Path
 from phaul import __version__, messages
 from phaul.client import Agent, connect
 from phaul.containers import ContainerConfig
+from phaul.preflight import CHECKS
 from phaul.errors import InvalidInput, PhaulError
 from phaul.preflight import check_force
 from phaul.report import Report
@@ -168,22 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
 
-    ck = sub.add_parser("check", help="preflight: could --host move container ID to HOST? (pass, warning, failure)")
+    ck = sub.add_parser(
+        "check", help="preflight: could --host move container ID to HOST? (pass, warning, failure)",
+        description="Run every check `migrate` runs first, without migrating, and print each as PASS, WARNING "
+        "or FAILURE with its reason. Checks: " + ", ".join(CHECKS) + ". `migrate` refuses on a FAILURE unless "
+        "given `--force CHECK` for that check. Exit status: 0 no failure, 1 a failure, 2 bad input.",
+    )
     ck.add_argument("id", help="the container")
     ck.add_argument("dest", metavar="HOST", help="the destination host's name")
-    ck.add_argument("--json", action="store_true")
+    ck.add_argument("--json", action="store_true", help="print the checks as JSON")
     ck.set_defaults(func=cmd_check)
 
-    ms = sub.add_parser("migrations", help="recent migrations --host took part in, and their states")
-    ms.add_argument("--json", action="store_true")
+    ms = sub.add_parser(
+        "migrations", help="recent migrations --host took part in, and their states",
+        description="List the migrations in --host's journal, newest first: ID, role (source or destination), "
+        "container, peer, last step, state (running, ok, rolled_back, failed, in_doubt). A migration in_doubt "
+        "is settled by `phaul recover ID`.",
+    )
+    ms.add_argument("--json", action="store_true", help="print the list as JSON")
     ms.set_defaults(func=cmd_migrations)
     r = sub.add_parser(
         "recover", help="settle migrations left in doubt (all of --host's, or MIGRATION-ID)",
         description="Ask both agents what they hold and finish the migration one way or the other: the "
         "container ends running on exactly one host. Run it on either host of the migration.",
     )
-    r.add_argument("migration_id", nargs="?", metavar="MIGRATION-ID")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("migration_id", nargs="?", metavar="MIGRATION-ID", help="one migration (default: every unsettled one)")
+    r.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     r.set_defaults(func=cmd_recover)
     return p
 
