@@ -368,7 +368,7 @@ class Servicer(pb_grpc.AgentServicer):
         ct_id = self._ct(request.ct_id)
         check_id(request.dest_name, "destination host name")
         if request.dest_name not in self.host.peers:
-            raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", f"add it to the agent's --peers list")
+            raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
         parse_endpoint(request.dest_address)
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
             results = preflight.run(self.host, ct_id, dest, request.dest_name)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pycriu
 
 from phaul import freezer as freezer_mod
+from phaul import procfs
 from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,9 @@ class CommitGate:
         try:
             pid = int((self.dir / "waiting").read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError):
             return False
-        return str(self.script).encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return str(self.script).encode() in cmdline and procfs.alive(pid)
 
     def verdict(self) -> str | None:
         """The verdict the gate script read ("commit", "abort", "" when it timed out),

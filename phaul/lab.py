@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import phaul
-from phaul import pki
+from phaul import pki, procfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.fsutil import write_atomic
 
@@ -720,7 +720,7 @@ def _read_pid(path: Path) -> int | None:
 
 def _is_agent(pid: int, name: str, state: Path) -> bool:
     """Whether `pid` is a live (not zombie) agent for host `name` with state dir `state`."""
-    if not _alive(pid):
+    if not procfs.alive(pid):
         return False
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -728,15 +728,6 @@ def _is_agent(pid: int, name: str, state: Path) -> bool:
         return False
     args_s = [a.decode(errors="replace") for a in args]
     return "agent" in args_s and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie (never reaps: a caller may hold its Popen)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
@@ -748,7 +739,7 @@ def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not procfs.alive(pid):
                 return
             time.sleep(0.05)
     log.warning("process %d survived SIGKILL", pid)
@@ -880,7 +871,7 @@ def _kill_all(find: Callable[[], set[int]], timeout: float = 5.0) -> set[int]:
     deadline = time.monotonic() + timeout
     me = os.getpid()
     while time.monotonic() < deadline:
-        pids = {p for p in find() if p != me and _alive(p)}
+        pids = {p for p in find() if p != me and procfs.alive(p)}
         if not pids:
             break
         for p in pids:

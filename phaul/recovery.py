@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul import criu, network
+from phaul import criu, network, procfs
 from phaul.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
 from phaul.host import Host
@@ -93,19 +93,11 @@ def procs_using(path: Path) -> list[int]:
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            if needle in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+            if needle in (d / "cmdline").read_bytes() and procfs.alive(int(d.name)):
                 found.append(int(d.name))
         except OSError:
             continue
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _age(timestamp: str) -> float:

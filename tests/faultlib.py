@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, Lab, wait_for
+
+from phaul import procfs
 
 HOSTS = ("alpha", "beta")
 
@@ -129,19 +130,13 @@ def agent_pid(lab: Lab, host: str) -> int:
 
 def kill_agent(lab: Lab, host: str) -> None:
     os.kill(agent_pid(lab, host), signal.SIGKILL)
-    wait_for(lambda: not _alive(agent_pid(lab, host)), what=f"{host}'s agent to die")
+    wait_for(lambda: not procfs.alive(agent_pid(lab, host)), what=f"{host}'s agent to die")
 
 
 def restart_agents(lab: Lab) -> None:
     """What an admin does after an agent died: `phaul lab up` restarts dead agents."""
     lab.phaul("lab", "up", timeout=120)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def link(host: str, up: bool) -> None:
@@ -232,11 +227,7 @@ def stopped_processes(lab: Lab, host: str, ct: str) -> list[str]:
         if not procs.exists():
             continue
         for pid in procs.read_text().split():
-            try:
-                st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if st in ("T", "t"):
+            if procfs.state(pid) in ("T", "t"):
                 out.append(f"pid {pid} of {ct} on {host} is stopped")
     return out
 
@@ -377,7 +368,7 @@ def ensure_agents(lab: Lab) -> list[str]:
 
     def alive(h: str) -> bool:
         try:
-            return _alive(agent_pid(lab, h)) and (lab.state_dir(h) / "agent.sock").exists()
+            return procfs.alive(agent_pid(lab, h)) and (lab.state_dir(h) / "agent.sock").exists()
         except (OSError, ValueError):
             return False
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from phaul import procfs
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
 from phaul.containers.template import WORKLOAD_DIR, WORKLOADS
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
-
 
 COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.1; done"]
 
@@ -64,14 +64,6 @@ def _cgroup_dirs(k: RuncContainers, ct_id: str) -> list[Path]:
     return [m / rel for m in _cgroup_mounts() if (m / rel).exists()]
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return status.rsplit(")", 1)[1].split()[0] != "Z"
-
 
 def _wait_for(cond, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
@@ -104,7 +96,7 @@ def test_create_start_exec(kind: RuncContainers) -> None:
     assert {n["type"] for n in spec["linux"]["namespaces"]} == {"pid", "network", "ipc", "uts", "mount"}
 
     info = kind.start("web1")
-    assert info.state == "running" and info.pid and _alive(info.pid)
+    assert info.state == "running" and info.pid and procfs.alive(info.pid)
     res = kind.exec("web1", ["echo", "hello"])
     assert (res.returncode, res.stdout, res.stderr) == (0, b"hello\n", b"")
     assert kind.exec("web1", ["hostname"]).stdout == b"web1\n"
@@ -146,7 +138,7 @@ def test_stop_and_start_again(kind: RuncContainers) -> None:
     info = kind.stop("s")
     assert time.monotonic() - t < 3, "the default command must exit on SIGTERM"
     assert info.state == "created" and info.pid is None
-    assert _wait_for(lambda: not _alive(pid))
+    assert _wait_for(lambda: not procfs.alive(pid))
     with pytest.raises(Conflict, match="not running") as e:
         kind.exec("s", ["true"])
     assert "phaul ct start s" in e.value.hint
@@ -163,7 +155,7 @@ def test_stop_kills_after_timeout(kind: RuncContainers) -> None:
     t = time.monotonic()
     assert kind.stop("stubborn", timeout=0.5).state == "created"
     assert 0.5 <= time.monotonic() - t < 5
-    assert _wait_for(lambda: not _alive(pid))
+    assert _wait_for(lambda: not procfs.alive(pid))
 
 
 def test_destroy_leaves_nothing(kind: RuncContainers) -> None:
@@ -176,7 +168,7 @@ def test_destroy_leaves_nothing(kind: RuncContainers) -> None:
     assert _cgroup_dirs(kind, "gone") == []
     assert not (kind.runc_root / "gone").exists()
     assert kind._runc_state("gone") is None
-    assert _wait_for(lambda: not _alive(pid))
+    assert _wait_for(lambda: not procfs.alive(pid))
     assert kind.list() == []
     with pytest.raises(NotFound):
         kind.info("gone")
