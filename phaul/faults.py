@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
+from phaul.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def pause(state_dir: Path, migration_id: str, step: str) -> None:
     """Wait at `step` until the test removes STATE/faults/paused."""
     marker = state_dir / "faults" / "paused"
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{migration_id} {step}\n")
+    write_atomic(marker, f"{migration_id} {step}\n")  # readers never see it half written
     log.warning("fault injection: paused at %s; remove %s to go on", step, marker)
     deadline = time.monotonic() + PAUSE_LIMIT
     while marker.exists() and time.monotonic() < deadline:
