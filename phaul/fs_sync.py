@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MODULE = "migration"
 _SENT = re.compile(r"^Total bytes sent: ([\d,.]+)", re.MULTILINE)
+# rsync's exit codes for files that changed or vanished while it read them
+# (23: partial transfer, e.g. a file truncated under it; 24: vanished files)
+_LIVE_CHANGES = (23, 24)
 
 
 @dataclass
@@ -65,14 +68,16 @@ class RsyncSender:
 
     def push(
         self, src: Path, dest: str, excludes: tuple[str, ...] = (), *, bwlimit: int | None = None,
-        whole_file: bool = False, checksum: bool = False,
+        whole_file: bool = False, checksum: bool = False, live: bool = False,
     ) -> SyncStats:
         """Make `dest` (relative to the migration's directory on the destination)
         an exact copy of directory `src`; returns what it cost. `bwlimit` (bytes/s,
         0 = none) overrides the sender's cap for this push; `whole_file` sends
         changed files whole instead of rsync's block deltas (for files that never
         have a useful basis on the other side); `checksum` decides what changed by
-        content instead of size and modification time.
+        content instead of size and modification time. `live`: `src` is in use
+        (the container runs), so files changing under rsync are expected; a
+        later sync while it is frozen sends them.
 
         Modification times are compared to the nanosecond (`--modify-window=-1`):
         rsync's default whole seconds miss a file rewritten with the same size
@@ -93,7 +98,9 @@ class RsyncSender:
         t0 = time.monotonic()
         proc = subprocess.run(args, env=self.env, capture_output=True, text=True)
         ms = (time.monotonic() - t0) * 1000
-        if proc.returncode != 0:
+        if live and proc.returncode in _LIVE_CHANGES:
+            log.info("rsync of %s: files changed while it ran (exit %d); the next sync sends them", src, proc.returncode)
+        elif proc.returncode != 0:
             raise ToolFailed(
                 f"rsync of {src} to the destination failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}",
                 "check the link to the destination, its free disk space and its agent log",

@@ -185,8 +185,8 @@ class SourceMigration:
         method = self._method = self._memory_method()
         self.report.memory_method = method.name
 
-        def fs_sync(bwlimit: int) -> int:
-            return sender.push(ct_dir, "ct", CT_EXCLUDES, bwlimit=bwlimit).bytes_sent
+        def fs_sync(bwlimit: int, live: bool = True) -> int:
+            return sender.push(ct_dir, "ct", CT_EXCLUDES, bwlimit=bwlimit, live=live).bytes_sent
 
         if method.precopy:
             self._phase("precopy", f"pre-copying memory ({method.name}) and files while the container runs")
@@ -207,7 +207,7 @@ class SourceMigration:
 
         method.prepare_final()
         try:
-            self._final_phase(method, fs_sync)
+            self._final_phase(method, lambda: fs_sync(0, live=False))  # frozen: every file must go
         finally:
             method.release()
 
@@ -219,13 +219,13 @@ class SourceMigration:
         method.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _final_phase(self, method: memory_methods.MemoryMethod, fs_sync: Callable[[int], int]) -> None:
+    def _final_phase(self, method: memory_methods.MemoryMethod, final_fs_sync: Callable[[], int]) -> None:
         """Freeze, dump, send, restore, commit, resume: the container is frozen throughout."""
         assert self._dest is not None
         self._phase("dump", "freezing and dumping")
         # Once the container is frozen its files stop changing: the final file
         # system sync then runs while CRIU is still dumping memory.
-        fs_job = _Job(lambda: fs_sync(0), "final-fs-sync")
+        fs_job = _Job(final_fs_sync, "final-fs-sync")
         try:
             round_ = self._final_dump(parent=method.final_parent(), on_frozen=fs_job.start)
             assert self._gate is not None

@@ -102,6 +102,24 @@ def test_link_cut_for_good_after_commit_is_in_doubt_until_recover(broken_lab: La
     _check_runs_only_on(lab, "rk4", "beta", mark)
 
 
+def test_in_doubt_settles_without_recover_once_the_link_is_back(broken_lab: Lab) -> None:
+    """Nobody runs `phaul recover`: the agents' own resolvers (every 5 s in the lab)
+    settle the migration as soon as they can reach each other again."""
+    lab = broken_lab
+    mark = start_counter(lab, "rk6")
+    proc = migrate_async(lab, "rk6", "alpha", "beta", "--fault", "commit:pause")
+    mid, _ = wait_paused(lab, "alpha", proc)
+    link("beta", up=False)
+    try:
+        release(lab, "alpha")
+        assert finish(proc)["result"] == "in_doubt"
+    finally:
+        link("beta", up=True)
+    wait_for(lambda: _settled(lab, "alpha", mid) == "ok" and _settled(lab, "beta", mid) == "ok",
+             timeout=60, what="both agents to settle on their own")
+    _check_runs_only_on(lab, "rk6", "beta", mark)
+
+
 def test_migrations_lists_each_side(broken_lab: Lab) -> None:
     lab = broken_lab
     start_counter(lab, "rk5")
