@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import Lab, wait_for
+from conftest import REPO, Lab, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -95,6 +99,45 @@ def test_max_rounds_one(clean_lab: Lab) -> None:
     assert final["pages_sent"] < final["pages_dumped"]
     _check_totals(report)
     assert _verify_memory(lab, "beta", "memone").startswith("ok pages=8192")
+
+
+def _migrate_on_a_terminal(lab: Lab, ct: str, src: str, dst: str, *extra: str) -> tuple[str, str]:
+    """`phaul migrate` with its stderr on a pseudo-terminal: (stdout, what the terminal got)."""
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "phaul", "--hosts-file", str(lab.hosts_file), "--host", src, "migrate", ct, dst, *extra]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=REPO, text=True)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the CLI, the last writer, has closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (stdout, seen.decode(errors="replace"))
+    return stdout, seen.decode(errors="replace")
+
+
+def test_progress_shows_on_a_terminal_only(clean_lab: Lab) -> None:
+    """Live progress per round on a terminal; only the report with --json or without one."""
+    lab = clean_lab
+    _start_memload(lab, "memtty", 32, 4)
+    stdout, terminal = _migrate_on_a_terminal(lab, "memtty", "alpha", "beta")
+    assert "round 1" in terminal and "predicted freeze" in terminal and "MiB/s" in terminal, terminal
+    assert ": OK" in stdout, stdout  # the report goes to stdout
+    stdout, terminal = _migrate_on_a_terminal(lab, "memtty", "beta", "alpha", "--json")
+    assert terminal == "" and stdout.lstrip().startswith("{"), terminal
+    proc = lab.phaul("--host", "alpha", "migrate", "memtty", "beta")  # no terminal: the table only
+    assert "predicted freeze" not in proc.stderr and ": OK" in proc.stdout, proc.stderr
 
 
 def test_bandwidth_caps_precopy_and_round_trip_back(clean_lab: Lab) -> None:
