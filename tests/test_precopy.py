@@ -166,3 +166,47 @@ def test_precopy_rollback_thaws_the_source(clean_lab: Lab) -> None:
     assert info["state"] == "running"
     assert _verify_memory(lab, "alpha", "memrb").startswith("ok pages=8192")
     assert lab.ct_list("beta") == []
+
+
+# Iteration i: rewrite a slot, make d<i>/f, delete d<i-5> (with its file),
+# repoint a symlink, rename r<i-1> to r<i>; then log i. ~100 changes a second.
+CHURN = (
+    "mkdir -p /data && cd /data && echo 0 > r0 && i=0 && while :; do i=$((i+1)); echo $i > m$((i % 50)); "
+    "mkdir d$i; echo $i > d$i/f; rm -rf d$((i-5)); ln -sfn d$i cur; mv r$((i-1)) r$i; echo $i >> log; "
+    "sleep 0.02; done"
+)
+
+
+def test_precopy_with_a_changing_root_file_system(clean_lab: Lab) -> None:
+    """Files created, rewritten, renamed and deleted (directories with their
+    contents) while pre-copy rounds run: after the move, with the writer stopped,
+    the destination's tree is the one the writer's own log says it made."""
+    lab = clean_lab
+    lab.phaul("--host", "alpha", "ct", "create", "churn", "--memory", "64M")
+    static = lab.state_dir("alpha") / "containers" / "churn" / "bundle" / "rootfs" / "static"
+    static.mkdir()
+    for i in range(3000):  # so that the writer's changes stay a small share of the tree
+        (static / f"s{i}").write_text(f"{i}\n")
+    lab.phaul("--host", "alpha", "ct", "start", "churn", "--", "/bin/sh", "-c",
+              f"( {CHURN} ) & echo $! > /churn.pid; wait")
+    wait_for(lambda: lab.exec("alpha", "churn", "sh", "-c", "test -s /data/log && echo yes || true").strip() == "yes",
+             timeout=30, what="the writer in churn")
+    time.sleep(1)
+    report = lab.migrate("churn", "alpha", "beta")
+    assert report["result"] == "ok", report
+    assert len(report["rounds"]) >= 2, report["rounds"]
+
+    lab.exec("beta", "churn", "sh", "-c", "kill -STOP $(cat /churn.pid)")
+    data = lab.state_dir("beta") / "containers" / "churn" / "bundle" / "rootfs" / "data"
+    n = int((data / "log").read_text().split()[-1])  # iteration n+1 may be under way
+    assert n > 50
+    names = {p.name for p in data.iterdir()}
+    dirs = sorted(int(x[1:]) for x in names if x.startswith("d"))
+    assert set(range(n - 3, n + 1)) <= set(dirs) <= set(range(n - 4, n + 2)), (n, dirs)
+    for j in range(n - 3, n + 1):  # d<n-4> and d<n+1> may be half gone, half made
+        assert [p.name for p in (data / f"d{j}").iterdir()] == ["f"] and (data / f"d{j}" / "f").read_text() == f"{j}\n"
+    for j in range(n - 48, n + 1):
+        assert (data / f"m{j % 50}").read_text() == f"{j}\n", j
+    assert os.readlink(data / "cur") in (f"d{n}", f"d{n + 1}")
+    assert [x for x in names if x.startswith("r")] in ([f"r{n}"], [f"r{n + 1}"])
+    lab.exec("beta", "churn", "sh", "-c", "kill -CONT $(cat /churn.pid)")
