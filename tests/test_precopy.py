@@ -185,7 +185,7 @@ def test_precopy_with_a_changing_root_file_system(clean_lab: Lab) -> None:
     lab.phaul("--host", "alpha", "ct", "create", "churn", "--memory", "64M")
     static = lab.state_dir("alpha") / "containers" / "churn" / "bundle" / "rootfs" / "static"
     static.mkdir()
-    for i in range(3000):  # so that the writer's changes stay a small share of the tree
+    for i in range(3000):  # a tree of some size around the changing part
         (static / f"s{i}").write_text(f"{i}\n")
     lab.phaul("--host", "alpha", "ct", "start", "churn", "--", "/bin/sh", "-c",
               f"( {CHURN} ) & echo $! > /churn.pid; wait")
