@@ -4,6 +4,9 @@ its counter still increasing and its memory intact, and nothing is left."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from conftest import Lab, wait_for
@@ -76,23 +79,31 @@ def test_destination_agent_killed_before_commit_ends_in_doubt_then_runs(broken_l
     _check_runs_only_on(lab, "rk3", "beta", mark)
 
 
-def test_link_cut_for_good_after_commit_is_in_doubt_until_recover(broken_lab: Lab) -> None:
-    lab = broken_lab
-    mark = start_counter(lab, "rk4")
-    proc = migrate_async(lab, "rk4", "alpha", "beta", "--fault", "commit:pause")
+@contextmanager
+def _link_cut_at_commit(lab: Lab, ct: str) -> Iterator[tuple[str, str]]:
+    """Migrate `ct` alpha -> beta and cut beta's link just before the commit:
+    in doubt. Yields (memory mark, migration ID); the link is back afterwards."""
+    mark = start_counter(lab, ct)
+    proc = migrate_async(lab, ct, "alpha", "beta", "--fault", "commit:pause")
     mid, _ = wait_paused(lab, "alpha", proc)
     link("beta", up=False)
     try:
         release(lab, "alpha")
         report = finish(proc)
         assert report["result"] == "in_doubt", report
+        yield mark, mid
+    finally:
+        link("beta", up=True)
+
+
+def test_link_cut_for_good_after_commit_is_in_doubt_until_recover(broken_lab: Lab) -> None:
+    lab = broken_lab
+    with _link_cut_at_commit(lab, "rk4") as (mark, mid):
         assert migrations(lab, "alpha")[mid]["state"] == "in_doubt"
         outcomes = recover(lab, "alpha", mid)  # beta unreachable: still in doubt, nothing lost
         assert [o["result"] for o in outcomes] == ["in_doubt"], outcomes
         assert where(lab, "rk4").states == {"alpha": None, "beta": "running"}  # held stopped on beta
         assert frozen(lab, "beta", "rk4")
-    finally:
-        link("beta", up=True)
     # `phaul recover` works from either host: beta asks alpha, learns that the source
     # copy is gone and runs its copy (unless alpha's resolver, retrying on its own
     # now that the link is back, got there first); alpha then settles too.
@@ -106,15 +117,8 @@ def test_in_doubt_settles_without_recover_once_the_link_is_back(broken_lab: Lab)
     """Nobody runs `phaul recover`: the agents' own resolvers (every 5 s in the lab)
     settle the migration as soon as they can reach each other again."""
     lab = broken_lab
-    mark = start_counter(lab, "rk6")
-    proc = migrate_async(lab, "rk6", "alpha", "beta", "--fault", "commit:pause")
-    mid, _ = wait_paused(lab, "alpha", proc)
-    link("beta", up=False)
-    try:
-        release(lab, "alpha")
-        assert finish(proc)["result"] == "in_doubt"
-    finally:
-        link("beta", up=True)
+    with _link_cut_at_commit(lab, "rk6") as (mark, mid):
+        pass
     wait_for(lambda: _settled(lab, "alpha", mid) == "ok" and _settled(lab, "beta", mid) == "ok",
              timeout=60, what="both agents to settle on their own")
     _check_runs_only_on(lab, "rk6", "beta", mark)
