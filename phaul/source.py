@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phaul import criu, iterative_dump, memory_methods, messages, network, preflight, recovery, transport
+from phaul import criu, iterative_dump, memory_methods, messages, network, preflight, procfs, recovery, transport
 from phaul.client import Agent, connect
 from phaul.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
@@ -270,6 +270,7 @@ class SourceMigration:
         self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
         phases["resume"] = (time.monotonic() - t_resume) * 1000
         frozen_ms = (time.time_ns() - frozen_at) / 1e6
+        self._remove_source()
         self.report.frozen_ms = frozen_ms
         round_.frozen_ms = frozen_ms
         round_.duration_ms = frozen_ms
@@ -375,7 +376,9 @@ class SourceMigration:
         return Round()
 
     def _commit(self) -> None:
-        """Let CRIU kill the frozen source copy, then remove what is left of it."""
+        """Let CRIU kill the frozen source copy; return once none of its processes
+        can run again and its address is off this host's bridge. The rest of its
+        removal (`_remove_source`) waits until the destination's copy runs."""
         assert self._gate is not None and self._dump is not None
         gate = self._gate
         if not gate.release(commit=True):
@@ -383,16 +386,45 @@ class SourceMigration:
         # The gate script acknowledges what it read; only then is the commit certain
         # (whether runc and CRIU are still alive or not).
         recovery.wait_until(lambda: gate.verdict() is not None or not gate.waiting(), 10.0, 0.002)
-        rc = self._dump.wait(timeout=60)
+        if gate.verdict() is None:
+            self._dump.wait(timeout=60)
         if gate.verdict() != "commit":  # the gate gave up waiting and resumed the source copy
             raise ToolFailed("the commit gate ended without the commit (it timed out); the source copy runs again")
         self._committed = True
-        if rc != 0:
-            log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
-        # A dumped copy is killed, never stopped gracefully: its life goes on on the destination.
-        self._set_aside_rootfs()
-        self.host.containers.destroy(self.ct_id, timeout=0)
+        # CRIU kills the dumped processes (never a graceful stop: their life goes on
+        # on the destination); runc's own clean-up after that need not be waited for.
+        if not recovery.wait_until(self._source_dead, 10.0, 0.002):
+            self._dump.wait(timeout=60)
+        if self.host.containers.config(self.ct_id).ip:
+            network.unplug(self.ct_id)  # before the destination plugs the same address in
         self._journal_step("source-destroyed")
+
+    def _source_dead(self) -> bool:
+        """True once no process of the source copy can run again (all gone or
+        zombies); without a freezer cgroup to look into, once its dump has ended."""
+        state = self._method.ctx.freezer if self._method is not None else None
+        if state is None:
+            return self._dump is None or self._dump.poll() is not None
+        try:
+            pids = (state.parent / "cgroup.procs").read_text().split()
+        except OSError:  # the cgroup is gone: so are its processes
+            return True
+        return not any(procfs.alive(p) for p in pids)
+
+    def _remove_source(self) -> None:
+        """Remove what is left of the killed source copy (runc state, cgroups, files). Idempotent."""
+        if self._dump is not None:
+            rc = self._dump.wait(timeout=60)
+            if rc != 0:
+                log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
+        if not self.host.containers.container_dir(self.ct_id).exists():
+            return
+        self._set_aside_rootfs()
+        try:
+            self.host.containers.destroy(self.ct_id, timeout=0)
+        except PhaulError as e:
+            log.error("migration %s: removing the killed source copy of %s: %s", self.id, self.ct_id, e)
+            self.report.error += f"; the source copy's remains are left on {self.host.name}: {e.message} (`phaul ct destroy {self.ct_id}`)"
 
     def _dump_stats(self, round_: Round) -> None:
         """CRIU's dump statistics, written once the dump has ended."""
@@ -411,6 +443,7 @@ class SourceMigration:
         destination's copy running (ok) or report in_doubt."""
         link = max(5.0, transport.LINK_TIMEOUT)  # how long a call may wait on a link that may be dead
         if self._committed:
+            self._remove_source()
             if not self._resume_dest(deadline=time.monotonic() + 3 * link):
                 return "in_doubt"  # the images stay until the migration settles (phaul recover)
             self._finish_after_failure()
