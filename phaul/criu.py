@@ -36,7 +36,7 @@ case "$CRTOOLS_SCRIPT_ACTION" in
     echo $$ > {dir}/waiting
     : > {dir}/reached
     verdict=$({timeout} {limit} {head} -n 1 {dir}/verdict)
-    echo "$verdict" > {dir}/ack
+    echo "$verdict" > {dir}/ack.new && {mv} -f {dir}/ack.new {dir}/ack  # never seen half written
     rm -f {dir}/waiting
     [ "$verdict" = commit ] ;;
 esac
@@ -52,13 +52,13 @@ class CommitGate:
         path.mkdir(parents=True, exist_ok=True)
         self.script = path / "gate.sh"
         limit = max(1, int(timeout if timeout is not None else GATE_TIMEOUT))
-        tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head")}
+        tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head", "mv")}
         # With `freezer` (a freezer.state file) the script freezes the cgroup at pre-dump
         # (phaul.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.
         freeze = freezer_mod.freeze_snippet(freezer, path / "frozen")
         self.script.write_text(_GATE_SCRIPT.format(dir=path, limit=limit, freeze=freeze, **tools))
         self.script.chmod(0o700)
-        for name in ("reached", "frozen-at", "frozen", "verdict", "waiting", "ack"):
+        for name in ("reached", "frozen-at", "frozen", "verdict", "waiting", "ack", "ack.new"):
             (path / name).unlink(missing_ok=True)
         os.mkfifo(path / "verdict", 0o600)
         self.released = False
