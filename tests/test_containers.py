@@ -182,6 +182,10 @@ def test_errors(kind: RuncContainers) -> None:
         kind.create(ContainerConfig(id="t", template="ubuntu"))
     with pytest.raises(InvalidInput):
         kind.create(ContainerConfig(id="t", ip="10.0.0.300/24"))
+    with pytest.raises(InvalidInput, match="needs an address"):
+        kind.create(ContainerConfig(id="t", gateway="10.0.0.1"))
+    with pytest.raises(InvalidInput, match="outside"):
+        kind.create(ContainerConfig(id="t", ip="10.0.0.30/24", gateway="10.0.1.1"))
     with pytest.raises(Conflict, match="no bridge") as e:  # addresses live on a bridge (tests/test_network.py)
         kind.create(ContainerConfig(id="t", ip="10.0.0.30/24"))
     assert "--bridge" in e.value.hint

@@ -600,10 +600,14 @@ def _check_config(config: ContainerConfig) -> None:
             digest = hashlib.sha256(config.id.encode()).digest()
             config.mac = "02:" + ":".join(f"{b:02x}" for b in digest[:5])  # locally administered, unicast
     if config.gateway is not None:
+        if config.ip is None:
+            raise InvalidInput("a gateway needs an address for the container", "give --ip ADDRESS/PREFIX with --gateway")
         try:
-            ipaddress.ip_address(config.gateway)
+            gateway = ipaddress.ip_address(config.gateway)
         except ValueError:
             raise InvalidInput(f"invalid gateway {config.gateway!r}", "write a plain address, e.g. 10.77.0.1") from None
+        if gateway not in ipaddress.ip_interface(config.ip).network:
+            raise InvalidInput(f"gateway {config.gateway} is outside {config.ip}", "give a gateway on the container's own network")
     if config.mac is not None:
         config.mac = config.mac.lower()
         if not _MAC.match(config.mac) or int(config.mac[:2], 16) & 1:
