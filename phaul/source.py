@@ -318,20 +318,6 @@ class SourceMigration:
         self.report.fs_bytes_sent += result.fs_bytes_sent
         self.report.stop_reason = result.stop_reason
 
-    def _set_aside_rootfs(self) -> None:
-        """Once the commit has killed the source copy: move its root file system
-        into the migration directory (one rename), so that destroying the
-        container does not delete thousands of files while the destination's copy
-        waits to run; the clean-up after the resume removes it."""
-        bundle_dir = getattr(self.host.containers, "bundle_dir", None)
-        if bundle_dir is None:
-            return
-        rootfs = bundle_dir(self.ct_id) / "rootfs"
-        try:
-            rootfs.rename(self.dir / "source-rootfs")
-        except OSError as e:  # then destroy removes it, only more slowly
-            log.debug("migration %s: cannot set %s aside: %s", self.id, rootfs, e)
-
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
         assert self._dest is not None
@@ -419,7 +405,6 @@ class SourceMigration:
                 log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
         if not self.host.containers.container_dir(self.ct_id).exists():
             return
-        self._set_aside_rootfs()
         try:
             self.host.containers.destroy(self.ct_id, timeout=0)
         except PhaulError as e:
