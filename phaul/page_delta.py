@@ -194,7 +194,6 @@ def _image_files(image_dir: Path) -> dict[str, int]:
 
 def make_delta(new_dir: Path, basis_dir: Path, out_dir: Path) -> tuple[PageDelta, DeltaStats]:
     """Write into `out_dir` (emptied first) what turns `basis_dir` into `new_dir`."""
-
     t0 = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     for p in out_dir.iterdir():

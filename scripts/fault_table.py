@@ -17,11 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "cleanup")
-FAULTS = (
-    "dest agent killed", "source agent killed", "link cut 5 s", "link cut for good", "dest disk full",
-    "damaged image", "source CRIU killed", "dest CRIU killed",
-)
+from phaul.faults import MATRIX_STEPS as STEPS
+
 SHORT = {"rolled_back": "rolled back", "no report: agent killed": "agent died", "in_doubt": "in doubt", "refused": "refused"}
 WHERE = {"alpha": "α", "beta": "β"}
 
@@ -54,7 +51,7 @@ def main(argv: list[str]) -> int:
         except ValueError:
             continue
         rows[(r["step"], r["fault"])] = r
-    faults = [f for f in FAULTS if any(k[1] == f for k in rows)]
+    faults = list(dict.fromkeys(fault for _, fault in rows))  # the columns: in the order the cases ran
     cells = {k: cell(r) for k, r in rows.items()}
     widths = [max([len("step")] + [len(s) for s in STEPS])] + [
         max([len(f)] + [len(cells.get((s, f), "-")) for s in STEPS]) for f in faults

@@ -37,8 +37,7 @@ from phaul.rpc import phaul_pb2 as pb
 
 pytestmark = pytest.mark.lab
 
-STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "cleanup")
-ALL = STEPS
+STEPS = ALL = faults_mod.MATRIX_STEPS
 FAULTS: dict[str, tuple[str, ...]] = {
     "dest agent killed": ALL,
     "source agent killed": ALL,

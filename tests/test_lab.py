@@ -20,7 +20,7 @@ from conftest import lab_lock, take_down_any_lab
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from phaul import lab, pki
+from phaul import lab, pki, procfs
 from phaul.errors import Conflict, InvalidInput, NotFound
 
 SUBNET = "10.213.7.0/24"
@@ -356,6 +356,5 @@ def test_up_starts_agents_and_down_stops_them(lab_dir: Path) -> None:
     assert {n: h.agent_pid for n, h in again.hosts.items()} == pids  # nothing restarted
     lab.down()
     for pid in pids.values():
-        stat_file = Path(f"/proc/{pid}/stat")
-        assert not stat_file.exists() or stat_file.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert procfs.state(pid) in (None, "Z")
     assert_all_gone(lab_dir)
