@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phaul import criu, iterative_dump, memory_methods, messages, network, preflight, procfs, recovery, transport
+from phaul import criu, freezer, iterative_dump, memory_methods, messages, network, preflight, procfs, recovery, transport
 from phaul.client import Agent, connect
 from phaul.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
@@ -379,8 +379,15 @@ class SourceMigration:
         self._committed = True
         # CRIU kills the dumped processes (never a graceful stop: their life goes on
         # on the destination); runc's own clean-up after that need not be waited for.
-        if not recovery.wait_until(self._source_dead, 10.0, 0.002):
-            self._dump.wait(timeout=60)
+        dump = self._dump
+        if not recovery.wait_until(lambda: self._source_dead() or dump.poll() is not None, 10.0, 0.002):
+            dump.wait(timeout=60)
+        state = self._method.ctx.freezer if self._method is not None else None
+        if state is not None and not recovery.wait_until(self._source_dead, 0.05, 0.002):  # CRIU died before it killed them
+            log.warning("migration %s: CRIU ended without killing the source copy; killing it", self.id)
+            freezer.kill(state)
+            if not recovery.wait_until(self._source_dead, 10.0, 0.002):
+                raise ToolFailed(f"the source copy's processes did not die after the commit (see {state.parent}/cgroup.procs)")
         if self.host.containers.config(self.ct_id).ip:
             network.unplug(self.ct_id)  # before the destination plugs the same address in
         self._journal_step("source-destroyed")
@@ -391,11 +398,7 @@ class SourceMigration:
         state = self._method.ctx.freezer if self._method is not None else None
         if state is None:
             return self._dump is None or self._dump.poll() is not None
-        try:
-            pids = (state.parent / "cgroup.procs").read_text().split()
-        except OSError:  # the cgroup is gone: so are its processes
-            return True
-        return not any(procfs.alive(p) for p in pids)
+        return not any(procfs.alive(p) for p in freezer.pids(state) or [])  # no cgroup: no processes
 
     def _remove_source(self) -> None:
         """Remove what is left of the killed source copy (runc state, cgroups, files). Idempotent."""

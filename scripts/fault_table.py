@@ -3,7 +3,8 @@
 usage: python scripts/fault_table.py [RESULTS.jsonl] [--markdown]
 
 Each cell: what the migration's report said ("agent died": the source agent
-was killed and no report came), "→" how the migration settled when that
+was killed and no report came), "via stop-and-copy" when a failed pre-copy
+round made it fall back to one stop-and-copy, "→" how the migration settled when that
 differs, in brackets what it took ("restart": the dead agent was started
 again, "recover": `phaul recover` settled it), then where the one running
 copy is (α alpha, the source; β beta, the destination). A failed case shows
@@ -29,6 +30,8 @@ def cell(row: dict) -> str:
         return "FAIL"
     report, final = row.get("report", "?"), row.get("journal", "?")
     text = SHORT.get(report, report)
+    if row.get("fell_back"):
+        text += " via stop-and-copy"
     if final != report:
         text += " → " + SHORT.get(final, final)
     then = (["restart"] if row.get("restarted") else []) + (["recover"] if row.get("recovered") else [])

@@ -170,17 +170,38 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def kill_criu(lab: Lab, host: str, timeout: float = 30) -> bool:
-    """SIGKILL the first CRIU working for host's runc within `timeout` s; True if one was."""
+def kill_criu(lab: Lab, host: str, timeout: float = 30, mid_dump_of: str = "") -> bool:
+    """SIGKILL the first CRIU working for host's runc within `timeout` s; True if one was.
+    With `mid_dump_of` (a container on `host`), only once that CRIU has seized the
+    container's first process: before it can have told runc that the dump succeeded."""
     deadline = time.monotonic() + timeout
+    init = _init_pid(lab, host, mid_dump_of) if mid_dump_of else 0
     while time.monotonic() < deadline:
         pids = criu_pids(lab, host)
-        if pids:
+        while init and pids and _tracer(init) not in pids and any(procfs.alive(p) for p in pids):
+            time.sleep(0.0005)
+        if pids and (not init or _tracer(init) in pids):
             for p in pids:
                 os.kill(p, signal.SIGKILL)
             return True
         time.sleep(0.002)
     return False
+
+
+def _init_pid(lab: Lab, host: str, ct: str) -> int:
+    proc = subprocess.run(["runc", "--root", str(lab.state_dir(host) / "runc"), "state", ct], capture_output=True, text=True, check=True)
+    return int(json.loads(proc.stdout)["pid"])
+
+
+def _tracer(pid: int) -> int:
+    """The process tracing `pid` (0: none)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def migrations(lab: Lab, host: str) -> dict[str, dict]:
