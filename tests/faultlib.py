@@ -170,22 +170,34 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def kill_criu(lab: Lab, host: str, timeout: float = 30, mid_dump_of: str = "") -> bool:
-    """SIGKILL the first CRIU working for host's runc within `timeout` s; True if one was.
-    With `mid_dump_of` (a container on `host`), only once that CRIU has seized the
-    container's first process: before it can have told runc that the dump succeeded."""
+def kill_criu(lab: Lab, host: str, timeout: float = 30, dumping: str = "") -> bool:
+    """SIGKILL the first CRIU working for host's runc within `timeout` s, once it is
+    at work: dumping container `dumping`, once it has seized its first process;
+    otherwise once it has a child (the restored tree, or an action script). Either
+    way before it can have told runc that it succeeded. True if one was killed."""
     deadline = time.monotonic() + timeout
-    init = _init_pid(lab, host, mid_dump_of) if mid_dump_of else 0
+    init = _init_pid(lab, host, dumping) if dumping else 0
+
+    def at_work(criu: list[int]) -> bool:
+        return _tracer(init) in criu if init else any(_has_children(p) for p in criu)
+
     while time.monotonic() < deadline:
         pids = criu_pids(lab, host)
-        while init and pids and _tracer(init) not in pids and any(procfs.alive(p) for p in pids):
+        while pids and not at_work(pids) and any(procfs.alive(p) for p in pids):
             time.sleep(0.0005)
-        if pids and (not init or _tracer(init) in pids):
+        if pids and at_work(pids):
             for p in pids:
                 os.kill(p, signal.SIGKILL)
             return True
         time.sleep(0.002)
     return False
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return False
 
 
 def _init_pid(lab: Lab, host: str, ct: str) -> int:

@@ -84,7 +84,8 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
-def _apply(lab: Lab, fault: str, ct: str, mid: str, timers: list[threading.Thread]) -> str:
+def _apply(lab: Lab, fault: str, row: dict, timers: list[threading.Thread]) -> str:
+    ct, mid = row["ct"], row["migration_id"]
     if fault == "dest agent killed":
         kill_agent(lab, "beta")
     elif fault == "source agent killed":
@@ -105,9 +106,11 @@ def _apply(lab: Lab, fault: str, ct: str, mid: str, timers: list[threading.Threa
         if criu_pids(lab, host):  # holding the container at the commit gate
             assert kill_criu(lab, host, timeout=1)
             return "killed the CRIU holding the dumped container"
-        # the next CRIU on that host: a pre-copy round or the final dump (killed once it holds
-        # the container, so that it cannot have reported success), or the restore
-        t = threading.Thread(target=kill_criu, args=(lab, host, 60, ct if host == "alpha" else ""), daemon=True)
+        # the next CRIU on that host (a pre-copy round, the final dump or the restore), at work
+        def kill() -> None:
+            row["criu_killed"] = kill_criu(lab, host, 60, dumping=ct if host == "alpha" else "")
+
+        t = threading.Thread(target=kill, daemon=True)
         t.start()
         timers.append(t)
         return "killed the next CRIU to start"
@@ -206,7 +209,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         mid, paused_at = marker.read_text().split()
         assert paused_at == step
         row["migration_id"] = mid
-        row["note"] = _apply(lab, fault, ct, mid, timers)
+        row["note"] = _apply(lab, fault, row, timers)
         marker.unlink(missing_ok=True)  # go on (a killed source agent does not)
         m.wait(timeout=300)
         row["report"] = (m.report or {}).get("result") or ("no report: agent killed" if fault == "source agent killed" else "refused")
@@ -217,6 +220,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
             assert row["fell_back"], m.report
         for t in timers:
             t.join(timeout=70)
+        assert row.get("criu_killed") is not False, "no CRIU ran after the pause: the fault never happened"
 
         # what an admin does afterwards
         link("beta", up=True)
