@@ -95,6 +95,7 @@ class Run:
     fs_bytes: int = 0  # size of the container's root file system
     rounds: int = 0
     last_round_dirty_bytes: int = 0  # pages that changed since the last pre-copy round (phaul)
+    predicted_frozen_ms: float | None = None  # the convergence policy's prediction after the last round (phaul)
     memory_method: str = ""
     stop_reason: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)
@@ -250,6 +251,7 @@ class Bench:
         r.resident_bytes = final["pages_dumped"] * 4096
         r.rounds = len(rep["rounds"])
         r.last_round_dirty_bytes = final["pages_sent"] * 4096 if len(rep["rounds"]) > 1 else 0
+        r.predicted_frozen_ms = rep["rounds"][-2]["predicted_frozen_ms"] if len(rep["rounds"]) > 1 else None
         r.memory_method, r.stop_reason, r.phases_ms = rep["memory_method"], rep["stop_reason"], rep["phases_ms"]
         return "beta"
 
@@ -373,6 +375,7 @@ def summarize(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
         total_vs_size = [r.bytes_sent / (r.resident_bytes + r.fs_bytes) for r in ph if r.resident_bytes + r.fs_bytes]
         per["phaul_vs_stop_and_copy"] = {
             "frozen_ratio_median": median(ratios),
+            "predicted_frozen_ms_median": median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None]),
             "frozen_ratio_target": "< 0.5 (256 MiB workload)",
             "frozen_bytes_over_last_round_dirty_median": median(frozen_vs_dirty),
             "frozen_bytes_target": "<= 2",

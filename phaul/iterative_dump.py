@@ -178,20 +178,27 @@ class ConvergencePolicy:
 class RestoreCosts:
     """Restore + commit + resume times this source measured per destination,
     kept in a small JSON file. `estimate` scales the recent ones to a memory
-    size; without any it uses a default model."""
+    size (a line through them); without any it uses a default model."""
 
     path: Path
     default_ms: float = 250.0
     ms_per_mib: float = 2.0
+    fit_span_mib: float = 32.0
     keep: int = 16
 
     def estimate(self, dest: str, pages: int) -> float:
+        """The ms for a dump of `pages`: a line through the destination's samples,
+        its slope fitted once their sizes span `fit_span_mib` (else `ms_per_mib`)."""
         mib = pages * PAGE / MiB
-        samples = self._load().get(dest, [])
+        samples = [(p * PAGE / MiB, ms) for p, ms in self._load().get(dest, [])]
         if not samples:
             return self.default_ms + self.ms_per_mib * mib
-        base = statistics.median(ms - self.ms_per_mib * (p * PAGE / MiB) for p, ms in samples)
-        return max(0.0, base) + self.ms_per_mib * mib
+        sizes = [x for x, _ in samples]
+        slope = self.ms_per_mib
+        if max(sizes) - min(sizes) >= self.fit_span_mib:
+            slope = max(0.0, statistics.linear_regression(sizes, [ms for _, ms in samples]).slope)
+        base = statistics.median(ms - slope * x for x, ms in samples)
+        return max(0.0, base + slope * mib)
 
     def record(self, dest: str, pages: int, ms: float) -> None:
         data = self._load()

@@ -169,6 +169,19 @@ def test_restore_costs_default_then_measured(tmp_path: Path) -> None:
     assert RestoreCosts(tmp_path / "costs.json").estimate("beta", 0) == pytest.approx(100.0)  # kept on disk
 
 
+def test_restore_costs_fit_the_measured_line(tmp_path: Path) -> None:
+    """Figures from the lab: an idle container restores, commits and resumes in about
+    290 ms, 256 MiB in about 410 ms. The estimate follows them, not the default slope."""
+    costs = RestoreCosts(tmp_path / "costs.json", ms_per_mib=2.0)
+    costs.record("beta", 256 * 256, 412.0)
+    assert costs.estimate("beta", 256 * 256) == pytest.approx(412.0)  # one size: what was measured there
+    for ms in (286.0, 290.0, 280.0):
+        costs.record("beta", 30, ms)
+    assert costs.estimate("beta", 256 * 256) == pytest.approx(412.0, abs=15)
+    assert costs.estimate("beta", 512 * 256) == pytest.approx(540.0, abs=30)  # about 0.5 ms/MiB
+    assert costs.estimate("beta", 0) == pytest.approx(286.0, abs=15)
+
+
 def test_restore_costs_survive_a_damaged_file(tmp_path: Path) -> None:
     (tmp_path / "costs.json").write_text("{not json")
     costs = RestoreCosts(tmp_path / "costs.json")
