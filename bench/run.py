@@ -96,6 +96,7 @@ class Run:
     rounds: int = 0
     last_round_dirty_bytes: int = 0  # pages that changed since the last pre-copy round (phaul)
     predicted_frozen_ms: float | None = None  # the convergence policy's prediction after the last round (phaul)
+    round_frozen_ms: list[float] = field(default_factory=list)  # each pre-copy round's own freeze (phaul)
     memory_method: str = ""
     stop_reason: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)
@@ -252,6 +253,7 @@ class Bench:
         r.rounds = len(rep["rounds"])
         r.last_round_dirty_bytes = final["pages_sent"] * 4096 if len(rep["rounds"]) > 1 else 0
         r.predicted_frozen_ms = rep["rounds"][-2]["predicted_frozen_ms"] if len(rep["rounds"]) > 1 else None
+        r.round_frozen_ms = [x["frozen_ms"] for x in rep["rounds"][:-1]]
         r.memory_method, r.stop_reason, r.phases_ms = rep["memory_method"], rep["stop_reason"], rep["phases_ms"]
         return "beta"
 

@@ -39,8 +39,13 @@ def broken_lab(lab: Lab):  # type: ignore[no-untyped-def]
 
 def runc_state(lab: Lab, host: str, ct: str) -> str | None:
     """runc's view of a container, without asking the (maybe dead) agent."""
+    state = _runc_state(lab, host, ct)
+    return state["status"] if state else None
+
+
+def _runc_state(lab: Lab, host: str, ct: str) -> dict | None:
     proc = subprocess.run(["runc", "--root", str(lab.state_dir(host) / "runc"), "state", ct], capture_output=True, text=True)
-    return json.loads(proc.stdout)["status"] if proc.returncode == 0 else None
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 
 def counter_file(lab: Lab, host: str, ct: str) -> int:
@@ -176,7 +181,7 @@ def kill_criu(lab: Lab, host: str, timeout: float = 30, dumping: str = "") -> bo
     otherwise once it has a child (the restored tree, or an action script). Either
     way before it can have told runc that it succeeded. True if one was killed."""
     deadline = time.monotonic() + timeout
-    init = _init_pid(lab, host, dumping) if dumping else 0
+    init = int((_runc_state(lab, host, dumping) or {})["pid"]) if dumping else 0
 
     def at_work(criu: list[int]) -> bool:
         return _tracer(init) in criu if init else any(_has_children(p) for p in criu)
@@ -198,11 +203,6 @@ def _has_children(pid: int) -> bool:
         return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
     except OSError:
         return False
-
-
-def _init_pid(lab: Lab, host: str, ct: str) -> int:
-    proc = subprocess.run(["runc", "--root", str(lab.state_dir(host) / "runc"), "state", ct], capture_output=True, text=True, check=True)
-    return int(json.loads(proc.stdout)["pid"])
 
 
 def _tracer(pid: int) -> int:
