@@ -372,12 +372,12 @@ def summarize(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
                 },
             }
         ph = [r for r in runs if r.workload == w and r.method == "phaul" and r.ok]
+        per["phaul"]["predicted_frozen_ms"] = median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None])
         ratios = [r.frozen_ratio_vs_stop_and_copy for r in ph if r.frozen_ratio_vs_stop_and_copy]
         frozen_vs_dirty = [r.frozen_bytes_sent / r.last_round_dirty_bytes for r in ph if r.last_round_dirty_bytes]
         total_vs_size = [r.bytes_sent / (r.resident_bytes + r.fs_bytes) for r in ph if r.resident_bytes + r.fs_bytes]
         per["phaul_vs_stop_and_copy"] = {
             "frozen_ratio_median": median(ratios),
-            "predicted_frozen_ms_median": median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None]),
             "frozen_ratio_target": "< 0.5 (256 MiB workload)",
             "frozen_bytes_over_last_round_dirty_median": median(frozen_vs_dirty),
             "frozen_bytes_target": "<= 2",

@@ -15,9 +15,7 @@ dump, a rollback at the commit gate). Whoever ran such a dump must `thaw`.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
-import signal
 import time
 from pathlib import Path
 
@@ -59,23 +57,12 @@ def thaw(state: Path | None) -> None:
             log.warning("cannot thaw %s: %s", state, e)
 
 
-def pids(state: Path) -> list[int] | None:
-    """The processes in the cgroup, or None when the cgroup is gone."""
+def pids(state: Path) -> list[int]:
+    """The processes in the cgroup (none once it is gone)."""
     try:
         return [int(p) for p in (state.parent / "cgroup.procs").read_text().split()]
     except OSError:
-        return None
-
-
-def kill(state: Path) -> None:
-    """SIGKILL every process in the (frozen) cgroup, then thaw it: they die on
-    waking, before they run a single instruction of their own."""
-    for pid in pids(state) or []:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    thaw(state)
+        return []
 
 
 def is_frozen(state: Path | None) -> bool:

@@ -382,12 +382,14 @@ class SourceMigration:
         dump = self._dump
         if not recovery.wait_until(lambda: self._source_dead() or dump.poll() is not None, 10.0, 0.002):
             dump.wait(timeout=60)
-        state = self._method.ctx.freezer if self._method is not None else None
-        if state is not None and not recovery.wait_until(self._source_dead, 0.05, 0.002):  # CRIU died before it killed them
+        if not recovery.wait_until(self._source_dead, 0.05, 0.002):  # its CRIU died before it killed them
             log.warning("migration %s: CRIU ended without killing the source copy; killing it", self.id)
-            freezer.kill(state)
+            self.host.containers.kill(self.ct_id)
             if not recovery.wait_until(self._source_dead, 10.0, 0.002):
-                raise ToolFailed(f"the source copy's processes did not die after the commit (see {state.parent}/cgroup.procs)")
+                raise ToolFailed(
+                    f"the source copy of {self.ct_id} did not die after the commit",
+                    f"kill it: `phaul --host {self.host.name} ct destroy {self.ct_id}`, then `phaul recover {self.id}`",
+                )
         if self.host.containers.config(self.ct_id).ip:
             network.unplug(self.ct_id)  # before the destination plugs the same address in
         self._journal_step("source-destroyed")
@@ -398,7 +400,7 @@ class SourceMigration:
         state = self._method.ctx.freezer if self._method is not None else None
         if state is None:
             return self._dump is None or self._dump.poll() is not None
-        return not any(procfs.alive(p) for p in freezer.pids(state) or [])  # no cgroup: no processes
+        return not any(procfs.alive(p) for p in freezer.pids(state))
 
     def _remove_source(self) -> None:
         """Remove what is left of the killed source copy (runc state, cgroups, files). Idempotent."""

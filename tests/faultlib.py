@@ -188,12 +188,12 @@ def kill_criu(lab: Lab, host: str, timeout: float = 30, dumping: str = "") -> bo
 
     while time.monotonic() < deadline:
         pids = criu_pids(lab, host)
-        while pids and not at_work(pids) and any(procfs.alive(p) for p in pids):
+        while pids and any(procfs.alive(p) for p in pids):  # watch this CRIU closely until it ends
+            if at_work(pids):
+                for p in pids:
+                    os.kill(p, signal.SIGKILL)
+                return True
             time.sleep(0.0005)
-        if pids and at_work(pids):
-            for p in pids:
-                os.kill(p, signal.SIGKILL)
-            return True
         time.sleep(0.002)
     return False
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from phaul import procfs
+from phaul import freezer, procfs
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
 from phaul.containers.template import WORKLOAD_DIR, WORKLOADS
@@ -156,6 +156,19 @@ def test_stop_kills_after_timeout(kind: RuncContainers) -> None:
     assert kind.stop("stubborn", timeout=0.5).state == "created"
     assert 0.5 <= time.monotonic() - t < 5
     assert _wait_for(lambda: not procfs.alive(pid))
+
+
+def test_kill_ends_even_a_frozen_container(kind: RuncContainers) -> None:
+    """What a commit does when the CRIU holding the frozen source copy has died."""
+    kind.create(ContainerConfig(id="frosty", args=["sh", "-c", "sleep 1000 & wait"]))
+    pid = kind.start("frosty").pid
+    assert pid is not None
+    state = kind.freezer_state("frosty")
+    if state is not None:  # cgroup v1: freeze it as the commit gate does
+        freezer.freeze(state)
+    kind.kill("frosty")
+    assert _wait_for(lambda: not procfs.alive(pid))
+    assert not freezer.is_frozen(state)
 
 
 def test_destroy_leaves_nothing(kind: RuncContainers) -> None:

@@ -72,6 +72,10 @@ class ContainerKind(ABC):
         """Stop it (SIGKILL after `timeout` s; 0: at once) and remove everything of it."""
 
     @abstractmethod
+    def kill(self, ct_id: str) -> None:
+        """SIGKILL every process of the container, frozen ones too, so that none runs again."""
+
+    @abstractmethod
     def config(self, ct_id: str) -> ContainerConfig: ...
 
     @abstractmethod

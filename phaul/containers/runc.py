@@ -267,6 +267,13 @@ class RuncContainers(ContainerKind):
         log.info("resumed container %s", ct_id)
         return self.info(ct_id)
 
+    def kill(self, ct_id: str) -> None:
+        rel = self.cgroup_path(check_id(ct_id)).lstrip("/")
+        for mount in _cgroup_mounts():
+            if (mount / rel).is_dir():
+                _kill_cgroup(mount / rel)
+        freezer.thaw(self.freezer_state(ct_id))  # a frozen process dies when it wakes, before it runs
+
     def destroy(self, ct_id: str, timeout: float = 10.0) -> None:
         """Stop the container if it runs and remove everything of it: runc state, cgroups, directory."""
         d = self.container_dir(ct_id)
