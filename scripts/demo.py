@@ -16,7 +16,7 @@ import time
 CT = "demo"
 WORKLOAD = (
     "memload --size 64 --rate 4 & "
-    "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.1; done"
+    "i=0; while :; do i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter; sleep 0.1; done"
 )
 
 
@@ -36,7 +36,7 @@ def in_ct(host: str, *cmd: str) -> str:
 
 
 def counter(host: str) -> int:
-    value = int(in_ct(host, "cat", "/counter") or 0)
+    value = int(in_ct(host, "cat", "/counter"))
     print(f"  counter on {host}: {value}")
     return value
 

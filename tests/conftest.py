@@ -47,7 +47,7 @@ class Lab:
         return self.phaul("--host", host, "ct", "exec", ct, "--", *cmd).stdout
 
     def counter(self, host: str, ct: str) -> int:
-        return int(self.exec(host, ct, "cat", "/counter").strip() or 0)
+        return int(self.exec(host, ct, "cat", "/counter"))
 
     def state_dir(self, host: str) -> Path:
         return self.dir / "hosts" / host
@@ -141,7 +141,10 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-COUNTER = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.05; done"]
+# One step of a counter workload. The value is written beside /counter and renamed over it, so
+# a reader (or a dump) never meets the empty file a plain `echo > /counter` leaves for a moment.
+COUNT_STEP = "i=$((i+1)); echo $i > /counter.new; mv /counter.new /counter"
+COUNTER = ["/bin/sh", "-c", f"i=0; while :; do {COUNT_STEP}; sleep 0.05; done"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

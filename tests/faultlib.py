@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Lab, wait_for
+from conftest import COUNT_STEP, REPO, Lab, wait_for
 
 from phaul import procfs
 
@@ -51,7 +51,7 @@ def _runc_state(lab: Lab, host: str, ct: str) -> dict | None:
 def counter_file(lab: Lab, host: str, ct: str) -> int:
     """The counter as written into the container's root file system (no agent needed)."""
     try:
-        return int((lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs" / "counter").read_text().strip() or 0)
+        return int((lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs" / "counter").read_text())
     except (OSError, ValueError):
         return -1
 
@@ -68,7 +68,7 @@ def frozen(lab: Lab, host: str, ct: str, seconds: float = 0.5) -> bool:
 MARKED_COUNTER = [
     "/bin/sh", "-c",
     "v=$(head -c8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); i=0; "
-    "while :; do i=$((i+1)); echo $i > /counter; "
+    f"while :; do {COUNT_STEP}; "
     "if [ -e /ask ]; then rm -f /ask; echo $v > /mark; fi; sleep 0.05; done",
 ]
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import COUNT_STEP
 
 from phaul import freezer, procfs
 from phaul.containers import ContainerConfig
@@ -21,7 +22,7 @@ from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
 from phaul.containers.template import WORKLOAD_DIR, WORKLOADS
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
 
-COUNTER = ["sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /counter; sleep 0.1; done"]
+COUNTER = ["sh", "-c", f"i=0; while :; do {COUNT_STEP}; sleep 0.1; done"]
 
 
 @pytest.fixture
@@ -75,8 +76,7 @@ def _wait_for(cond, timeout: float = 5.0) -> bool:
 
 
 def _counter(k: RuncContainers, ct_id: str) -> int:
-    text = (k.bundle_dir(ct_id) / "rootfs" / "counter").read_text().strip()
-    return int(text) if text else 0
+    return int((k.bundle_dir(ct_id) / "rootfs" / "counter").read_text())
 
 
 def test_create_start_exec(kind: RuncContainers) -> None:

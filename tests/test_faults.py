@@ -29,7 +29,7 @@ import pytest
 
 from conftest import Lab, wait_for
 from faultlib import (
-    HOSTS, MARKED_COUNTER, Admin, agent_pid, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
+    HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
     pause_marker, scrub, stopped_processes, where,
 )
 from phaul import faults as faults_mod
@@ -156,13 +156,6 @@ def _rootfs(lab: Lab, host: str, ct: str) -> Path:
     return lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs"
 
 
-def _counter(lab: Lab, host: str, ct: str) -> int:
-    try:
-        return int((_rootfs(lab, host, ct) / "counter").read_text().strip() or -1)
-    except (OSError, ValueError):
-        return -1
-
-
 def _mark(lab: Lab, host: str, ct: str) -> str:
     """The value the counter keeps in memory (it answers /ask through /mark)."""
     root = _rootfs(lab, host, ct)
@@ -199,7 +192,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
     row: dict = {"step": step, "fault": fault, "ct": ct}
     try:
         _start_counter(admin, ct)
-        wait_for(lambda: _counter(lab, "alpha", ct) > 2, what="the counter to run")
+        wait_for(lambda: counter_file(lab, "alpha", ct) > 2, what="the counter to run")
         mark = _mark(lab, "alpha", ct)
         assert len(mark) == 16, mark
         m = admin.migrate(ct, "alpha", "beta", fault=f"{step}:pause", precopy="off" if step == "fs-presync" else "auto")
@@ -242,8 +235,8 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         host = w.running[0]
         other = "beta" if host == "alpha" else "alpha"
         assert w.states[other] is None, f"a copy is left on {other}: {w.states}"
-        c = _counter(lab, host, ct)
-        wait_for(lambda: _counter(lab, host, ct) > c, timeout=10, what=f"the counter to increase on {host}")
+        c = counter_file(lab, host, ct)
+        wait_for(lambda: counter_file(lab, host, ct) > c, timeout=10, what=f"the counter to increase on {host}")
         assert _mark(lab, host, ct) == mark, "the container's memory is not the one it had"
         assert stopped_processes(lab, host, ct) == []
         for h in HOSTS:
