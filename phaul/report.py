@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from phaul.rpc import phaul_pb2 as pb
 
 RESULTS = ("ok", "rolled_back", "in_doubt", "failed")
+# The timings in the order things happen (protobuf maps keep none); others follow by name.
+CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "restore", "forking", "runc_restore")
+PHASE_ORDER = (
+    "dump", "transfer", "transfer.fs", "transfer.memory", "transfer.delta", "transfer.delta.compare",
+    "transfer.stream", "transfer.delta_transfer", "transfer.apply", "transfer.apply_dest", "restore", "commit", "resume",
+)
 
 
 @dataclass
@@ -55,8 +62,8 @@ class Report:
     def from_proto(cls, msg: pb.Report) -> Report:
         d: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(cls)}
         d["rounds"] = [Round(**{f.name: getattr(r, f.name) for f in fields(Round)}) for r in msg.rounds]
-        d["criu_ms"] = dict(msg.criu_ms)
-        d["phases_ms"] = dict(msg.phases_ms)
+        d["criu_ms"] = _ordered(msg.criu_ms, CRIU_ORDER)
+        d["phases_ms"] = _ordered(msg.phases_ms, PHASE_ORDER)
         return cls(**d)
 
     def to_json(self) -> str:
@@ -95,6 +102,11 @@ class Report:
                     + (f" {r.predicted_frozen_ms:>6.0f} ms" if r.predicted_frozen_ms else "")
                 )
         return "\n".join(lines)
+
+
+def _ordered(timings: Mapping[str, float], order: tuple[str, ...]) -> dict[str, float]:
+    rank = {k: i for i, k in enumerate(order)}
+    return dict(sorted(timings.items(), key=lambda kv: (rank.get(kv[0], len(order)), kv[0])))
 
 
 def _size(n: float) -> str:

@@ -1,0 +1,22 @@
+"""The migration report's round trip through protobuf and its table (no lab)."""
+
+from __future__ import annotations
+
+from phaul.report import Report, Round
+
+
+def test_timings_come_back_in_the_order_things_happen() -> None:
+    report = Report(
+        migration_id="m1", ct="web", source="alpha", destination="beta", result="ok",
+        rounds=[Round(pages_dumped=10, pages_sent=10, bytes_sent=40960, frozen_ms=5.0, duration_ms=9.0)],
+        criu_ms={"runc_restore": 250.0, "memdump": 40.0, "freezing": 1.0, "transfer": 60.0},
+        phases_ms={"resume": 50.0, "transfer.stream": 30.0, "restore": 260.0, "dump": 150.0, "transfer": 60.0,
+                   "something.new": 1.0},
+    )
+    back = Report.from_proto(report.to_proto())
+    assert back == report
+    assert list(back.criu_ms) == ["freezing", "memdump", "transfer", "runc_restore"]
+    assert list(back.phases_ms) == ["dump", "transfer", "transfer.stream", "restore", "resume", "something.new"]
+    table = back.to_table()
+    assert "while frozen    dump 150 ms, transfer 60 ms, transfer.stream 30 ms, restore 260 ms" in table
+    assert "m1: web alpha -> beta: OK" in table
