@@ -360,9 +360,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     hosts = _hosts(args)
     dest = hosts.host(check_id(args.dest, "destination host name"))
     if dest.name == args.host:
-        raise InvalidInput(f"{args.id} is already on {args.host}", "name another host as the destination")
-    if args.max_rounds < 1 or args.max_downtime < 1:
-        raise InvalidInput("--max-rounds and --max-downtime must be at least 1", "or use --precopy=off for no rounds")
+        raise InvalidInput(f"the destination {dest.name} is the source host (--host {args.host})",
+                           "name another host as the destination, or pick the source with --host")
+    if args.max_rounds < 1:
+        raise InvalidInput(f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --precopy=off for no rounds")
+    if args.max_downtime < 1:
+        raise InvalidInput(f"--max-downtime {args.max_downtime:g} ms is below 1 ms", "give the longest acceptable freeze in ms, e.g. 300")
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,

@@ -92,6 +92,18 @@ def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
     assert _leftovers(lab, "beta") == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (("beta", "--max-rounds", "0"), "--max-rounds 0 is below 1"),
+    (("beta", "--max-downtime", "-5"), "--max-downtime -5 ms is below 1 ms"),
+    (("beta", "--bandwidth", "12Q"), "invalid bandwidth '12Q'"),
+    (("alpha",), "the destination alpha is the source host"),
+    (("gamma",), "no host 'gamma'"),
+])
+def test_bad_migrate_arguments_are_refused(clean_lab: Lab, args: tuple[str, ...], message: str) -> None:
+    proc = clean_lab.phaul("--host", "alpha", "migrate", "anyct", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "hint:" in proc.stderr, proc.stderr
+
+
 def test_unknown_container_is_refused(clean_lab: Lab) -> None:
     proc = clean_lab.phaul("--host", "alpha", "migrate", "nosuch", "beta", check=False)
     assert proc.returncode == 2
