@@ -156,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dest", metavar="HOST", help="the destination host's name")
     m.add_argument("--json", action="store_true", help="print only the report, as JSON")
     m.add_argument("--tcp", choices=("keep", "close"), default="keep", help="keep established TCP connections (default) or close them")
-    m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds (auto) or a single stop-and-copy (off)")
-    m.add_argument("--max-rounds", type=int, default=8, help="at most N pre-copy rounds before the final dump (default 8)")
+    m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds while the container runs (auto: CRIU pre-dump where the kernel tracks "
+                   "dirty pages, else page deltas between full dumps) or a single stop-and-copy (off)")
+    m.add_argument("--max-rounds", type=int, default=8, metavar="N", help="at most N pre-copy rounds before the final dump (default 8)")
     m.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="stop pre-copying once the predicted frozen time is within MS (default 300)")
-    m.add_argument("--bandwidth", help="cap the pre-copy data rate, e.g. 50M (bytes/s)")
+    m.add_argument("--bandwidth", metavar="RATE", help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--fault", default="", metavar="STEP:KIND", help="tests only: inject a fault (agents must allow it)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
