@@ -366,7 +366,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.max_rounds < 1:
         raise InvalidInput(f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --precopy=off for no rounds")
     if args.max_downtime < 1:
-        raise InvalidInput(f"--max-downtime {args.max_downtime:g} ms is below 1 ms", "give the longest acceptable freeze in ms, e.g. 300")
+        raise InvalidInput(f"--max-downtime {args.max_downtime} ms is below 1 ms", "give the longest acceptable freeze in ms, e.g. 300")
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,

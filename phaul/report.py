@@ -10,7 +10,7 @@ from typing import Any
 from phaul.rpc import phaul_pb2 as pb
 
 RESULTS = ("ok", "rolled_back", "in_doubt", "failed")
-# The timings in the order things happen (protobuf maps keep none); others follow by name.
+# The timings in the order things happen (set in any order; protobuf maps keep none); others follow by name.
 CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "restore", "forking", "runc_restore")
 PHASE_ORDER = (
     "dump", "transfer", "transfer.fs", "transfer.memory", "transfer.delta", "transfer.delta.compare",
@@ -62,12 +62,18 @@ class Report:
     def from_proto(cls, msg: pb.Report) -> Report:
         d: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(cls)}
         d["rounds"] = [Round(**{f.name: getattr(r, f.name) for f in fields(Round)}) for r in msg.rounds]
-        d["criu_ms"] = _ordered(msg.criu_ms, CRIU_ORDER)
-        d["phases_ms"] = _ordered(msg.phases_ms, PHASE_ORDER)
+        d["criu_ms"] = dict(msg.criu_ms)
+        d["phases_ms"] = dict(msg.phases_ms)
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        d = asdict(self)
+        d["criu_ms"], d["phases_ms"] = self._timings()
+        return json.dumps(d, indent=2)
+
+    def _timings(self) -> tuple[dict[str, float], dict[str, float]]:
+        """criu_ms and phases_ms in the order things happen, whatever order they were set in."""
+        return _ordered(self.criu_ms, CRIU_ORDER), _ordered(self.phases_ms, PHASE_ORDER)
 
     def to_table(self) -> str:
         """A human-readable summary: key figures, then one line per round."""
@@ -82,10 +88,9 @@ class Report:
         ]
         if self.stop_reason:
             rows.append(("rounds stopped", self.stop_reason))
-        if self.criu_ms:
-            rows.append(("CRIU", ", ".join(f"{k} {v:.0f} ms" for k, v in self.criu_ms.items())))
-        if self.phases_ms:
-            rows.append(("while frozen", ", ".join(f"{k} {v:.0f} ms" for k, v in self.phases_ms.items())))
+        for label, timings in zip(("CRIU", "while frozen"), self._timings()):
+            if timings:
+                rows.append((label, ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())))
         if self.error:
             rows.append(("error", self.error))
         lines += [f"  {k:<15} {v}" for k, v in rows]

@@ -246,9 +246,7 @@ class SourceMigration:
         round_.bytes_sent = sent.bytes_sent
         round_.pages_sent = sent.pages_sent
         self.report.fs_bytes_sent += fs_final
-        # in the order things happen; transfer.fs may have begun during the dump
-        memory_ms = phases.pop("transfer.memory")
-        phases.update({"transfer": transfer_ms, "transfer.fs": fs_job.ms, "transfer.memory": memory_ms})
+        phases.update({"transfer": transfer_ms, "transfer.fs": fs_job.ms})
         phases.update({f"transfer.{k}": v for k, v in sent.phases_ms.items()})
         self.report.criu_ms["transfer"] = phases["transfer"]
 

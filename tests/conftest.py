@@ -52,6 +52,10 @@ class Lab:
     def state_dir(self, host: str) -> Path:
         return self.dir / "hosts" / host
 
+    def rootfs(self, host: str, ct: str) -> Path:
+        """The container's root file system as the host sees it (no agent needed)."""
+        return self.state_dir(host) / "containers" / ct / "bundle" / "rootfs"
+
     def destroy_all(self) -> None:
         for host in ("alpha", "beta"):
             for c in self.ct_list(host):

@@ -51,7 +51,7 @@ def _runc_state(lab: Lab, host: str, ct: str) -> dict | None:
 def counter_file(lab: Lab, host: str, ct: str) -> int:
     """The counter as written into the container's root file system (no agent needed)."""
     try:
-        return int((lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs" / "counter").read_text())
+        return int((lab.rootfs(host, ct) / "counter").read_text())
     except (OSError, ValueError):
         return -1
 
@@ -82,14 +82,20 @@ def start_counter(lab: Lab, ct: str, host: str = "alpha") -> str:
 
 
 def read_memory_mark(lab: Lab, host: str, ct: str, timeout: float = 10) -> str:
-    """The value the counter keeps in memory (asked through /ask and /mark)."""
-    lab.exec(host, ct, "sh", "-c", "rm -f /mark; touch /ask")
+    """The value the counter keeps in memory, asked through /ask and /mark in its
+    root file system (no agent needed); "" if it does not answer."""
+    root = lab.rootfs(host, ct)
+    (root / "mark").unlink(missing_ok=True)
+    (root / "ask").touch()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = lab.exec(host, ct, "sh", "-c", "cat /mark 2>/dev/null || true").strip()
-        if out:
-            return out
-        time.sleep(0.05)
+        try:
+            value = (root / "mark").read_text().strip()
+            if value:
+                return value
+        except OSError:
+            pass
+        time.sleep(0.02)
     return ""
 
 

@@ -60,12 +60,6 @@ def kind() -> Iterator[RuncContainers]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _cgroup_dirs(k: RuncContainers, ct_id: str) -> list[Path]:
-    rel = k.cgroup_path(ct_id).lstrip("/")
-    return [m / rel for m in _cgroup_mounts() if (m / rel).exists()]
-
-
-
 def _wait_for(cond, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -175,10 +169,10 @@ def test_destroy_leaves_nothing(kind: RuncContainers) -> None:
     kind.create(ContainerConfig(id="gone", memory=32 << 20))
     pid = kind.start("gone").pid
     assert pid is not None
-    assert _cgroup_dirs(kind, "gone")
+    assert kind.cgroup_dirs("gone")
     kind.destroy("gone")
     assert not kind.container_dir("gone").exists()
-    assert _cgroup_dirs(kind, "gone") == []
+    assert kind.cgroup_dirs("gone") == []
     assert not (kind.runc_root / "gone").exists()
     assert kind._runc_state("gone") is None
     assert _wait_for(lambda: not procfs.alive(pid))
@@ -260,7 +254,7 @@ def test_checkpoint_restore_round_trip(kind: RuncContainers, tmp_path: Path) -> 
     # The restored container is an ordinary one again: exec, stop, destroy.
     assert kind.exec("cnt", ["cat", "/counter"]).returncode == 0
     kind.destroy("cnt", timeout=0.5)
-    assert _cgroup_dirs(kind, "cnt") == []
+    assert kind.cgroup_dirs("cnt") == []
 
 
 def test_restore_held_stopped_then_resume(kind: RuncContainers, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import pytest
 from conftest import Lab, wait_for
 from faultlib import (
     HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
-    pause_marker, scrub, stopped_processes, where,
+    pause_marker, read_memory_mark, scrub, stopped_processes, where,
 )
 from phaul import faults as faults_mod
 from phaul.rpc import phaul_pb2 as pb
@@ -152,27 +152,6 @@ def _start_counter(admin: Admin, ct: str) -> None:
     admin.call("alpha", "StartContainer", pb.StartRequest(id=ct, args=MARKED_COUNTER))
 
 
-def _rootfs(lab: Lab, host: str, ct: str) -> Path:
-    return lab.state_dir(host) / "containers" / ct / "bundle" / "rootfs"
-
-
-def _mark(lab: Lab, host: str, ct: str) -> str:
-    """The value the counter keeps in memory (it answers /ask through /mark)."""
-    root = _rootfs(lab, host, ct)
-    (root / "mark").unlink(missing_ok=True)
-    (root / "ask").touch()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            value = (root / "mark").read_text().strip()
-            if value:
-                return value
-        except OSError:
-            pass
-        time.sleep(0.02)
-    return ""
-
-
 def _settled(admin: Admin, mid: str) -> bool:
     for host in HOSTS:
         state = admin.migrations(host).get(mid, {}).get("state", "settled")
@@ -193,7 +172,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
     try:
         _start_counter(admin, ct)
         wait_for(lambda: counter_file(lab, "alpha", ct) > 2, what="the counter to run")
-        mark = _mark(lab, "alpha", ct)
+        mark = read_memory_mark(lab, "alpha", ct)
         assert len(mark) == 16, mark
         m = admin.migrate(ct, "alpha", "beta", fault=f"{step}:pause", precopy="off" if step == "fs-presync" else "auto")
         marker = pause_marker(lab, "alpha")
@@ -237,7 +216,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         assert w.states[other] is None, f"a copy is left on {other}: {w.states}"
         c = counter_file(lab, host, ct)
         wait_for(lambda: counter_file(lab, host, ct) > c, timeout=10, what=f"the counter to increase on {host}")
-        assert _mark(lab, host, ct) == mark, "the container's memory is not the one it had"
+        assert read_memory_mark(lab, host, ct) == mark, "the container's memory is not the one it had"
         assert stopped_processes(lab, host, ct) == []
         for h in HOSTS:
             assert leftovers(lab, h, keep_ct=ct) == [], f"left on {h}"

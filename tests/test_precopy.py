@@ -183,7 +183,7 @@ def test_precopy_with_a_changing_root_file_system(clean_lab: Lab) -> None:
     the destination's tree is the one the writer's own log says it made."""
     lab = clean_lab
     lab.phaul("--host", "alpha", "ct", "create", "churn", "--memory", "64M")
-    static = lab.state_dir("alpha") / "containers" / "churn" / "bundle" / "rootfs" / "static"
+    static = lab.rootfs("alpha", "churn") / "static"
     static.mkdir()
     for i in range(3000):  # a tree of some size around the changing part
         (static / f"s{i}").write_text(f"{i}\n")
@@ -197,7 +197,7 @@ def test_precopy_with_a_changing_root_file_system(clean_lab: Lab) -> None:
     assert len(report["rounds"]) >= 2, report["rounds"]
 
     lab.exec("beta", "churn", "sh", "-c", "kill -STOP $(cat /churn.pid)")
-    data = lab.state_dir("beta") / "containers" / "churn" / "bundle" / "rootfs" / "data"
+    data = lab.rootfs("beta", "churn") / "data"
     n = int((data / "log").read_text().split()[-1])  # iteration n+1 may be under way
     assert n > 50
     names = {p.name for p in data.iterdir()}

@@ -268,10 +268,8 @@ class RuncContainers(ContainerKind):
         return self.info(ct_id)
 
     def kill(self, ct_id: str) -> None:
-        rel = self.cgroup_path(check_id(ct_id)).lstrip("/")
-        for mount in _cgroup_mounts():
-            if (mount / rel).is_dir():
-                _kill_cgroup(mount / rel)
+        for path in self.cgroup_dirs(check_id(ct_id)):
+            _kill_cgroup(path)
         freezer.thaw(self.freezer_state(ct_id))  # a frozen process dies when it wakes, before it runs
 
     def destroy(self, ct_id: str, timeout: float = 10.0) -> None:
@@ -515,13 +513,14 @@ class RuncContainers(ContainerKind):
         except FileNotFoundError:
             raise NotFound(f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}") from None
 
+    def cgroup_dirs(self, ct_id: str) -> list[Path]:
+        """The container's cgroup directory in every hierarchy that has one."""
+        rel = self.cgroup_path(ct_id).lstrip("/")
+        return [mount / rel for mount in _cgroup_mounts() if (mount / rel).is_dir()]
+
     def _remove_cgroups(self, ct_id: str) -> None:
         """Kill what is left in the container's cgroups and remove them in every hierarchy."""
-        rel = self.cgroup_path(ct_id).lstrip("/")
-        for mount in _cgroup_mounts():
-            path = mount / rel
-            if not path.is_dir():
-                continue
+        for path in self.cgroup_dirs(ct_id):
             for attempt in range(40):
                 try:
                     _rmdir_cgroup(path)
