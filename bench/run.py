@@ -41,9 +41,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from phaul import criu, lab  # noqa: E402
+from phaul.hosts import read_hosts  # noqa: E402
+from phaul.testing import lab  # noqa: E402
+from phaul.linux import criu
 from phaul.containers.runc import RuncContainers  # noqa: E402
-from phaul.transport import TLS_RSH  # noqa: E402
+from phaul.channels.transport import TLS_RSH  # noqa: E402
 
 LAB_DIR = Path("/var/lib/phaul-lab-bench")
 SUBNET = "10.213.7.0/24"
@@ -126,7 +128,7 @@ class Bench:
         self.hosts_file = lab_dir / "hosts.json"
         self.work = lab_dir / "bench"
         self.work.mkdir(parents=True, exist_ok=True)
-        hosts = lab.read_hosts(self.hosts_file)
+        hosts = read_hosts(self.hosts_file)
         self.beta_ip = hosts.host("beta").address.rpartition(":")[0]
         self.cts = {h: RuncContainers(lab_dir / "hosts" / h, h) for h in ("alpha", "beta")}
         self.recv = self.work / "beta-recv"

@@ -7,22 +7,26 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from phaul import __version__, messages
-from phaul.client import Agent, connect
+from phaul import __version__
+from phaul.channels import messages
+from phaul.channels.client import Agent, connect
 from phaul.containers import ContainerConfig
-from phaul.preflight import CHECKS
+from phaul.migration.preflight import CHECKS
 from phaul.errors import InvalidInput, PhaulError
-from phaul.preflight import check_force
-from phaul.report import Report
+from phaul.migration.preflight import check_force
+from phaul.migration.report import Report
 from phaul.rpc import phaul_pb2 as pb
-from phaul.transport import Credentials
+from phaul.channels.transport import Credentials
 from phaul.validate import check_id, parse_size
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
+# Entry points that add subcommands: each is called with the subparsers action.
+COMMAND_PLUGINS = "phaul.commands"
 
 DESCRIPTION = """\
 Live migration of Linux containers between hosts with CRIU.
@@ -70,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts-file", type=Path, help="hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. `phaul lab` (phaul.testing.lab_cli)
+        plugin.load()(sub)
 
     a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)")
     a.add_argument("--name", required=True, help="this host's name, as in its certificate")
@@ -104,21 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
     ks.set_defaults(func=cmd_pki_issue)
-
-    lab = sub.add_parser("lab", help="the two-host lab in network namespaces")
-    lsub = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
-    lu = lsub.add_parser("up", help="build the lab and start its agents (harmless if already up)")
-    lu.add_argument("--subnet", help="IPv4 CIDR used inside the lab (default 10.213.0.0/24)")
-    lu.set_defaults(func=cmd_lab_up)
-    ls = lsub.add_parser("status", help="show the lab")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_lab_status)
-    le = lsub.add_parser("exec", help="run a command in a lab namespace (alpha, beta, client, sw)")
-    le.add_argument("name")
-    le.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    le.set_defaults(func=cmd_lab_exec)
-    ld = lsub.add_parser("down", help="remove everything the lab made")
-    ld.set_defaults(func=cmd_lab_down)
 
     ct = sub.add_parser("ct", help="containers on --host")
     csub = ct.add_subparsers(dest="ct_command", metavar="ACTION", required=True)
@@ -203,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 # -- connections -------------------------------------------------------------------
 
 
-def _hosts(args: argparse.Namespace):  # -> lab.HostsFile
-    from phaul.lab import read_hosts
+def _hosts(args: argparse.Namespace):  # -> HostsFile
+    from phaul.hosts import read_hosts
 
     return read_hosts(args.hosts_file)
 
@@ -225,11 +216,11 @@ def _command(rest: list[str], what: str) -> list[str]:
     return rest
 
 
-# -- agent, pki, lab ------------------------------------------------------------------
+# -- agent, pki ------------------------------------------------------------------
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from phaul.agent import serve
+    from phaul.agent.server import serve
 
     creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
     for path in (args.cert, args.key, args.ca):
@@ -247,46 +238,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
-    from phaul import pki
+    from phaul.channels import pki
 
     print(pki.init_ca(args.dir, force=args.force))
     return EXIT_OK
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
-    from phaul import pki
+    from phaul.channels import pki
 
     cert, key = pki.issue(args.dir, args.name, args.ip, args.dns)
     print(f"{cert}\n{key}")
-    return EXIT_OK
-
-
-def cmd_lab_up(args: argparse.Namespace) -> int:
-    from phaul import lab
-
-    print(lab.up(args.subnet).to_text())
-    return EXIT_OK
-
-
-def cmd_lab_status(args: argparse.Namespace) -> int:
-    from phaul import lab
-
-    st = lab.status()
-    print(st.to_json() if args.json else st.to_text())
-    return EXIT_OK if st.healthy else EXIT_NOT_OK
-
-
-def cmd_lab_exec(args: argparse.Namespace) -> int:
-    from phaul import lab
-
-    return lab.exec_in(args.name, _command(args.cmd, "lab exec"))
-
-
-def cmd_lab_down(args: argparse.Namespace) -> int:
-    from phaul import lab
-
-    for line in lab.down():
-        print(line)
     return EXIT_OK
 
 
@@ -399,7 +361,7 @@ def progress_line(p: pb.Progress) -> str:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from phaul import doctor
+    from phaul.linux import doctor
 
     checks = doctor.run_checks()
     if args.json:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from phaul.faults import MATRIX_STEPS as STEPS
+from phaul.testing.faults import MATRIX_STEPS as STEPS
 
 SHORT = {"rolled_back": "rolled back", "no report: agent killed": "agent died", "in_doubt": "in doubt", "refused": "refused"}
 WHERE = {"alpha": "α", "beta": "β"}

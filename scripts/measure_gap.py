@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from phaul import lab
+from phaul.testing import lab
 
 LAB_LOCK = Path("/run/lock/phaul-lab.lock")
 LAB_DIR = Path("/var/lib/phaul-lab-measure")

@@ -90,7 +90,7 @@ def lab_lock() -> Iterator[None]:
 def lab() -> Iterator[Lab]:
     """The two-host lab, built once per test session and always taken down.
     Namespace names are fixed, so concurrent sessions take turns (LAB_LOCK)."""
-    from phaul import lab as lab_mod
+    from phaul.testing import lab as lab_mod
 
     with lab_lock():
         yield from _lab_session(lab_mod)
@@ -119,7 +119,7 @@ def clean_lab(lab: Lab) -> Iterator[Lab]:
 def take_down_any_lab() -> None:
     """Lab namespace names are fixed: a lab left up by anything else (a kept demo,
     a killed run) is taken down, with a warning, before the tests build theirs."""
-    from phaul import lab as lab_mod
+    from phaul.testing import lab as lab_mod
 
     if not set(_netns()) & set(lab_mod.LAB_NAMESPACES):
         return

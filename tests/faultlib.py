@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import COUNT_STEP, REPO, Lab, wait_for
 
-from phaul import procfs
+from phaul.linux import procfs
 
 HOSTS = ("alpha", "beta")
 
@@ -326,15 +326,15 @@ class Admin:
     """In-process calls to the lab's agents as the admin (no CLI start-up per call)."""
 
     def __init__(self, lab: Lab) -> None:
-        from phaul.lab import read_hosts
-        from phaul.transport import Credentials
+        from phaul.testing.lab import read_hosts
+        from phaul.channels.transport import Credentials
 
         self.lab = lab
         self.hosts = read_hosts(lab.hosts_file)
         self.creds = Credentials("admin", self.hosts.pki.cert, self.hosts.pki.key, self.hosts.pki.ca)
 
     def call(self, host: str, method: str, request: object, timeout: float = 60) -> object:
-        from phaul.client import connect
+        from phaul.channels.client import connect
 
         entry = self.hosts.host(host)
         with connect(f"unix:{entry.socket}", host, self.creds) as agent:
@@ -348,9 +348,9 @@ class Admin:
         m = Migration()
 
         def run() -> None:
-            from phaul.client import connect
+            from phaul.channels.client import connect
             from phaul.errors import PhaulError
-            from phaul.report import Report
+            from phaul.migration.report import Report
 
             try:
                 with connect(f"unix:{self.hosts.host(src).socket}", src, self.creds) as agent:
@@ -403,7 +403,7 @@ class Migration:
 
 def ensure_agents(lab: Lab) -> list[str]:
     """Restart the lab's dead agents (as `phaul lab up` does), in-process; the hosts restarted."""
-    from phaul import lab as lab_mod
+    from phaul.testing import lab as lab_mod
 
     def alive(h: str) -> bool:
         try:

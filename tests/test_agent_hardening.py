@@ -25,11 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phaul import pki
-from phaul.client import connect
-from phaul.recovery import procs_using
+from phaul.channels import pki
+from phaul.channels.client import connect
+from phaul.migration.recovery import procs_using
 from phaul.rpc import phaul_pb2 as pb
-from phaul.transport import Credentials
+from phaul.channels.transport import Credentials
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "hosta"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import COUNT_STEP
 
-from phaul import freezer, procfs
+from phaul.linux import freezer
+from phaul.linux import procfs
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
 from phaul.containers.template import WORKLOAD_DIR, WORKLOADS

@@ -1,4 +1,4 @@
-"""phaul.doctor against the real host: real CRIU, real PATH lookups, no mocks."""
+"""phaul.linux.doctor against the real host: real CRIU, real PATH lookups, no mocks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from phaul import doctor
-from phaul.doctor import Check
+from phaul.linux import doctor
+from phaul.linux.doctor import Check
 
 OLD_CRIU = Path("/usr/sbin/criu")  # Debian bookworm's criu 3.17, too old for this kernel
 

@@ -32,7 +32,7 @@ from faultlib import (
     HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
     pause_marker, read_memory_mark, scrub, stopped_processes, where,
 )
-from phaul import faults as faults_mod
+from phaul.testing import faults as faults_mod
 from phaul.rpc import phaul_pb2 as pb
 
 pytestmark = pytest.mark.lab

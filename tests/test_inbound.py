@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from phaul.errors import InvalidInput
-from phaul.inbound import check_container_dir
+from phaul.containers.inbound import check_container_dir
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_args, check_message, confined
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from phaul import doctor, iterative_dump, memory_methods
-from phaul.iterative_dump import ConvergencePolicy, RestoreCosts, RoundFigures, choose_method
+from phaul.linux import doctor
+from phaul.memory import policy as iterative_dump
+from phaul.memory import methods as memory_methods
+from phaul.memory.policy import ConvergencePolicy, RestoreCosts, RoundFigures, choose_method
 
 MiB = 1 << 20
 PAGES_256M = 65679  # a 256 MiB memload container dump, as measured in the lab

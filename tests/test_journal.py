@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from phaul import criu
+from phaul.linux import criu
 from phaul.errors import InvalidInput, NotFound
-from phaul.journal import Journal
+from phaul.migration.journal import Journal
 
 
 def test_records_fold_into_an_entry(tmp_path: Path) -> None:

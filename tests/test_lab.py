@@ -20,7 +20,10 @@ from conftest import lab_lock, take_down_any_lab
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from phaul import lab, pki, procfs
+from phaul import hosts
+from phaul.testing import lab
+from phaul.channels import pki
+from phaul.linux import procfs
 from phaul.errors import Conflict, InvalidInput, NotFound
 
 SUBNET = "10.213.7.0/24"
@@ -77,8 +80,8 @@ def lab_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with lab_lock():
         take_down_any_lab()
         d = tmp_path / "lab"
-        monkeypatch.setenv(lab.LAB_DIR_ENV, str(d))
-        monkeypatch.delenv(lab.HOSTS_FILE_ENV, raising=False)
+        monkeypatch.setenv(hosts.LAB_DIR_ENV, str(d))
+        monkeypatch.delenv(hosts.HOSTS_FILE_ENV, raising=False)
         try:
             yield d
         finally:
@@ -191,11 +194,11 @@ def test_agent_command() -> None:
 
 
 def test_read_hosts_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lab, "ETC_HOSTS_FILE", tmp_path / "etc" / "hosts.json")
-    monkeypatch.setenv(lab.LAB_DIR_ENV, str(tmp_path / "lab"))
-    monkeypatch.delenv(lab.HOSTS_FILE_ENV, raising=False)
+    monkeypatch.setattr(hosts, "ETC_HOSTS_FILE", tmp_path / "etc" / "hosts.json")
+    monkeypatch.setenv(hosts.LAB_DIR_ENV, str(tmp_path / "lab"))
+    monkeypatch.delenv(hosts.HOSTS_FILE_ENV, raising=False)
     with pytest.raises(NotFound, match="no hosts file") as e:
-        lab.read_hosts()
+        hosts.read_hosts()
     assert "phaul lab up" in str(e.value)
 
     def write(path: Path, port: int) -> Path:
@@ -204,18 +207,18 @@ def test_read_hosts_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         return path
 
     write(tmp_path / "etc" / "hosts.json", 1)
-    assert lab.read_hosts().host("alpha").port == 1
+    assert hosts.read_hosts().host("alpha").port == 1
     write(tmp_path / "lab" / "hosts.json", 2)
-    assert lab.read_hosts().host("alpha").port == 2
-    monkeypatch.setenv(lab.HOSTS_FILE_ENV, str(write(tmp_path / "env.json", 3)))
-    hf = lab.read_hosts()
+    assert hosts.read_hosts().host("alpha").port == 2
+    monkeypatch.setenv(hosts.HOSTS_FILE_ENV, str(write(tmp_path / "env.json", 3)))
+    hf = hosts.read_hosts()
     assert hf.host("alpha").port == 3 and hf.host("alpha").socket == tmp_path / "a.sock"
     assert hf.pki.cert == pki.DEFAULT_PKI_DIR / "admin.crt"
-    assert lab.read_hosts(write(tmp_path / "explicit.json", 4)).host("alpha").port == 4
+    assert hosts.read_hosts(write(tmp_path / "explicit.json", 4)).host("alpha").port == 4
     with pytest.raises(NotFound, match="known hosts: alpha"):
         hf.host("gamma")
     with pytest.raises(NotFound):
-        lab.read_hosts(tmp_path / "missing.json")
+        hosts.read_hosts(tmp_path / "missing.json")
 
 
 # --- the lab in namespaces ---------------------------------------------------------------
@@ -237,7 +240,7 @@ def test_up_status_down(lab_dir: Path) -> None:
     assert lab.exec_in("client", ["true"]) == 0
     assert lab.exec_in("sw", ["false"]) == 1
 
-    hf = lab.read_hosts()
+    hf = hosts.read_hosts()
     assert hf.path == lab_dir / "hosts.json" and hf.subnet == SUBNET
     assert hf.host("beta").address == f"{BETA}:7473" and hf.host("beta").netns == "phaul-beta"
     assert hf.host("alpha").socket == lab_dir / "hosts" / "alpha" / "agent.sock"

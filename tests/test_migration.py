@@ -128,7 +128,7 @@ def test_duplicate_id_on_destination_is_refused(clean_lab: Lab) -> None:
 
 
 def test_client_without_valid_certificate_is_refused(lab: Lab, tmp_path: Path) -> None:
-    from phaul import pki
+    from phaul.channels import pki
 
     pki.init_ca(tmp_path / "pki", "mallory CA")
     cert, key = pki.issue(tmp_path / "pki", "admin")

@@ -18,8 +18,9 @@ import time
 import pytest
 from conftest import REPO, TEST_SUBNET, Lab, wait_for
 
-from phaul import lab as lab_mod
-from phaul import network
+from phaul.hosts import read_hosts
+from phaul.testing import lab as lab_mod
+from phaul.linux import network
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import _check_config
 
@@ -70,7 +71,7 @@ def _start_server(lab_: Lab, ct: str, ip: str, host: str = "alpha") -> None:
 
 
 def _our_links(host: str) -> dict[str, dict]:
-    """phaul.network's links in a lab host: container veths and holding ports."""
+    """phaul.linux.network's links in a lab host: container veths and holding ports."""
     out = subprocess.run(["ip", "-j", "-n", lab_mod.NETNS[host], "link", "show"], capture_output=True, text=True, check=True)
     prefixes = (network.HOST_VETH_PREFIX, network.HOLD_PREFIX, network.HOLD_PEER_PREFIX)
     return {link["ifname"]: link for link in json.loads(out.stdout) if link["ifname"].startswith(prefixes)}
@@ -263,7 +264,7 @@ def test_preflight_refuses_a_destination_without_the_bridge(clean_lab: Lab) -> N
     """beta's agent is restarted with a bridge that does not exist, then put back."""
     ip = _ip(6)
     _start_server(clean_lab, "nobr", ip)
-    hosts = lab_mod.read_hosts(clean_lab.hosts_file)
+    hosts = read_hosts(clean_lab.hosts_file)
     beta = hosts.host("beta")
     state = clean_lab.state_dir("beta")
     lab_mod._terminate(int((state / "agent.pid").read_text()))

@@ -18,8 +18,8 @@ import numpy as np
 import pycriu
 import pytest
 
-from phaul import page_delta
-from phaul.page_delta import PAGE, DeltaError, apply_delta, make_delta
+from phaul.memory import page_delta
+from phaul.memory.page_delta import PAGE, DeltaError, apply_delta, make_delta
 
 REPO = Path(__file__).resolve().parents[1]
 MEMLOAD = REPO / "workloads" / "bin" / "memload"
@@ -214,7 +214,7 @@ def test_large_files_are_compared_in_two_halves(tmp_path: Path) -> None:
     assert delta.literal_pages == len(hit)
 
 
-# -- the page stream (phaul.page_stream), without TLS -------------------------------------
+# -- the page stream (phaul.memory.page_stream), without TLS -------------------------------------
 
 
 def _stream_message(delta_dir: Path) -> bytes:
@@ -240,7 +240,7 @@ def test_page_stream_receiver_applies_each_message(tmp_path: Path) -> None:
     import io
     import json
 
-    from phaul import page_stream
+    from phaul.memory import page_stream
 
     _two_dumps(tmp_path)
     rx = io.BytesIO(_stream_message(tmp_path / "out"))
@@ -259,7 +259,7 @@ def test_page_stream_receiver_refuses_bad_messages(tmp_path: Path, header: bytes
     import io
     import json
 
-    from phaul import page_stream
+    from phaul.memory import page_stream
 
     (tmp_path / "mdir" / "images").mkdir(parents=True)
     tx = io.BytesIO()
@@ -273,7 +273,7 @@ def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
     """The source's PageStream over a pipe instead of TLS: send, answer, close."""
     import sys
 
-    from phaul import page_stream
+    from phaul.memory import page_stream
 
     _two_dumps(tmp_path)
 
@@ -281,7 +281,7 @@ def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
         def __init__(self) -> None:  # the receiver directly, no TLS hop
             self.timeout = 30.0
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "phaul.page_stream", str(tmp_path / "mdir")],
+                [sys.executable, "-m", "phaul.memory.page_stream", str(tmp_path / "mdir")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
             )
             assert self._readline() == page_stream.READY

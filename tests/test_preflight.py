@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import COUNTER, Lab, wait_for
-from phaul import preflight
+from phaul.migration import preflight
 
 pytestmark = pytest.mark.lab
 

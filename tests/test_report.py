@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from phaul.report import Report, Round
+from phaul.migration.report import Report, Round
 
 
 def test_timings_come_back_in_the_order_things_happen() -> None:

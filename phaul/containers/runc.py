@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from phaul import freezer, network
+from phaul.linux import freezer
+from phaul.linux import network
 from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
-from phaul.fsutil import write_atomic
+from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RuncContainers(ContainerKind):
 
     `host` names this host; it keeps cgroup paths apart when two lab "hosts"
     share one kernel (`/phaul-<host>/<ID>`). `bridge` is the bridge addressed
-    containers are plugged into (phaul.network); without one, `create` refuses them.
+    containers are plugged into (phaul.linux.network); without one, `create` refuses them.
     """
 
     def __init__(self, state_dir: Path, host: str, bridge: str | None = None) -> None:
@@ -343,7 +344,7 @@ class RuncContainers(ContainerKind):
         return cmd + [ct_id]
 
     def freezer_state(self, ct_id: str) -> Path | None:
-        """The container's cgroup v1 freezer.state (phaul.freezer), or None without one."""
+        """The container's cgroup v1 freezer.state (phaul.linux.freezer), or None without one."""
         return freezer.state_file(self.cgroup_path(check_id(ct_id)))
 
     def restore_cmd(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> Argv:

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
-from phaul.fsutil import is_static_elf
+from phaul.linux.fsutil import is_static_elf
 
 log = logging.getLogger(__name__)
 

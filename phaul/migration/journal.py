@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phaul.errors import InvalidInput, NotFound
-from phaul.fsutil import fsync_dir
+from phaul.linux.fsutil import fsync_dir
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)

@@ -16,15 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaul import criu, inbound, network, page_delta
+from phaul.linux import criu
+from phaul.containers import inbound
+from phaul.linux import network
+from phaul.memory import page_delta
 from phaul.containers import ContainerConfig
-from phaul.doctor import criu_path, criu_version
+from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, NotFound, ToolFailed
-from phaul.faults import Fault
-from phaul.fs_sync import RsyncReceiver
-from phaul.host import Host
-from phaul.journal import Journal, JournalEntry
-from phaul.transport import TlsEndpoint
+from phaul.testing.faults import Fault
+from phaul.channels.fs_sync import RsyncReceiver
+from phaul.agent.host import Host
+from phaul.migration.journal import Journal, JournalEntry
+from phaul.channels.transport import TlsEndpoint
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ class Incoming:
     lock: threading.Lock = field(default_factory=threading.Lock)
     net: network.TrafficHold | None = None  # an addressed container's holding port on the bridge
     tcp_close: bool = False  # close its established TCP connections before it runs
-    stream: TlsEndpoint | None = None  # the page stream endpoint (phaul.page_stream), if opened
+    stream: TlsEndpoint | None = None  # the page stream endpoint (phaul.memory.page_stream), if opened
     pid: int | None = None  # the restored copy's init, once restored
 
 
@@ -113,7 +116,7 @@ class Destination:
         return address
 
     def open_page_stream(self, migration_id: str) -> str:
-        """Open the migration's page stream endpoint (phaul.page_stream) for the
+        """Open the migration's page stream endpoint (phaul.memory.page_stream) for the
         final page delta; returns its ADDR:PORT. It serves the source only."""
         m = self._get(migration_id)
         with m.lock:
@@ -121,7 +124,7 @@ class Destination:
                 raise Conflict(f"migration {migration_id} is {m.state}; pages can only be sent before the restore")
             _close_stream(m)
             endpoint = TlsEndpoint(
-                self.host.creds, self.host.address, m.source, [sys.executable, "-m", "phaul.page_stream", str(m.dir)]
+                self.host.creds, self.host.address, m.source, [sys.executable, "-m", "phaul.memory.page_stream", str(m.dir)]
             )
             address = endpoint.open(m.dir / "page-stream.log")
             m.stream = endpoint
@@ -259,7 +262,7 @@ class Destination:
         if m.net is not None:
             m.net.attract()
 
-    # -- network (phaul.network) -----------------------------------------------------
+    # -- network (phaul.linux.network) -----------------------------------------------------
 
     def _prepare_network(self, migration_id: str, ident: network.Identity) -> None:
         """Open the holding port of an addressed container; on failure nothing is left."""
@@ -290,7 +293,7 @@ class Destination:
             m.net.close()
             raise
 
-    # -- the journal and recovery (phaul.recovery) ------------------------------------
+    # -- the journal and recovery (phaul.migration.recovery) ------------------------------------
 
     def _settle_quietly(self, migration_id: str, result: str, error: str = "") -> None:
         """Journal how this host's part ended, if it was journaled and is not settled yet."""

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.errors import ToolFailed
-from phaul import transport
-from phaul.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
+from phaul.channels import transport
+from phaul.channels.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
-from phaul.fsutil import write_atomic
+from phaul.linux.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 

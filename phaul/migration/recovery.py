@@ -27,11 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul import criu, network, procfs
-from phaul.client import Agent, connect
+from phaul.linux import criu
+from phaul.linux import network
+from phaul.linux import procfs
+from phaul.channels.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
-from phaul.host import Host
-from phaul.journal import Journal, JournalEntry
+from phaul.agent.host import Host
+from phaul.migration.journal import Journal, JournalEntry
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -206,7 +208,7 @@ class Recovery:
     resolver) and on request (`phaul recover`)."""
 
     def __init__(self, host: Host, journal: Journal, dest: object, active: Active) -> None:
-        from phaul.dest import Destination
+        from phaul.migration.dest import Destination
 
         assert isinstance(dest, Destination)
         self.host = host

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.containers import ContainerKind
-from phaul.transport import Credentials
+from phaul.channels.transport import Credentials
 from phaul.validate import check_id
 
 
@@ -22,7 +22,7 @@ class Host:
     containers: ContainerKind
     allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
     fault_injection: bool = False  # tests only: accept requests that name a fault
-    bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.network)
+    bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
 

@@ -22,7 +22,7 @@ from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
 
-TLS_RSH = Path(__file__).resolve().parent / "data" / "tls-rsh"
+TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
 # s: a data channel that moves nothing this long while it has data to move is
 # dead (rsync --timeout); its TCP connections give up after twice as long
 # (TCP_USER_TIMEOUT) and probe idle peers (keepalive). The agent sets it.

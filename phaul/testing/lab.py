@@ -10,7 +10,7 @@ Topology (all addresses inside one subnet, default 10.213.0.0/24)::
 Every bridge has a pinned MAC, so plugging container veths into a host bridge
 never changes the address its peers have cached. Each host runs `phaul agent`
 under LAB_DIR/hosts/NAME with TLS material from LAB_DIR/pki, and the CLI finds
-them through LAB_DIR/hosts.json (see `read_hosts`). Tools are run in a host with
+them through LAB_DIR/hosts.json (phaul.hosts). Tools are run in a host with
 `nsenter --net=/run/netns/NS`, never `ip netns exec` (which remounts /sys and
 breaks runc).
 """
@@ -35,20 +35,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import phaul
-from phaul import pki, procfs
+from phaul.channels import pki
+from phaul.linux import procfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
-from phaul.fsutil import write_atomic
+from phaul.hosts import (
+    ADMIN, LAB_DIR, LAB_DIR_ENV, ClientEntry, HostEntry, HostsFile, PkiFiles, default_lab_dir, try_hosts,
+)
+from phaul.linux.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
-LAB_DIR = Path("/var/lib/phaul-lab")
-LAB_DIR_ENV = "PHAUL_LAB_DIR"
-HOSTS_FILE_ENV = "PHAUL_HOSTS_FILE"
-ETC_HOSTS_FILE = Path("/etc/phaul/hosts.json")
 DEFAULT_SUBNET = "10.213.0.0/24"
 AGENT_PORT = 7473
 HOSTS = ("alpha", "beta")
-ADMIN = "admin"
 BRIDGE = "br0"
 NETNS = {"sw": "phaul-sw", "alpha": "phaul-alpha", "beta": "phaul-beta", "client": "phaul-client"}
 LAB_NAMESPACES = tuple(NETNS.values())
@@ -63,12 +62,6 @@ AGENT_STOP_TIMEOUT = 5.0
 # Host offsets inside the subnet; small subnets put the client on the last usable address
 # and containers right after beta.
 ALPHA_OFFSET, BETA_OFFSET, CLIENT_OFFSET, CONTAINER_OFFSET = 11, 12, 100, 50
-
-
-def default_lab_dir() -> Path:
-    """The lab directory: $PHAUL_LAB_DIR if set, else /var/lib/phaul-lab."""
-    env = os.environ.get(LAB_DIR_ENV)
-    return Path(env).absolute() if env else LAB_DIR
 
 
 # --- addresses -----------------------------------------------------------------------
@@ -122,163 +115,6 @@ def container_address(subnet: str | ipaddress.IPv4Network, n: int) -> str:
     if off >= net.num_addresses - 1:
         raise Conflict(f"lab subnet {net} has no address for container number {n}", "use a larger --subnet")
     return str(net[off])
-
-
-# --- hosts file --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PkiFiles:
-    """The TLS files the CLI presents to agents."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class HostEntry:
-    """One agent host: where to reach it and, in the lab, where it lives."""
-
-    name: str
-    address: str  # "IP:PORT"
-    socket: Path | None = None
-    netns: str | None = None
-    bridge: str | None = None
-    state_dir: Path | None = None
-
-    @property
-    def ip(self) -> str:
-        return self.address.rsplit(":", 1)[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-
-@dataclass(frozen=True)
-class ClientEntry:
-    """The lab's client namespace."""
-
-    netns: str
-    address: str
-
-
-@dataclass(frozen=True)
-class HostsFile:
-    """A parsed hosts.json: the hosts the CLI can talk to and the credentials to use."""
-
-    path: Path
-    subnet: str | None
-    pki: PkiFiles
-    hosts: dict[str, HostEntry]
-    client: ClientEntry | None = None
-
-    def host(self, name: str) -> HostEntry:
-        """The entry for host `name`, or NotFound naming the known hosts."""
-        try:
-            return self.hosts[name]
-        except KeyError:
-            raise NotFound(
-                f"no host {name!r} in {self.path}", f"known hosts: {', '.join(sorted(self.hosts)) or 'none'}"
-            ) from None
-
-    def to_dict(self) -> dict:
-        """The JSON form written to hosts.json."""
-        hosts = {}
-        for name, h in self.hosts.items():
-            entry: dict[str, str] = {"address": h.address}
-            for key in ("socket", "netns", "bridge", "state_dir"):
-                value = getattr(h, key)
-                if value is not None:
-                    entry[key] = str(value)
-            hosts[name] = entry
-        out: dict = {"subnet": self.subnet, "pki": {k: str(v) for k, v in asdict(self.pki).items()}, "hosts": hosts}
-        if self.client is not None:
-            out["client"] = asdict(self.client)
-        return out
-
-
-def read_hosts(path: Path | None = None) -> HostsFile:
-    """Find and parse the hosts file: `path`, else $PHAUL_HOSTS_FILE, else LAB_DIR/hosts.json,
-    else /etc/phaul/hosts.json. Relative paths inside it are relative to the file."""
-    if path is not None:
-        candidates = [(Path(path), "the given hosts file")]
-    elif os.environ.get(HOSTS_FILE_ENV):
-        candidates = [(Path(os.environ[HOSTS_FILE_ENV]), f"${HOSTS_FILE_ENV}")]
-    else:
-        candidates = [(default_lab_dir() / "hosts.json", ""), (ETC_HOSTS_FILE, "")]
-    for candidate, what in candidates:
-        if candidate.exists():
-            return _parse_hosts(candidate)
-        if what:
-            raise NotFound(f"{what} {candidate} does not exist", "check the path, or run `phaul lab up`")
-    raise NotFound(
-        "no hosts file", f"run `phaul lab up` or write {ETC_HOSTS_FILE} (or set ${HOSTS_FILE_ENV})"
-    )
-
-
-def _parse_hosts(path: Path) -> HostsFile:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise PhaulError(f"cannot read hosts file {path}: {e.strerror}", "check its owner and mode") from e
-    except json.JSONDecodeError as e:
-        raise InvalidInput(
-            f"hosts file {path} is not valid JSON: {e}", "fix the file, or re-create it with `phaul lab up`"
-        ) from e
-    fix = "see the hosts file format in phaul/lab.py (`phaul lab up` writes an example)"
-    if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict):
-        raise InvalidInput(f"hosts file {path} has no \"hosts\" object", fix)
-    base = path.parent
-
-    def p(value: object, where: str) -> Path:
-        if not isinstance(value, str) or not value:
-            raise InvalidInput(f"hosts file {path}: {where} must be a path string", fix)
-        return (base / value) if not Path(value).is_absolute() else Path(value)
-
-    pki_data = data.get("pki") or {}
-    if not isinstance(pki_data, dict):
-        raise InvalidInput(f"hosts file {path}: \"pki\" must be an object", fix)
-    files = PkiFiles(
-        ca=p(pki_data.get("ca", str(pki.DEFAULT_PKI_DIR / "ca.crt")), "pki.ca"),
-        cert=p(pki_data.get("cert", str(pki.DEFAULT_PKI_DIR / f"{ADMIN}.crt")), "pki.cert"),
-        key=p(pki_data.get("key", str(pki.DEFAULT_PKI_DIR / f"{ADMIN}.key")), "pki.key"),
-    )
-    hosts: dict[str, HostEntry] = {}
-    for name, h in data["hosts"].items():
-        if not isinstance(h, dict):
-            raise InvalidInput(f"hosts file {path}: host {name!r} must be an object", fix)
-        address = h.get("address")
-        if not isinstance(address, str) or not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d{1,5}", address):
-            raise InvalidInput(f"hosts file {path}: host {name!r} needs \"address\": \"IP:PORT\"", fix)
-        hosts[name] = HostEntry(
-            name=name,
-            address=address,
-            socket=p(h["socket"], f"hosts.{name}.socket") if h.get("socket") else None,
-            netns=h.get("netns"),
-            bridge=h.get("bridge"),
-            state_dir=p(h["state_dir"], f"hosts.{name}.state_dir") if h.get("state_dir") else None,
-        )
-    client = data.get("client")
-    return HostsFile(
-        path=path,
-        subnet=data.get("subnet"),
-        pki=files,
-        hosts=hosts,
-        client=ClientEntry(netns=client["netns"], address=client["address"]) if isinstance(client, dict) else None,
-    )
-
-
-def _try_hosts(path: Path) -> HostsFile | None:
-    """The lab's own hosts file, or None when it is missing or unreadable (up rewrites it)."""
-    if not path.exists():
-        return None
-    try:
-        return _parse_hosts(path)
-    except PhaulError as e:
-        log.warning("ignoring %s: %s", path, e.message)
-        return None
 
 
 def _hosts_for(net: ipaddress.IPv4Network, d: Path) -> HostsFile:
@@ -367,7 +203,7 @@ def status(lab_dir: Path | None = None) -> LabStatus:
     """Inspect the lab: namespaces, network, agents and sockets."""
     d = _resolve(lab_dir)
     hosts_path = d / "hosts.json"
-    hf = _try_hosts(hosts_path)
+    hf = try_hosts(hosts_path)
     present = _netns_list()
     namespaces = {ns: ns in present for ns in LAB_NAMESPACES}
     hosts: dict[str, HostStatus] = {}
@@ -412,7 +248,7 @@ def up(subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: 
     d = _resolve(lab_dir)
     requested = parse_subnet(subnet) if subnet else None
     present = _netns_list() & set(LAB_NAMESPACES)
-    existing = _try_hosts(d / "hosts.json")
+    existing = try_hosts(d / "hosts.json")
     if present:
         owner = _owner()
         if owner is not None and owner != str(d):

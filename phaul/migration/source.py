@@ -1,7 +1,7 @@
 """The source side of a migration: the state machine.
 
 preflight -> pre-copy rounds of memory and files while the container runs
-(phaul.iterative_dump, phaul.memory_methods; with --precopy=off a file system
+(phaul.memory.policy, phaul.memory.methods; with --precopy=off a file system
 pre-sync only) -> freeze and final dump (held at the commit gate) -> final
 sync and memory transfer -> restore held stopped on the destination -> commit
 (the source copy is killed) -> resume on the destination -> clean-up.
@@ -27,18 +27,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phaul import criu, freezer, iterative_dump, memory_methods, messages, network, preflight, procfs, recovery, transport
-from phaul.client import Agent, connect
-from phaul.doctor import criu_path, criu_version, features
+from phaul.linux import criu
+from phaul.linux import freezer
+from phaul.memory import policy as iterative_dump
+from phaul.memory import methods as memory_methods
+from phaul.channels import messages
+from phaul.linux import network
+from phaul.migration import preflight
+from phaul.linux import procfs
+from phaul.migration import recovery
+from phaul.channels import transport
+from phaul.channels.client import Agent, connect
+from phaul.linux.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
-from phaul.faults import Fault
-from phaul.fs_sync import RsyncSender
-from phaul.host import Host
-from phaul.journal import Journal
-from phaul.report import Report, Round
+from phaul.testing.faults import Fault
+from phaul.channels.fs_sync import RsyncSender
+from phaul.agent.host import Host
+from phaul.migration.journal import Journal
+from phaul.migration.report import Report, Round
 from phaul.rpc import phaul_pb2 as pb
-from phaul.page_stream import PageStream
-from phaul.transport import parse_endpoint, rsh_env
+from phaul.memory.page_stream import PageStream
+from phaul.channels.transport import parse_endpoint, rsh_env
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -506,7 +515,7 @@ class SourceMigration:
                 log.error("migration %s: the dump did not end after abort", self.id)
         return recovery.ensure_running(self.host, self.ct_id)  # thaws a copy whose CRIU died at the gate
 
-    # -- the container's address (phaul.network) -----------------------------------
+    # -- the container's address (phaul.linux.network) -----------------------------------
 
     def _watch_freeze(self) -> str:
         """For an addressed container: CRIU options that signal the start of the

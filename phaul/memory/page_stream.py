@@ -4,11 +4,11 @@ An rsync push costs about 70 ms before the first byte moves (TLS handshake,
 rsync's start and file list), and applying the delta takes one more call to
 the destination agent. The final delta travels while the container is frozen,
 so the source opens this stream before it freezes the container: the
-destination agent listens on a per-migration TLS endpoint (`phaul.transport`)
+destination agent listens on a per-migration TLS endpoint (`phaul.channels.transport`)
 that accepts the source's certificate only and runs `python -m
-phaul.page_stream DIR` for the connection; that process says `ready`, then
+phaul.memory.page_stream DIR` for the connection; that process says `ready`, then
 for each message writes the files into DIR/delta, applies the page delta to
-DIR/images (`phaul.page_delta`) and answers.
+DIR/images (`phaul.memory.page_delta`) and answers.
 
 Message: one JSON line `{"files": [[NAME, SIZE], ...]}`, then the files'
 bytes in that order. Answer: one JSON line, `{"ok": true, "pages_written": N,
@@ -50,7 +50,7 @@ class StreamResult:
 
 def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
     """Answer messages on `rx`/`tx` until the source closes the stream."""
-    from phaul import page_delta
+    from phaul.memory import page_delta
 
     tx.write(READY)
     tx.flush()
@@ -106,7 +106,7 @@ def _receive(rx: BinaryIO, path: Path, size: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m phaul.page_stream MIGRATION_DIR", file=sys.stderr)
+        print("usage: python -m phaul.memory.page_stream MIGRATION_DIR", file=sys.stderr)
         return 2
     serve(Path(argv[0]), sys.stdin.buffer, sys.stdout.buffer)
     return 0
@@ -116,11 +116,11 @@ def main(argv: list[str]) -> int:
 
 
 class PageStream:
-    """The source's end: a TLS connection (`phaul.transport.TLS_RSH`) to the
+    """The source's end: a TLS connection (`phaul.channels.transport.TLS_RSH`) to the
     destination's page stream endpoint, opened and ready before the freeze."""
 
     def __init__(self, env: dict[str, str], timeout: float = 30.0) -> None:
-        from phaul.transport import TLS_RSH
+        from phaul.channels.transport import TLS_RSH
 
         self.timeout = timeout
         self.proc = subprocess.Popen(

@@ -31,22 +31,25 @@ from typing import Any, TypeVar
 
 import grpc
 
-from phaul import __version__, criu, messages, transport
-from phaul import preflight
-from phaul.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
+from phaul import __version__
+from phaul.linux import criu
+from phaul.channels import messages
+from phaul.channels import transport
+from phaul.migration import preflight
+from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import RuncContainers, _check_config
-from phaul.dest import Destination
-from phaul.doctor import criu_path, criu_version
+from phaul.migration.dest import Destination
+from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
-from phaul.faults import Fault
-from phaul.host import Host
-from phaul.journal import Journal
-from phaul.recovery import Active, Recovery
+from phaul.testing.faults import Fault
+from phaul.agent.host import Host
+from phaul.migration.journal import Journal
+from phaul.migration.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
-from phaul.source import MigrateOptions, SourceMigration
-from phaul.transport import Credentials, parse_endpoint
+from phaul.migration.source import MigrateOptions, SourceMigration
+from phaul.channels.transport import Credentials, parse_endpoint
 from phaul.validate import check_args, check_id, check_message, confined
 
 log = logging.getLogger(__name__)
@@ -339,7 +342,7 @@ class Servicer(pb_grpc.AgentServicer):
         self.dest.finish(request.migration_id)
         return pb.Empty()
 
-    # -- settling migrations (phaul.recovery) -----------------------------------------
+    # -- settling migrations (phaul.migration.recovery) -----------------------------------------
 
     @_rpc
     def MigrationStatus(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.MigrationState:
@@ -360,7 +363,7 @@ class Servicer(pb_grpc.AgentServicer):
         decision, message = self.recovery.decision(mid)
         return pb.Decision(decision=decision, message=message)
 
-    # -- preflight (phaul.preflight) ------------------------------------------------------
+    # -- preflight (phaul.migration.preflight) ------------------------------------------------------
 
     @_rpc
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:

@@ -7,7 +7,7 @@ render them. `features()` is the cheap, cached answer other code uses to pick
 methods: soft-dirty pre-dump or full-dump rounds, post-copy or not.
 
 Nothing here assumes a particular host: every answer comes from a command or
-a file read when the function runs. `python -m phaul.doctor` prints the table.
+a file read when the function runs. `python -m phaul.linux.doctor` prints the table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.fsutil import is_static_elf
+from phaul.linux.fsutil import is_static_elf
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from phaul import network
+from phaul.linux import network
 from phaul.containers import ContainerConfig
-from phaul.doctor import criu_path, criu_version
+from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, NotFound, PhaulError
-from phaul.host import Host
+from phaul.agent.host import Host
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -291,9 +291,9 @@ def _v(version: tuple[int, ...]) -> str:
 
 def run(host: Host, ct_id: str, dest: object, dest_name: str) -> list[CheckResult]:
     """Every check, on this host (the source) and on the destination agent `dest`
-    (a connected phaul.client.Agent)."""
-    from phaul import messages
-    from phaul.client import Agent
+    (a connected phaul.channels.client.Agent)."""
+    from phaul.channels import messages
+    from phaul.channels.client import Agent
 
     assert isinstance(dest, Agent)
     results, needs = source_checks(host, ct_id)

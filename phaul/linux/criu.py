@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pycriu
 
-from phaul import freezer as freezer_mod
-from phaul import procfs
+from phaul.linux import freezer as freezer_mod
+from phaul.linux import procfs
 from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CommitGate:
         limit = max(1, int(timeout if timeout is not None else GATE_TIMEOUT))
         tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head", "mv")}
         # With `freezer` (a freezer.state file) the script freezes the cgroup at pre-dump
-        # (phaul.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.
+        # (phaul.linux.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.
         freeze = freezer_mod.freeze_snippet(freezer, path / "frozen")
         self.script.write_text(_GATE_SCRIPT.format(dir=path, limit=limit, freeze=freeze, **tools))
         self.script.chmod(0o700)

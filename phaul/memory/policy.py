@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaul.fsutil import write_atomic
-from phaul.report import Round
+from phaul.linux.fsutil import write_atomic
+from phaul.migration.report import Round
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SOFT_DIRTY = "precopy-soft-dirty"
 
 def choose_method(precopy: str, features: Mapping[str, bool]) -> str:
     """The memory method for `--precopy` (auto | off) on a host with `features`
-    (`phaul.doctor.features()`): CRIU's pre-dump with memory tracking where the
+    (`phaul.linux.doctor.features()`): CRIU's pre-dump with memory tracking where the
     kernel tracks dirty pages, full-dump rounds with page deltas where it does not."""
     if precopy == "off":
         return STOP_AND_COPY
@@ -238,11 +238,11 @@ def run_rounds(
     restore_estimate: Callable[[int], float],
     sequential_fs: bool = False,
 ) -> RoundsResult:
-    """Run `method`'s pre-copy rounds (phaul.memory_methods) until `policy` says
+    """Run `method`'s pre-copy rounds (phaul.memory.methods) until `policy` says
     stop; each round also syncs the root file system (`fs_sync` returns the bytes
     it sent), alongside the memory unless `sequential_fs` (a bandwidth cap that
     must hold for both together)."""
-    from phaul.memory_methods import MemoryMethod
+    from phaul.memory.methods import MemoryMethod
 
     assert isinstance(method, MemoryMethod)
     rounds: list[Round] = []

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
-from phaul.fsutil import write_atomic
+from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)

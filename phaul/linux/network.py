@@ -18,7 +18,7 @@ What the pieces give:
 
 - `plug` / `unplug`: the veth of a starting / removed container.
 - `bridge_problem`, `address_problem`: the destination's preflight checks
-  (phaul.preflight) for an addressed container.
+  (phaul.migration.preflight) for an addressed container.
 - `FreezeSignal` (source) and `TrafficHold` (destination): no client packet
   is lost while the container moves. When CRIU begins the final dump, the
   destination attracts the container's MAC to a holding port on its bridge

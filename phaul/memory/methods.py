@@ -5,17 +5,17 @@
 - `PageDelta` (no soft-dirty tracking, e.g. this project's machines): pre-copy
   rounds of `runc checkpoint --leave-running`; the first round's images travel
   whole, every later round (and the final dump) only as a page delta against
-  what the destination already holds (`phaul.page_delta`), which the
+  what the destination already holds (`phaul.memory.page_delta`), which the
   destination applies so that it always holds exactly the last dump's images.
   The final delta goes over a page stream opened before the freeze
-  (`phaul.page_stream`), rounds' deltas by rsync (they may be rate-capped).
+  (`phaul.memory.page_stream`), rounds' deltas by rsync (they may be rate-capped).
 - `SoftDirty` (kernels with soft-dirty): CRIU's own pre-dump rounds with memory
   tracking; each round holds only the pages dirtied since the previous one and
   names it as its parent; the final dump does too, and CRIU restores through
   the parent chain. Written against CRIU's documented behaviour but not run
   on the project's machines (they have no soft-dirty tracking).
 
-Every pre-copy round freezes the container through `phaul.freezer` (no 100 ms
+Every pre-copy round freezes the container through `phaul.linux.freezer` (no 100 ms
 CRIU freezer poll) and thaws it right after the dump.
 """
 
@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from phaul import criu, freezer, page_delta
+from phaul.linux import criu
+from phaul.linux import freezer
+from phaul.memory import page_delta
 from phaul.containers import ContainerKind
 from phaul.errors import PhaulError, ToolFailed
-from phaul.fs_sync import RsyncSender
-from phaul.page_stream import PageStream, StreamError
+from phaul.channels.fs_sync import RsyncSender
+from phaul.memory.page_stream import PageStream, StreamError
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class Context:
     sender: RsyncSender
     apply_pages: Callable[[], float]  # the destination applies delta/ onto images/; returns its ms
     bandwidth: int = 0  # bytes/s cap of pre-copy transfers, 0 = none
-    open_stream: Callable[[], PageStream] | None = None  # a page stream to the destination (phaul.page_stream)
+    open_stream: Callable[[], PageStream] | None = None  # a page stream to the destination (phaul.memory.page_stream)
     tcp_established: bool = True
     freezer: Path | None = None  # the container's freezer.state, if phaul may freeze it
 

@@ -1,0 +1,1 @@
+"""The Linux layer: CRIU, the freezer, network namespaces, /proc, host capabilities, files."""

@@ -1,0 +1,56 @@
+"""`phaul lab ...`: the lab's subcommands, added to the CLI through the
+`phaul.commands` entry point (pyproject.toml), so the CLI never imports the lab."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from phaul.cli import EXIT_NOT_OK, EXIT_OK, _command
+
+
+def add_commands(sub: Any) -> None:
+    """Add `lab up|status|exec|down` to the CLI's subparsers `sub`."""
+    lab_p = sub.add_parser("lab", help="the two-host lab in network namespaces")
+    lsub = lab_p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    lu = lsub.add_parser("up", help="build the lab and start its agents (harmless if already up)")
+    lu.add_argument("--subnet", help="IPv4 CIDR used inside the lab (default 10.213.0.0/24)")
+    lu.set_defaults(func=cmd_lab_up)
+    ls = lsub.add_parser("status", help="show the lab")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_lab_status)
+    le = lsub.add_parser("exec", help="run a command in a lab namespace (alpha, beta, client, sw)")
+    le.add_argument("name")
+    le.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    le.set_defaults(func=cmd_lab_exec)
+    ld = lsub.add_parser("down", help="remove everything the lab made")
+    ld.set_defaults(func=cmd_lab_down)
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from phaul.testing import lab  # only when a lab command runs: it loads the PKI
+
+    print(lab.up(args.subnet).to_text())
+    return EXIT_OK
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from phaul.testing import lab  # only when a lab command runs: it loads the PKI
+
+    st = lab.status()
+    print(st.to_json() if args.json else st.to_text())
+    return EXIT_OK if st.healthy else EXIT_NOT_OK
+
+
+def cmd_lab_exec(args: argparse.Namespace) -> int:
+    from phaul.testing import lab  # only when a lab command runs: it loads the PKI
+
+    return lab.exec_in(args.name, _command(args.cmd, "lab exec"))
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from phaul.testing import lab  # only when a lab command runs: it loads the PKI
+
+    for line in lab.down():
+        print(line)
+    return EXIT_OK
