@@ -13,6 +13,7 @@ from pathlib import Path
 from phaul import __version__
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
+from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
 from phaul.migration.preflight import CHECKS
 from phaul.errors import InvalidInput, PhaulError
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
 # Entry points that add subcommands: each is called with the subparsers action.
 COMMAND_PLUGINS = "phaul.commands"
+TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
 
 DESCRIPTION = """\
 Live migration of Linux containers between hosts with CRIU.
@@ -88,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
     a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
     a.add_argument("--allow", default="", help="older form: names that are both peers and admins")
-    a.add_argument("--gate-timeout", type=float, default=300.0, metavar="S",
-                   help="longest time a dumped container is held frozen without a decision before it resumes (default 300)")
-    a.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
-                   help="a data channel that moves nothing this long fails the migration (default 30)")
-    a.add_argument("--resolve-interval", type=float, default=15.0, metavar="S",
-                   help="retry settling unfinished migrations this often; 0: only at start-up (default 15)")
+    a.add_argument("--gate-timeout", type=float, default=TIMEOUTS.gate, metavar="S",
+                   help=f"longest time a dumped container is held frozen without a decision before it resumes (default {TIMEOUTS.gate:g})")
+    a.add_argument("--link-timeout", type=float, default=TIMEOUTS.link, metavar="S",
+                   help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
+    a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
+                   help=f"retry settling unfinished migrations this often; 0: only at start-up (default {TIMEOUTS.resolve_interval:g})")
     a.add_argument("--enable-fault-injection", action="store_true", help="tests only: accept migrations that name a fault to inject")
     a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
     a.set_defaults(func=cmd_agent)
@@ -149,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tcp", choices=("keep", "close"), default="keep", help="keep established TCP connections (default) or close them")
     m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds while the container runs (auto: CRIU pre-dump where the kernel tracks "
                    "dirty pages, else page deltas between full dumps) or a single stop-and-copy (off)")
-    m.add_argument("--max-rounds", type=int, default=8, metavar="N", help="at most N pre-copy rounds before the final dump (default 8)")
-    m.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="stop pre-copying once the predicted frozen time is within MS (default 300)")
+    m.add_argument("--max-rounds", type=int, default=MIGRATION.max_rounds, metavar="N",
+                   help=f"at most N pre-copy rounds before the final dump (default {MIGRATION.max_rounds})")
+    m.add_argument("--max-downtime", type=int, default=MIGRATION.max_downtime_ms, metavar="MS",
+                   help=f"stop pre-copying once the predicted frozen time is within MS (default {MIGRATION.max_downtime_ms})")
     m.add_argument("--bandwidth", metavar="RATE", help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--fault", default="", metavar="STEP:KIND", help="tests only: inject a fault (agents must allow it)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
@@ -229,11 +233,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     def names(text: str) -> frozenset[str]:
         return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
 
-    serve(
-        args.name, args.listen, args.state_dir, creds, args.socket, names(args.allow), args.enable_fault_injection, args.bridge,
-        peers=names(args.peers), admins=names(args.admins), gate_timeout=args.gate_timeout,
-        link_timeout=args.link_timeout, resolve_interval=args.resolve_interval,
+    config = AgentConfig(
+        name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
+        peers=names(args.peers), admins=names(args.admins),
+        timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
+    serve(config, names(args.allow), args.enable_fault_injection)
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul.config import Timeouts
 from phaul.containers import ContainerKind
 from phaul.channels.transport import Credentials
 from phaul.validate import check_id
@@ -25,6 +26,7 @@ class Host:
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     @property
     def address(self) -> str:

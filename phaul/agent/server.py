@@ -44,11 +44,12 @@ from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.testing.faults import Fault
 from phaul.agent.host import Host
+from phaul.config import AgentConfig, MigrationOptions
 from phaul.migration.journal import Journal
 from phaul.migration.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
-from phaul.migration.source import MigrateOptions, SourceMigration
+from phaul.migration.source import SourceMigration
 from phaul.channels.transport import Credentials, parse_endpoint
 from phaul.validate import check_args, check_id, check_message, confined
 
@@ -68,7 +69,6 @@ ANY_METHODS = frozenset({"Info"})  # admins and peers
 
 MAX_REQUEST = 1 << 20  # bytes: the largest request an agent accepts
 MAX_CONCURRENT_RPCS = 64
-MAX_MIGRATIONS = 4  # migrations out of this host at once
 EXEC_TIMEOUT_MAX = 600.0  # s
 
 
@@ -135,13 +135,14 @@ def _rpc(fn: F) -> F:
 class Servicer(pb_grpc.AgentServicer):
     """The agent protocol on one host."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, max_migrations: int = AgentConfig.max_migrations) -> None:
         self.host = host
+        self.max_migrations = max_migrations
         self.dest = Destination(host)
         self.journal = Journal(host.state_dir)
         self.active = Active()
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
-        self._migrations = threading.BoundedSemaphore(MAX_MIGRATIONS)
+        self._migrations = threading.BoundedSemaphore(max_migrations)
 
     def _ct(self, ct_id: str) -> str:
         """A container ID from the wire whose directory stays inside the state directory."""
@@ -229,12 +230,13 @@ class Servicer(pb_grpc.AgentServicer):
                 raise InvalidInput("max_rounds or max_downtime_ms is out of range")
             slot = self._migrations.acquire(blocking=False)
             if not slot:
-                raise Conflict(f"{self.host.name} already runs {MAX_MIGRATIONS} migrations", "try again when one has ended")
-            options = MigrateOptions(
+                raise Conflict(f"{self.host.name} already runs {self.max_migrations} migrations", "try again when one has ended")
+            defaults = MigrationOptions()
+            options = MigrationOptions(
                 tcp="close" if request.tcp_close else "keep",
-                precopy=request.precopy or "auto",
-                max_rounds=request.max_rounds or 8,
-                max_downtime_ms=request.max_downtime_ms or 300,
+                precopy=request.precopy or defaults.precopy,
+                max_rounds=request.max_rounds or defaults.max_rounds,
+                max_downtime_ms=request.max_downtime_ms or defaults.max_downtime_ms,
                 bandwidth=request.bandwidth,
                 fault=Fault.parse(request.fault, self.host.fault_injection),
                 force=preflight.check_force(list(request.force)),
@@ -409,33 +411,24 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.RecoverReply(outcomes=[o.to_proto() for o in outcomes])
 
 
-def serve(
-    name: str, listen: str, state_dir: Path, creds: Credentials, socket: Path | None = None,
-    allow: frozenset[str] = frozenset(), fault_injection: bool = False, bridge: str | None = None,
-    *, peers: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset(),
-    gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = transport.LINK_TIMEOUT, resolve_interval: float = 15.0,
-) -> None:
-    """Run the agent until SIGTERM or SIGINT.
-
-    `peers` are the hosts it migrates to and from, `admins` the clients that
-    manage it (`allow`, the older form, names both). `gate_timeout` bounds how
-    long a dumped container is held frozen without a decision; `link_timeout`
-    how long a data channel may stall; `resolve_interval` how often unsettled
-    migrations are retried (0: only at start-up)."""
+def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), fault_injection: bool = False) -> None:
+    """Run the agent with `config` until SIGTERM or SIGINT."""
+    name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
-    for n in allow | peers | admins:
+    peers, admins = config.peers | allow, config.admins | allow
+    for n in peers | admins:
         check_id(n, "certificate name")
-    if not (allow | peers | admins):
+    if not (peers | admins):
         raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
-    criu.GATE_TIMEOUT = gate_timeout  # process-wide settings, set once before serving
-    transport.LINK_TIMEOUT = link_timeout
-    state_dir = state_dir.resolve()
+    state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), allow, fault_injection, bridge)
-    host.peers, host.admins = peers | allow, admins | allow
-    servicer = Servicer(host)
+    host = Host(
+        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), allow, fault_injection, config.bridge,
+        peers=peers, admins=admins, timeouts=config.timeouts,
+    )
+    servicer = Servicer(host, config.max_migrations)
     for outcome in servicer.recovery.startup():
         log.info("start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message)
     keepalive = [
@@ -467,7 +460,7 @@ def serve(
     if socket is not None:
         socket.chmod(0o600)
     log.info("agent %s listening on %s%s (mutual TLS), state in %s", name, listen, f" and {socket}" if socket else "", state_dir)
-    servicer.recovery.start_resolver(resolve_interval)
+    servicer.recovery.start_resolver(config.timeouts.resolve_interval)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

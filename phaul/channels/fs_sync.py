@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.errors import ToolFailed
-from phaul.channels import transport
 from phaul.channels.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
 
 log = logging.getLogger(__name__)
@@ -38,17 +37,17 @@ class SyncStats:
 class RsyncReceiver:
     """Destination side: accepts pushes into `root` from `peer_name` only."""
 
-    def __init__(self, creds: Credentials, root: Path, bind: str, peer_name: str) -> None:
+    def __init__(self, creds: Credentials, root: Path, bind: str, peer_name: str, link_timeout: float) -> None:
         self.root = root
         conf = root / "rsyncd.conf"
         conf.write_text(
             "use chroot = yes\nmunge symlinks = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
             f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
             "  exclude = /rsyncd.conf /data-channel.*\n"
-            f"  timeout = {int(transport.LINK_TIMEOUT) * 2}\n"
+            f"  timeout = {int(link_timeout) * 2}\n"
         )
         self.endpoint = TlsEndpoint(
-            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."]
+            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."], link_timeout
         )
 
     def open(self) -> str:
@@ -62,9 +61,10 @@ class RsyncReceiver:
 class RsyncSender:
     """Source side: pushes directories to a destination's `RsyncReceiver`."""
 
-    def __init__(self, creds: Credentials, peer: str, peer_name: str, bwlimit: int = 0) -> None:
-        self.env = {**os.environ, **rsh_env(creds, peer, peer_name)}
+    def __init__(self, creds: Credentials, peer: str, peer_name: str, link_timeout: float, bwlimit: int = 0) -> None:
+        self.env = {**os.environ, **rsh_env(creds, peer, peer_name, link_timeout)}
         self.bwlimit = bwlimit
+        self.link_timeout = link_timeout
 
     def push(
         self, src: Path, dest: str, excludes: tuple[str, ...] = (), *, bwlimit: int | None = None,
@@ -83,7 +83,7 @@ class RsyncSender:
         rsync's default whole seconds miss a file rewritten with the same size
         within the second of the previous sync, which the final sync must not."""
         args = [
-            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(transport.LINK_TIMEOUT))}",
+            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(self.link_timeout))}",
             "--modify-window=-1", "-e", f"sh {TLS_RSH}",
         ]
         if checksum:

@@ -23,16 +23,15 @@ from phaul.validate import check_id
 log = logging.getLogger(__name__)
 
 TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
-# s: a data channel that moves nothing this long while it has data to move is
-# dead (rsync --timeout); its TCP connections give up after twice as long
-# (TCP_USER_TIMEOUT) and probe idle peers (keepalive). The agent sets it.
-LINK_TIMEOUT = 30.0
 TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
 
 
-def tcp_options() -> str:
-    """socat address options that end a TCP connection to a dead or cut-off peer."""
-    return f"keepalive,keepidle=5,keepintvl=2,keepcnt=3,setsockopt-int=6:{TCP_USER_TIMEOUT}:{int(LINK_TIMEOUT * 2000)}"
+def tcp_options(link_timeout: float) -> str:
+    """socat address options that end a TCP connection to a dead or cut-off peer:
+    idle peers are probed (keepalive) and unacknowledged data is given up after
+    twice `link_timeout` (TCP_USER_TIMEOUT), the time after which a data channel
+    that moves nothing is dead (config.Timeouts.link)."""
+    return f"keepalive,keepidle=5,keepintvl=2,keepcnt=3,setsockopt-int=6:{TCP_USER_TIMEOUT}:{int(link_timeout * 2000)}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class TlsEndpoint:
     """A TLS listener on an ephemeral port of `bind` that runs `command` for
     each connection from a peer whose certificate names `peer_name`."""
 
-    def __init__(self, creds: Credentials, bind: str, peer_name: str, command: list[str]) -> None:
+    def __init__(self, creds: Credentials, bind: str, peer_name: str, command: list[str], link_timeout: float) -> None:
         check_id(peer_name, "peer host name")
         if any(c in part for part in command for c in ",!: \"'"):
             raise InvalidInput(f"endpoint command {command!r} has characters socat would misparse")
@@ -70,6 +69,7 @@ class TlsEndpoint:
         self.bind = str(ipaddress.IPv4Address(bind))
         self.peer_name = peer_name
         self.command = command
+        self.link_timeout = link_timeout
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -89,7 +89,7 @@ class TlsEndpoint:
             listen = (
                 f"OPENSSL-LISTEN:{self.port},bind={self.bind},reuseaddr,fork,"
                 f"cert={self.creds.cert},key={self.creds.key},cafile={self.creds.ca},"
-                f"verify=1,commonname={self.peer_name},nodelay,{tcp_options()}"
+                f"verify=1,commonname={self.peer_name},nodelay,{tcp_options(self.link_timeout)}"
             )
             with open(log_path, "ab") as errlog:
                 self._proc = subprocess.Popen(
@@ -142,7 +142,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 5
     return False
 
 
-def rsh_env(creds: Credentials, peer: str, peer_name: str) -> dict[str, str]:
+def rsh_env(creds: Credentials, peer: str, peer_name: str, link_timeout: float) -> dict[str, str]:
     """Environment for TLS_RSH to reach `peer` (ADDR:PORT) as `peer_name`."""
     addr, port = parse_endpoint(peer)
     check_id(peer_name, "peer host name")
@@ -152,5 +152,5 @@ def rsh_env(creds: Credentials, peer: str, peer_name: str) -> dict[str, str]:
         "PHAUL_CERT": str(creds.cert),
         "PHAUL_KEY": str(creds.key),
         "PHAUL_CA": str(creds.ca),
-        "PHAUL_TCP_OPTIONS": tcp_options(),
+        "PHAUL_TCP_OPTIONS": tcp_options(link_timeout),
     }

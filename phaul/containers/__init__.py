@@ -101,8 +101,11 @@ class ContainerKind(ABC):
         return None
 
     @abstractmethod
-    def restore(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> ContainerInfo:
-        """Restore the container (whose directory is in place) from `image_dir`."""
+    def restore(
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0
+    ) -> ContainerInfo:
+        """Restore the container (whose directory is in place) from `image_dir`;
+        ToolFailed when it fails or takes longer than `timeout` s."""
 
     @abstractmethod
     def rewrite_for_host(self, ct_id: str) -> None:

@@ -369,13 +369,19 @@ class RuncContainers(ContainerKind):
         if proc.returncode != 0:
             raise self.criu_error(ct_id, "checkpoint", work_dir, proc.returncode, proc.stderr)
 
-    def restore(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> ContainerInfo:
+    def restore(
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0
+    ) -> ContainerInfo:
         """Run `restore_cmd` to completion; the container runs afterwards. ToolFailed with CRIU's log tail."""
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         cmd = self.restore_cmd(ct_id, image_dir, work_dir, tcp_established=tcp_established)
-        rc = subprocess.run(
-            cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        ).returncode
+        try:
+            rc = subprocess.run(
+                cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=timeout,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            raise self.criu_error(ct_id, "restore", work_dir, -1, f"runc restore did not finish within {timeout:.0f} s") from None
         if rc != 0:  # runc removes what it created; never delete here: the ID may name a running container
             raise self.criu_error(ct_id, "restore", work_dir, rc)
         return self.info(ct_id)

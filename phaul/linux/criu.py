@@ -24,10 +24,6 @@ from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
 
-# How long the gate holds a dumped container frozen when nobody decides (the
-# agent died and did not come back): then it resumes it. The agent sets it.
-GATE_TIMEOUT = 300.0
-
 _GATE_SCRIPT = """#!/bin/sh
 # phaul commit gate (generated). CRIU runs this at each action.
 case "$CRTOOLS_SCRIPT_ACTION" in
@@ -47,11 +43,11 @@ class CommitGate:
     """A gate in directory `path` for one final dump. `criu_options()` are the
     lines to put in the CRIU configuration file runc passes to CRIU."""
 
-    def __init__(self, path: Path, timeout: float | None = None, freezer: Path | None = None) -> None:
+    def __init__(self, path: Path, timeout: float, freezer: Path | None = None) -> None:
         self.dir = path
         path.mkdir(parents=True, exist_ok=True)
         self.script = path / "gate.sh"
-        limit = max(1, int(timeout if timeout is not None else GATE_TIMEOUT))
+        limit = max(1, int(timeout))  # nobody decided (the agent died and did not come back): resume
         tools = {t: shutil.which(t) or f"/usr/bin/{t}" for t in ("timeout", "head", "mv")}
         # With `freezer` (a freezer.state file) the script freezes the cgroup at pre-dump
         # (phaul.linux.freezer): CRIU then skips its 100 ms freezer poll. A rollback must thaw it.

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from phaul.config import Timeouts
 from phaul.linux import criu
 from phaul.linux import freezer
 from phaul.memory import page_delta
@@ -42,7 +43,6 @@ from phaul.memory.page_stream import PageStream, StreamError
 
 log = logging.getLogger(__name__)
 
-DUMP_TIMEOUT = 300.0
 PAGE = page_delta.PAGE
 
 _ROUND_SCRIPT = """#!/bin/sh
@@ -69,6 +69,7 @@ class Context:
     dir: Path  # the migration's directory on the source
     sender: RsyncSender
     apply_pages: Callable[[], float]  # the destination applies delta/ onto images/; returns its ms
+    dump_timeout: float = Timeouts.dump  # s: a pre-copy dump must end within this
     bandwidth: int = 0  # bytes/s cap of pre-copy transfers, 0 = none
     open_stream: Callable[[], PageStream] | None = None  # a page stream to the destination (phaul.memory.page_stream)
     tcp_established: bool = True
@@ -300,9 +301,9 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     )
     start_ns = time.time_ns()
     try:
-        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=DUMP_TIMEOUT)
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=ctx.dump_timeout)
     except subprocess.TimeoutExpired:
-        raise PrecopyDumpFailed(f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}") from None
+        raise PrecopyDumpFailed(f"pre-copy dump {k} did not finish within {ctx.dump_timeout:.0f} s", f"see {work / 'dump.log'}") from None
     finally:
         freezer.thaw(ctx.freezer)
         thawed_ns = time.time_ns()

@@ -18,12 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul.config import MigrationOptions
 from phaul.linux.fsutil import write_atomic
+from phaul.memory.page_delta import PAGE
 from phaul.migration.report import Round
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 MiB = 1 << 20
 
 STOP_AND_COPY = "stop-and-copy"
@@ -94,8 +95,8 @@ class ConvergencePolicy:
 
     REASONS = ("downtime-target", "converged", "no-progress", "max-rounds")
 
-    max_downtime_ms: float = 300.0
-    max_rounds: int = 8
+    max_downtime_ms: float = MigrationOptions.max_downtime_ms
+    max_rounds: int = MigrationOptions.max_rounds
     shrink: float = 0.10
     max_stalls: int = 2
     negligible: float = 0.10

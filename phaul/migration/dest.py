@@ -32,8 +32,6 @@ from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
 
-RESTORE_TIMEOUT = 300.0
-
 
 @dataclass
 class Incoming:
@@ -100,7 +98,7 @@ class Destination:
             self.journal.begin(migration_id, "destination", ct_id, source, source_address)
             for sub in ("ct", "images", "work"):
                 (mdir / sub).mkdir(parents=True)
-            receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, source)
+            receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, source, self.host.timeouts.link)
             try:
                 address = receiver.open()
                 (mdir / "data-channel.pid").write_text(f"{receiver.endpoint.pid}\n")
@@ -124,7 +122,8 @@ class Destination:
                 raise Conflict(f"migration {migration_id} is {m.state}; pages can only be sent before the restore")
             _close_stream(m)
             endpoint = TlsEndpoint(
-                self.host.creds, self.host.address, m.source, [sys.executable, "-m", "phaul.memory.page_stream", str(m.dir)]
+                self.host.creds, self.host.address, m.source, [sys.executable, "-m", "phaul.memory.page_stream", str(m.dir)],
+                self.host.timeouts.link,
             )
             address = endpoint.open(m.dir / "page-stream.log")
             m.stream = endpoint
@@ -168,7 +167,7 @@ class Destination:
             try:
                 if m.fault is not None and m.fault.kind == "damage-image":
                     m.fault.at("restore", m.dir / "images")
-                m.pid = ct.restore(m.ct_id, m.dir / "images", m.dir / "work").pid
+                m.pid = ct.restore(m.ct_id, m.dir / "images", m.dir / "work", timeout=self.host.timeouts.restore).pid
             finally:
                 conf.write_text("")
             took = (time.monotonic() - t0) * 1000
@@ -331,7 +330,7 @@ class Destination:
         the source can still tell it to run or to go."""
         mdir = self.host.migration_dir(e.migration_id)
         mdir.mkdir(parents=True, exist_ok=True)
-        receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, e.peer)
+        receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, e.peer, self.host.timeouts.link)
         with self._lock:
             self._incoming[e.migration_id] = Incoming(
                 e.migration_id, e.ct, e.peer, mdir, receiver, state="restored", placed=True,

@@ -36,13 +36,13 @@ from phaul.linux import network
 from phaul.migration import preflight
 from phaul.linux import procfs
 from phaul.migration import recovery
-from phaul.channels import transport
 from phaul.channels.client import Agent, connect
 from phaul.linux.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
 from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncSender
 from phaul.agent.host import Host
+from phaul.config import MigrationOptions
 from phaul.migration.journal import Journal
 from phaul.migration.report import Report, Round
 from phaul.rpc import phaul_pb2 as pb
@@ -52,21 +52,8 @@ from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
 
-DUMP_TIMEOUT = 300.0
-RESTORE_TIMEOUT = 300.0
 CT_EXCLUDES = ("criu.conf",)
 RESTORE_COSTS = "restore-costs.json"  # iterative_dump.RestoreCosts, per destination
-
-
-@dataclass
-class MigrateOptions:
-    tcp: str = "keep"  # keep | close
-    precopy: str = "auto"  # auto | off
-    max_rounds: int = 8
-    max_downtime_ms: int = 300
-    bandwidth: int = 0  # bytes/s for pre-copy rounds, 0 = unlimited
-    fault: Fault | None = None  # tests only
-    force: tuple[str, ...] = ()  # preflight checks whose failure does not stop the migration
 
 
 Emit = Callable[[pb.Progress], None]
@@ -76,7 +63,7 @@ class SourceMigration:
     """Moves container `ct_id` from `host` to the agent `dest_name` at `dest_address`."""
 
     def __init__(
-        self, host: Host, ct_id: str, dest_name: str, dest_address: str, options: MigrateOptions, emit: Emit
+        self, host: Host, ct_id: str, dest_name: str, dest_address: str, options: MigrationOptions, emit: Emit
     ) -> None:
         self.host = host
         self.ct_id = check_id(ct_id)
@@ -174,7 +161,6 @@ class SourceMigration:
             pb.PrepareRequest(
                 migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
                 criu_version=".".join(map(str, my_criu)),
-                fault=f"{self.options.fault.step}:{self.options.fault.kind}" if self.options.fault else "",
                 tcp_close=self.options.tcp == "close",
                 source_address=self.host.listen,
             ),
@@ -183,7 +169,9 @@ class SourceMigration:
         self._prepared = True
         _, port = parse_endpoint(reply.data_address)
         dest_ip, _ = parse_endpoint(self.dest_address)
-        self._sender = RsyncSender(self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.options.bandwidth)
+        self._sender = RsyncSender(
+            self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.host.timeouts.link, self.options.bandwidth
+        )
 
     def _migrate(self) -> None:
         ct = self.host.containers
@@ -261,7 +249,7 @@ class SourceMigration:
 
         self._phase("restore", f"restoring on {self.dest_name}, held stopped")
         t_restore = time.monotonic()
-        restored = self._dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=RESTORE_TIMEOUT)
+        restored = self._dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30)
         phases["restore"] = (time.monotonic() - t_restore) * 1000
         for key in ("restore", "forking", "runc_restore"):
             if key in restored.criu_ms:
@@ -295,6 +283,7 @@ class SourceMigration:
         ct = self.host.containers
         ctx = memory_methods.Context(
             ct=ct, ct_id=self.ct_id, dir=self.dir, sender=self._sender, apply_pages=self._apply_pages,
+            dump_timeout=self.host.timeouts.dump,
             bandwidth=self.options.bandwidth, tcp_established=True, freezer=ct.freezer_state(self.ct_id),
             open_stream=self._open_page_stream,
         )
@@ -329,12 +318,12 @@ class SourceMigration:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
         assert self._dest is not None
         reply = self._dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
-        return PageStream({**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name)})
+        return PageStream({**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name, self.host.timeouts.link)})
 
     def _apply_pages(self) -> float:
         """Ask the destination to apply the page delta just pushed; its ms."""
         assert self._dest is not None
-        reply = self._dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=RESTORE_TIMEOUT)
+        reply = self._dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=self.host.timeouts.restore)
         return float(reply.apply_ms)
 
     def _final_dump(self, parent: Path | None = None, on_frozen: Callable[[], None] | None = None) -> Round:
@@ -347,7 +336,7 @@ class SourceMigration:
         images, work = self.dir / "images", self.dir / "work"
         images.mkdir()
         work.mkdir()
-        self._gate = criu.CommitGate(self.dir / "gate", freezer=ct.freezer_state(self.ct_id))
+        self._gate = criu.CommitGate(self.dir / "gate", self.host.timeouts.gate, freezer=ct.freezer_state(self.ct_id))
         ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options() + self._watch_freeze())
         # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
         args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
@@ -356,14 +345,14 @@ class SourceMigration:
         try:
             if on_frozen is not None:
                 gate, dump = self._gate, self._dump
-                deadline = time.monotonic() + DUMP_TIMEOUT
+                deadline = time.monotonic() + self.host.timeouts.dump
                 while not gate.frozen() and dump.poll() is None and time.monotonic() < deadline:
                     if (gate.dir / "reached").exists():
                         break
                     time.sleep(0.001)
                 if gate.frozen():
                     on_frozen()
-            self._gate.wait_reached(self._dump, DUMP_TIMEOUT)
+            self._gate.wait_reached(self._dump, self.host.timeouts.dump)
         except ToolFailed as e:
             raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
         return Round()
@@ -438,7 +427,7 @@ class SourceMigration:
         """Settle after a failure: before commit, resume the source and remove the
         destination's copy (rolled_back); after commit, try to get the
         destination's copy running (ok) or report in_doubt."""
-        link = max(5.0, transport.LINK_TIMEOUT)  # how long a call may wait on a link that may be dead
+        link = self.host.timeouts.call  # how long a call may wait on a link that may be dead
         if self._committed:
             self._remove_source()
             if not self._resume_dest(deadline=time.monotonic() + 3 * link):
@@ -479,7 +468,7 @@ class SourceMigration:
         """The destination's copy runs after all: drop what the migration kept here and there."""
         try:
             assert self._dest is not None
-            self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, transport.LINK_TIMEOUT))
+            self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.call)
         except PhaulError as e:
             log.warning("migration %s: destination clean-up: %s (its resolver finishes it)", self.id, e)
         self._cleanup_method()
@@ -490,7 +479,7 @@ class SourceMigration:
         assert self._dest is not None
         while True:
             try:
-                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=max(5.0, transport.LINK_TIMEOUT))
+                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.call)
                 return True
             except PhaulError as e:
                 log.error("migration %s: resuming on %s failed: %s", self.id, self.dest_name, e)
@@ -538,8 +527,8 @@ class SourceMigration:
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
         log.info("migration %s: %s: %s", self.id, phase, message)
         self._journal_step(phase)
-        if self.options.fault is not None:
-            self.options.fault.at(phase, state_dir=self.host.state_dir, migration_id=self.id)
+        if getattr(self.options, "fault", None) is not None:
+            getattr(self.options, "fault", None).at(phase, state_dir=self.host.state_dir, migration_id=self.id)
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
 
     def _round_boundaries(self, emit: Emit) -> Emit:
@@ -551,8 +540,8 @@ class SourceMigration:
             if p.phase == "precopy" and p.round > 0:
                 step = f"precopy-{p.round + 1}"
                 self._journal_step(step)
-                if self.options.fault is not None:
-                    self.options.fault.at(step, state_dir=self.host.state_dir, migration_id=self.id)
+                if getattr(self.options, "fault", None) is not None:
+                    getattr(self.options, "fault", None).at(step, state_dir=self.host.state_dir, migration_id=self.id)
 
         return wrapped
 
