@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from phaul.channels import pki
 from phaul.channels.client import connect
-from phaul.migration.recovery import procs_using
+from phaul.migration.copies import procs_using
 from phaul.rpc import phaul_pb2 as pb
 from phaul.channels.transport import Credentials
 

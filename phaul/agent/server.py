@@ -238,7 +238,6 @@ class Servicer(pb_grpc.AgentServicer):
                 max_rounds=request.max_rounds or defaults.max_rounds,
                 max_downtime_ms=request.max_downtime_ms or defaults.max_downtime_ms,
                 bandwidth=request.bandwidth,
-                fault=Fault.parse(request.fault, self.host.fault_injection),
                 force=preflight.check_force(list(request.force)),
             )
             if options.precopy not in ("auto", "off"):

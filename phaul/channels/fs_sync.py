@@ -1,7 +1,11 @@
-"""Root file system (and image) sync back-ends.
+"""How files reach the destination: the file-system sync interface and its
+rsync back-end.
 
+`FsSync` is what a migration asks of a back-end: make the destination's copy
+of the container's files equal to the source's now. `RsyncFsSync` is the one
+back-end today (image deltas of a block device may come later). Underneath,
 `RsyncReceiver` runs on the destination: an rsync daemon module rooted in the
-migration's directory, reachable only through the migration's TLS endpoint.
+migration's directory, reachable only through the migration's TLS endpoint;
 `RsyncSender` runs on the source and pushes a directory into that module,
 sending only what changed since the last push.
 """
@@ -13,6 +17,7 @@ import os
 import re
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,3 +114,27 @@ class RsyncSender:
         sent = int(re.sub(r"[,.]", "", m.group(1))) if m else 0
         log.debug("rsync %s -> %s: %d bytes in %.0f ms", src, dest, sent, ms)
         return SyncStats(sent, ms)
+
+
+class FsSync(ABC):
+    """The container's files, kept in sync with the destination's copy."""
+
+    @abstractmethod
+    def sync(self, *, live: bool, bwlimit: int | None = None) -> SyncStats:
+        """Make the destination's copy equal to the files now. `live`: the container
+        runs, so files changing meanwhile are expected (a later sync sends them);
+        `bwlimit` (bytes/s, 0 = none) overrides the back-end's own cap."""
+
+
+class RsyncFsSync(FsSync):
+    """rsync of directory `src` into `dest` of the migration's directory on the
+    destination, leaving out `excludes`."""
+
+    def __init__(self, sender: RsyncSender, src: Path, dest: str, excludes: tuple[str, ...] = ()) -> None:
+        self.sender = sender
+        self.src = src
+        self.dest = dest
+        self.excludes = excludes
+
+    def sync(self, *, live: bool, bwlimit: int | None = None) -> SyncStats:
+        return self.sender.push(self.src, self.dest, self.excludes, bwlimit=bwlimit, live=live)

@@ -4,7 +4,7 @@
 tracking or not) and the user's `--precopy`. `ConvergencePolicy` watches the
 rounds: after each one it predicts the frozen time of a final dump taken now
 from the measured dirty rate, transfer rate, dump cost and restore cost, and
-says whether to stop. `run_rounds` drives a method's rounds under a policy.
+says whether to stop. `phaul.memory.rounds.run_rounds` drives a method's rounds under a policy.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.config import MigrationOptions
 from phaul.linux.fsutil import write_atomic
 from phaul.memory.page_delta import PAGE
-from phaul.migration.report import Round
 
 log = logging.getLogger(__name__)
 
@@ -215,92 +212,3 @@ class RestoreCosts:
             return {str(k): [[int(p), float(m)] for p, m in v] for k, v in data.items()}
         except (OSError, ValueError, TypeError):
             return {}
-
-
-# -- driving the rounds -------------------------------------------------------------
-
-
-@dataclass
-class RoundsResult:
-    rounds: list[Round]
-    stop_reason: str
-    last_decision: Decision | None
-    fs_bytes_sent: int
-
-
-Progress = Callable[[RoundFigures, Round, Decision], None]  # after each round
-
-
-def run_rounds(
-    method: object,
-    policy: ConvergencePolicy,
-    fs_sync: Callable[[], int],
-    progress: Progress,
-    restore_estimate: Callable[[int], float],
-    sequential_fs: bool = False,
-) -> RoundsResult:
-    """Run `method`'s pre-copy rounds (phaul.memory.methods) until `policy` says
-    stop; each round also syncs the root file system (`fs_sync` returns the bytes
-    it sent), alongside the memory unless `sequential_fs` (a bandwidth cap that
-    must hold for both together)."""
-    from phaul.memory.methods import MemoryMethod
-
-    assert isinstance(method, MemoryMethod)
-    rounds: list[Round] = []
-    fs_total = 0
-    prev_snapshot_ns = 0
-    decision: Decision | None = None
-    for k in range(1, policy.max_rounds + 1):
-        t0 = time.monotonic()
-        fs_box: dict[str, object] = {}
-
-        def fs_job() -> None:
-            t_fs = time.monotonic()
-            try:
-                fs_box["bytes"] = fs_sync()
-            except BaseException as e:  # re-raised below, in the migration's thread
-                fs_box["error"] = e
-            finally:
-                fs_box["ms"] = (time.monotonic() - t_fs) * 1000
-
-        fs_thread = threading.Thread(target=fs_job, name=f"fs-round-{k}")
-        if not sequential_fs:
-            fs_thread.start()
-        try:
-            dump, sent = method.precopy_round(k)
-        finally:
-            if not sequential_fs:
-                fs_thread.join()
-        if sequential_fs:
-            fs_job()
-        if "error" in fs_box:
-            raise fs_box["error"]  # type: ignore[misc]
-        fs_bytes = int(fs_box.get("bytes", 0))  # type: ignore[call-overload]
-        fs_total += fs_bytes
-        end_ns = time.time_ns()
-        fig = RoundFigures(
-            round=k, pages=dump.pages, changed_pages=sent.pages_sent, bytes_sent=sent.bytes_sent,
-            send_ms=sent.send_ms, dump_frozen_ms=dump.dump_frozen_ms, local_ms=sent.local_ms,
-            interval_s=(dump.snapshot_ns - prev_snapshot_ns) / 1e9 if prev_snapshot_ns else 0.0,
-            window_s=(end_ns - dump.snapshot_ns) / 1e9 + dump.startup_ms / 1000,
-            restore_ms=restore_estimate(dump.pages), frozen_ms=dump.frozen_ms,
-            fs_ms=float(fs_box.get("ms", 0.0)),  # type: ignore[arg-type]
-        )
-        prev_snapshot_ns = dump.snapshot_ns
-        decision = policy.observe(fig)
-        row = Round(
-            pages_dumped=dump.pages, pages_sent=sent.pages_sent, bytes_sent=sent.bytes_sent,
-            frozen_ms=dump.frozen_ms, duration_ms=(time.monotonic() - t0) * 1000, fs_bytes_sent=fs_bytes,
-            predicted_frozen_ms=decision.predicted_frozen_ms, dirty_rate=decision.dirty_rate,
-        )
-        rounds.append(row)
-        log.info(
-            "pre-copy round %d: %d pages dumped, %d sent (%d bytes), frozen %.0f ms, predicted final freeze %.0f ms%s",
-            k, row.pages_dumped, row.pages_sent, row.bytes_sent, row.frozen_ms, row.predicted_frozen_ms,
-            f"; stop: {decision.reason}" if decision.stop else "",
-        )
-        progress(fig, row, decision)
-        if decision.stop:
-            break
-    assert decision is not None
-    return RoundsResult(rounds, f"{decision.reason}: {decision.detail}", decision, fs_total)

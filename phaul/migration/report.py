@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from phaul.rpc import phaul_pb2 as pb
@@ -107,6 +110,32 @@ class Report:
                     + (f" {r.predicted_frozen_ms:>6.0f} ms" if r.predicted_frozen_ms else "")
                 )
         return "\n".join(lines)
+
+    # -- assembly, while the migration runs ---------------------------------------------
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Time the block as phase `phase` of the frozen phase (`phases_ms`), even when it fails."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases_ms[phase] = (time.monotonic() - t0) * 1000
+
+    def take_criu_ms(self, stats: Mapping[str, float], keys: tuple[str, ...]) -> None:
+        """Keep CRIU's own timings `keys` from `stats` (what CRIU or the destination measured)."""
+        self.criu_ms.update({k: stats[k] for k in keys if k in stats})
+
+    def add_final_round(self, final: Round) -> None:
+        """The final (frozen) round ended: it is the last round, and the totals follow."""
+        self.frozen_ms = final.frozen_ms
+        self.rounds.append(final)
+        self.bytes_sent = self.fs_bytes_sent + sum(r.bytes_sent for r in self.rounds)
+
+    def save(self, reports_dir: Path) -> None:
+        """Keep the report as REPORTS_DIR/MIGRATION-ID.json."""
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        (reports_dir / f"{self.migration_id}.json").write_text(self.to_json())
 
 
 def _ordered(timings: Mapping[str, float], order: tuple[str, ...]) -> dict[str, float]:

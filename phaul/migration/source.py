@@ -1,15 +1,18 @@
 """The source side of a migration: the state machine.
 
 preflight -> pre-copy rounds of memory and files while the container runs
-(phaul.memory.policy, phaul.memory.methods; with --precopy=off a file system
-pre-sync only) -> freeze and final dump (held at the commit gate) -> final
-sync and memory transfer -> restore held stopped on the destination -> commit
-(the source copy is killed) -> resume on the destination -> clean-up.
+(phaul.memory.rounds under phaul.memory.policy, with a phaul.memory.methods
+method; with --precopy=off a file system pre-sync only) -> freeze and final
+dump (held at the commit gate) -> final sync and memory transfer -> restore
+held stopped on the destination -> commit (the source copy is killed) ->
+resume on the destination -> clean-up.
 
 The invariant: until the destination holds a restored copy, the source copy is
 running or frozen at the gate and resumes on any failure; the source copy is
 destroyed only after the destination holds its copy; the destination copy runs
-only after the source copy is gone.
+only after the source copy is gone. What a failure does at each point is
+phaul.migration.failure's; this module only runs the steps and records what it
+holds (`Held`) as it goes.
 """
 
 from __future__ import annotations
@@ -19,44 +22,53 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from phaul.linux import criu
-from phaul.linux import freezer
-from phaul.memory import policy as iterative_dump
-from phaul.memory import methods as memory_methods
-from phaul.channels import messages
-from phaul.linux import network
-from phaul.migration import preflight
-from phaul.linux import procfs
-from phaul.migration import recovery
-from phaul.channels.client import Agent, connect
-from phaul.linux.doctor import criu_path, criu_version, features
-from phaul.errors import Conflict, PhaulError, ToolFailed
-from phaul.testing.faults import Fault
-from phaul.channels.fs_sync import RsyncSender
 from phaul.agent.host import Host
+from phaul.channels import messages
+from phaul.channels.client import Agent, connect
+from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
+from phaul.channels.transport import parse_endpoint, rsh_env
 from phaul.config import MigrationOptions
+from phaul.errors import Conflict, PhaulError, ToolFailed
+from phaul.linux import criu, freezer, network, procfs
+from phaul.linux.doctor import criu_path, criu_version, features
+from phaul.memory import methods, policy
+from phaul.memory.page_stream import PageStream
+from phaul.memory.rounds import run_rounds
+from phaul.migration import failure, preflight
+from phaul.migration.copies import wait_until
 from phaul.migration.journal import Journal
+from phaul.migration.logs import MigrationLog
 from phaul.migration.report import Report, Round
 from phaul.rpc import phaul_pb2 as pb
-from phaul.memory.page_stream import PageStream
-from phaul.channels.transport import parse_endpoint, rsh_env
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
 
 CT_EXCLUDES = ("criu.conf",)
-RESTORE_COSTS = "restore-costs.json"  # iterative_dump.RestoreCosts, per destination
+RESTORE_COSTS = "restore-costs.json"  # policy.RestoreCosts, per destination
 
 
 Emit = Callable[[pb.Progress], None]
+
+
+@dataclass
+class Held:
+    """What the migration holds at this moment; the failure rules read it."""
+
+    dest: Agent | None = None  # the destination's agent, connected
+    prepared: bool = False  # the destination prepared the migration (Abort removes it)
+    gate: criu.CommitGate | None = None  # the final dump's commit gate
+    dump: subprocess.Popen[bytes] | None = None  # the final dump (runc checkpoint), held at the gate
+    committed: bool = False  # the source copy is destroyed: the destination's copy is the one
+    method: methods.MemoryMethod | None = None
+    freeze: network.FreezeSignal | None = None  # addressed containers: when the final dump begins
 
 
 class SourceMigration:
@@ -73,22 +85,23 @@ class SourceMigration:
         self.options = options
         self.emit = self._round_boundaries(emit)
         self.id = uuid.uuid4().hex[:12]
+        self.log = MigrationLog(log, self.id)
         self.dir = host.migration_dir(self.id)
         self.report = Report(
             migration_id=self.id, ct=self.ct_id, source=host.name, destination=dest_name,
             started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        self._dest: Agent | None = None
-        self._prepared = False
-        self._gate: criu.CommitGate | None = None
-        self._freeze: network.FreezeSignal | None = None  # addressed containers: when the final dump begins
-        self._dump: subprocess.Popen[bytes] | None = None
-        self._committed = False
+        self.held = Held()
         self._sender: RsyncSender
-        self._method: memory_methods.MemoryMethod | None = None
         self._t0 = time.monotonic()
         self.journal = Journal(host.state_dir)
         self._journaled = ""  # the last step journaled
+
+    @property
+    def dest(self) -> Agent:
+        """The destination's agent (connected by `preflight`)."""
+        assert self.held.dest is not None, "preflight connects the destination"
+        return self.held.dest
 
     # -- the state machine -------------------------------------------------
 
@@ -100,37 +113,29 @@ class SourceMigration:
         try:
             self._preflight()
         except BaseException as e:
-            if self._dest is not None:
-                if self._prepared:
-                    try:
-                        self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=60)
-                    except PhaulError as ex:
-                        log.warning("migration %s: removing what %s prepared: %s", self.id, self.dest_name, ex)
-                self._dest.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            failure.undo_preflight(self)
             self.journal.settle(self.id, "source", "refused", str(e))
             raise
 
     def run(self) -> Report:
         """Migrate (after `preflight`); never raises. The report says what happened."""
-        t0 = self._t0
         try:
             self._migrate()
             self.report.result = "ok"
         except Exception as e:  # every failure ends in a report
             if not isinstance(e, PhaulError):
-                log.exception("migration %s failed unexpectedly", self.id)
+                self.log.exception("failed unexpectedly")
             self.report.error = str(e)
-            self.report.result = self._recover_from_failure()
+            self.report.result = failure.settle(self)
         finally:
-            self._stop_network_watch()
+            self.stop_network_watch()
             self._journal_result()
             self._clear_criu_config()
-            if self._dest is not None:
-                self._dest.close()
-            self.report.total_ms = (time.monotonic() - t0) * 1000
-            self._save_report()
-        log.info("migration %s of %s to %s: %s", self.id, self.ct_id, self.dest_name, self.report.result)
+            if self.held.dest is not None:
+                self.held.dest.close()
+            self.report.total_ms = (time.monotonic() - self._t0) * 1000
+            self.report.save(self.host.state_dir / "reports")
+        self.log.info("%s to %s: %s", self.ct_id, self.dest_name, self.report.result)
         return self.report
 
     def _preflight(self) -> None:
@@ -146,17 +151,17 @@ class SourceMigration:
         my_criu = criu_version(criu_path() or "")
         if my_criu is None:
             raise ToolFailed(f"{self.host.name} has no usable CRIU", "run `make setup`")
-        self._dest = connect(self.dest_address, self.dest_name, self.host.creds)
-        self._dest.call("Info", pb.Empty(), timeout=10)
-        checks = preflight.run(self.host, self.ct_id, self._dest, self.dest_name)
+        dest = self.held.dest = connect(self.dest_address, self.dest_name, self.host.creds)
+        dest.call("Info", pb.Empty(), timeout=10)
+        checks = preflight.run(self.host, self.ct_id, dest, self.dest_name)
         for c in checks:
             if c.status != preflight.PASS:
-                log.warning("migration %s: preflight %s on %s: %s: %s", self.id, c.name, c.host, c.status, c.message)
+                self.log.warning("preflight %s on %s: %s: %s", c.name, c.host, c.status, c.message)
         refused = preflight.refusal(checks, self.options.force)
         if refused is not None:
             raise refused
         self.dir.mkdir(parents=True)
-        reply = self._dest.call(
+        reply = dest.call(
             "Prepare",
             pb.PrepareRequest(
                 migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
@@ -166,7 +171,7 @@ class SourceMigration:
             ),
             timeout=30,
         )
-        self._prepared = True
+        self.held.prepared = True
         _, port = parse_endpoint(reply.data_address)
         dest_ip, _ = parse_endpoint(self.dest_address)
         self._sender = RsyncSender(
@@ -174,129 +179,117 @@ class SourceMigration:
         )
 
     def _migrate(self) -> None:
-        ct = self.host.containers
-        assert self._dest is not None
-        sender = self._sender
-        ct_dir = ct.container_dir(self.ct_id)
-        cap = self.options.bandwidth
-        method = self._method = self._memory_method()
+        fs = RsyncFsSync(self._sender, self.host.containers.container_dir(self.ct_id), "ct", CT_EXCLUDES)
+        method = self.held.method = self._memory_method()
         self.report.memory_method = method.name
-
-        def fs_sync(bwlimit: int, live: bool = True) -> int:
-            return sender.push(ct_dir, "ct", CT_EXCLUDES, bwlimit=bwlimit, live=live).bytes_sent
 
         if method.precopy:
             self._phase("precopy", f"pre-copying memory ({method.name}) and files while the container runs")
             try:
-                self._precopy(method, lambda: fs_sync(cap))
-            except memory_methods.PrecopyDumpFailed as e:  # CRIU cannot dump it and leave it running: stop and copy
-                log.warning("migration %s: pre-copy failed, falling back to stop-and-copy: %s", self.id, e)
+                self._precopy(method, fs)
+            except methods.PrecopyDumpFailed as e:  # CRIU cannot dump it and leave it running: stop and copy
+                self.log.warning("pre-copy failed, falling back to stop-and-copy: %s", e)
                 self.report.stop_reason = f"pre-copy failed ({e.message.splitlines()[0]}); stop-and-copy"
                 method.cleanup()
-                method = self._method = memory_methods.StopAndCopy(method.ctx)
+                method = self.held.method = methods.StopAndCopy(method.ctx)
                 self.report.memory_method = method.name
         else:
             self._phase("fs-presync", "copying the root file system while the container runs")
-            presync = fs_sync(cap)
+            presync = fs.sync(live=True).bytes_sent
             self.report.fs_bytes_sent += presync
             self.report.stop_reason = "pre-copy off: a single stop-and-copy" if self.options.precopy == "off" else ""
             self._phase("fs-presync", f"root file system copied ({presync} bytes)", presync)
 
         method.prepare_final()
         try:
-            self._final_phase(method, lambda: fs_sync(0, live=False))  # frozen: every file must go
+            self._final_phase(method, fs)
         finally:
             method.release()
 
         self._phase("cleanup", "removing temporary state")
         try:
-            self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=30)
+            self.dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=30)
         except PhaulError as e:
-            log.warning("migration %s: destination clean-up: %s", self.id, e)
+            self.log.warning("destination clean-up: %s", e)
         method.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _final_phase(self, method: memory_methods.MemoryMethod, final_fs_sync: Callable[[], int]) -> None:
+    def _final_phase(self, method: methods.MemoryMethod, fs: FsSync) -> None:
         """Freeze, dump, send, restore, commit, resume: the container is frozen throughout."""
-        assert self._dest is not None
+        report = self.report
         self._phase("dump", "freezing and dumping")
-        # Once the container is frozen its files stop changing: the final file
-        # system sync then runs while CRIU is still dumping memory.
-        fs_job = _Job(final_fs_sync, "final-fs-sync")
-        try:
-            round_ = self._final_dump(parent=method.final_parent(), on_frozen=fs_job.start)
-            assert self._gate is not None
-            frozen_at = self._gate.frozen_at_ns()
-            phases = self.report.phases_ms
-            phases["dump"] = (_mtime_ns(self._gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
+        # Once the container is frozen its files stop changing: the final file system
+        # sync (every file must go: no bandwidth cap, not live) runs while CRIU still dumps.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="final-fs-sync") as pool:
+            fs_job: list[Future[SyncStats]] = []
+
+            def start_fs_sync() -> None:
+                if not fs_job:
+                    fs_job.append(pool.submit(fs.sync, live=False, bwlimit=0))
+
+            final = self._final_dump(parent=method.final_parent(), on_frozen=start_fs_sync)
+            gate = self.held.gate
+            assert gate is not None
+            frozen_at = gate.frozen_at_ns()
+            report.phases_ms["dump"] = (_mtime_ns(gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
 
             self._phase("transfer", "final file system sync and memory transfer while frozen")
-            t_transfer = time.monotonic()
-            fs_job.start()  # if CRIU froze the container itself
-            sent = method.send_final(self.dir / "images")
-            phases["transfer.memory"] = (time.monotonic() - t_transfer) * 1000
-            fs_final = fs_job.result()
-        finally:
-            fs_job.wait()
-        transfer_ms = (time.monotonic() - t_transfer) * 1000
-        round_.fs_bytes_sent = fs_final
-        round_.bytes_sent = sent.bytes_sent
-        round_.pages_sent = sent.pages_sent
-        self.report.fs_bytes_sent += fs_final
-        phases.update({"transfer": transfer_ms, "transfer.fs": fs_job.ms})
-        phases.update({f"transfer.{k}": v for k, v in sent.phases_ms.items()})
-        self.report.criu_ms["transfer"] = phases["transfer"]
+            with report.timed("transfer"):
+                start_fs_sync()  # if CRIU froze the container itself
+                with report.timed("transfer.memory"):
+                    sent = method.send_final(self.dir / "images")
+                fs_final = fs_job[0].result()
+        final.fs_bytes_sent = fs_final.bytes_sent
+        final.bytes_sent = sent.bytes_sent
+        final.pages_sent = sent.pages_sent
+        report.fs_bytes_sent += fs_final.bytes_sent
+        report.phases_ms["transfer.fs"] = fs_final.duration_ms
+        report.phases_ms.update({f"transfer.{k}": v for k, v in sent.phases_ms.items()})
+        report.criu_ms["transfer"] = report.phases_ms["transfer"]
 
         self._phase("restore", f"restoring on {self.dest_name}, held stopped")
         t_restore = time.monotonic()
-        restored = self._dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30)
-        phases["restore"] = (time.monotonic() - t_restore) * 1000
-        for key in ("restore", "forking", "runc_restore"):
-            if key in restored.criu_ms:
-                self.report.criu_ms[key] = restored.criu_ms[key]
+        with report.timed("restore"):
+            restored = self.dest.call(
+                "Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30
+            )
+        report.take_criu_ms(restored.criu_ms, ("restore", "forking", "runc_restore"))
 
         self._phase("commit", f"destroying the copy on {self.host.name}")
-        t_commit = time.monotonic()
-        self._commit()
-        phases["commit"] = (time.monotonic() - t_commit) * 1000
+        with report.timed("commit"):
+            self._commit()
 
         self._phase("resume", f"starting the copy on {self.dest_name}")
-        t_resume = time.monotonic()
-        self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
-        phases["resume"] = (time.monotonic() - t_resume) * 1000
-        frozen_ms = (time.time_ns() - frozen_at) / 1e6
-        self._remove_source()
-        self.report.frozen_ms = frozen_ms
-        round_.frozen_ms = frozen_ms
-        round_.duration_ms = frozen_ms
-        self._dump_stats(round_)
-        round_.pages_sent = sent.pages_sent
-        self.report.rounds.append(round_)
-        self.report.bytes_sent = self.report.fs_bytes_sent + sum(r.bytes_sent for r in self.report.rounds)
-        iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS).record(
-            self.dest_name, round_.pages_dumped, (time.monotonic() - t_restore) * 1000
+        with report.timed("resume"):
+            self.dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
+        final.frozen_ms = final.duration_ms = (time.time_ns() - frozen_at) / 1e6
+        self.remove_source()
+        stats = criu.read_stats(self.dir / "work", "dump")  # written once the dump has ended
+        report.take_criu_ms(stats, ("freezing", "frozen", "memdump", "memwrite"))
+        final.pages_dumped = int(stats.get("pages_written", 0))
+        report.add_final_round(final)
+        policy.RestoreCosts(self.host.state_dir / RESTORE_COSTS).record(
+            self.dest_name, final.pages_dumped, (time.monotonic() - t_restore) * 1000
         )
 
-    def _memory_method(self) -> memory_methods.MemoryMethod:
-        """The memory method for this host and the options (iterative_dump.choose_method)."""
-        name = iterative_dump.choose_method(self.options.precopy, features())
+    def _memory_method(self) -> methods.MemoryMethod:
+        """The memory method for this host and the options (policy.choose_method)."""
+        name = policy.choose_method(self.options.precopy, features())
         ct = self.host.containers
-        ctx = memory_methods.Context(
+        ctx = methods.Context(
             ct=ct, ct_id=self.ct_id, dir=self.dir, sender=self._sender, apply_pages=self._apply_pages,
             dump_timeout=self.host.timeouts.dump,
             bandwidth=self.options.bandwidth, tcp_established=True, freezer=ct.freezer_state(self.ct_id),
             open_stream=self._open_page_stream,
         )
-        return memory_methods.METHODS[name](ctx)
+        return methods.METHODS[name](ctx)
 
-    def _precopy(self, method: memory_methods.MemoryMethod, fs_sync: Callable[[], int]) -> None:
+    def _precopy(self, method: methods.MemoryMethod, fs: FsSync) -> None:
         """Pre-copy rounds until the convergence policy stops them."""
-        policy = iterative_dump.ConvergencePolicy(
-            max_downtime_ms=self.options.max_downtime_ms, max_rounds=self.options.max_rounds
-        )
-        costs = iterative_dump.RestoreCosts(self.host.state_dir / RESTORE_COSTS)
+        rules = policy.ConvergencePolicy(max_downtime_ms=self.options.max_downtime_ms, max_rounds=self.options.max_rounds)
+        costs = policy.RestoreCosts(self.host.state_dir / RESTORE_COSTS)
 
-        def progress(fig: iterative_dump.RoundFigures, row: Round, d: iterative_dump.Decision) -> None:
+        def progress(fig: policy.RoundFigures, row: Round, d: policy.Decision) -> None:
             k = fig.round
             rate = fig.bytes_sent / (fig.send_ms / 1000) if fig.send_ms > 0 else 0.0  # the memory transfer's own rate
             self.emit(pb.Progress(
@@ -306,8 +299,8 @@ class SourceMigration:
                 + (f"; stopping: {d.reason}" if d.stop else ""),
             ))
 
-        result = iterative_dump.run_rounds(
-            method, policy, fs_sync, progress, lambda pages: costs.estimate(self.dest_name, pages),
+        result = run_rounds(
+            method, rules, fs, progress, lambda pages: costs.estimate(self.dest_name, pages),
             sequential_fs=self.options.bandwidth > 0,
         )
         self.report.rounds.extend(result.rounds)
@@ -316,14 +309,12 @@ class SourceMigration:
 
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
-        assert self._dest is not None
-        reply = self._dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
+        reply = self.dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
         return PageStream({**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name, self.host.timeouts.link)})
 
     def _apply_pages(self) -> float:
         """Ask the destination to apply the page delta just pushed; its ms."""
-        assert self._dest is not None
-        reply = self._dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=self.host.timeouts.restore)
+        reply = self.dest.call("ApplyPages", pb.ApplyPagesRequest(migration_id=self.id), timeout=self.host.timeouts.restore)
         return float(reply.apply_ms)
 
     def _final_dump(self, parent: Path | None = None, on_frozen: Callable[[], None] | None = None) -> Round:
@@ -336,23 +327,23 @@ class SourceMigration:
         images, work = self.dir / "images", self.dir / "work"
         images.mkdir()
         work.mkdir()
-        self._gate = criu.CommitGate(self.dir / "gate", self.host.timeouts.gate, freezer=ct.freezer_state(self.ct_id))
-        ct.criu_config_path(self.ct_id).write_text(self._gate.criu_options() + self._watch_freeze())
+        gate = self.held.gate = criu.CommitGate(self.dir / "gate", self.host.timeouts.gate, freezer=ct.freezer_state(self.ct_id))
+        ct.criu_config_path(self.ct_id).write_text(gate.criu_options() + self._watch_freeze())
         # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
         args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
         with open(work / "runc-checkpoint.log", "wb") as out:
-            self._dump = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            dump = self.held.dump = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        timeout = self.host.timeouts.dump
         try:
             if on_frozen is not None:
-                gate, dump = self._gate, self._dump
-                deadline = time.monotonic() + self.host.timeouts.dump
+                deadline = time.monotonic() + timeout
                 while not gate.frozen() and dump.poll() is None and time.monotonic() < deadline:
                     if (gate.dir / "reached").exists():
                         break
                     time.sleep(0.001)
                 if gate.frozen():
                     on_frozen()
-            self._gate.wait_reached(self._dump, self.host.timeouts.dump)
+            gate.wait_reached(dump, timeout)
         except ToolFailed as e:
             raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
         return Round()
@@ -360,28 +351,27 @@ class SourceMigration:
     def _commit(self) -> None:
         """Let CRIU kill the frozen source copy; return once none of its processes
         can run again and its address is off this host's bridge. The rest of its
-        removal (`_remove_source`) waits until the destination's copy runs."""
-        assert self._gate is not None and self._dump is not None
-        gate = self._gate
+        removal (`remove_source`) waits until the destination's copy runs."""
+        gate, dump = self.held.gate, self.held.dump
+        assert gate is not None and dump is not None
         if not gate.release(commit=True):
             raise ToolFailed("the dumped container was not waiting at the commit gate (its CRIU or the gate ended)")
         # The gate script acknowledges what it read; only then is the commit certain
         # (whether runc and CRIU are still alive or not).
-        recovery.wait_until(lambda: gate.verdict() is not None or not gate.waiting(), 10.0, 0.002)
+        wait_until(lambda: gate.verdict() is not None or not gate.waiting(), 10.0, 0.002)
         if gate.verdict() is None:
-            self._dump.wait(timeout=60)
+            dump.wait(timeout=60)
         if gate.verdict() != "commit":  # the gate gave up waiting and resumed the source copy
             raise ToolFailed("the commit gate ended without the commit (it timed out); the source copy runs again")
-        self._committed = True
+        self.held.committed = True
         # CRIU kills the dumped processes (never a graceful stop: their life goes on
         # on the destination); runc's own clean-up after that need not be waited for.
-        dump = self._dump
-        if not recovery.wait_until(lambda: self._source_dead() or dump.poll() is not None, 10.0, 0.002):
+        if not wait_until(lambda: self._source_dead() or dump.poll() is not None, 10.0, 0.002):
             dump.wait(timeout=60)
-        if not recovery.wait_until(self._source_dead, 0.05, 0.002):  # its CRIU died before it killed them
-            log.warning("migration %s: CRIU ended without killing the source copy; killing it", self.id)
+        if not wait_until(self._source_dead, 0.05, 0.002):  # its CRIU died before it killed them
+            self.log.warning("CRIU ended without killing the source copy; killing it")
             self.host.containers.kill(self.ct_id)
-            if not recovery.wait_until(self._source_dead, 10.0, 0.002):
+            if not wait_until(self._source_dead, 10.0, 0.002):
                 raise ToolFailed(
                     f"the source copy of {self.ct_id} did not die after the commit",
                     f"kill it: `phaul --host {self.host.name} ct destroy {self.ct_id}`, then `phaul recover {self.id}`",
@@ -393,116 +383,24 @@ class SourceMigration:
     def _source_dead(self) -> bool:
         """True once no process of the source copy can run again (all gone or
         zombies); without a freezer cgroup to look into, once its dump has ended."""
-        state = self._method.ctx.freezer if self._method is not None else None
+        state = self.held.method.ctx.freezer if self.held.method is not None else None
         if state is None:
-            return self._dump is None or self._dump.poll() is not None
+            return self.held.dump is None or self.held.dump.poll() is not None
         return not any(procfs.alive(p) for p in freezer.pids(state))
 
-    def _remove_source(self) -> None:
+    def remove_source(self) -> None:
         """Remove what is left of the killed source copy (runc state, cgroups, files). Idempotent."""
-        if self._dump is not None:
-            rc = self._dump.wait(timeout=60)
+        if self.held.dump is not None:
+            rc = self.held.dump.wait(timeout=60)
             if rc != 0:
-                log.warning("migration %s: runc checkpoint ended with %d after commit", self.id, rc)
+                self.log.warning("runc checkpoint ended with %d after commit", rc)
         if not self.host.containers.container_dir(self.ct_id).exists():
             return
         try:
             self.host.containers.destroy(self.ct_id, timeout=0)
         except PhaulError as e:
-            log.error("migration %s: removing the killed source copy of %s: %s", self.id, self.ct_id, e)
+            self.log.error("removing the killed source copy of %s: %s", self.ct_id, e)
             self.report.error += f"; the source copy's remains are left on {self.host.name}: {e.message} (`phaul ct destroy {self.ct_id}`)"
-
-    def _dump_stats(self, round_: Round) -> None:
-        """CRIU's dump statistics, written once the dump has ended."""
-        stats = criu.read_stats(self.dir / "work", "dump")
-        for key in ("freezing", "frozen", "memdump", "memwrite"):
-            if key in stats:
-                self.report.criu_ms[key] = stats[key]
-        round_.pages_dumped = int(stats.get("pages_written", 0))
-        round_.pages_sent = round_.pages_dumped
-
-    # -- failure handling -----------------------------------------------------
-
-    def _recover_from_failure(self) -> str:
-        """Settle after a failure: before commit, resume the source and remove the
-        destination's copy (rolled_back); after commit, try to get the
-        destination's copy running (ok) or report in_doubt."""
-        link = self.host.timeouts.call  # how long a call may wait on a link that may be dead
-        if self._committed:
-            self._remove_source()
-            if not self._resume_dest(deadline=time.monotonic() + 3 * link):
-                return "in_doubt"  # the images stay until the migration settles (phaul recover)
-            self._finish_after_failure()
-            return "ok"
-        self._stop_network_watch()
-        source_ok = self._resume_source()
-        if not source_ok and self._prepared and recovery.source_copy(self.host, self.ct_id, self.dir) == "gone":
-            # The source copy died (e.g. CRIU was killed while it held it): a copy the
-            # destination holds restored is now the only one.
-            if self._dest_state(link) == recovery.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
-                self._committed = True
-                self.host.containers.destroy(self.ct_id, timeout=0)
-                self._finish_after_failure()
-                return "ok"
-        if self._prepared and self._dest is not None:
-            try:
-                self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=3 * link)
-            except PhaulError as e:
-                log.error("migration %s: removing the copy on %s failed: %s", self.id, self.dest_name, e)
-                self.report.error += f"; the destination may keep partial state: {e}"
-        if source_ok:  # the segment may have learned the destination meanwhile
-            network.reannounce(self.host.containers, self.ct_id)
-        self._cleanup_method()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return "rolled_back" if source_ok else "failed"
-
-    def _cleanup_method(self) -> None:
-        """Close what the memory method holds (streams, round images), whatever happened."""
-        if self._method is not None:
-            try:
-                self._method.cleanup()
-            except Exception as e:  # keep settling
-                log.warning("migration %s: memory method clean-up: %s", self.id, e)
-
-    def _finish_after_failure(self) -> None:
-        """The destination's copy runs after all: drop what the migration kept here and there."""
-        try:
-            assert self._dest is not None
-            self._dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.call)
-        except PhaulError as e:
-            log.warning("migration %s: destination clean-up: %s (its resolver finishes it)", self.id, e)
-        self._cleanup_method()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _resume_dest(self, deadline: float) -> bool:
-        """Tell the destination to run its copy, retrying until `deadline`; True once it runs."""
-        assert self._dest is not None
-        while True:
-            try:
-                self._dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.call)
-                return True
-            except PhaulError as e:
-                log.error("migration %s: resuming on %s failed: %s", self.id, self.dest_name, e)
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1)
-
-    def _dest_state(self, timeout: float) -> str | None:
-        try:
-            assert self._dest is not None
-            return str(self._dest.call("MigrationStatus", pb.MigrationRef(migration_id=self.id), timeout=timeout).state)
-        except PhaulError:
-            return None
-
-    def _resume_source(self) -> bool:
-        """Make sure the source copy runs again; True if it does."""
-        if self._gate is not None and self._dump is not None and self._dump.poll() is None:
-            self._gate.release(commit=False)
-            try:
-                self._dump.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                log.error("migration %s: the dump did not end after abort", self.id)
-        return recovery.ensure_running(self.host, self.ct_id)  # thaws a copy whose CRIU died at the gate
 
     # -- the container's address (phaul.linux.network) -----------------------------------
 
@@ -512,20 +410,19 @@ class SourceMigration:
         container's traffic. "" for a container without an address."""
         if self.host.containers.config(self.ct_id).ip is None:
             return ""
-        dest = self._dest
-        assert dest is not None
-        self._freeze = network.FreezeSignal(self.dir / "net")
-        self._freeze.start(lambda: dest.call("HoldTraffic", pb.MigrationRef(migration_id=self.id), timeout=10))
-        return self._freeze.criu_options()
+        dest = self.dest
+        freeze = self.held.freeze = network.FreezeSignal(self.dir / "net")
+        freeze.start(lambda: dest.call("HoldTraffic", pb.MigrationRef(migration_id=self.id), timeout=10))
+        return freeze.criu_options()
 
-    def _stop_network_watch(self) -> None:
-        if self._freeze is not None:
-            self._freeze.stop()
+    def stop_network_watch(self) -> None:
+        if self.held.freeze is not None:
+            self.held.freeze.stop()
 
     # -- helpers ------------------------------------------------------------------
 
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
-        log.info("migration %s: %s: %s", self.id, phase, message)
+        self.log.info("%s: %s", phase, message)
         self._journal_step(phase)
         if getattr(self.options, "fault", None) is not None:
             getattr(self.options, "fault", None).at(phase, state_dir=self.host.state_dir, migration_id=self.id)
@@ -558,7 +455,7 @@ class SourceMigration:
             else:
                 self.journal.settle(self.id, "source", self.report.result, self.report.error)
         except (OSError, PhaulError) as e:
-            log.error("migration %s: cannot journal the result %s: %s", self.id, self.report.result, e)
+            self.log.error("cannot journal the result %s: %s", self.report.result, e)
 
     def _clear_criu_config(self) -> None:
         try:
@@ -568,49 +465,9 @@ class SourceMigration:
         except PhaulError:
             pass
 
-    def _save_report(self) -> None:
-        reports = self.host.state_dir / "reports"
-        reports.mkdir(parents=True, exist_ok=True)
-        (reports / f"{self.id}.json").write_text(self.report.to_json())
-
 
 def _mtime_ns(path: Path, default: int) -> int:
     try:
         return path.stat().st_mtime_ns
     except OSError:
         return default
-
-
-class _Job:
-    """`fn` in a thread of its own, started at most once; `result()` returns
-    its value or raises its exception in the caller's thread."""
-
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
-        self._fn = fn
-        self._box: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.ms = 0.0
-
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        try:
-            self._box["value"] = self._fn()
-        except BaseException as e:  # re-raised by result()
-            self._box["error"] = e
-        finally:
-            self.ms = (time.monotonic() - t0) * 1000
-
-    def start(self) -> None:
-        if self._thread.ident is None:
-            self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread.ident is not None:
-            self._thread.join()
-
-    def result(self) -> Any:
-        self.start()
-        self.wait()
-        if "error" in self._box:
-            raise self._box["error"]
-        return self._box["value"]

@@ -1,0 +1,127 @@
+"""What this host holds of a migrated container, read from the system itself:
+the state of a source copy (`source_copy`), making an abandoned one run again
+(`ensure_running`), and the processes a (possibly dead) agent left for a
+migration directory. Both the source's failure rules (phaul.migration.failure)
+and recovery (phaul.migration.recovery) ask these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from phaul.agent.host import Host
+from phaul.errors import NotFound, PhaulError
+from phaul.linux import criu, procfs
+
+log = logging.getLogger(__name__)
+
+
+def procs_using(path: Path) -> list[int]:
+    """PIDs of live processes whose command line names `path` or something under it."""
+    needle = str(path).encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes() and procfs.alive(int(d.name)):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def kill_data_channel(mdir: Path) -> None:
+    """Stop the data channel a (possibly dead) agent opened for migration directory `mdir`."""
+    try:
+        pid = int((mdir / "data-channel.pid").read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    if pid and str(mdir).encode() in _cmdline(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in procs_using(mdir):  # rsync servers and socats the listener forked
+        if os.path.basename(_cmdline(p).split(b"\0")[0]).decode(errors="replace") in ("socat", "rsync"):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+_CRIU_UNLOCK = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n"
+
+
+def unlock_network(pid: int) -> None:
+    """Remove CRIU's network lock from the network namespace of `pid`, left when
+    CRIU was killed while it held the container (best effort)."""
+    for save, restore in (("iptables-save", "iptables-restore"), ("ip6tables-save", "ip6tables-restore")):
+        if shutil.which(save) is None:
+            continue
+        ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
+        try:
+            rules = subprocess.run([*ns, save, "-t", "filter"], capture_output=True, text=True, timeout=10).stdout
+            if ":CRIU " in rules:
+                subprocess.run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, capture_output=True, text=True, timeout=10)
+                log.info("removed CRIU's network lock from the namespace of %d", pid)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e)
+
+
+def source_copy(host: Host, ct_id: str, mdir: Path) -> str:
+    """What the source copy is now: "gate" (dumped, held at the commit gate),
+    "dumping" (a dump of it is under way), "running", "frozen" (its processes
+    exist but are frozen, with nothing holding them) or "gone"."""
+    if criu.CommitGate.attach(mdir / "gate").waiting():
+        return "gate"
+    if any(b"checkpoint" in _cmdline(p) for p in procs_using(mdir)):
+        return "dumping"
+    try:
+        state = host.containers.info(ct_id).state
+    except NotFound:
+        return "gone"
+    except PhaulError as e:
+        log.warning("cannot inspect %s: %s", ct_id, e)
+        return "gone" if not host.containers.container_dir(ct_id).exists() else "frozen"
+    return {"running": "running", "paused": "frozen"}.get(state, "gone")
+
+
+def ensure_running(host: Host, ct_id: str) -> bool:
+    """Make a source copy whose dump was abandoned run again: thaw it and lift
+    CRIU's network lock. True when it runs."""
+    t0 = time.monotonic()
+    try:
+        info = host.containers.info(ct_id)
+        if info.state == "paused":
+            host.containers.resume(ct_id)
+            info = host.containers.info(ct_id)
+            if info.pid:
+                unlock_network(info.pid)
+            log.info("resumed the abandoned copy of %s in %.0f ms", ct_id, (time.monotonic() - t0) * 1000)
+        return info.state == "running"
+    except PhaulError as e:
+        log.error("cannot resume %s: %s", ct_id, e)
+        return False

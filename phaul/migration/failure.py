@@ -1,0 +1,123 @@
+"""What the source does when its migration fails: the invariant's rules.
+
+- Before the commit the source copy is running or frozen at the gate: resume
+  it (TCP connections included) and remove whatever the destination holds:
+  `rolled_back`. If the source copy died meanwhile (its CRIU was killed while
+  it held the container), a copy the destination holds restored is now the
+  only one: run it (`ok`); with none, `failed`.
+- After the commit the source copy is gone: get the destination's copy
+  running (`ok`), or, when the destination cannot be reached, `in_doubt`: the
+  final images stay until `phaul recover` (or the agents' resolvers) settle it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+from phaul.errors import PhaulError
+from phaul.linux import network
+from phaul.migration import recovery
+from phaul.migration.copies import ensure_running, source_copy
+from phaul.rpc import phaul_pb2 as pb
+
+if TYPE_CHECKING:
+    from phaul.migration.source import SourceMigration
+
+
+def undo_preflight(m: SourceMigration) -> None:
+    """A refused preflight: remove what the destination prepared and what is here."""
+    dest = m.held.dest
+    if dest is not None:
+        if m.held.prepared:
+            try:
+                dest.call("Abort", pb.MigrationRef(migration_id=m.id), timeout=60)
+            except PhaulError as e:
+                m.log.warning("removing what %s prepared: %s", m.dest_name, e)
+        dest.close()
+    shutil.rmtree(m.dir, ignore_errors=True)
+
+
+def settle(m: SourceMigration) -> str:
+    """Settle after a failure; returns the migration's result."""
+    held, link = m.held, m.host.timeouts.call
+    if held.committed:
+        m.remove_source()
+        if not _resume_dest(m, deadline=time.monotonic() + 3 * link):
+            return "in_doubt"  # the images stay until the migration settles (phaul recover)
+        _finish_after_failure(m)
+        return "ok"
+    m.stop_network_watch()
+    source_ok = _resume_source(m)
+    if not source_ok and held.prepared and source_copy(m.host, m.ct_id, m.dir) == "gone":
+        # The source copy died (e.g. CRIU was killed while it held it): a copy the
+        # destination holds restored is now the only one.
+        if _dest_state(m, link) == recovery.RESTORED and _resume_dest(m, time.monotonic() + 3 * link):
+            held.committed = True
+            m.host.containers.destroy(m.ct_id, timeout=0)
+            _finish_after_failure(m)
+            return "ok"
+    if held.prepared and held.dest is not None:
+        try:
+            held.dest.call("Abort", pb.MigrationRef(migration_id=m.id), timeout=3 * link)
+        except PhaulError as e:
+            m.log.error("removing the copy on %s failed: %s", m.dest_name, e)
+            m.report.error += f"; the destination may keep partial state: {e}"
+    if source_ok:  # the segment may have learned the destination meanwhile
+        network.reannounce(m.host.containers, m.ct_id)
+    _cleanup_method(m)
+    shutil.rmtree(m.dir, ignore_errors=True)
+    return "rolled_back" if source_ok else "failed"
+
+
+def _cleanup_method(m: SourceMigration) -> None:
+    """Close what the memory method holds (streams, round images), whatever happened."""
+    if m.held.method is not None:
+        try:
+            m.held.method.cleanup()
+        except Exception as e:  # keep settling
+            m.log.warning("memory method clean-up: %s", e)
+
+
+def _finish_after_failure(m: SourceMigration) -> None:
+    """The destination's copy runs after all: drop what the migration kept here and there."""
+    try:
+        m.dest.call("Finish", pb.MigrationRef(migration_id=m.id), timeout=m.host.timeouts.call)
+    except PhaulError as e:
+        m.log.warning("destination clean-up: %s (its resolver finishes it)", e)
+    _cleanup_method(m)
+    shutil.rmtree(m.dir, ignore_errors=True)
+
+
+def _resume_dest(m: SourceMigration, deadline: float) -> bool:
+    """Tell the destination to run its copy, retrying until `deadline`; True once it runs."""
+    while True:
+        try:
+            m.dest.call("Resume", pb.MigrationRef(migration_id=m.id), timeout=m.host.timeouts.call)
+            return True
+        except PhaulError as e:
+            m.log.error("resuming on %s failed: %s", m.dest_name, e)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+
+
+def _dest_state(m: SourceMigration, timeout: float) -> str | None:
+    try:
+        return str(m.dest.call("MigrationStatus", pb.MigrationRef(migration_id=m.id), timeout=timeout).state)
+    except PhaulError:
+        return None
+
+
+def _resume_source(m: SourceMigration) -> bool:
+    """Make sure the source copy runs again; True if it does."""
+    gate, dump = m.held.gate, m.held.dump
+    if gate is not None and dump is not None and dump.poll() is None:
+        gate.release(commit=False)
+        try:
+            dump.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            m.log.error("the dump did not end after abort")
+    return ensure_running(m.host, m.ct_id)  # thaws a copy whose CRIU died at the gate
