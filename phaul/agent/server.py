@@ -42,13 +42,13 @@ from phaul.containers.runc import RuncContainers, _check_config
 from phaul.migration.dest import Destination
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
-from phaul.testing.faults import Fault
 from phaul.agent.host import Host
 from phaul.migration.journal import Journal
 from phaul.migration.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.migration.source import MigrateOptions, SourceMigration
+from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.channels.transport import Credentials, parse_endpoint
 from phaul.validate import check_args, check_id, check_message, confined
 
@@ -236,7 +236,6 @@ class Servicer(pb_grpc.AgentServicer):
                 max_rounds=request.max_rounds or 8,
                 max_downtime_ms=request.max_downtime_ms or 300,
                 bandwidth=request.bandwidth,
-                fault=Fault.parse(request.fault, self.host.fault_injection),
                 force=preflight.check_force(list(request.force)),
             )
             if options.precopy not in ("auto", "off"):
@@ -294,8 +293,7 @@ class Servicer(pb_grpc.AgentServicer):
         if request.criu_version and not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,3}", request.criu_version):
             raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
         address = self.dest.prepare(
-            request.migration_id, request.source_name, config, request.criu_version,
-            Fault.parse(request.fault, self.host.fault_injection), tcp_close=request.tcp_close,
+            request.migration_id, request.source_name, config, request.criu_version, tcp_close=request.tcp_close,
             source_address=request.source_address,
         )
         v = criu_version(criu_path() or "")
@@ -411,7 +409,7 @@ class Servicer(pb_grpc.AgentServicer):
 
 def serve(
     name: str, listen: str, state_dir: Path, creds: Credentials, socket: Path | None = None,
-    allow: frozenset[str] = frozenset(), fault_injection: bool = False, bridge: str | None = None,
+    allow: frozenset[str] = frozenset(), hook: StepHook = NO_HOOK, bridge: str | None = None,
     *, peers: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset(),
     gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = transport.LINK_TIMEOUT, resolve_interval: float = 15.0,
 ) -> None:
@@ -421,7 +419,8 @@ def serve(
     manage it (`allow`, the older form, names both). `gate_timeout` bounds how
     long a dumped container is held frozen without a decision; `link_timeout`
     how long a data channel may stall; `resolve_interval` how often unsettled
-    migrations are retried (0: only at start-up)."""
+    migrations are retried (0: only at start-up). `hook` is called at each
+    step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
     check_id(name, "host name")
     parse_endpoint(listen)
     for n in allow | peers | admins:
@@ -433,7 +432,7 @@ def serve(
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), allow, fault_injection, bridge)
+    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), allow, hook, bridge)
     host.peers, host.admins = peers | allow, admins | allow
     servicer = Servicer(host)
     for outcome in servicer.recovery.startup():

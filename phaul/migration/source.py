@@ -40,11 +40,11 @@ from phaul.channels import transport
 from phaul.channels.client import Agent, connect
 from phaul.linux.doctor import criu_path, criu_version, features
 from phaul.errors import Conflict, PhaulError, ToolFailed
-from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncSender
 from phaul.agent.host import Host
 from phaul.migration.journal import Journal
 from phaul.migration.report import Report, Round
+from phaul.migration.steps import StepPoint, precopy_round
 from phaul.rpc import phaul_pb2 as pb
 from phaul.memory.page_stream import PageStream
 from phaul.channels.transport import parse_endpoint, rsh_env
@@ -65,7 +65,6 @@ class MigrateOptions:
     max_rounds: int = 8
     max_downtime_ms: int = 300
     bandwidth: int = 0  # bytes/s for pre-copy rounds, 0 = unlimited
-    fault: Fault | None = None  # tests only
     force: tuple[str, ...] = ()  # preflight checks whose failure does not stop the migration
 
 
@@ -174,7 +173,6 @@ class SourceMigration:
             pb.PrepareRequest(
                 migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
                 criu_version=".".join(map(str, my_criu)),
-                fault=f"{self.options.fault.step}:{self.options.fault.kind}" if self.options.fault else "",
                 tcp_close=self.options.tcp == "close",
                 source_address=self.host.listen,
             ),
@@ -538,23 +536,25 @@ class SourceMigration:
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
         log.info("migration %s: %s: %s", self.id, phase, message)
         self._journal_step(phase)
-        if self.options.fault is not None:
-            self.options.fault.at(phase, state_dir=self.host.state_dir, migration_id=self.id)
+        self._hook(phase)
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
 
     def _round_boundaries(self, emit: Emit) -> Emit:
         """Progress passes through; the end of pre-copy round k is the boundary of
-        step "precopy-K" (K = k + 1): journaled, and a fault may happen there."""
+        step "precopy-K" (K = k + 1): journaled, and the host's hook is called there."""
 
         def wrapped(p: pb.Progress) -> None:
             emit(p)
             if p.phase == "precopy" and p.round > 0:
-                step = f"precopy-{p.round + 1}"
+                step = precopy_round(p.round)
                 self._journal_step(step)
-                if self.options.fault is not None:
-                    self.options.fault.at(step, state_dir=self.host.state_dir, migration_id=self.id)
+                self._hook(step)
 
         return wrapped
+
+    def _hook(self, step: str) -> None:
+        """The host's step hook (phaul.migration.steps), as `step` begins."""
+        self.host.hook.at(step, StepPoint(self.id, "source", self.host.state_dir))
 
     def _journal_step(self, step: str) -> None:
         """Journal `step` durably before acting on it (once per step)."""
