@@ -331,7 +331,7 @@ class Admin:
     """In-process calls to the lab's agents as the admin (no CLI start-up per call)."""
 
     def __init__(self, lab: Lab) -> None:
-        from phaul.testing.lab import read_hosts
+        from phaul.hosts import read_hosts
         from phaul.channels.transport import Credentials
 
         self.lab = lab
