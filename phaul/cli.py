@@ -19,6 +19,7 @@ from phaul.migration.preflight import CHECKS
 from phaul.errors import InvalidInput, PhaulError
 from phaul.migration.preflight import check_force
 from phaul.migration.report import Report
+from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.channels.transport import Credentials
 from phaul.validate import check_id, parse_size
@@ -96,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
     a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
                    help=f"retry settling unfinished migrations this often; 0: only at start-up (default {TIMEOUTS.resolve_interval:g})")
-    a.add_argument("--enable-fault-injection", action="store_true", help="tests only: accept migrations that name a fault to inject")
     a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
     a.set_defaults(func=cmd_agent)
 
@@ -156,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-downtime", type=int, default=MIGRATION.max_downtime_ms, metavar="MS",
                    help=f"stop pre-copying once the predicted frozen time is within MS (default {MIGRATION.max_downtime_ms})")
     m.add_argument("--bandwidth", metavar="RATE", help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
-    m.add_argument("--fault", default="", metavar="STEP:KIND", help="tests only: inject a fault (agents must allow it)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
     m.set_defaults(func=cmd_migrate)
@@ -223,7 +222,8 @@ def _command(rest: list[str], what: str) -> list[str]:
 # -- agent, pki ------------------------------------------------------------------
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
+def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
+    """Run the agent; `hook` is called at its migrations' step boundaries (a test agent plugs one in)."""
     from phaul.agent.server import serve
 
     creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
@@ -238,7 +238,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         peers=names(args.peers), admins=names(args.admins),
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
-    serve(config, names(args.allow), args.enable_fault_injection)
+    serve(config, names(args.allow), hook)
     return EXIT_OK
 
 
@@ -337,7 +337,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
-        bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0, fault=args.fault,
+        bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0,
         force=list(check_force(args.force)),
     )
     show_progress = not args.json and sys.stderr.isatty()

@@ -34,7 +34,10 @@ class Lab:
             raise AssertionError(f"{' '.join(args)} -> exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
         return proc
 
-    def migrate(self, ct: str, src: str, dst: str, *extra: str, check: bool = True) -> dict:
+    def migrate(self, ct: str, src: str, dst: str, *extra: str, check: bool = True, fault: str = "") -> dict:
+        """Migrate `ct` with the CLI; `fault` ("STEP:KIND") is armed first (`arm_fault`)."""
+        if fault:
+            self.arm_fault(src, dst, fault)
         proc = self.phaul("--host", src, "migrate", ct, dst, "--json", *extra, check=False)
         if check and proc.returncode != 0:
             raise AssertionError(f"migrate {ct} {src}->{dst}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -55,6 +58,20 @@ class Lab:
     def rootfs(self, host: str, ct: str) -> Path:
         """The container's root file system as the host sees it (no agent needed)."""
         return self.state_dir(host) / "containers" / ct / "bundle" / "rootfs"
+
+    def arm_fault(self, src: str, dst: str, fault: str) -> None:
+        """Arm `fault` ("STEP:KIND") for the next migration src -> dst, on the agent that
+        makes it happen (phaul.testing.faults): the destination's for damage-image, else the source's."""
+        from phaul.testing import faults
+
+        faults.arm(self.state_dir(dst if faults.Fault.parse(fault).role == "destination" else src), fault)
+
+    def disarm_faults(self) -> None:
+        """Remove the faults armed and not taken (a test that failed before its migration)."""
+        from phaul.testing import faults
+
+        for host in ("alpha", "beta"):
+            (self.state_dir(host) / faults.ARM_FILE).unlink(missing_ok=True)
 
     def destroy_all(self) -> None:
         for host in ("alpha", "beta"):
@@ -113,6 +130,7 @@ def _lab_session(lab_mod) -> Iterator[Lab]:  # type: ignore[no-untyped-def]
 def clean_lab(lab: Lab) -> Iterator[Lab]:
     """The lab, emptied of containers after the test whatever happened."""
     yield lab
+    lab.disarm_faults()
     lab.destroy_all()
 
 

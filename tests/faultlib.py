@@ -19,6 +19,7 @@ import pytest
 from conftest import COUNT_STEP, REPO, Lab, wait_for
 
 from phaul.linux import procfs
+from phaul.testing.faults import PAUSED_FILE
 
 HOSTS = ("alpha", "beta")
 
@@ -28,6 +29,7 @@ def broken_lab(lab: Lab):  # type: ignore[no-untyped-def]
     """The lab for tests that break it: afterwards links are healed, dead agents
     restarted, what is in doubt settled, and every container removed."""
     yield lab
+    lab.disarm_faults()
     for host in HOSTS:
         link(host, up=True)
         pause_marker(lab, host).unlink(missing_ok=True)
@@ -99,7 +101,10 @@ def read_memory_mark(lab: Lab, host: str, ct: str, timeout: float = 10) -> str:
     return ""
 
 
-def migrate_async(lab: Lab, ct: str, src: str, dst: str, *extra: str) -> subprocess.Popen[str]:
+def migrate_async(lab: Lab, ct: str, src: str, dst: str, *extra: str, fault: str = "") -> subprocess.Popen[str]:
+    """Start `phaul migrate` (`fault`, "STEP:KIND", armed first); `finish` waits for its report."""
+    if fault:
+        lab.arm_fault(src, dst, fault)
     cmd = [sys.executable, "-m", "phaul", "--hosts-file", str(lab.hosts_file), "--host", src, "migrate", ct, dst, "--json", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
@@ -112,7 +117,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 240) -> dict:
 
 
 def pause_marker(lab: Lab, host: str) -> Path:
-    return lab.state_dir(host) / "faults" / "paused"
+    return lab.state_dir(host) / PAUSED_FILE
 
 
 def wait_paused(lab: Lab, host: str, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[str, str]:
@@ -326,7 +331,7 @@ class Admin:
     """In-process calls to the lab's agents as the admin (no CLI start-up per call)."""
 
     def __init__(self, lab: Lab) -> None:
-        from phaul.testing.lab import read_hosts
+        from phaul.hosts import read_hosts
         from phaul.channels.transport import Credentials
 
         self.lab = lab
@@ -344,7 +349,9 @@ class Admin:
         from phaul.rpc import phaul_pb2 as pb
 
         dest = self.hosts.host(dst)
-        req = pb.MigrateRequest(ct_id=ct, dest_name=dst, dest_address=dest.address, precopy=precopy, fault=fault)
+        if fault:
+            self.lab.arm_fault(src, dst, fault)
+        req = pb.MigrateRequest(ct_id=ct, dest_name=dst, dest_address=dest.address, precopy=precopy)
         m = Migration()
 
         def run() -> None:

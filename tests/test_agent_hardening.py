@@ -29,6 +29,7 @@ from phaul.channels import pki
 from phaul.channels.client import connect
 from phaul.migration.copies import procs_using
 from phaul.rpc import phaul_pb2 as pb
+from phaul.testing import faults
 from phaul.channels.transport import Credentials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,10 +258,16 @@ def test_roles_are_kept_apart(agent: RunningAgent) -> None:
     migrate = pb.MigrateRequest(ct_id="ct1", dest_name="elsewhere", dest_address="127.0.0.1:1")
     code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
     assert code == grpc.StatusCode.PERMISSION_DENIED and "--peers" in details
-    # fault injection is for tests only: refused by an agent started without --enable-fault-injection
-    migrate = pb.MigrateRequest(ct_id="ct1", dest_name="peer1", dest_address="127.0.0.1:1", fault="restore:fail")
-    code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "fault injection is off" in details
+    # fault injection is for tests only: no request can name a fault, and the production agent
+    # (no step hook) leaves a fault armed in its state directory alone
+    assert "fault" not in pb.MigrateRequest.DESCRIPTOR.fields_by_name
+    armed = faults.arm(agent.state, "preflight:fail")
+    try:
+        migrate = pb.MigrateRequest(ct_id="ct1", dest_name="peer1", dest_address="127.0.0.1:1")
+        code, details = _call(agent, SERVICE.methods_by_name["Migrate"], migrate, "admin")
+        assert code != grpc.StatusCode.OK and "injected fault" not in details and armed.exists(), (code, details)
+    finally:
+        armed.unlink()
 
 
 def test_paths_from_the_wire_stay_in_the_state_directory(agent: RunningAgent) -> None:

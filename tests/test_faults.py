@@ -2,8 +2,8 @@
 in the lab.
 
 Each case starts a counter container on alpha that keeps a random value in
-its memory, migrates it to beta with the migration paused (fault injection,
-`STEP:pause`) at the step's boundary, makes the fault happen there, lets the
+its memory, migrates it to beta with the migration paused (fault injection:
+`STEP:pause` armed on alpha's test agent) at the step's boundary, makes the fault happen there, lets the
 migration go on, then does what an admin would: heal the link, free the
 disk, restart dead agents (`phaul lab up`) and run `phaul recover`. Then:
 exactly one copy runs, its counter still increasing and its memory intact;
@@ -246,6 +246,7 @@ def _cleanup(lab: Lab, admin: Admin, ct: str, timers: list[threading.Thread]) ->
         link(h, up=True)
         pause_marker(lab, h).unlink(missing_ok=True)
     (lab.state_dir("beta") / ".filler").unlink(missing_ok=True)
+    lab.disarm_faults()
     ensure_agents(lab)
     for h in HOSTS:
         try:

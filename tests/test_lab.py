@@ -191,6 +191,11 @@ def test_agent_command() -> None:
         "--peers": "alpha,beta", "--admins": "admin",
         "--link-timeout": "5", "--gate-timeout": "120", "--resolve-interval": "5",
     }
+    # under the tests (PHAUL_LAB_FAULT_INJECTION=1): the test agent, same arguments, fault injection on
+    test = lab.agent_command("alpha", "10.213.7.11:7473", s / "agent.sock", s, Path("a.crt"), Path("a.key"), Path("ca.crt"),
+                             fault_injection=True)
+    assert test[:3] == [sys.executable, "-m", "phaul.testing.agent"]
+    assert test[3:] == [*cmd[4:], "--enable-fault-injection"]
 
 
 def test_read_hosts_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

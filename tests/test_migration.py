@@ -81,7 +81,7 @@ def test_round_trips_leave_nothing_behind(clean_lab: Lab) -> None:
 def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
     lab = clean_lab
     _start_counter(lab, "fragile")
-    report = lab.migrate("fragile", "alpha", "beta", "--fault", "restore:damage-image", check=False)
+    report = lab.migrate("fragile", "alpha", "beta", fault="restore:damage-image", check=False)
     assert report["result"] == "rolled_back", report
     assert "restore" in report["error"]
     [info] = lab.ct_list("alpha")
@@ -90,6 +90,22 @@ def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
     wait_for(lambda: lab.counter("alpha", "fragile") > c, what="the counter to resume on alpha")
     assert lab.ct_list("beta") == []
     assert _leftovers(lab, "beta") == []
+
+
+def test_failed_dump_rolls_back(clean_lab: Lab) -> None:
+    """An armed `fail` fault (the test agent's step hook) fails the migration as its dump begins."""
+    lab = clean_lab
+    _start_counter(lab, "brittle")
+    report = lab.migrate("brittle", "alpha", "beta", fault="dump:fail", check=False)
+    assert report["result"] == "rolled_back", report
+    assert "injected fault at dump" in report["error"]
+    [info] = lab.ct_list("alpha")
+    assert info["state"] == "running"
+    c = lab.counter("alpha", "brittle")
+    wait_for(lambda: lab.counter("alpha", "brittle") > c, what="the counter to go on on alpha")
+    assert lab.ct_list("beta") == []
+    assert _leftovers(lab, "beta") == []
+    assert not (lab.state_dir("alpha") / "faults" / "arm").exists()  # taken by that migration
 
 
 @pytest.mark.parametrize("args, message", [

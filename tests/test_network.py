@@ -218,7 +218,7 @@ def test_rollback_keeps_the_address_on_the_source(clean_lab: Lab) -> None:
     probe = LongProbe(ip)
     try:
         time.sleep(0.3)
-        report = clean_lab.migrate("stay", "alpha", "beta", "--fault", "restore:damage-image", check=False)
+        report = clean_lab.migrate("stay", "alpha", "beta", fault="restore:damage-image", check=False)
         assert report["result"] == "rolled_back", report
         assert _plugged("alpha", "stay") and _our_links("beta") == {}
         rc, result = _short_probe("phaul-client", ip)

@@ -160,7 +160,7 @@ def test_precopy_rollback_thaws_the_source(clean_lab: Lab) -> None:
     freezer at the final dump, runs again with its memory intact."""
     lab = clean_lab
     _start_memload(lab, "memrb", 32, 8)
-    report = lab.migrate("memrb", "alpha", "beta", "--fault", "restore:damage-image", check=False)
+    report = lab.migrate("memrb", "alpha", "beta", fault="restore:damage-image", check=False)
     assert report["result"] == "rolled_back", report
     [info] = lab.ct_list("alpha")
     assert info["state"] == "running"

@@ -37,7 +37,7 @@ def _check_runs_only_on(lab: Lab, ct: str, host: str, mark: str) -> None:
 def test_source_agent_killed_at_the_gate_resumes_the_source(broken_lab: Lab) -> None:
     lab = broken_lab
     mark = start_counter(lab, "rk1")
-    report = finish(migrate_async(lab, "rk1", "alpha", "beta", "--fault", "transfer:kill-agent"))
+    report = finish(migrate_async(lab, "rk1", "alpha", "beta", fault="transfer:kill-agent"))
     assert report["result"] == "no report", report
     [mid] = [m for m, r in migrations(lab, "beta").items() if r["ct"] == "rk1"]
     assert frozen(lab, "alpha", "rk1")  # held at the commit gate meanwhile
@@ -50,7 +50,7 @@ def test_source_agent_killed_at_the_gate_resumes_the_source(broken_lab: Lab) -> 
 def test_source_agent_killed_after_deciding_to_commit_finishes_the_commit(broken_lab: Lab) -> None:
     lab = broken_lab
     mark = start_counter(lab, "rk2")
-    report = finish(migrate_async(lab, "rk2", "alpha", "beta", "--fault", "commit:kill-agent"))
+    report = finish(migrate_async(lab, "rk2", "alpha", "beta", fault="commit:kill-agent"))
     assert report["result"] == "no report", report
     [mid] = [m for m, r in migrations(lab, "beta").items() if r["ct"] == "rk2"]
     assert migrations(lab, "beta")[mid]["step"] == "restored"  # held, stopped, until the source decides
@@ -63,7 +63,7 @@ def test_source_agent_killed_after_deciding_to_commit_finishes_the_commit(broken
 def test_destination_agent_killed_before_commit_ends_in_doubt_then_runs(broken_lab: Lab) -> None:
     lab = broken_lab
     mark = start_counter(lab, "rk3")
-    proc = migrate_async(lab, "rk3", "alpha", "beta", "--fault", "commit:pause")
+    proc = migrate_async(lab, "rk3", "alpha", "beta", fault="commit:pause")
     mid, step = wait_paused(lab, "alpha", proc)
     assert step == "commit"
     kill_agent(lab, "beta")
@@ -84,7 +84,7 @@ def _link_cut_at_commit(lab: Lab, ct: str) -> Iterator[tuple[str, str]]:
     """Migrate `ct` alpha -> beta and cut beta's link just before the commit:
     in doubt. Yields (memory mark, migration ID); the link is back afterwards."""
     mark = start_counter(lab, ct)
-    proc = migrate_async(lab, ct, "alpha", "beta", "--fault", "commit:pause")
+    proc = migrate_async(lab, ct, "alpha", "beta", fault="commit:pause")
     mid, _ = wait_paused(lab, "alpha", proc)
     link("beta", up=False)
     try:
@@ -128,7 +128,7 @@ def test_migrations_lists_each_side(broken_lab: Lab) -> None:
     lab = broken_lab
     start_counter(lab, "rk5")
     ok = lab.migrate("rk5", "alpha", "beta")
-    back = lab.migrate("rk5", "beta", "alpha", "--fault", "restore:damage-image", check=False)
+    back = lab.migrate("rk5", "beta", "alpha", fault="restore:damage-image", check=False)
     assert ok["result"] == "ok" and back["result"] == "rolled_back", (ok, back)
     alpha, beta = migrations(lab, "alpha"), migrations(lab, "beta")
     assert alpha[ok["migration_id"]]["role"] == "source" and alpha[ok["migration_id"]]["state"] == "ok"

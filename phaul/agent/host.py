@@ -8,6 +8,7 @@ from pathlib import Path
 from phaul.config import Timeouts
 from phaul.containers import ContainerKind
 from phaul.channels.transport import Credentials
+from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.validate import check_id
 
 
@@ -22,7 +23,7 @@ class Host:
     listen: str  # ADDR:PORT of the agent
     containers: ContainerKind
     allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
-    fault_injection: bool = False  # tests only: accept requests that name a fault
+    hook: StepHook = NO_HOOK  # called at each step boundary of its migrations (a test agent plugs one in)
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations

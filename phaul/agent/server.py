@@ -42,7 +42,6 @@ from phaul.containers.runc import RuncContainers, _check_config
 from phaul.migration.dest import Destination
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
-from phaul.testing.faults import Fault
 from phaul.agent.host import Host
 from phaul.config import AgentConfig, MigrationOptions
 from phaul.migration.journal import Journal
@@ -50,6 +49,7 @@ from phaul.migration.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.migration.source import SourceMigration
+from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.channels.transport import Credentials, parse_endpoint
 from phaul.validate import check_args, check_id, check_message, confined
 
@@ -295,8 +295,7 @@ class Servicer(pb_grpc.AgentServicer):
         if request.criu_version and not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,3}", request.criu_version):
             raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
         address = self.dest.prepare(
-            request.migration_id, request.source_name, config, request.criu_version,
-            Fault.parse(request.fault, self.host.fault_injection), tcp_close=request.tcp_close,
+            request.migration_id, request.source_name, config, request.criu_version, tcp_close=request.tcp_close,
             source_address=request.source_address,
         )
         v = criu_version(criu_path() or "")
@@ -410,8 +409,9 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.RecoverReply(outcomes=[o.to_proto() for o in outcomes])
 
 
-def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), fault_injection: bool = False) -> None:
-    """Run the agent with `config` until SIGTERM or SIGINT."""
+def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), hook: StepHook = NO_HOOK) -> None:
+    """Run the agent with `config` until SIGTERM or SIGINT. `hook` is called at
+    each step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
     name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
@@ -424,7 +424,7 @@ def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), fault_inject
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
     host = Host(
-        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), allow, fault_injection, config.bridge,
+        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), allow, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts,
     )
     servicer = Servicer(host, config.max_migrations)

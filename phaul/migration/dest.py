@@ -23,10 +23,10 @@ from phaul.memory import page_delta
 from phaul.containers import ContainerConfig
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, NotFound, ToolFailed
-from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncReceiver
 from phaul.agent.host import Host
 from phaul.migration.journal import Journal, JournalEntry
+from phaul.migration.steps import Step, StepPoint
 from phaul.channels.transport import TlsEndpoint
 from phaul.validate import check_id
 
@@ -42,7 +42,6 @@ class Incoming:
     source: str
     dir: Path
     receiver: RsyncReceiver
-    fault: Fault | None = None
     state: str = "prepared"  # prepared, restored (held stopped), running, aborted
     placed: bool = False  # the container directory was moved into place
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -62,7 +61,7 @@ class Destination:
         self.journal = Journal(host.state_dir)
 
     def prepare(
-        self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, fault: Fault | None = None,
+        self, migration_id: str, source: str, config: ContainerConfig, source_criu: str,
         tcp_close: bool = False, source_address: str = "",
     ) -> str:
         """Check this host can take the container and open the data channel;
@@ -84,6 +83,7 @@ class Destination:
         ident = network.Identity.of(config)
         if ident is not None:  # a container with an address needs the bridge (preflight checks the address)
             network.check_bridge(self.host.bridge, self.host.name)
+        self.host.hook.at(Step.PREPARE, StepPoint(migration_id, "destination", self.host.state_dir))
         with self._lock:
             if self.host.containers.container_dir(ct_id).exists():
                 raise Conflict(
@@ -107,7 +107,7 @@ class Destination:
                 shutil.rmtree(mdir, ignore_errors=True)
                 self._settle_quietly(migration_id, "refused", str(e))
                 raise
-            self._incoming[migration_id] = Incoming(migration_id, ct_id, source, mdir, receiver, fault=fault, tcp_close=tcp_close)
+            self._incoming[migration_id] = Incoming(migration_id, ct_id, source, mdir, receiver, tcp_close=tcp_close)
         if ident is not None:
             self._prepare_network(migration_id, ident)
         log.info("migration %s: receiving %s from %s on %s", migration_id, ct_id, source, address)
@@ -165,8 +165,7 @@ class Destination:
             conf.write_text("leave-stopped\n" + self._network_restore_options(m))
             t0 = time.monotonic()
             try:
-                if m.fault is not None and m.fault.kind == "damage-image":
-                    m.fault.at("restore", m.dir / "images")
+                self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, m.dir / "images"))
                 m.pid = ct.restore(m.ct_id, m.dir / "images", m.dir / "work", timeout=self.host.timeouts.restore).pid
             finally:
                 conf.write_text("")

@@ -46,6 +46,7 @@ from phaul.migration.copies import wait_until
 from phaul.migration.journal import Journal
 from phaul.migration.logs import MigrationLog
 from phaul.migration.report import Report, Round
+from phaul.migration.steps import StepPoint, precopy_round
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id
 
@@ -424,23 +425,25 @@ class SourceMigration:
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
         self.log.info("%s: %s", phase, message)
         self._journal_step(phase)
-        if getattr(self.options, "fault", None) is not None:
-            getattr(self.options, "fault", None).at(phase, state_dir=self.host.state_dir, migration_id=self.id)
+        self._hook(phase)
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
 
     def _round_boundaries(self, emit: Emit) -> Emit:
         """Progress passes through; the end of pre-copy round k is the boundary of
-        step "precopy-K" (K = k + 1): journaled, and a fault may happen there."""
+        step "precopy-K" (K = k + 1): journaled, and the host's hook is called there."""
 
         def wrapped(p: pb.Progress) -> None:
             emit(p)
             if p.phase == "precopy" and p.round > 0:
-                step = f"precopy-{p.round + 1}"
+                step = precopy_round(p.round)
                 self._journal_step(step)
-                if getattr(self.options, "fault", None) is not None:
-                    getattr(self.options, "fault", None).at(step, state_dir=self.host.state_dir, migration_id=self.id)
+                self._hook(step)
 
         return wrapped
+
+    def _hook(self, step: str) -> None:
+        """The host's step hook (phaul.migration.steps), as `step` begins."""
+        self.host.hook.at(step, StepPoint(self.id, "source", self.host.state_dir))
 
     def _journal_step(self, step: str) -> None:
         """Journal `step` durably before acting on it (once per step)."""

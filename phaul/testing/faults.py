@@ -1,10 +1,19 @@
 """Test-only fault injection: make a chosen fault happen at a chosen step.
 
-Off unless the agent is started with `--enable-fault-injection`; a request
-naming a fault is refused by an agent that was not.
+A step hook (phaul.migration.steps) that the test agent plugs in
+(`python -m phaul.testing.agent ... --enable-fault-injection`; the lab starts
+that agent when PHAUL_LAB_FAULT_INJECTION=1). The production agent has no
+hook and no way to arm one.
+
+Arming: the test writes "STEP:KIND" into STATE/faults/arm of the agent
+concerned (`arm`), the destination's for `damage-image`, the source's
+otherwise. That agent's next new migration (at preflight on the source, at
+prepare on the destination) takes the armed fault, consuming the file, so it
+applies to exactly that migration. A fault happens once, the first time its
+step begins.
 
 Kinds:
-- `fail`: the step fails (a PhaulError), as a tool failing there would;
+- `fail`: the step fails (a PhaulError), as a tool failing there would (source);
 - `damage-image`: the destination damages the images before restoring them;
 - `kill-agent`: the source agent kills itself (SIGKILL) as the step begins;
 - `pause`: the source agent stops as the step begins, writes
@@ -18,72 +27,123 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.errors import InvalidInput, ToolFailed
 from phaul.linux.fsutil import write_atomic
+from phaul.migration.steps import Role, Step, StepHook, StepPoint
 
 log = logging.getLogger(__name__)
 
-# "precopy" begins the first pre-copy round; "precopy-2" follows it (the second round, or the final dump)
-STEPS = ("preflight", "fs-presync", "precopy", "precopy-2", "dump", "transfer", "restore", "commit", "resume", "cleanup")
+# The steps a fault can be armed at: those the source announces ("precopy" begins
+# the first pre-copy round; "precopy-2" follows it: the second round, or the final dump).
+STEPS = tuple(s.value for s in Step if s is not Step.PREPARE)
 # The step boundaries the fault matrix breaks (tests/test_faults.py, scripts/fault_table.py):
 # all but "resume", which follows the commit at once.
-MATRIX_STEPS = tuple(s for s in STEPS if s != "resume")
+MATRIX_STEPS = tuple(s for s in STEPS if s != Step.RESUME)
 KINDS = ("fail", "damage-image", "kill-agent", "pause")
 PAUSE_LIMIT = 120.0  # s
+ARM_FILE = Path("faults") / "arm"  # in the agent's state directory
+PAUSED_FILE = Path("faults") / "paused"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fault:
     step: str
     kind: str
-    fired: bool = field(default=False, compare=False)  # a fault happens once, the first time its step begins
 
     @classmethod
-    def parse(cls, text: str, enabled: bool) -> Fault | None:
-        """None for "", else a validated Fault; refused when injection is off."""
-        if not text:
-            return None
-        if not enabled:
-            raise InvalidInput(
-                "fault injection is off on this agent",
-                "it is for tests only: start the agent with --enable-fault-injection",
-            )
-        step, _, kind = text.partition(":")
+    def parse(cls, text: str) -> Fault:
+        """A validated fault from "STEP:KIND"."""
+        step, _, kind = text.strip().partition(":")
         if step not in STEPS or kind not in KINDS:
-            raise InvalidInput(f"unknown fault {text[:40]!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}")
+            raise InvalidInput(f"unknown fault {text.strip()[:40]!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}")
         return cls(step, kind)
 
-    def at(self, step: str, image_dir: Path | None = None, *, state_dir: Path | None = None, migration_id: str = "") -> None:
-        """Make the fault happen if this is its step (on the side that can), once."""
-        if step != self.step or self.fired:
-            return
-        if self.kind == "damage-image":
-            if image_dir is None:
+    @property
+    def role(self) -> Role:
+        """The side that makes it happen."""
+        return "destination" if self.kind == "damage-image" else "source"
+
+    def __str__(self) -> str:
+        return f"{self.step}:{self.kind}"
+
+
+def arm(state_dir: Path, fault: str) -> Path:
+    """Arm `fault` ("STEP:KIND", validated) for the next migration of the agent
+    whose state directory is `state_dir`; returns the file written."""
+    Fault.parse(fault)
+    path = state_dir / ARM_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, fault.strip() + "\n")
+    return path
+
+
+def take_armed(state_dir: Path, migration_id: str) -> Fault | None:
+    """The fault armed on this agent (consumed), or None."""
+    path = state_dir / ARM_FILE
+    claimed = path.with_name(f"{path.name}.{migration_id}")
+    try:
+        path.rename(claimed)  # atomic: one migration takes it
+    except FileNotFoundError:
+        return None
+    try:
+        text = claimed.read_text(errors="replace")
+    finally:
+        claimed.unlink(missing_ok=True)
+    try:
+        return Fault.parse(text)
+    except InvalidInput as e:
+        log.error("fault injection: migration %s: %s armed in %s: %s", migration_id, e.message, path, e.hint)
+        raise
+
+
+class FaultHook(StepHook):
+    """Makes the armed faults happen, each in the migration that took it."""
+
+    def __init__(self) -> None:
+        self._faults: dict[str, Fault] = {}  # migration ID -> its fault, until it fires
+        self._lock = threading.Lock()
+
+    def at(self, step: str, point: StepPoint) -> None:
+        if step in (Step.PREFLIGHT, Step.PREPARE):
+            self._take(point)
+        with self._lock:
+            fault = self._faults.get(point.migration_id)
+            if fault is None or fault.step != step or (fault.kind == "damage-image" and point.image_dir is None):
                 return
-            log.warning("fault injection: damaging the images in %s", image_dir)
-            self.fired = True
-            damage_images(image_dir)
-            return
-        if self.kind == "fail":
-            log.warning("fault injection: failing at %s", step)
+            del self._faults[point.migration_id]  # a fault happens once
+        log.warning("fault injection: migration %s: %s at %s", point.migration_id, fault.kind, step)
+        if fault.kind == "damage-image":
+            assert point.image_dir is not None
+            damage_images(point.image_dir)
+        elif fault.kind == "fail":
             raise ToolFailed(f"injected fault at {step}")
-        if state_dir is None:
-            return  # kill-agent and pause act on the source agent only
-        self.fired = True
-        if self.kind == "kill-agent":
-            log.warning("fault injection: killing this agent at %s", step)
+        elif fault.kind == "kill-agent":
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.kind == "pause":
-            pause(state_dir, migration_id, step)
+        elif fault.kind == "pause":
+            pause(point.state_dir, point.migration_id, step)
+
+    def _take(self, point: StepPoint) -> None:
+        """A new migration: it takes the fault armed on this agent, if any."""
+        fault = take_armed(point.state_dir, point.migration_id)
+        if fault is None:
+            return
+        if fault.role != point.role:
+            log.warning("fault injection: migration %s took %s, which only the %s makes happen: ignored",
+                        point.migration_id, fault, fault.role)
+            return
+        log.warning("fault injection: migration %s (%s) takes %s", point.migration_id, point.role, fault)
+        with self._lock:
+            self._faults[point.migration_id] = fault
 
 
 def pause(state_dir: Path, migration_id: str, step: str) -> None:
     """Wait at `step` until the test removes STATE/faults/paused."""
-    marker = state_dir / "faults" / "paused"
+    marker = state_dir / PAUSED_FILE
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(marker, f"{migration_id} {step}\n")  # readers never see it half written
     log.warning("fault injection: paused at %s; remove %s to go on", step, marker)

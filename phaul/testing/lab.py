@@ -430,7 +430,8 @@ def _ensure_cert(pki_dir: Path, name: str, ips: list[str]) -> None:
 # --- agents ------------------------------------------------------------------------------
 
 
-FAULT_INJECTION_ENV = "PHAUL_LAB_FAULT_INJECTION"
+FAULT_INJECTION_ENV = "PHAUL_LAB_FAULT_INJECTION"  # "1": the agents are test agents that take armed faults
+TEST_AGENT = "phaul.testing.agent"  # the module run as the agent then
 
 
 def agent_command(
@@ -444,10 +445,12 @@ def agent_command(
     peers: Sequence[str] = HOSTS,
     python: str = sys.executable,
     bridge: str | None = None,
+    fault_injection: bool = False,
 ) -> list[str]:
-    """The argument list that runs one host's agent (without the nsenter prefix)."""
+    """The argument list that runs one host's agent (without the nsenter prefix):
+    `phaul agent`, or with `fault_injection` the test agent with fault injection on."""
     return [
-        python, "-m", "phaul", "agent",
+        python, *(("-m", TEST_AGENT) if fault_injection else ("-m", "phaul", "agent")),
         "--name", name,
         "--listen", listen,
         "--socket", str(socket),
@@ -462,6 +465,7 @@ def agent_command(
         "--gate-timeout", "120",
         "--resolve-interval", "5",
         *(("--bridge", bridge) if bridge else ()),
+        *(("--enable-fault-injection",) if fault_injection else ()),
     ]
 
 
@@ -491,10 +495,9 @@ def _start_agent(host: HostEntry, files: PkiFiles, d: Path) -> _Started | None:
         *agent_command(
             host.name, host.address, sock, state,
             pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca, bridge=host.bridge,
+            fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1",  # tests only: see phaul/testing/faults.py
         ),
     ]
-    if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: see phaul/faults.py
-        cmd.append("--enable-fault-injection")
     sock.unlink(missing_ok=True)
     logfile = state / "agent.log"
     if logfile.exists():
@@ -563,7 +566,7 @@ def _is_agent(pid: int, name: str, state: Path) -> bool:
     except OSError:
         return False
     args_s = [a.decode(errors="replace") for a in args]
-    return "agent" in args_s and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
+    return ("agent" in args_s or TEST_AGENT in args_s) and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
 
 
 def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
