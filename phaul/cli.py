@@ -87,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
     a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
     a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
-    a.add_argument("--allow", default="", help="older form: names that are both peers and admins")
     a.add_argument("--gate-timeout", type=float, default=300.0, metavar="S",
                    help="longest time a dumped container is held frozen without a decision before it resumes (default 300)")
     a.add_argument("--link-timeout", type=float, default=30.0, metavar="S",
@@ -230,7 +229,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
 
     serve(
-        args.name, args.listen, args.state_dir, creds, args.socket, names(args.allow), args.enable_fault_injection, args.bridge,
+        args.name, args.listen, args.state_dir, creds, args.socket, args.enable_fault_injection, args.bridge,
         peers=names(args.peers), admins=names(args.admins), gate_timeout=args.gate_timeout,
         link_timeout=args.link_timeout, resolve_interval=args.resolve_interval,
     )

@@ -20,7 +20,6 @@ class Host:
     creds: Credentials
     listen: str  # ADDR:PORT of the agent
     containers: ContainerKind
-    allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
     fault_injection: bool = False  # tests only: accept requests that name a fault
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from

@@ -411,30 +411,29 @@ class Servicer(pb_grpc.AgentServicer):
 
 def serve(
     name: str, listen: str, state_dir: Path, creds: Credentials, socket: Path | None = None,
-    allow: frozenset[str] = frozenset(), fault_injection: bool = False, bridge: str | None = None,
+    fault_injection: bool = False, bridge: str | None = None,
     *, peers: frozenset[str] = frozenset(), admins: frozenset[str] = frozenset(),
     gate_timeout: float = criu.GATE_TIMEOUT, link_timeout: float = transport.LINK_TIMEOUT, resolve_interval: float = 15.0,
 ) -> None:
     """Run the agent until SIGTERM or SIGINT.
 
     `peers` are the hosts it migrates to and from, `admins` the clients that
-    manage it (`allow`, the older form, names both). `gate_timeout` bounds how
+    manage it. `gate_timeout` bounds how
     long a dumped container is held frozen without a decision; `link_timeout`
     how long a data channel may stall; `resolve_interval` how often unsettled
     migrations are retried (0: only at start-up)."""
     check_id(name, "host name")
     parse_endpoint(listen)
-    for n in allow | peers | admins:
+    for n in peers | admins:
         check_id(n, "certificate name")
-    if not (allow | peers | admins):
+    if not (peers | admins):
         raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
     criu.GATE_TIMEOUT = gate_timeout  # process-wide settings, set once before serving
     transport.LINK_TIMEOUT = link_timeout
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), allow, fault_injection, bridge)
-    host.peers, host.admins = peers | allow, admins | allow
+    host = Host(name, state_dir, creds, listen, RuncContainers(state_dir, name, bridge), fault_injection, bridge, peers, admins)
     servicer = Servicer(host)
     for outcome in servicer.recovery.startup():
         log.info("start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message)

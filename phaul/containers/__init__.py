@@ -91,7 +91,7 @@ class ContainerKind(ABC):
     @abstractmethod
     def checkpoint_cmd(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, leave_running: bool = False,
-        tcp_established: bool = True, page_server: str | None = None, parent_path: Path | None = None,
+        tcp_established: bool = True, parent_path: Path | None = None,
         pre_dump: bool = False,
     ) -> list[str]:
         """The argument list that dumps the container into `image_dir`."""

@@ -301,14 +301,6 @@ class RuncContainers(ContainerKind):
         known = {f.name for f in dataclasses.fields(ContainerConfig)}
         return ContainerConfig(**{k: v for k, v in data.items() if k in known})
 
-    def remove_host_cgroup(self) -> None:
-        """Remove this host's empty parent cgroups (`/phaul-<host>` in every hierarchy), e.g. at lab teardown."""
-        for mount in _cgroup_mounts():
-            try:
-                (mount / f"phaul-{self.host}").rmdir()
-            except OSError:
-                pass  # absent, or containers of this host still use it
-
     # ---- checkpoint / restore (used by migration) -----------------------------
 
     def checkpoint_cmd(
@@ -319,7 +311,6 @@ class RuncContainers(ContainerKind):
         *,
         leave_running: bool = False,
         tcp_established: bool = True,
-        page_server: str | None = None,
         parent_path: Path | None = None,
         pre_dump: bool = False,
     ) -> Argv:
@@ -335,8 +326,6 @@ class RuncContainers(ContainerKind):
             cmd.append("--leave-running")
         if tcp_established:
             cmd.append("--tcp-established")
-        if page_server:
-            cmd += ["--page-server", page_server]
         if parent_path is not None:
             cmd += ["--parent-path", str(parent_path)]  # CRIU resolves it relative to the image dir
         if pre_dump:

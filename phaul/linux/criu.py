@@ -61,7 +61,6 @@ class CommitGate:
         for name in ("reached", "frozen-at", "frozen", "verdict", "waiting", "ack", "ack.new"):
             (path / name).unlink(missing_ok=True)
         os.mkfifo(path / "verdict", 0o600)
-        self.released = False
 
     @classmethod
     def attach(cls, path: Path) -> CommitGate:
@@ -69,7 +68,6 @@ class CommitGate:
         gate = cls.__new__(cls)
         gate.dir = path
         gate.script = path / "gate.sh"
-        gate.released = False
         return gate
 
     def waiting(self) -> bool:
@@ -135,7 +133,6 @@ class CommitGate:
             os.write(fd, b"commit\n" if commit else b"abort\n")
         finally:
             os.close(fd)
-        self.released = True
         return True
 
 

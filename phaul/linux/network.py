@@ -437,7 +437,6 @@ class FreezeSignal:
         self.script.chmod(0o700)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.seen_at: float | None = None  # time.monotonic() when the action was seen
 
     def criu_options(self) -> str:
         return f"action-script {self.script}\n"
@@ -448,7 +447,6 @@ class FreezeSignal:
         def watch() -> None:
             while not self._stop.is_set():
                 if self.marker.exists():
-                    self.seen_at = time.monotonic()
                     try:
                         on_freeze()
                     except Exception as e:  # holding is an optimisation; the migration goes on

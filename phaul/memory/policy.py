@@ -223,7 +223,6 @@ class RestoreCosts:
 class RoundsResult:
     rounds: list[Round]
     stop_reason: str
-    last_decision: Decision | None
     fs_bytes_sent: int
 
 
@@ -302,4 +301,4 @@ def run_rounds(
         if decision.stop:
             break
     assert decision is not None
-    return RoundsResult(rounds, f"{decision.reason}: {decision.detail}", decision, fs_total)
+    return RoundsResult(rounds, f"{decision.reason}: {decision.detail}", fs_total)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class JournalEntry:
     updated_at: str = ""
     result: str = ""  # "" while unsettled; ok | rolled_back | failed | refused; in_doubt when marked so
     error: str = ""
-    data: dict[str, Any] = field(default_factory=dict)  # step details (gate dir, pids, ...), merged
 
     @property
     def settled(self) -> bool:
@@ -60,11 +59,6 @@ class JournalEntry:
 
     def reached(self, step: str) -> bool:
         return step in self.steps
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.result or "in_progress"
-        return d
 
 
 def _now() -> str:
@@ -212,8 +206,5 @@ def _fold(path: Path) -> JournalEntry | None:
             # a new step after an in_doubt mark: the migration is being settled again
             if entry.result == "in_doubt":
                 entry.result = ""
-        for k, v in rec.items():
-            if k not in ("ts", "step", "result", "error", "migration_id", "role", "ct", "peer", "peer_address"):
-                entry.data[k] = v
     return entry
 
