@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from phaul.linux import freezer
 from phaul.linux import network
-from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
+from phaul.containers import Argv, ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.linux.fsutil import write_atomic
@@ -46,7 +46,6 @@ CPU_PERIOD_US = 100_000
 MIN_MEMORY = 4 << 20
 _UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as 0x7FFFFFFFFFFFF000
 _POLL = 0.05
-Argv = list[str]  # a command line; the class's `list` method hides the builtin in its annotations
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # Docker's default capability set: enough for ordinary admin work inside the
@@ -503,7 +502,7 @@ class RuncContainers(ContainerKind):
         except FileNotFoundError:
             raise NotFound(f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}") from None
 
-    def cgroup_dirs(self, ct_id: str) -> list[Path]:
+    def cgroup_dirs(self, ct_id: str) -> builtins.list[Path]:
         """The container's cgroup directory in every hierarchy that has one."""
         rel = self.cgroup_path(ct_id).lstrip("/")
         return [mount / rel for mount in _cgroup_mounts() if (mount / rel).is_dir()]

@@ -264,8 +264,7 @@ def _same_pages(new: Path, basis: Path | None, src: Any) -> Any:
     if not n or basis is None or not (src >= 0).any():
         return same
     a = np.memmap(new, dtype=np.uint64, mode="r").reshape(n, PAGE // 8)
-    b = np.memmap(basis, dtype=np.uint64, mode="r")
-    b = b.reshape(-1, PAGE // 8)
+    b = np.memmap(basis, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
     memcmp = _memcmp()
     # Runs of pages whose basis pages follow each other are compared with
     # memcmp a block at a time (most blocks are equal); only blocks that
@@ -299,8 +298,7 @@ def _same_pages(new: Path, basis: Path | None, src: Any) -> Any:
             t.join()
     else:
         compare(0, n)
-    del a, b
-    return same
+    return same  # the memory maps close with the last reference to them, on return
 
 
 def _recipe(new: Path, basis: Path | None, src: Any, same: Any, out_dir: Path, name: str) -> Recipe:

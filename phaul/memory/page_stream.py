@@ -67,7 +67,7 @@ def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
             for name, size in files:
                 _receive(rx, delta / name, size)
             stats = page_delta.apply_delta(delta, mdir / "images")
-            answer = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
+            answer: dict[str, object] = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
         except (page_delta.DeltaError, StreamError, OSError, ValueError) as e:
             answer = {"ok": False, "error": str(e)[:2000]}
             tx.write(json.dumps(answer).encode() + b"\n")
