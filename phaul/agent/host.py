@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaul.containers import ContainerKind
 from phaul.channels.transport import Credentials
+from phaul.containers import ContainerKind
 from phaul.validate import check_id
 
 

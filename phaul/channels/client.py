@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
+from phaul.channels.transport import Credentials
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
-from phaul.channels.transport import Credentials
 
 MAX_MESSAGE = 16 << 20
 KEEPALIVE_MS = 3000  # ping an idle connection this often; a peer silent as long again is dead

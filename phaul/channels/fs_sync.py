@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.errors import ToolFailed
 from phaul.channels import transport
 from phaul.channels.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
+from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
 

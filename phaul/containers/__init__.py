@@ -11,7 +11,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 # A command line. Inside classes with a `list` method (ContainerKind and its kinds) a bare
 # `list[...]` annotation names the method: write `Argv` or `builtins.list[...]` there.
 Argv = list[str]

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from phaul.linux import freezer
-from phaul.linux import network
 from phaul.containers import Argv, ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.linux import criu, freezer, network
 from phaul.linux.fsutil import write_atomic
+from phaul.linux.run import run
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -386,7 +386,8 @@ class RuncContainers(ContainerKind):
             parts.append(output.strip()[-2000:])
         parts.append(f"runc log:\n{_tail(work_dir / 'runc.log', 5)}")
         if criu_log.exists():
-            parts.append(f"{criu_log}:\n{_criu_log_tail(criu_log)}")
+            tail = criu.log_tail(criu_log, 12, context=12) or f"({criu_log} not written: CRIU did not start)"
+            parts.append(f"{criu_log}:\n{tail}")
             hint = f"read {criu_log} for CRIU's full account"
         else:
             hint = f"runc stopped before CRIU ran; `runc --root {self.runc_root} list` shows what runc holds"
@@ -428,14 +429,10 @@ class RuncContainers(ContainerKind):
         return [str(self.runc_path), "--root", str(self.runc_root), *global_opts]
 
     def _runc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        cmd = self._base() + list(args)
-        try:
-            proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise ToolFailed(f"`runc {' '.join(args)}` hung for {timeout:g} s", "check `runc list` and the kernel log") from e
-        if check and proc.returncode != 0:
-            raise ToolFailed(f"`runc {' '.join(args)}` failed: {proc.stderr.strip()}", f"runc's state is under {self.runc_root}")
-        return proc
+        return run(
+            self._base() + list(args), timeout=timeout, check=check, what=f"`runc {' '.join(args)}`",
+            hint=f"runc's state is under {self.runc_root}; check `runc list` and the kernel log",
+        )
 
     def _runc_state(self, ct_id: str) -> dict[str, Any] | None:
         """runc's view of the container, or None when runc does not know it."""
@@ -617,17 +614,6 @@ def _tail(path: Path, lines: int) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"({path} not written)"
-
-
-def _criu_log_tail(path: Path, lines: int = 12) -> str:
-    """CRIU's error lines (minus the harmless RLIMIT_NOFILE one) and the last lines of its log."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} not written: CRIU did not start)"
-    errors = [l for l in text if "Error" in l and "RLIMIT_NOFILE" not in l][-lines:]
-    tail = [l for l in text[-lines:] if l not in errors]
-    return "\n".join(errors + (["..."] if errors and tail else []) + tail)
 
 
 def _cgroup_mounts() -> list[Path]:

@@ -17,12 +17,14 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from phaul.errors import ToolFailed
+from phaul.linux.criu import error_lines
 from phaul.linux.fsutil import is_static_elf
+from phaul.linux.run import run
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +96,11 @@ class _Run:
 
 
 def _run(argv: list[str]) -> _Run:
-    log.debug("running %s", argv)
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return _Run(None, "", f"`{' '.join(argv)}` did not finish within {TIMEOUT:g} s")
-    except OSError as e:
-        return _Run(None, "", f"`{' '.join(argv)}` could not run: {e.strerror or e}")
-    return _Run(p.returncode, (p.stdout or "") + (p.stderr or ""))
+        p = run(argv, timeout=TIMEOUT, check=False)
+    except ToolFailed as e:
+        return _Run(None, "", e.message)
+    return _Run(p.returncode, p.stdout + p.stderr)
 
 
 def _last_line(text: str) -> str:
@@ -116,7 +115,7 @@ def _criu_error(out: str) -> str:
     """The root cause in CRIU's output: its first Error line (without the source prefix), else the last line.
     The RLIMIT_NOFILE error CRIU logs when root lacks CAP_SYS_RESOURCE is harmless and skipped."""
     lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("Error") and "RLIMIT_NOFILE" not in ln]
+    errors = [ln.strip() for ln in error_lines(out)]
     line = errors[0] if errors else (lines[-1] if lines else "")
     return _CRIU_PREFIX.sub("", line)
 

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from phaul.containers import ContainerConfig, ContainerKind
 from phaul.errors import Conflict, InvalidInput, PhaulError, ToolFailed
+from phaul.linux.run import run
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,7 @@ def _host_mac(tag: str, ct_id: str) -> str:
 
 
 def _run(cmd: list[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, input=input)
-    except FileNotFoundError as e:
-        raise ToolFailed(f"{cmd[0]} not found", "install iproute2 and util-linux") from e
-    if check and r.returncode != 0:
-        raise ToolFailed(f"`{' '.join(cmd)}` failed: {r.stderr.strip()}", "see the agent's log")
-    return r
+    return run(cmd, timeout=30, check=check, input=input, hint="see the agent's log")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

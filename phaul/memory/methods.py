@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from phaul.linux import criu
-from phaul.linux import freezer
-from phaul.memory import page_delta
+from phaul.channels.fs_sync import RsyncSender
 from phaul.containers import ContainerKind
 from phaul.errors import PhaulError, ToolFailed
-from phaul.channels.fs_sync import RsyncSender
+from phaul.linux import criu, freezer
+from phaul.memory import page_delta
 from phaul.memory.page_stream import PageStream, StreamError
 
 log = logging.getLogger(__name__)

@@ -20,11 +20,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from phaul.linux import network
-from phaul.containers import ContainerConfig
-from phaul.linux.doctor import criu_path, criu_version
-from phaul.errors import Conflict, NotFound, PhaulError
 from phaul.agent.host import Host
+from phaul.containers import ContainerConfig
+from phaul.errors import Conflict, NotFound, PhaulError
+from phaul.linux import criu, network
+from phaul.linux.doctor import criu_path, criu_version
+from phaul.linux.run import probe
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _cpuinfo_dump(host: Host) -> tuple[bytes, str]:
     tmp = host.state_dir / "tmp"
     tmp.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
-        r = _run([criu_path() or "criu", "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"])
+        r = probe([criu_path() or "criu", "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"], timeout=TOOL_TIMEOUT)
         img = Path(d) / "cpuinfo.img"
         if r.returncode != 0 or not img.is_file():
             return b"", _criu_error(Path(d) / "cpuinfo.log", r)
@@ -161,7 +162,7 @@ def _cpu_check(host: Host, cpuinfo: bytes) -> CheckResult:
     tmp.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
         (Path(d) / "cpuinfo.img").write_bytes(cpuinfo)
-        r = _run([criu_path() or "criu", "cpuinfo", "check", "-D", d, "-o", "cpuinfo.log"])
+        r = probe([criu_path() or "criu", "cpuinfo", "check", "-D", d, "-o", "cpuinfo.log"], timeout=TOOL_TIMEOUT)
         if r.returncode == 0:
             return CheckResult("cpu", PASS, "this CPU has every feature the container's processes may use (criu cpuinfo check)", me)
         return CheckResult("cpu", FAILURE, f"this CPU lacks features of the source's: {_criu_error(Path(d) / 'cpuinfo.log', r)}", me)
@@ -227,7 +228,7 @@ def _runc_check(me: str) -> CheckResult:
     path = shutil.which("runc")
     if path is None:
         return CheckResult("runc", FAILURE, "runc is not installed (apt-get install runc)", me)
-    first = _run([path, "--version"]).stdout.splitlines()
+    first = probe([path, "--version"], timeout=TOOL_TIMEOUT).stdout.splitlines()
     return CheckResult("runc", PASS, first[0] if first else path, me)
 
 
@@ -244,18 +245,8 @@ def _configs(host: Host) -> list[ContainerConfig]:
     return out
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return subprocess.CompletedProcess(argv, 255, "", str(e))
-
-
 def _criu_error(log_path: Path, r: subprocess.CompletedProcess[str]) -> str:
-    try:
-        lines = [l for l in log_path.read_text(errors="replace").splitlines() if "Error" in l and "RLIMIT" not in l]
-    except OSError:
-        lines = []
+    lines = criu.error_lines(criu.read_log(log_path) or "")
     text = (lines[-1] if lines else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
     return text[-300:]
 

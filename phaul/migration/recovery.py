@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,12 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.linux import criu
-from phaul.linux import network
-from phaul.linux import procfs
-from phaul.channels.client import Agent, connect
-from phaul.errors import NotFound, PhaulError
 from phaul.agent.host import Host
+from phaul.channels.client import Agent, connect
+from phaul.errors import NotFound, PhaulError, ToolFailed
+from phaul.linux import criu, network, procfs
+from phaul.linux.run import run
 from phaul.migration.journal import Journal, JournalEntry
 from phaul.rpc import phaul_pb2 as pb
 
@@ -156,12 +154,12 @@ def unlock_network(pid: int) -> None:
             continue
         ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
         try:
-            rules = subprocess.run([*ns, save, "-t", "filter"], capture_output=True, text=True, timeout=10).stdout
+            rules = run([*ns, save, "-t", "filter"], timeout=10, check=False).stdout
             if ":CRIU " in rules:
-                subprocess.run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, capture_output=True, text=True, timeout=10)
+                run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, timeout=10, check=False)
                 log.info("removed CRIU's network lock from the namespace of %d", pid)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e)
+        except ToolFailed as e:
+            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e.message)
 
 
 def source_copy(host: Host, ct_id: str, mdir: Path) -> str:
