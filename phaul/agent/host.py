@@ -7,13 +7,14 @@ from pathlib import Path
 
 from phaul.channels.transport import Credentials
 from phaul.containers import ContainerKind
+from phaul.migration.journal import Journal
 from phaul.validate import check_id
 
 
 @dataclass
 class Host:
     """One host: its name (as in its certificate), state directory, credentials,
-    listening address and its containers."""
+    listening address, its containers and its migration journal."""
 
     name: str
     state_dir: Path
@@ -24,6 +25,10 @@ class Host:
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
+    journal: Journal = field(init=False, repr=False)  # the one journal of state_dir, shared by every part of the agent
+
+    def __post_init__(self) -> None:
+        self.journal = Journal(self.state_dir)
 
     @property
     def address(self) -> str:

@@ -44,7 +44,6 @@ from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.testing.faults import Fault
 from phaul.agent.host import Host
-from phaul.migration.journal import Journal
 from phaul.migration.recovery import Active, Recovery
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
@@ -138,7 +137,7 @@ class Servicer(pb_grpc.AgentServicer):
     def __init__(self, host: Host) -> None:
         self.host = host
         self.dest = Destination(host)
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
         self.active = Active()
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
         self._migrations = threading.BoundedSemaphore(MAX_MIGRATIONS)

@@ -41,7 +41,7 @@ class BadCredentials(PhaulError):
 
 
 @dataclass(frozen=True)
-class Credentials:
+class IssuedCert:
     """A checked certificate, its key and the CA that signed it, as paths and PEM bytes."""
 
     name: str
@@ -151,7 +151,7 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
     return crt_path, key_path
 
 
-def load(pki_dir: Path, name: str) -> Credentials:
+def load(pki_dir: Path, name: str) -> IssuedCert:
     """Load and check NAME's certificate and key and the CA in `pki_dir`.
 
     Checks that the files exist and are readable, that the certificate was
@@ -196,7 +196,7 @@ def load(pki_dir: Path, name: str) -> Credentials:
         ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         dns, ips = (), ()
-    return Credentials(
+    return IssuedCert(
         name=name, ca=ca_path, cert=crt_path, key=key_path,
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
         not_after=cert.not_valid_after_utc, dns=dns, ips=ips,

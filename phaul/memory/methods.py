@@ -2,7 +2,7 @@
 
 - `StopAndCopy`: nothing before the freeze; the final dump's images travel
   whole while the container is frozen.
-- `PageDelta` (no soft-dirty tracking, e.g. this project's machines): pre-copy
+- `PageDeltaMethod` (no soft-dirty tracking, e.g. this project's machines): pre-copy
   rounds of `runc checkpoint --leave-running`; the first round's images travel
   whole, every later round (and the final dump) only as a page delta against
   what the destination already holds (`phaul.memory.page_delta`), which the
@@ -140,7 +140,7 @@ class StopAndCopy(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-class PageDelta(MemoryMethod):
+class PageDeltaMethod(MemoryMethod):
     name = "precopy-page-delta"
     precopy = True
 
@@ -279,7 +279,7 @@ class SoftDirty(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDelta, SoftDirty)}
+METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty)}
 
 
 def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False, parent: Path | None = None) -> RoundDump:

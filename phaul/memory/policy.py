@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.linux.fsutil import write_atomic
+from phaul.memory.methods import MemoryMethod
 from phaul.migration.report import Round
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ Progress = Callable[[RoundFigures, Round, Decision], None]  # after each round
 
 
 def run_rounds(
-    method: object,
+    method: MemoryMethod,
     policy: ConvergencePolicy,
     fs_sync: Callable[[], int],
     progress: Progress,
@@ -241,9 +242,6 @@ def run_rounds(
     stop; each round also syncs the root file system (`fs_sync` returns the bytes
     it sent), alongside the memory unless `sequential_fs` (a bandwidth cap that
     must hold for both together)."""
-    from phaul.memory.methods import MemoryMethod
-
-    assert isinstance(method, MemoryMethod)
     rounds: list[Round] = []
     fs_total = 0
     prev_snapshot_ns = 0

@@ -26,7 +26,7 @@ from phaul.errors import Conflict, NotFound, ToolFailed
 from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncReceiver
 from phaul.agent.host import Host
-from phaul.migration.journal import Journal, JournalEntry
+from phaul.migration.journal import JournalEntry
 from phaul.channels.transport import TlsEndpoint
 from phaul.validate import check_id
 
@@ -61,7 +61,7 @@ class Destination:
         self.host = host
         self._incoming: dict[str, Incoming] = {}
         self._lock = threading.Lock()
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
 
     def prepare(
         self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, fault: Fault | None = None,

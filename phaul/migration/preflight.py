@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phaul.agent.host import Host
+from phaul.channels import messages
+from phaul.channels.client import Agent
 from phaul.containers import ContainerConfig
-from phaul.errors import Conflict, NotFound, PhaulError
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
 from phaul.linux import criu, network
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.linux.run import probe
@@ -53,8 +55,6 @@ class CheckResult:
 
 def check_force(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Validate `--force` names."""
-    from phaul.errors import InvalidInput
-
     bad = [n for n in names if n not in CHECKS]
     if bad:
         raise InvalidInput(f"unknown check {bad[0][:40]!r} to force", f"name one of: {', '.join(CHECKS)}")
@@ -280,13 +280,8 @@ def _v(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def run(host: Host, ct_id: str, dest: object, dest_name: str) -> list[CheckResult]:
-    """Every check, on this host (the source) and on the destination agent `dest`
-    (a connected phaul.channels.client.Agent)."""
-    from phaul.channels import messages
-    from phaul.channels.client import Agent
-
-    assert isinstance(dest, Agent)
+def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> list[CheckResult]:
+    """Every check, on this host (the source) and on the destination agent `dest`."""
     results, needs = source_checks(host, ct_id)
     if needs is None:
         return results

@@ -31,6 +31,7 @@ from phaul.channels.client import Agent, connect
 from phaul.errors import NotFound, PhaulError, ToolFailed
 from phaul.linux import criu, network, procfs
 from phaul.linux.run import run
+from phaul.migration.dest import Destination
 from phaul.migration.journal import Journal, JournalEntry
 from phaul.rpc import phaul_pb2 as pb
 
@@ -205,10 +206,7 @@ class Recovery:
     """Settles this host's unfinished migrations: at start-up, periodically (the
     resolver) and on request (`phaul recover`)."""
 
-    def __init__(self, host: Host, journal: Journal, dest: object, active: Active) -> None:
-        from phaul.migration.dest import Destination
-
-        assert isinstance(dest, Destination)
+    def __init__(self, host: Host, journal: Journal, dest: Destination, active: Active) -> None:
         self.host = host
         self.journal = journal
         self.dest = dest

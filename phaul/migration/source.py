@@ -43,7 +43,6 @@ from phaul.errors import Conflict, PhaulError, ToolFailed
 from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncSender
 from phaul.agent.host import Host
-from phaul.migration.journal import Journal
 from phaul.migration.report import Report, Round
 from phaul.rpc import phaul_pb2 as pb
 from phaul.memory.page_stream import PageStream
@@ -100,7 +99,7 @@ class SourceMigration:
         self._sender: RsyncSender
         self._method: memory_methods.MemoryMethod | None = None
         self._t0 = time.monotonic()
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
         self._journaled = ""  # the last step journaled
 
     # -- the state machine -------------------------------------------------
