@@ -40,7 +40,9 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
     code = err.code()
     details = err.details() or ""
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return Refused(f"agent {target} refused the call: {details}", "add this certificate's name to the agent's --admins or --peers list")
+        return Refused(
+            f"agent {target} refused the call: {details}", "add this certificate's name to the agent's --admins or --peers list"
+        )
     for cls, c in _TO_CODE:
         if code == c:
             return cls(details)

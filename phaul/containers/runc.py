@@ -294,7 +294,9 @@ class RuncContainers(ContainerKind):
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here") from None
+            raise NotFound(
+                f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here"
+            ) from None
         except (OSError, ValueError) as e:
             raise ToolFailed(f"cannot read {path}: {e}", f"fix or remove the file, then `phaul ct destroy {ct_id}`") from e
         known = {f.name for f in dataclasses.fields(ContainerConfig)}
@@ -413,7 +415,9 @@ class RuncContainers(ContainerKind):
         state = self._runc_state(ident.ct_id)
         try:
             if not state or not state.get("pid"):
-                raise ToolFailed(f"runc created {ident.ct_id!r} but reports no process", f"see `runc --root {self.runc_root} list`")
+                raise ToolFailed(
+                    f"runc created {ident.ct_id!r} but reports no process", f"see `runc --root {self.runc_root} list`"
+                )
             assert self.bridge is not None  # create refuses addressed containers without one
             network.plug(ident, int(state["pid"]), self.bridge)
         except BaseException:
@@ -497,7 +501,9 @@ class RuncContainers(ContainerKind):
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}") from None
+            raise NotFound(
+                f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}"
+            ) from None
 
     def cgroup_dirs(self, ct_id: str) -> builtins.list[Path]:
         """The container's cgroup directory in every hierarchy that has one."""
@@ -599,7 +605,9 @@ def _check_config(config: ContainerConfig) -> None:
         except ValueError:
             raise InvalidInput(f"invalid gateway {config.gateway!r}", "write a plain address, e.g. 10.77.0.1") from None
         if gateway not in ipaddress.ip_interface(config.ip).network:
-            raise InvalidInput(f"gateway {config.gateway} is outside {config.ip}", "give a gateway on the container's own network")
+            raise InvalidInput(
+                f"gateway {config.gateway} is outside {config.ip}", "give a gateway on the container's own network"
+            )
     if config.mac is not None:
         config.mac = config.mac.lower()
         if not _MAC.match(config.mac) or int(config.mac[:2], 16) & 1:

@@ -310,7 +310,9 @@ def address_problem(ident: Identity, where: str, others: Iterable[ContainerConfi
     return None
 
 
-def arp_probe(ifname: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ignore_mac: str, wait: float = ARP_PROBE_WAIT) -> str | None:
+def arp_probe(
+    ifname: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ignore_mac: str, wait: float = ARP_PROBE_WAIT
+) -> str | None:
     """Ask (RFC 5227 probe) who has `ip` on `ifname`; the MAC of an answer from
     anyone but `ignore_mac`, else None."""
     mine = _mac_bytes(link(ifname)["address"])  # type: ignore[index]

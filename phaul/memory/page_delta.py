@@ -315,7 +315,7 @@ def _recipe(new: Path, basis: Path | None, src: Any, same: Any, out_dir: Path, n
         starts = np.flatnonzero(brk)
         ends = np.append(starts[1:], n)
         data_off = 0
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             if literal[s]:
                 segments.append(Segment(s, e - s, True, data_off))
                 data_off += e - s
@@ -344,7 +344,7 @@ def _write_pages(src: Path, pages: Any, dst: Path) -> None:
     starts = np.concatenate(([0], brk)).astype(np.int64)
     ends = np.concatenate((brk, [len(pages)])).astype(np.int64)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             _copy_range(fi.fileno(), int(pages[s]) * PAGE, fo.fileno(), None, (e - s) * PAGE)
 
 

@@ -163,7 +163,9 @@ class PageStream:
             raise StreamError(f"the page stream answered {line[:80]!r}") from None
         if not answer.get("ok"):
             raise StreamError(f"the destination could not apply the page delta: {answer.get('error')}")
-        return StreamResult(sent, int(answer.get("pages_written", 0)), float(answer.get("ms", 0.0)), (time.monotonic() - t0) * 1000)
+        return StreamResult(
+            sent, int(answer.get("pages_written", 0)), float(answer.get("ms", 0.0)), (time.monotonic() - t0) * 1000
+        )
 
     def _readline(self) -> bytes:
         import select

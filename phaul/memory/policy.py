@@ -135,11 +135,14 @@ class ConvergencePolicy:
 
         if prev is not None:
             if predicted <= self.max_downtime_ms:
-                return decide(True, "downtime-target", f"predicted frozen time {predicted:.0f} ms <= {self.max_downtime_ms:.0f} ms")
+                return decide(
+                    True, "downtime-target", f"predicted frozen time {predicted:.0f} ms <= {self.max_downtime_ms:.0f} ms"
+                )
             if dirty_ms <= self.negligible * predicted:
                 return decide(
                     True, "converged",
-                    f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; more rounds cannot shorten it",
+                    f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; "
+                    "more rounds cannot shorten it",
                 )
             if dirty_ms <= fig.frozen_ms:
                 return decide(
@@ -250,16 +253,16 @@ def run_rounds(
         t0 = time.monotonic()
         fs_box: dict[str, object] = {}
 
-        def fs_job() -> None:
+        def fs_job(box: dict[str, object]) -> None:
             t_fs = time.monotonic()
             try:
-                fs_box["bytes"] = fs_sync()
+                box["bytes"] = fs_sync()
             except BaseException as e:  # re-raised below, in the migration's thread
-                fs_box["error"] = e
+                box["error"] = e
             finally:
-                fs_box["ms"] = (time.monotonic() - t_fs) * 1000
+                box["ms"] = (time.monotonic() - t_fs) * 1000
 
-        fs_thread = threading.Thread(target=fs_job, name=f"fs-round-{k}")
+        fs_thread = threading.Thread(target=fs_job, args=(fs_box,), name=f"fs-round-{k}")
         if not sequential_fs:
             fs_thread.start()
         try:
@@ -268,7 +271,7 @@ def run_rounds(
             if not sequential_fs:
                 fs_thread.join()
         if sequential_fs:
-            fs_job()
+            fs_job(fs_box)
         if "error" in fs_box:
             raise fs_box["error"]  # type: ignore[misc]
         fs_bytes = int(fs_box.get("bytes", 0))  # type: ignore[call-overload]
