@@ -12,6 +12,7 @@ from pathlib import Path
 
 from phaul import __version__
 from phaul.channels import messages
+from phaul.checks import CheckState
 from phaul.channels.client import Agent, connect
 from phaul.containers import ContainerConfig
 from phaul.migration.preflight import CHECKS
@@ -341,7 +342,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if event.HasField("progress") and show_progress:
                 print(progress_line(event.progress), file=sys.stderr, flush=True)
             elif event.HasField("report"):
-                report = Report.from_proto(event.report)
+                report = messages.report_from_proto(event.report)
     if report is None:
         raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
     print(report.to_json() if args.json else report.to_table())
@@ -368,7 +369,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
-    return EXIT_NOT_OK if any(c.status == "fail" for c in checks) else EXIT_OK
+    return EXIT_NOT_OK if any(c.status == CheckState.FAILURE for c in checks) else EXIT_OK
 
 
 # -- migrations, recover ------------------------------------------------------------------

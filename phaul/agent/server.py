@@ -265,7 +265,7 @@ class Servicer(pb_grpc.AgentServicer):
         def run() -> None:
             try:
                 report = running.run()
-                events.put(pb.MigrateEvent(report=report.to_proto()))
+                events.put(pb.MigrateEvent(report=messages.report_to_proto(report)))
             finally:
                 self.active.discard(running.id)
                 self._migrations.release()
@@ -374,7 +374,7 @@ class Servicer(pb_grpc.AgentServicer):
         parse_endpoint(request.dest_address)
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
             results = preflight.run(self.host, ct_id, dest, request.dest_name)
-        return pb.CheckReply(checks=[r.to_proto() for r in results])
+        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
     def PeerCheck(self, request: pb.PeerCheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:
@@ -385,17 +385,14 @@ class Servicer(pb_grpc.AgentServicer):
         self._ct(config.id)
         busy = self.dest.busy(config.id)
         results = preflight.dest_checks(self.host, request.source_name, request, config, busy)
-        return pb.CheckReply(checks=[r.to_proto() for r in results])
+        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
     def ListMigrations(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.MigrationList:
         records = []
         for e in self.journal.entries():
             state = "in_progress" if e.migration_id in self.active else (e.result or "in_doubt")
-            records.append(pb.MigrationRecord(
-                migration_id=e.migration_id, role=e.role, ct=e.ct, peer=e.peer, state=state, step=e.step,
-                started_at=e.started_at, updated_at=e.updated_at, error=e.error[:1000], steps=e.steps[-50:],
-            ))
+            records.append(messages.record_to_proto(e, state))
         return pb.MigrationList(migrations=records[-200:])
 
     @_rpc
@@ -405,7 +402,7 @@ class Servicer(pb_grpc.AgentServicer):
             outcomes = [self.recovery.settle(request.migration_id)]
         else:
             outcomes = self.recovery.settle_all()
-        return pb.RecoverReply(outcomes=[o.to_proto() for o in outcomes])
+        return pb.RecoverReply(outcomes=[messages.outcome_to_proto(o) for o in outcomes])
 
 
 def serve(

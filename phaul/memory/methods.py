@@ -301,7 +301,9 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     try:
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=DUMP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise PrecopyDumpFailed(f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}") from None
+        raise PrecopyDumpFailed(
+            f"pre-copy dump {k} did not finish within {DUMP_TIMEOUT:.0f} s", f"see {work / 'dump.log'}"
+        ) from None
     finally:
         freezer.thaw(ctx.freezer)
         thawed_ns = time.time_ns()

@@ -27,6 +27,7 @@ from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncReceiver
 from phaul.agent.host import Host
 from phaul.migration.journal import JournalEntry
+from phaul.migration.report import Result
 from phaul.channels.transport import TlsEndpoint
 from phaul.validate import check_id
 
@@ -107,7 +108,7 @@ class Destination:
             except BaseException as e:
                 receiver.close()
                 shutil.rmtree(mdir, ignore_errors=True)
-                self._settle_quietly(migration_id, "refused", str(e))
+                self._settle_quietly(migration_id, Result.REFUSED, str(e))
                 raise
             self._incoming[migration_id] = Incoming(migration_id, ct_id, source, mdir, receiver, fault=fault, tcp_close=tcp_close)
         if ident is not None:
@@ -207,7 +208,7 @@ class Destination:
             m = self._incoming.get(migration_id)
         if m is None:
             shutil.rmtree(self.host.migration_dir(migration_id), ignore_errors=True)
-            self._settle_quietly(migration_id, "rolled_back")
+            self._settle_quietly(migration_id, Result.ROLLED_BACK)
             return
         with m.lock:
             if m.state == "running":
@@ -220,7 +221,7 @@ class Destination:
                 self.host.containers.destroy(m.ct_id)
             shutil.rmtree(m.dir, ignore_errors=True)
             m.state = "aborted"
-            self._settle_quietly(migration_id, "rolled_back")
+            self._settle_quietly(migration_id, Result.ROLLED_BACK)
         with self._lock:
             self._incoming.pop(migration_id, None)
         log.info("migration %s: aborted, %s removed from %s", migration_id, m.ct_id, self.host.name)
@@ -238,7 +239,7 @@ class Destination:
         if m.net is not None:
             m.net.close()
         shutil.rmtree(m.dir, ignore_errors=True)
-        self._settle_quietly(migration_id, "ok")
+        self._settle_quietly(migration_id, Result.OK)
 
     def close_all(self) -> None:
         """Agent shutdown: abort what was not restored yet. A restored copy held
@@ -295,7 +296,7 @@ class Destination:
 
     # -- the journal and recovery (phaul.migration.recovery) ------------------------------------
 
-    def _settle_quietly(self, migration_id: str, result: str, error: str = "") -> None:
+    def _settle_quietly(self, migration_id: str, result: Result, error: str = "") -> None:
         """Journal how this host's part ended, if it was journaled and is not settled yet."""
         try:
             if not self.journal.get(migration_id, "destination").settled:

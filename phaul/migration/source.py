@@ -43,7 +43,8 @@ from phaul.errors import Conflict, PhaulError, ToolFailed
 from phaul.testing.faults import Fault
 from phaul.channels.fs_sync import RsyncSender
 from phaul.agent.host import Host
-from phaul.migration.report import Report, Round
+from phaul.migration.report import Report, Result, Round
+from phaul.checks import CheckState
 from phaul.rpc import phaul_pb2 as pb
 from phaul.memory.page_stream import PageStream
 from phaul.channels.transport import parse_endpoint, rsh_env
@@ -120,7 +121,7 @@ class SourceMigration:
                         log.warning("migration %s: removing what %s prepared: %s", self.id, self.dest_name, ex)
                 self._dest.close()
             shutil.rmtree(self.dir, ignore_errors=True)
-            self.journal.settle(self.id, "source", "refused", str(e))
+            self.journal.settle(self.id, "source", Result.REFUSED, str(e))
             raise
 
     def run(self) -> Report:
@@ -128,7 +129,7 @@ class SourceMigration:
         t0 = self._t0
         try:
             self._migrate()
-            self.report.result = "ok"
+            self.report.result = Result.OK
         except Exception as e:  # every failure ends in a report
             if not isinstance(e, PhaulError):
                 log.exception("migration %s failed unexpectedly", self.id)
@@ -162,7 +163,7 @@ class SourceMigration:
         self._dest.call("Info", pb.Empty(), timeout=10)
         checks = preflight.run(self.host, self.ct_id, self._dest, self.dest_name)
         for c in checks:
-            if c.status != preflight.PASS:
+            if c.status != CheckState.PASS:
                 log.warning("migration %s: preflight %s on %s: %s: %s", self.id, c.name, c.host, c.status, c.message)
         refused = preflight.refusal(checks, self.options.force)
         if refused is not None:
@@ -433,7 +434,7 @@ class SourceMigration:
 
     # -- failure handling -----------------------------------------------------
 
-    def _recover_from_failure(self) -> str:
+    def _recover_from_failure(self) -> Result:
         """Settle after a failure: before commit, resume the source and remove the
         destination's copy (rolled_back); after commit, try to get the
         destination's copy running (ok) or report in_doubt."""
@@ -441,19 +442,19 @@ class SourceMigration:
         if self._committed:
             self._remove_source()
             if not self._resume_dest(deadline=time.monotonic() + 3 * link):
-                return "in_doubt"  # the images stay until the migration settles (phaul recover)
+                return Result.IN_DOUBT  # the images stay until the migration settles (phaul recover)
             self._finish_after_failure()
-            return "ok"
+            return Result.OK
         self._stop_network_watch()
         source_ok = self._resume_source()
         if not source_ok and self._prepared and recovery.source_copy(self.host, self.ct_id, self.dir) == "gone":
             # The source copy died (e.g. CRIU was killed while it held it): a copy the
             # destination holds restored is now the only one.
-            if self._dest_state(link) == recovery.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
+            if self._dest_state(link) == recovery.DestState.RESTORED and self._resume_dest(time.monotonic() + 3 * link):
                 self._committed = True
                 self.host.containers.destroy(self.ct_id, timeout=0)
                 self._finish_after_failure()
-                return "ok"
+                return Result.OK
         if self._prepared and self._dest is not None:
             try:
                 self._dest.call("Abort", pb.MigrationRef(migration_id=self.id), timeout=3 * link)
@@ -464,7 +465,7 @@ class SourceMigration:
             network.reannounce(self.host.containers, self.ct_id)
         self._cleanup_method()
         shutil.rmtree(self.dir, ignore_errors=True)
-        return "rolled_back" if source_ok else "failed"
+        return Result.ROLLED_BACK if source_ok else Result.FAILED
 
     def _cleanup_method(self) -> None:
         """Close what the memory method holds (streams, round images), whatever happened."""
@@ -563,7 +564,7 @@ class SourceMigration:
 
     def _journal_result(self) -> None:
         try:
-            if self.report.result == "in_doubt":
+            if self.report.result == Result.IN_DOUBT:
                 self.journal.mark_in_doubt(self.id, "source", self.report.error)
             else:
                 self.journal.settle(self.id, "source", self.report.result, self.report.error)
