@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 MAX_FILES = 100_000
 MAX_BYTES = 1 << 40
@@ -95,13 +95,18 @@ def _parse_header(line: bytes) -> list[tuple[str, int]]:
 
 def _receive(rx: BinaryIO, path: Path, size: int) -> None:
     with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = rx.read(min(CHUNK, left))
-            if not chunk:
-                raise StreamError(f"page stream ended inside {path.name}")
-            f.write(chunk)
-            left -= len(chunk)
+        _copy(rx, f, size, f"page stream ended inside {path.name}")
+
+
+def _copy(src: IO[bytes], dst: IO[bytes], size: int, short: str) -> None:
+    """Copy `size` bytes from `src` to `dst` a chunk at a time; StreamError(`short`) if `src` ends first."""
+    left = size
+    while left:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise StreamError(short)
+        dst.write(chunk)
+        left -= len(chunk)
 
 
 def main(argv: list[str]) -> int:
@@ -145,13 +150,7 @@ class PageStream:
             stdin.write(header)
             for name, size in files:
                 with open(delta_dir / name, "rb") as f:
-                    left = size
-                    while left:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:
-                            raise StreamError(f"{name} shrank while it was sent")
-                        stdin.write(chunk)
-                        left -= len(chunk)
+                    _copy(f, stdin, size, f"{name} shrank while it was sent")
                 sent += size
             stdin.flush()
         except (BrokenPipeError, OSError) as e:
