@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_FLAGS ?= -q -rfE
 
-.PHONY: setup demo test test-unit test-lab test-faults bench bench-quick clean lab-down
+.PHONY: setup lint demo test test-unit test-lab test-faults bench bench-quick clean lab-down
 
 setup:
 	@bash scripts/setup.sh
@@ -13,7 +13,12 @@ demo: setup
 # The fault matrix (tests/test_faults.py) runs in `make test` too; its table follows the results.
 FAULT_RESULTS := .pytest_cache/fault-matrix.jsonl
 
-test: setup
+# mypy and ruff (configured in pyproject.toml) over the package; `make test` runs them first.
+lint: setup
+	@.venv/bin/mypy phaul
+	@.venv/bin/ruff check phaul
+
+test: setup lint
 	@rm -f $(FAULT_RESULTS)
 	@$(PY) -m pytest $(PYTEST_FLAGS) tests; rc=$$?; $(PY) scripts/fault_table.py $(FAULT_RESULTS) || true; exit $$rc
 

@@ -13,15 +13,15 @@ from pathlib import Path
 from phaul import __version__
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
+from phaul.channels.transport import Credentials
+from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.migration.preflight import CHECKS
 from phaul.errors import InvalidInput, PhaulError
-from phaul.migration.preflight import check_force
+from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Report
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
-from phaul.channels.transport import Credentials
 from phaul.validate import check_id, parse_size
 
 log = logging.getLogger(__name__)
@@ -84,19 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", required=True, help="this host's name, as in its certificate")
     a.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address to serve on")
     a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
-    a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"), help="containers, images, reports (default: /var/lib/phaul)")
+    a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"),
+                   help="containers, images, reports (default: /var/lib/phaul)")
     a.add_argument("--cert", type=Path, required=True, help="this host's certificate")
     a.add_argument("--key", type=Path, required=True, help="its private key")
     a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
     a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
     a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
-    a.add_argument("--allow", default="", help="older form: names that are both peers and admins")
     a.add_argument("--gate-timeout", type=float, default=TIMEOUTS.gate, metavar="S",
-                   help=f"longest time a dumped container is held frozen without a decision before it resumes (default {TIMEOUTS.gate:g})")
+                   help="longest time a dumped container is held frozen without a decision before it resumes "
+                   f"(default {TIMEOUTS.gate:g})")
     a.add_argument("--link-timeout", type=float, default=TIMEOUTS.link, metavar="S",
                    help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
     a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
-                   help=f"retry settling unfinished migrations this often; 0: only at start-up (default {TIMEOUTS.resolve_interval:g})")
+                   help="retry settling unfinished migrations this often; 0: only at start-up "
+                   f"(default {TIMEOUTS.resolve_interval:g})")
     a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
     a.set_defaults(func=cmd_agent)
 
@@ -136,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl = csub.add_parser("list", help="list containers: ID, state, init PID, memory used and limit")
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(func=cmd_ct_list)
-    for name, func, text in (("stop", cmd_ct_stop, "stop a container (kept, startable)"), ("destroy", cmd_ct_destroy, "stop and remove a container")):
+    for name, func, text in (
+        ("stop", cmd_ct_stop, "stop a container (kept, startable)"), ("destroy", cmd_ct_destroy, "stop and remove a container"),
+    ):
         c = csub.add_parser(name, help=text)
         c.add_argument("id")
         c.set_defaults(func=func)
@@ -148,14 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("id", help="the container")
     m.add_argument("dest", metavar="HOST", help="the destination host's name")
     m.add_argument("--json", action="store_true", help="print only the report, as JSON")
-    m.add_argument("--tcp", choices=("keep", "close"), default="keep", help="keep established TCP connections (default) or close them")
-    m.add_argument("--precopy", choices=("auto", "off"), default="auto", help="pre-copy memory rounds while the container runs (auto: CRIU pre-dump where the kernel tracks "
+    m.add_argument("--tcp", choices=("keep", "close"), default="keep",
+                   help="keep established TCP connections (default) or close them")
+    m.add_argument("--precopy", choices=("auto", "off"), default="auto",
+                   help="pre-copy memory rounds while the container runs (auto: CRIU pre-dump where the kernel tracks "
                    "dirty pages, else page deltas between full dumps) or a single stop-and-copy (off)")
     m.add_argument("--max-rounds", type=int, default=MIGRATION.max_rounds, metavar="N",
                    help=f"at most N pre-copy rounds before the final dump (default {MIGRATION.max_rounds})")
     m.add_argument("--max-downtime", type=int, default=MIGRATION.max_downtime_ms, metavar="MS",
                    help=f"stop pre-copying once the predicted frozen time is within MS (default {MIGRATION.max_downtime_ms})")
-    m.add_argument("--bandwidth", metavar="RATE", help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
+    m.add_argument("--bandwidth", metavar="RATE",
+                   help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
     m.set_defaults(func=cmd_migrate)
@@ -238,7 +245,7 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
         peers=names(args.peers), admins=names(args.admins),
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
-    serve(config, names(args.allow), hook)
+    serve(config, hook)
     return EXIT_OK
 
 
@@ -331,9 +338,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise InvalidInput(f"the destination {dest.name} is the source host (--host {args.host})",
                            "name another host as the destination, or pick the source with --host")
     if args.max_rounds < 1:
-        raise InvalidInput(f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --precopy=off for no rounds")
+        raise InvalidInput(
+            f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --precopy=off for no rounds"
+        )
     if args.max_downtime < 1:
-        raise InvalidInput(f"--max-downtime {args.max_downtime} ms is below 1 ms", "give the longest acceptable freeze in ms, e.g. 300")
+        raise InvalidInput(
+            f"--max-downtime {args.max_downtime} ms is below 1 ms", "give the longest acceptable freeze in ms, e.g. 300"
+        )
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
@@ -347,7 +358,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             if event.HasField("progress") and show_progress:
                 print(progress_line(event.progress), file=sys.stderr, flush=True)
             elif event.HasField("report"):
-                report = Report.from_proto(event.report)
+                report = messages.report_from_proto(event.report)
     if report is None:
         raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
     print(report.to_json() if args.json else report.to_table())
@@ -374,7 +385,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
-    return EXIT_NOT_OK if any(c.status == "fail" for c in checks) else EXIT_OK
+    return EXIT_NOT_OK if any(c.status == CheckState.FAILURE for c in checks) else EXIT_OK
 
 
 # -- migrations, recover ------------------------------------------------------------------
@@ -393,7 +404,10 @@ def cmd_migrations(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'MIGRATION':<14} {'ROLE':<12} {'CT':<16} {'PEER':<10} {'STATE':<12} {'STEP':<17} STARTED")
     for r in rows:
-        print(f"{r['migration_id']:<14} {r['role']:<12} {r['ct']:<16} {r['peer']:<10} {r['state']:<12} {r['step']:<17} {r['started_at']}")
+        print(
+            f"{r['migration_id']:<14} {r['role']:<12} {r['ct']:<16} {r['peer']:<10} {r['state']:<12} {r['step']:<17} "
+            f"{r['started_at']}"
+        )
     return EXIT_OK
 
 

@@ -47,7 +47,10 @@ def check_message(msg: Any, what: str = "request", depth: int = 0) -> None:
         raise InvalidInput(f"{what} is nested too deeply")
     for fd, value in msg.ListFields():
         name = f"{what}.{fd.name}"
-        items = list(value.values() if hasattr(value, "values") and callable(value.values) else value) if _repeated(fd) else [value]
+        if _repeated(fd):
+            items = list(value.values() if hasattr(value, "values") and callable(value.values) else value)
+        else:
+            items = [value]
         if len(items) > MAX_ITEMS:
             raise InvalidInput(f"{name} has {len(items)} entries; at most {MAX_ITEMS} are accepted")
         for item in items:

@@ -357,13 +357,13 @@ class Admin:
         def run() -> None:
             from phaul.channels.client import connect
             from phaul.errors import PhaulError
-            from phaul.migration.report import Report
+            from phaul.channels import messages
 
             try:
                 with connect(f"unix:{self.hosts.host(src).socket}", src, self.creds) as agent:
                     for event in agent.stream("Migrate", req, timeout=600):
                         if event.HasField("report"):
-                            m.report = dataclasses.asdict(Report.from_proto(event.report))
+                            m.report = dataclasses.asdict(messages.report_from_proto(event.report))
             except PhaulError as e:
                 m.error = str(e)
 

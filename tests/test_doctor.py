@@ -37,9 +37,9 @@ def test_criu_on_this_machine_is_ok_and_recent(checks: list[Check]) -> None:
     version = doctor.criu_version(path)
     assert version is not None and version >= (4, 2)
     by = _by_name(checks)
-    assert by["criu"].status == "ok", by["criu"]
+    assert by["criu"].status == "pass", by["criu"]
     assert ".".join(map(str, version)) in by["criu"].detail
-    assert by["criu check"].status == "ok", by["criu check"]
+    assert by["criu check"].status == "pass", by["criu check"]
 
 
 def test_every_check_has_a_known_status_and_fails_carry_a_fix(checks: list[Check]) -> None:
@@ -47,9 +47,9 @@ def test_every_check_has_a_known_status_and_fails_carry_a_fix(checks: list[Check
     names = [c.name for c in checks]
     assert len(names) == len(set(names))
     for c in checks:
-        assert c.status in {"ok", "warn", "fail"}, c
+        assert c.status in {"pass", "warning", "failure"}, c
         assert c.detail, c
-        if c.status == "fail":
+        if c.status == "failure":
             assert c.fix, c
     for expected in ("criu", "fs.pipe-max-size", "network lock (iptables)", "runc", "rsync", "socat",
                      "busybox", "cgroups", "root"):
@@ -77,7 +77,7 @@ def test_feature_checks_agree_with_features(checks: list[Check], fresh_features)
         if not f.key:
             continue
         (check,) = [c for c in checks if f"({f.criu_name})" in c.name]
-        assert check.status == ("ok" if feats[f.key] else "warn"), check
+        assert check.status == ("pass" if feats[f.key] else "warning"), check
         if not feats[f.key]:
             assert f.fallback in check.detail
 
@@ -99,7 +99,7 @@ def test_old_criu_first_on_path_fails_with_setup_fix(tmp_path: Path, monkeypatch
     assert doctor.criu_path() == str(tmp_path / "criu")
     assert doctor.criu_version(doctor.criu_path()) == old_version
     by = _by_name(doctor.run_checks())
-    assert by["criu"].status == "fail"
+    assert by["criu"].status == "failure"
     assert by["criu"].fix == doctor.SETUP_FIX
     assert "make setup" in by["criu"].fix
     assert ".".join(map(str, old_version)) in by["criu"].detail
@@ -110,24 +110,24 @@ def test_old_criu_first_on_path_fails_with_setup_fix(tmp_path: Path, monkeypatch
 def test_missing_binaries_fail_with_install_fix(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: nothing is found
     by = _by_name(doctor.run_checks())
-    assert by["criu"].status == "fail" and by["criu"].fix == doctor.SETUP_FIX
-    assert by["network lock (iptables)"].status == "fail"
+    assert by["criu"].status == "failure" and by["criu"].fix == doctor.SETUP_FIX
+    assert by["network lock (iptables)"].status == "failure"
     assert by["network lock (iptables)"].fix == "apt-get install iptables"
     for name in ("runc", "rsync", "socat"):
-        assert by[name].status == "fail" and by[name].fix == f"apt-get install {name}", by[name]
-    assert by["busybox"].status == "fail" and by["busybox"].fix == "apt-get install busybox-static"
+        assert by[name].status == "failure" and by[name].fix == f"apt-get install {name}", by[name]
+    assert by["busybox"].status == "failure" and by["busybox"].fix == "apt-get install busybox-static"
 
 
 def test_report_table_and_summary() -> None:
     checks = [
-        Check("criu", "ok", "/usr/local/sbin/criu, version 4.2.1"),
-        Check("fs.pipe-max-size", "warn", "1048576 bytes", "sysctl -w fs.pipe-max-size=4194304"),
-        Check("rsync", "fail", "`rsync` not found on PATH", "apt-get install rsync"),
+        Check("criu", "pass", "/usr/local/sbin/criu, version 4.2.1"),
+        Check("fs.pipe-max-size", "warning", "1048576 bytes", "sysctl -w fs.pipe-max-size=4194304"),
+        Check("rsync", "failure", "`rsync` not found on PATH", "apt-get install rsync"),
     ]
     table = doctor.report_table(checks).splitlines()
     assert table[0].split() == ["STATUS", "NAME", "DETAIL"]
     rows = [ln for ln in table[1:] if not ln.lstrip().startswith("fix:")]
-    assert [r.split()[0] for r in rows] == ["ok", "warn", "fail"]
+    assert [r.split()[0] for r in rows] == ["pass", "warning", "failure"]
     detail_cols = {r.index(c.detail) for r, c in zip(rows, checks)} | {table[0].index("DETAIL")}
     assert len(detail_cols) == 1  # aligned
     fixes = [ln.strip() for ln in table if ln.lstrip().startswith("fix:")]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import COUNTER, Lab, wait_for
+from phaul.checks import CheckResult, CheckState
 from phaul.migration import preflight
 
 pytestmark = pytest.mark.lab
@@ -57,9 +58,9 @@ def test_failures_stop_migrate_unless_forced(clean_lab: Lab) -> None:
 
 def test_refusal_names_each_unforced_failure() -> None:
     results = [
-        preflight.CheckResult("cpu", preflight.FAILURE, "lacks avx512", "beta"),
-        preflight.CheckResult("disk", preflight.FAILURE, "full", "beta"),
-        preflight.CheckResult("memory", preflight.WARNING, "tight", "beta"),
+        CheckResult("cpu", CheckState.FAILURE, "lacks avx512", "beta"),
+        CheckResult("disk", CheckState.FAILURE, "full", "beta"),
+        CheckResult("memory", CheckState.WARNING, "tight", "beta"),
     ]
     err = preflight.refusal(results, ())
     assert err is not None and "cpu on beta: lacks avx512" in err.message and "--force cpu --force disk" in err.hint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from phaul.channels import messages
 from phaul.migration.report import Report, Round
 
 
@@ -15,7 +16,7 @@ def test_timings_come_back_in_the_order_things_happen() -> None:
         phases_ms={"resume": 50.0, "transfer.stream": 30.0, "restore": 260.0, "dump": 150.0, "transfer": 60.0,
                    "something.new": 1.0},
     )
-    back = Report.from_proto(report.to_proto())
+    back = messages.report_from_proto(messages.report_to_proto(report))
     assert back == report
     for shown in (json.loads(back.to_json()), json.loads(report.to_json())):  # the CLI's and the source's file
         assert list(shown["criu_ms"]) == ["freezing", "memdump", "transfer", "runc_restore"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul.channels.transport import Credentials
 from phaul.config import Timeouts
 from phaul.containers import ContainerKind
-from phaul.channels.transport import Credentials
+from phaul.migration.journal import Journal
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.validate import check_id
 
@@ -15,19 +16,22 @@ from phaul.validate import check_id
 @dataclass
 class Host:
     """One host: its name (as in its certificate), state directory, credentials,
-    listening address and its containers."""
+    listening address, its containers and its migration journal."""
 
     name: str
     state_dir: Path
     creds: Credentials
     listen: str  # ADDR:PORT of the agent
     containers: ContainerKind
-    allow: frozenset[str] = field(default_factory=frozenset)  # peer names accepted; empty = any from the CA
     hook: StepHook = NO_HOOK  # called at each step boundary of its migrations (a test agent plugs one in)
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
     timeouts: Timeouts = field(default_factory=Timeouts)
+    journal: Journal = field(init=False, repr=False)  # the one journal of state_dir, shared by every part of the agent
+
+    def __post_init__(self) -> None:
+        self.journal = Journal(self.state_dir)
 
     @property
     def address(self) -> str:

@@ -26,31 +26,27 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from functools import wraps
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from phaul import __version__
-from phaul.linux import criu
+from phaul.agent.host import Host
 from phaul.channels import messages
-from phaul.channels import transport
-from phaul.migration import preflight
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
+from phaul.channels.transport import parse_endpoint
+from phaul.config import AgentConfig, MigrationOptions
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import RuncContainers, _check_config
-from phaul.migration.dest import Destination
-from phaul.linux.doctor import criu_path, criu_version
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
-from phaul.agent.host import Host
-from phaul.config import AgentConfig, MigrationOptions
-from phaul.migration.journal import Journal
+from phaul.linux.doctor import criu_path, criu_version
+from phaul.migration import preflight
+from phaul.migration.dest import Destination
 from phaul.migration.recovery import Active, Recovery
-from phaul.rpc import phaul_pb2 as pb
-from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.migration.source import SourceMigration
 from phaul.migration.steps import NO_HOOK, StepHook
-from phaul.channels.transport import Credentials, parse_endpoint
+from phaul.rpc import phaul_pb2 as pb
+from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.validate import check_args, check_id, check_message, confined
 
 log = logging.getLogger(__name__)
@@ -139,7 +135,7 @@ class Servicer(pb_grpc.AgentServicer):
         self.host = host
         self.max_migrations = max_migrations
         self.dest = Destination(host)
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
         self.active = Active()
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
         self._migrations = threading.BoundedSemaphore(max_migrations)
@@ -267,7 +263,7 @@ class Servicer(pb_grpc.AgentServicer):
         def run() -> None:
             try:
                 report = running.run()
-                events.put(pb.MigrateEvent(report=report.to_proto()))
+                events.put(pb.MigrateEvent(report=messages.report_to_proto(report)))
             finally:
                 self.active.discard(running.id)
                 self._migrations.release()
@@ -375,7 +371,7 @@ class Servicer(pb_grpc.AgentServicer):
         parse_endpoint(request.dest_address)
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
             results = preflight.run(self.host, ct_id, dest, request.dest_name)
-        return pb.CheckReply(checks=[r.to_proto() for r in results])
+        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
     def PeerCheck(self, request: pb.PeerCheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:
@@ -386,17 +382,14 @@ class Servicer(pb_grpc.AgentServicer):
         self._ct(config.id)
         busy = self.dest.busy(config.id)
         results = preflight.dest_checks(self.host, request.source_name, request, config, busy)
-        return pb.CheckReply(checks=[r.to_proto() for r in results])
+        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
     def ListMigrations(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.MigrationList:
         records = []
         for e in self.journal.entries():
             state = "in_progress" if e.migration_id in self.active else (e.result or "in_doubt")
-            records.append(pb.MigrationRecord(
-                migration_id=e.migration_id, role=e.role, ct=e.ct, peer=e.peer, state=state, step=e.step,
-                started_at=e.started_at, updated_at=e.updated_at, error=e.error[:1000], steps=e.steps[-50:],
-            ))
+            records.append(messages.record_to_proto(e, state))
         return pb.MigrationList(migrations=records[-200:])
 
     @_rpc
@@ -406,16 +399,16 @@ class Servicer(pb_grpc.AgentServicer):
             outcomes = [self.recovery.settle(request.migration_id)]
         else:
             outcomes = self.recovery.settle_all()
-        return pb.RecoverReply(outcomes=[o.to_proto() for o in outcomes])
+        return pb.RecoverReply(outcomes=[messages.outcome_to_proto(o) for o in outcomes])
 
 
-def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), hook: StepHook = NO_HOOK) -> None:
+def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     """Run the agent with `config` until SIGTERM or SIGINT. `hook` is called at
     each step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
     name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
-    peers, admins = config.peers | allow, config.admins | allow
+    peers, admins = config.peers, config.admins
     for n in peers | admins:
         check_id(n, "certificate name")
     if not (peers | admins):
@@ -424,12 +417,14 @@ def serve(config: AgentConfig, allow: frozenset[str] = frozenset(), hook: StepHo
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
     host = Host(
-        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), allow, hook, config.bridge,
+        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts,
     )
     servicer = Servicer(host, config.max_migrations)
     for outcome in servicer.recovery.startup():
-        log.info("start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message)
+        log.info(
+            "start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message
+        )
     keepalive = [
         ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),

@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 
+from phaul.channels.transport import Credentials
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
-from phaul.channels.transport import Credentials
 
 MAX_MESSAGE = 16 << 20
 KEEPALIVE_MS = 3000  # ping an idle connection this often; a peer silent as long again is dead
@@ -40,7 +40,9 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
     code = err.code()
     details = err.details() or ""
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return Refused(f"agent {target} refused the call: {details}", "add this certificate's name to the agent's --admins or --peers list")
+        return Refused(
+            f"agent {target} refused the call: {details}", "add this certificate's name to the agent's --admins or --peers list"
+        )
     for cls, c in _TO_CODE:
         if code == c:
             return cls(details)

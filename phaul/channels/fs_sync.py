@@ -21,8 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.errors import ToolFailed
 from phaul.channels.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
+from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+from typing import Any
+
+from phaul.checks import CheckResult, CheckState
 from phaul.containers import ContainerConfig, ContainerInfo
+from phaul.migration.journal import JournalEntry
+from phaul.migration.recovery import Outcome
+from phaul.migration.report import Report, Result, Round
 from phaul.rpc import phaul_pb2 as pb
 
 
@@ -34,3 +41,38 @@ def info_from_proto(m: pb.ContainerInfo) -> ContainerInfo:
         memory_used=None if m.memory_used < 0 else m.memory_used,
         memory_limit=None if m.memory_limit < 0 else m.memory_limit, ip=m.ip or None,
     )
+
+
+def report_to_proto(r: Report) -> pb.Report:
+    d = asdict(r)
+    d["rounds"] = [pb.Round(**x) for x in d["rounds"]]
+    return pb.Report(**d)
+
+
+def report_from_proto(m: pb.Report) -> Report:
+    d: dict[str, Any] = {f.name: getattr(m, f.name) for f in fields(Report)}
+    d["rounds"] = [Round(**{f.name: getattr(x, f.name) for f in fields(Round)}) for x in m.rounds]
+    d["criu_ms"] = dict(m.criu_ms)
+    d["phases_ms"] = dict(m.phases_ms)
+    d["result"] = Result(m.result)
+    return Report(**d)
+
+
+def check_to_proto(c: CheckResult) -> pb.CheckResult:
+    return pb.CheckResult(name=c.name, status=c.status, message=c.message, host=c.host)
+
+
+def check_from_proto(m: pb.CheckResult) -> CheckResult:
+    return CheckResult(m.name, CheckState(m.status), m.message, m.host)
+
+
+def record_to_proto(e: JournalEntry, state: str) -> pb.MigrationRecord:
+    """A journaled migration for ListMigrations; `state` is its result, or in_progress or in_doubt."""
+    return pb.MigrationRecord(
+        migration_id=e.migration_id, role=e.role, ct=e.ct, peer=e.peer, state=state, step=e.step,
+        started_at=e.started_at, updated_at=e.updated_at, error=e.error[:1000], steps=e.steps[-50:],
+    )
+
+
+def outcome_to_proto(o: Outcome) -> pb.RecoverOutcome:
+    return pb.RecoverOutcome(migration_id=o.migration_id, role=o.role, result=o.result, message=o.message)

@@ -41,7 +41,7 @@ class BadCredentials(PhaulError):
 
 
 @dataclass(frozen=True)
-class Credentials:
+class IssuedCert:
     """A checked certificate, its key and the CA that signed it, as paths and PEM bytes."""
 
     name: str
@@ -54,6 +54,32 @@ class Credentials:
     not_after: datetime.datetime
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
+    not_before: datetime.datetime, not_after: datetime.datetime, *, ca: bool,
+) -> x509.CertificateBuilder:
+    """What every phaul certificate starts with: the CA's signs certificates only, a
+    host's signs its TLS handshakes only."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                crl_sign=ca, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
 
 
 def init_ca(pki_dir: Path, name: str = "phaul CA", *, force: bool = False) -> Path:
@@ -73,22 +99,7 @@ def init_ca(pki_dir: Path, name: str = "phaul CA", *, force: bool = False) -> Pa
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(subject, subject, key.public_key(), now - CLOCK_SKEW, now + CA_VALIDITY, ca=True)
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -117,21 +128,9 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
     san: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
     san += [x509.IPAddress(ip) for ip in dict.fromkeys(ip_objs)]
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
+        _builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_cert.subject, key.public_key(),
+            now - CLOCK_SKEW, min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc), ca=False,
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -151,7 +150,7 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
     return crt_path, key_path
 
 
-def load(pki_dir: Path, name: str) -> Credentials:
+def load(pki_dir: Path, name: str) -> IssuedCert:
     """Load and check NAME's certificate and key and the CA in `pki_dir`.
 
     Checks that the files exist and are readable, that the certificate was
@@ -196,7 +195,7 @@ def load(pki_dir: Path, name: str) -> Credentials:
         ips = tuple(str(i) for i in san.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         dns, ips = (), ()
-    return Credentials(
+    return IssuedCert(
         name=name, ca=ca_path, cert=crt_path, key=key_path,
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
         not_after=cert.not_valid_after_utc, dns=dns, ips=ips,

@@ -11,6 +11,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A command line. Inside classes with a `list` method (ContainerKind and its kinds) a bare
+# `list[...]` annotation names the method: write `Argv` or `builtins.list[...]` there.
+Argv = list[str]
+
 
 @dataclass
 class ContainerConfig:
@@ -53,10 +57,10 @@ class ContainerKind(ABC):
     def create(self, config: ContainerConfig) -> ContainerInfo: ...
 
     @abstractmethod
-    def start(self, ct_id: str, args: list[str] | None = None) -> ContainerInfo: ...
+    def start(self, ct_id: str, args: Argv | None = None) -> ContainerInfo: ...
 
     @abstractmethod
-    def exec(self, ct_id: str, args: list[str], timeout: float = 60.0) -> ExecResult: ...
+    def exec(self, ct_id: str, args: Argv, timeout: float = 60.0) -> ExecResult: ...
 
     @abstractmethod
     def list(self) -> list[ContainerInfo]: ...
@@ -91,9 +95,9 @@ class ContainerKind(ABC):
     @abstractmethod
     def checkpoint_cmd(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, leave_running: bool = False,
-        tcp_established: bool = True, page_server: str | None = None, parent_path: Path | None = None,
+        tcp_established: bool = True, parent_path: Path | None = None,
         pre_dump: bool = False,
-    ) -> list[str]:
+    ) -> Argv:
         """The argument list that dumps the container into `image_dir`."""
 
     def freezer_state(self, ct_id: str) -> Path | None:
@@ -112,5 +116,5 @@ class ContainerKind(ABC):
         """Adapt a container directory copied from another host to this one."""
 
     @abstractmethod
-    def resume(self, ct_id: str) -> None:
-        """Let every process of a container restored held stopped run."""
+    def resume(self, ct_id: str) -> ContainerInfo:
+        """Let every process of a container restored held stopped run; returns its state then."""

@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from phaul.linux import freezer
-from phaul.linux import network
-from phaul.containers import ContainerConfig, ContainerInfo, ContainerKind, ExecResult
+from phaul.containers import Argv, ContainerConfig, ContainerInfo, ContainerKind, ExecResult
 from phaul.containers.template import build_rootfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.linux import criu, freezer, network
 from phaul.linux.fsutil import write_atomic
+from phaul.linux.run import run
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ CPU_PERIOD_US = 100_000
 MIN_MEMORY = 4 << 20
 _UNLIMITED = 1 << 62  # cgroup v1 reports "no limit" as 0x7FFFFFFFFFFFF000
 _POLL = 0.05
-Argv = list[str]  # a command line; the class's `list` method hides the builtin in its annotations
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # Docker's default capability set: enough for ordinary admin work inside the
@@ -295,19 +294,13 @@ class RuncContainers(ContainerKind):
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here") from None
+            raise NotFound(
+                f"no container {ct_id!r} on host {self.host!r}", "see `phaul ct list` for the containers here"
+            ) from None
         except (OSError, ValueError) as e:
             raise ToolFailed(f"cannot read {path}: {e}", f"fix or remove the file, then `phaul ct destroy {ct_id}`") from e
         known = {f.name for f in dataclasses.fields(ContainerConfig)}
         return ContainerConfig(**{k: v for k, v in data.items() if k in known})
-
-    def remove_host_cgroup(self) -> None:
-        """Remove this host's empty parent cgroups (`/phaul-<host>` in every hierarchy), e.g. at lab teardown."""
-        for mount in _cgroup_mounts():
-            try:
-                (mount / f"phaul-{self.host}").rmdir()
-            except OSError:
-                pass  # absent, or containers of this host still use it
 
     # ---- checkpoint / restore (used by migration) -----------------------------
 
@@ -319,7 +312,6 @@ class RuncContainers(ContainerKind):
         *,
         leave_running: bool = False,
         tcp_established: bool = True,
-        page_server: str | None = None,
         parent_path: Path | None = None,
         pre_dump: bool = False,
     ) -> Argv:
@@ -335,8 +327,6 @@ class RuncContainers(ContainerKind):
             cmd.append("--leave-running")
         if tcp_established:
             cmd.append("--tcp-established")
-        if page_server:
-            cmd += ["--page-server", page_server]
         if parent_path is not None:
             cmd += ["--parent-path", str(parent_path)]  # CRIU resolves it relative to the image dir
         if pre_dump:
@@ -404,7 +394,8 @@ class RuncContainers(ContainerKind):
             parts.append(output.strip()[-2000:])
         parts.append(f"runc log:\n{_tail(work_dir / 'runc.log', 5)}")
         if criu_log.exists():
-            parts.append(f"{criu_log}:\n{_criu_log_tail(criu_log)}")
+            tail = criu.log_tail(criu_log, 12, context=12) or f"({criu_log} not written: CRIU did not start)"
+            parts.append(f"{criu_log}:\n{tail}")
             hint = f"read {criu_log} for CRIU's full account"
         else:
             hint = f"runc stopped before CRIU ran; `runc --root {self.runc_root} list` shows what runc holds"
@@ -430,7 +421,9 @@ class RuncContainers(ContainerKind):
         state = self._runc_state(ident.ct_id)
         try:
             if not state or not state.get("pid"):
-                raise ToolFailed(f"runc created {ident.ct_id!r} but reports no process", f"see `runc --root {self.runc_root} list`")
+                raise ToolFailed(
+                    f"runc created {ident.ct_id!r} but reports no process", f"see `runc --root {self.runc_root} list`"
+                )
             assert self.bridge is not None  # create refuses addressed containers without one
             network.plug(ident, int(state["pid"]), self.bridge)
         except BaseException:
@@ -446,14 +439,10 @@ class RuncContainers(ContainerKind):
         return [str(self.runc_path), "--root", str(self.runc_root), *global_opts]
 
     def _runc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        cmd = self._base() + list(args)
-        try:
-            proc = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise ToolFailed(f"`runc {' '.join(args)}` hung for {timeout:g} s", "check `runc list` and the kernel log") from e
-        if check and proc.returncode != 0:
-            raise ToolFailed(f"`runc {' '.join(args)}` failed: {proc.stderr.strip()}", f"runc's state is under {self.runc_root}")
-        return proc
+        return run(
+            self._base() + list(args), timeout=timeout, check=check, what=f"`runc {' '.join(args)}`",
+            hint=f"runc's state is under {self.runc_root}; check `runc list` and the kernel log",
+        )
 
     def _runc_state(self, ct_id: str) -> dict[str, Any] | None:
         """runc's view of the container, or None when runc does not know it."""
@@ -518,9 +507,11 @@ class RuncContainers(ContainerKind):
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise NotFound(f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}") from None
+            raise NotFound(
+                f"container {ct_id!r} has no bundle at {path.parent}", f"recreate it: phaul ct destroy {ct_id}"
+            ) from None
 
-    def cgroup_dirs(self, ct_id: str) -> list[Path]:
+    def cgroup_dirs(self, ct_id: str) -> builtins.list[Path]:
         """The container's cgroup directory in every hierarchy that has one."""
         rel = self.cgroup_path(ct_id).lstrip("/")
         return [mount / rel for mount in _cgroup_mounts() if (mount / rel).is_dir()]
@@ -620,7 +611,9 @@ def _check_config(config: ContainerConfig) -> None:
         except ValueError:
             raise InvalidInput(f"invalid gateway {config.gateway!r}", "write a plain address, e.g. 10.77.0.1") from None
         if gateway not in ipaddress.ip_interface(config.ip).network:
-            raise InvalidInput(f"gateway {config.gateway} is outside {config.ip}", "give a gateway on the container's own network")
+            raise InvalidInput(
+                f"gateway {config.gateway} is outside {config.ip}", "give a gateway on the container's own network"
+            )
     if config.mac is not None:
         config.mac = config.mac.lower()
         if not _MAC.match(config.mac) or int(config.mac[:2], 16) & 1:
@@ -635,17 +628,6 @@ def _tail(path: Path, lines: int) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return f"({path} not written)"
-
-
-def _criu_log_tail(path: Path, lines: int = 12) -> str:
-    """CRIU's error lines (minus the harmless RLIMIT_NOFILE one) and the last lines of its log."""
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} not written: CRIU did not start)"
-    errors = [l for l in text if "Error" in l and "RLIMIT_NOFILE" not in l][-lines:]
-    tail = [l for l in text[-lines:] if l not in errors]
-    return "\n".join(errors + (["..."] if errors and tail else []) + tail)
 
 
 def _cgroup_mounts() -> list[Path]:

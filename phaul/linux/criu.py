@@ -16,11 +16,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pycriu
-
+from phaul.errors import ToolFailed
 from phaul.linux import freezer as freezer_mod
 from phaul.linux import procfs
-from phaul.errors import ToolFailed
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,6 @@ class CommitGate:
         for name in ("reached", "frozen-at", "frozen", "verdict", "waiting", "ack", "ack.new"):
             (path / name).unlink(missing_ok=True)
         os.mkfifo(path / "verdict", 0o600)
-        self.released = False
 
     @classmethod
     def attach(cls, path: Path) -> CommitGate:
@@ -65,7 +62,6 @@ class CommitGate:
         gate = cls.__new__(cls)
         gate.dir = path
         gate.script = path / "gate.sh"
-        gate.released = False
         return gate
 
     def waiting(self) -> bool:
@@ -131,13 +127,14 @@ class CommitGate:
             os.write(fd, b"commit\n" if commit else b"abort\n")
         finally:
             os.close(fd)
-        self.released = True
         return True
 
 
 def read_stats(work_dir: Path, which: str) -> dict[str, float]:
     """CRIU's own timings (ms) and page counts from `stats-dump` or `stats-restore`
     (CRIU writes them into its work directory)."""
+    import pycriu  # here, not at the top: `phaul doctor` imports this module and runs without pycriu
+
     path = work_dir / f"stats-{which}"
     try:
         with open(path, "rb") as f:
@@ -154,11 +151,32 @@ def read_stats(work_dir: Path, which: str) -> dict[str, float]:
     return out
 
 
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The last error lines of a CRIU log, for error messages."""
+# CRIU logs this error whenever root lacks CAP_SYS_RESOURCE; it is harmless.
+_HARMLESS = "RLIMIT_NOFILE"
+
+
+def error_lines(text: str) -> list[str]:
+    """CRIU's error lines in `text` (a log, or CRIU's output), the harmless RLIMIT_NOFILE one skipped."""
+    return [line for line in text.splitlines() if "Error" in line and _HARMLESS not in line]
+
+
+def read_log(path: Path) -> str | None:
+    """A CRIU log's text, or None when it cannot be read (CRIU did not write it)."""
     try:
-        text = path.read_text(errors="replace").splitlines()
+        return path.read_text(errors="replace")
     except OSError:
+        return None
+
+
+def log_tail(path: Path, lines: int = 15, *, context: int = 0) -> str:
+    """For error messages: the last `lines` error lines of the CRIU log at `path`, or
+    its last lines when it has none; with `context`, the error lines are followed by
+    the log's last `context` lines (after "..."). "" when the log cannot be read."""
+    text = read_log(path)
+    if text is None:
         return ""
-    errors = [l for l in text if "Error" in l and "RLIMIT_NOFILE" not in l]
-    return "\n".join((errors or text)[-lines:])
+    errors = error_lines(text)[-lines:]
+    if not context:
+        return "\n".join(errors or text.splitlines()[-lines:])
+    tail = [line for line in text.splitlines()[-context:] if line not in errors]
+    return "\n".join(errors + (["..."] if errors and tail else []) + tail)

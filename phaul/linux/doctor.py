@@ -17,12 +17,15 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from phaul.checks import CheckState
+from phaul.errors import ToolFailed
+from phaul.linux.criu import error_lines
 from phaul.linux.fsutil import is_static_elf
+from phaul.linux.run import run
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +33,12 @@ TIMEOUT = 10.0  # seconds, for every external command
 MIN_CRIU = (4, 2)
 SETUP_FIX = "run `make setup` (builds CRIU 4.2 from Debian's source)"
 PIPE_MAX_WANTED = 4 << 20  # lazy pages splice page runs through pipes this large
-STATUSES = ("ok", "warn", "fail")
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok" | "warn" | "fail"
+    status: CheckState
     detail: str
     fix: str = ""
 
@@ -94,14 +96,11 @@ class _Run:
 
 
 def _run(argv: list[str]) -> _Run:
-    log.debug("running %s", argv)
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return _Run(None, "", f"`{' '.join(argv)}` did not finish within {TIMEOUT:g} s")
-    except OSError as e:
-        return _Run(None, "", f"`{' '.join(argv)}` could not run: {e.strerror or e}")
-    return _Run(p.returncode, (p.stdout or "") + (p.stderr or ""))
+        p = run(argv, timeout=TIMEOUT, check=False)
+    except ToolFailed as e:
+        return _Run(None, "", e.message)
+    return _Run(p.returncode, p.stdout + p.stderr)
 
 
 def _last_line(text: str) -> str:
@@ -116,7 +115,7 @@ def _criu_error(out: str) -> str:
     """The root cause in CRIU's output: its first Error line (without the source prefix), else the last line.
     The RLIMIT_NOFILE error CRIU logs when root lacks CAP_SYS_RESOURCE is harmless and skipped."""
     lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("Error") and "RLIMIT_NOFILE" not in ln]
+    errors = [ln.strip() for ln in error_lines(out)]
     line = errors[0] if errors else (lines[-1] if lines else "")
     return _CRIU_PREFIX.sub("", line)
 
@@ -186,32 +185,32 @@ def _check_criu() -> tuple[list[Check], str | None]:
     """The CRIU version and `criu check`; returns the checks and the CRIU to probe features with."""
     path = criu_path()
     if path is None:
-        return [Check("criu", "fail", "no `criu` on PATH", SETUP_FIX)], None
+        return [Check("criu", CheckState.FAILURE, "no `criu` on PATH", SETUP_FIX)], None
     resolved = os.path.realpath(path)
     where = path if resolved == path else f"{path} -> {resolved}"
     v = criu_version(path)
     if v is None:
-        return [Check("criu", "fail", f"{where}: `criu --version` gave no version", SETUP_FIX)], None
+        return [Check("criu", CheckState.FAILURE, f"{where}: `criu --version` gave no version", SETUP_FIX)], None
     checks: list[Check] = []
     usable = v >= MIN_CRIU
     if usable:
-        checks.append(Check("criu", "ok", f"{where}, version {_fmt_version(v)}"))
+        checks.append(Check("criu", CheckState.PASS, f"{where}, version {_fmt_version(v)}"))
     else:
         checks.append(Check(
-            "criu", "fail",
+            "criu", CheckState.FAILURE,
             f"{where} is version {_fmt_version(v)}; phaul needs >= {_fmt_version(MIN_CRIU)} "
             "(older CRIU fails on recent kernels: vDSO layout, inet socket options)",
             SETUP_FIX,
         ))
     r = _run([path, "check"])
     if r.rc == 0 and "Looks good." in r.out and "missing" not in r.out:
-        checks.append(Check("criu check", "ok", "Looks good."))
+        checks.append(Check("criu check", CheckState.PASS, "Looks good."))
     elif r.rc == 0:
-        checks.append(Check("criu check", "warn", _last_line(r.out) or "passed with warnings"))
+        checks.append(Check("criu check", CheckState.WARNING, _last_line(r.out) or "passed with warnings"))
     else:
         why = r.error or _criu_error(r.out) or f"exited with {r.rc}"
         fix = SETUP_FIX if not usable else "run as root; see the output of `criu check` for the missing kernel feature"
-        checks.append(Check("criu check", "fail", why, fix))
+        checks.append(Check("criu check", CheckState.FAILURE, why, fix))
     return checks, path if usable else None
 
 
@@ -220,14 +219,14 @@ def _check_features(criu: str | None) -> list[Check]:
     for f in FEATURES:
         name = f"{f.label} ({f.criu_name})"
         if criu is None:
-            checks.append(Check(name, "warn", f"not checked: no CRIU >= {_fmt_version(MIN_CRIU)}", SETUP_FIX))
+            checks.append(Check(name, CheckState.WARNING, f"not checked: no CRIU >= {_fmt_version(MIN_CRIU)}", SETUP_FIX))
             continue
         ok, why = _probe_feature(criu, f.criu_name)
         if ok:
-            checks.append(Check(name, "ok", f"supported: {f.enables}"))
+            checks.append(Check(name, CheckState.PASS, f"supported: {f.enables}"))
         else:
             fix = SETUP_FIX if "does not know" in why else f"optional, phaul works without it; needs {f.kernel}"
-            checks.append(Check(name, "warn", f"not available ({why}); so {f.fallback}", fix))
+            checks.append(Check(name, CheckState.WARNING, f"not available ({why}); so {f.fallback}", fix))
     return checks
 
 
@@ -239,18 +238,18 @@ def _check_pipe_max_size() -> Check:
     try:
         size = int(Path("/proc/sys/fs/pipe-max-size").read_text().strip())
     except (OSError, ValueError) as e:
-        return Check(name, "warn", f"cannot read /proc/sys/fs/pipe-max-size: {e}")
+        return Check(name, CheckState.WARNING, f"cannot read /proc/sys/fs/pipe-max-size: {e}")
     if size >= PIPE_MAX_WANTED:
-        return Check(name, "ok", f"{size} bytes (>= {PIPE_MAX_WANTED})")
+        return Check(name, CheckState.PASS, f"{size} bytes (>= {PIPE_MAX_WANTED})")
     return Check(
-        name, "warn",
+        name, CheckState.WARNING,
         f"{size} bytes, below {PIPE_MAX_WANTED} (4 MiB) that lazy pages need; phaul raises it itself before post-copy",
         f"to raise it now: sysctl -w fs.pipe-max-size={PIPE_MAX_WANTED}",
     )
 
 
 def _missing(name: str, package: str, why: str) -> Check:
-    return Check(name, "fail", f"`{name}` not found on PATH ({why})", f"apt-get install {package}")
+    return Check(name, CheckState.FAILURE, f"`{name}` not found on PATH ({why})", f"apt-get install {package}")
 
 
 def _check_network_lock() -> list[Check]:
@@ -259,7 +258,7 @@ def _check_network_lock() -> list[Check]:
     missing = [b for b in ("iptables-restore", "ip6tables-restore") if shutil.which(b) is None]
     if missing:
         checks.append(Check(
-            "network lock (iptables)", "fail",
+            "network lock (iptables)", CheckState.FAILURE,
             f"{', '.join(missing)} not found on PATH: CRIU locks the network with iptables by default "
             "and every dump of a network namespace fails without it",
             "apt-get install iptables",
@@ -267,21 +266,23 @@ def _check_network_lock() -> list[Check]:
     else:
         r = _run(["iptables", "--version"]) if shutil.which("iptables") else _Run(None, "")
         ver = _version_in(r.out, r"(v\S+(?:\s+\([^)]*\))?)") if r.rc == 0 else "version unknown"
-        checks.append(Check("network lock (iptables)", "ok",
+        checks.append(Check("network lock (iptables)", CheckState.PASS,
                             f"CRIU's default lock: iptables-restore found, iptables {ver}"))
     nft = shutil.which("nft")
     if nft is None:
-        checks.append(Check("network lock (nftables)", "ok", "nft not installed (optional; CRIU uses iptables by default)"))
+        checks.append(
+            Check("network lock (nftables)", CheckState.PASS, "nft not installed (optional; CRIU uses iptables by default)")
+        )
         return checks
     r = _run([nft, "--version"])
     ver = _version_in(r.out, r"(v\d\S*)") if r.rc == 0 else "version unknown"
     criu = _usable_criu()
     if criu is not None and _probe_feature(criu, "network_lock_nftables")[0]:
-        checks.append(Check("network lock (nftables)", "ok",
+        checks.append(Check("network lock (nftables)", CheckState.PASS,
                             f"nft {ver}; CRIU supports --network-lock nftables"))
     else:
         checks.append(Check(
-            "network lock (nftables)", "warn",
+            "network lock (nftables)", CheckState.WARNING,
             f"nft {ver} present, but this CRIU cannot lock with nftables (network_lock_nftables); iptables is used",
             "optional: CRIU built with libnftables-dev supports it (`make setup`)",
         ))
@@ -294,8 +295,8 @@ def _check_tool(name: str, package: str, version_argv: list[str], pattern: str, 
         return _missing(name, package, why)
     r = _run([path, *version_argv])
     if r.rc is None:
-        return Check(name, "fail", f"{path}: {r.error}", f"reinstall it: apt-get install --reinstall {package}")
-    return Check(name, "ok", f"{path}, version {_version_in(r.out, pattern)}")
+        return Check(name, CheckState.FAILURE, f"{path}: {r.error}", f"reinstall it: apt-get install --reinstall {package}")
+    return Check(name, CheckState.PASS, f"{path}, version {_version_in(r.out, pattern)}")
 
 
 
@@ -308,12 +309,12 @@ def _check_busybox() -> Check:
     try:
         static = is_static_elf(real)
     except OSError as e:
-        return Check("busybox", "fail", f"cannot read {real}: {e}", fix)
+        return Check("busybox", CheckState.FAILURE, f"cannot read {real}: {e}", fix)
     if not static:
-        return Check("busybox", "fail",
+        return Check("busybox", CheckState.FAILURE,
                      f"{real} is dynamically linked; the container template needs a static busybox", fix)
     version = _version_in(_run([path, "--help"]).out, r"BusyBox (v\S+)")
-    return Check("busybox", "ok", f"{path}, static, {version}")
+    return Check("busybox", CheckState.PASS, f"{path}, static, {version}")
 
 
 # ---- cgroups, privileges -----------------------------------------------------------
@@ -355,24 +356,24 @@ def _check_cgroups() -> Check:
     try:
         mounts = _mounts()
     except OSError as e:
-        return Check(name, "fail", f"cannot read /proc/self/mounts: {e}")
+        return Check(name, CheckState.FAILURE, f"cannot read /proc/self/mounts: {e}")
     v1 = [(p, o) for p, t, o in mounts if t == "cgroup"]
     v2 = [p for p, t, _ in mounts if t == "cgroup2"]
     if "/sys/fs/cgroup" in v2:
         ok, how = _cgroup2_freeze("/sys/fs/cgroup")
         if ok:
-            return Check(name, "ok", f"v2 (unified) at /sys/fs/cgroup; cgroup2 freeze available ({how})")
-        return Check(name, "fail", f"v2 (unified) at /sys/fs/cgroup without cgroup.freeze ({how}); "
+            return Check(name, CheckState.PASS, f"v2 (unified) at /sys/fs/cgroup; cgroup2 freeze available ({how})")
+        return Check(name, CheckState.FAILURE, f"v2 (unified) at /sys/fs/cgroup without cgroup.freeze ({how}); "
                      "runc cannot freeze a container for checkpoint", "use a kernel >= 5.2")
     if not v1:
-        return Check(name, "fail", "no cgroup file system mounted",
+        return Check(name, CheckState.FAILURE, "no cgroup file system mounted",
                      "mount cgroup2: mount -t cgroup2 none /sys/fs/cgroup")
     layout = f"hybrid (v1 controllers, cgroup2 at {v2[0]})" if v2 else "v1"
     freezer = [p for p, o in v1 if "freezer" in o]
     if freezer:
-        return Check(name, "ok", f"{layout}; v1 freezer controller at {freezer[0]}")
+        return Check(name, CheckState.PASS, f"{layout}; v1 freezer controller at {freezer[0]}")
     return Check(
-        name, "fail",
+        name, CheckState.FAILURE,
         f"{layout} without the v1 freezer controller: runc cannot freeze a container for checkpoint",
         "mkdir -p /sys/fs/cgroup/freezer && mount -t cgroup -o freezer freezer /sys/fs/cgroup/freezer",
     )
@@ -384,7 +385,7 @@ _CAPS_NEEDED = {21: "CAP_SYS_ADMIN", 19: "CAP_SYS_PTRACE", 12: "CAP_NET_ADMIN"}
 def _check_root() -> Check:
     name = "root"
     if os.geteuid() != 0:
-        return Check(name, "fail", f"running as uid {os.geteuid()}; CRIU, runc and the network lab need root",
+        return Check(name, CheckState.FAILURE, f"running as uid {os.geteuid()}; CRIU, runc and the network lab need root",
                      "run phaul as root (sudo)")
     cap_eff = None
     try:
@@ -394,15 +395,15 @@ def _check_root() -> Check:
     except (OSError, ValueError):
         pass
     if cap_eff is None:
-        return Check(name, "ok", "uid 0 (capabilities unknown)")
+        return Check(name, CheckState.PASS, "uid 0 (capabilities unknown)")
     lacking = [n for bit, n in sorted(_CAPS_NEEDED.items()) if not cap_eff >> bit & 1]
     if lacking:
-        return Check(name, "fail", f"uid 0 but without {', '.join(lacking)}",
+        return Check(name, CheckState.FAILURE, f"uid 0 but without {', '.join(lacking)}",
                      "run phaul with full root capabilities (not in a restricted container)")
     note = ""
     if not cap_eff >> 24 & 1:  # CAP_SYS_RESOURCE
         note = "; no CAP_SYS_RESOURCE: CRIU logs a harmless 'Can't setup RLIMIT_NOFILE' error"
-    return Check(name, "ok", f"uid 0 with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN{note}")
+    return Check(name, CheckState.PASS, f"uid 0 with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN{note}")
 
 
 # ---- public API ----------------------------------------------------------------------
@@ -428,21 +429,21 @@ def run_checks() -> list[Check]:
 def report_table(checks: list[Check]) -> str:
     """An aligned table: status, name, detail; the fix on the next line for every check not ok."""
     width = max((len(c.name) for c in checks), default=4)
-    indent = " " * (6 + 2 + width)
-    lines = [f"{'STATUS':<6}  {'NAME':<{width}}  DETAIL"]
+    indent = " " * (7 + 2 + width)
+    lines = [f"{'STATUS':<7}  {'NAME':<{width}}  DETAIL"]
     for c in checks:
-        lines.append(f"{c.status:<6}  {c.name:<{width}}  {c.detail}")
-        if c.status != "ok" and c.fix:
+        lines.append(f"{c.status:<7}  {c.name:<{width}}  {c.detail}")
+        if c.status != CheckState.PASS and c.fix:
             lines.append(f"{indent}  fix: {c.fix}")
     return "\n".join(lines)
 
 
 def summary(checks: list[Check]) -> str:
     """"all good", or "N problems: ..." naming each fail and warn."""
-    problems = [c for c in checks if c.status != "ok"]
+    problems = [c for c in checks if c.status != CheckState.PASS]
     if not problems:
         return "all good"
-    problems.sort(key=lambda c: c.status != "fail")
+    problems.sort(key=lambda c: c.status != CheckState.FAILURE)
     listed = ", ".join(f"{c.name} ({c.status})" for c in problems)
     return f"{len(problems)} problem{'s' if len(problems) != 1 else ''}: {listed}"
 
@@ -451,7 +452,7 @@ def main() -> int:
     checks = run_checks()
     print(report_table(checks))
     print(summary(checks))
-    return 1 if any(c.status == "fail" for c in checks) else 0
+    return 1 if any(c.status == CheckState.FAILURE for c in checks) else 0
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from phaul.containers import ContainerConfig, ContainerKind
 from phaul.errors import Conflict, InvalidInput, PhaulError, ToolFailed
+from phaul.linux.run import run
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,7 @@ def _host_mac(tag: str, ct_id: str) -> str:
 
 
 def _run(cmd: list[str], *, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, input=input)
-    except FileNotFoundError as e:
-        raise ToolFailed(f"{cmd[0]} not found", "install iproute2 and util-linux") from e
-    if check and r.returncode != 0:
-        raise ToolFailed(f"`{' '.join(cmd)}` failed: {r.stderr.strip()}", "see the agent's log")
-    return r
+    return run(cmd, timeout=30, check=check, input=input, hint="see the agent's log")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -315,7 +310,9 @@ def address_problem(ident: Identity, where: str, others: Iterable[ContainerConfi
     return None
 
 
-def arp_probe(ifname: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ignore_mac: str, wait: float = ARP_PROBE_WAIT) -> str | None:
+def arp_probe(
+    ifname: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ignore_mac: str, wait: float = ARP_PROBE_WAIT
+) -> str | None:
     """Ask (RFC 5227 probe) who has `ip` on `ifname`; the MAC of an answer from
     anyone but `ignore_mac`, else None."""
     mine = _mac_bytes(link(ifname)["address"])  # type: ignore[index]
@@ -437,7 +434,6 @@ class FreezeSignal:
         self.script.chmod(0o700)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.seen_at: float | None = None  # time.monotonic() when the action was seen
 
     def criu_options(self) -> str:
         return f"action-script {self.script}\n"
@@ -448,7 +444,6 @@ class FreezeSignal:
         def watch() -> None:
             while not self._stop.is_set():
                 if self.marker.exists():
-                    self.seen_at = time.monotonic()
                     try:
                         on_freeze()
                     except Exception as e:  # holding is an optimisation; the migration goes on

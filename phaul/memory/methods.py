@@ -2,7 +2,7 @@
 
 - `StopAndCopy`: nothing before the freeze; the final dump's images travel
   whole while the container is frozen.
-- `PageDelta` (no soft-dirty tracking, e.g. this project's machines): pre-copy
+- `PageDeltaMethod` (no soft-dirty tracking, e.g. this project's machines): pre-copy
   rounds of `runc checkpoint --leave-running`; the first round's images travel
   whole, every later round (and the final dump) only as a page delta against
   what the destination already holds (`phaul.memory.page_delta`), which the
@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from phaul.channels.fs_sync import RsyncSender
 from phaul.config import Timeouts
-from phaul.linux import criu
-from phaul.linux import freezer
-from phaul.memory import page_delta
 from phaul.containers import ContainerKind
 from phaul.errors import PhaulError, ToolFailed
-from phaul.channels.fs_sync import RsyncSender
+from phaul.linux import criu, freezer
+from phaul.memory import page_delta
 from phaul.memory.page_stream import PageStream, StreamError
 
 log = logging.getLogger(__name__)
@@ -142,7 +141,7 @@ class StopAndCopy(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-class PageDelta(MemoryMethod):
+class PageDeltaMethod(MemoryMethod):
     name = "precopy-page-delta"
     precopy = True
 
@@ -281,7 +280,7 @@ class SoftDirty(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDelta, SoftDirty)}
+METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty)}
 
 
 def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False, parent: Path | None = None) -> RoundDump:
@@ -303,7 +302,9 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     try:
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=ctx.dump_timeout)
     except subprocess.TimeoutExpired:
-        raise PrecopyDumpFailed(f"pre-copy dump {k} did not finish within {ctx.dump_timeout:.0f} s", f"see {work / 'dump.log'}") from None
+        raise PrecopyDumpFailed(
+            f"pre-copy dump {k} did not finish within {ctx.dump_timeout:.0f} s", f"see {work / 'dump.log'}"
+        ) from None
     finally:
         freezer.thaw(ctx.freezer)
         thawed_ns = time.time_ns()

@@ -30,8 +30,8 @@ import os
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -264,8 +264,7 @@ def _same_pages(new: Path, basis: Path | None, src: Any) -> Any:
     if not n or basis is None or not (src >= 0).any():
         return same
     a = np.memmap(new, dtype=np.uint64, mode="r").reshape(n, PAGE // 8)
-    b = np.memmap(basis, dtype=np.uint64, mode="r")
-    b = b.reshape(-1, PAGE // 8)
+    b = np.memmap(basis, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
     memcmp = _memcmp()
     # Runs of pages whose basis pages follow each other are compared with
     # memcmp a block at a time (most blocks are equal); only blocks that
@@ -299,8 +298,7 @@ def _same_pages(new: Path, basis: Path | None, src: Any) -> Any:
             t.join()
     else:
         compare(0, n)
-    del a, b
-    return same
+    return same  # the memory maps close with the last reference to them, on return
 
 
 def _recipe(new: Path, basis: Path | None, src: Any, same: Any, out_dir: Path, name: str) -> Recipe:
@@ -317,7 +315,7 @@ def _recipe(new: Path, basis: Path | None, src: Any, same: Any, out_dir: Path, n
         starts = np.flatnonzero(brk)
         ends = np.append(starts[1:], n)
         data_off = 0
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             if literal[s]:
                 segments.append(Segment(s, e - s, True, data_off))
                 data_off += e - s
@@ -346,7 +344,7 @@ def _write_pages(src: Path, pages: Any, dst: Path) -> None:
     starts = np.concatenate(([0], brk)).astype(np.int64)
     ends = np.concatenate((brk, [len(pages)])).astype(np.int64)
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             _copy_range(fi.fileno(), int(pages[s]) * PAGE, fo.fileno(), None, (e - s) * PAGE)
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 MAX_FILES = 100_000
 MAX_BYTES = 1 << 40
@@ -67,7 +67,7 @@ def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
             for name, size in files:
                 _receive(rx, delta / name, size)
             stats = page_delta.apply_delta(delta, mdir / "images")
-            answer = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
+            answer: dict[str, object] = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
         except (page_delta.DeltaError, StreamError, OSError, ValueError) as e:
             answer = {"ok": False, "error": str(e)[:2000]}
             tx.write(json.dumps(answer).encode() + b"\n")
@@ -95,13 +95,18 @@ def _parse_header(line: bytes) -> list[tuple[str, int]]:
 
 def _receive(rx: BinaryIO, path: Path, size: int) -> None:
     with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = rx.read(min(CHUNK, left))
-            if not chunk:
-                raise StreamError(f"page stream ended inside {path.name}")
-            f.write(chunk)
-            left -= len(chunk)
+        _copy(rx, f, size, f"page stream ended inside {path.name}")
+
+
+def _copy(src: IO[bytes], dst: IO[bytes], size: int, short: str) -> None:
+    """Copy `size` bytes from `src` to `dst` a chunk at a time; StreamError(`short`) if `src` ends first."""
+    left = size
+    while left:
+        chunk = src.read(min(CHUNK, left))
+        if not chunk:
+            raise StreamError(short)
+        dst.write(chunk)
+        left -= len(chunk)
 
 
 def main(argv: list[str]) -> int:
@@ -145,13 +150,7 @@ class PageStream:
             stdin.write(header)
             for name, size in files:
                 with open(delta_dir / name, "rb") as f:
-                    left = size
-                    while left:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:
-                            raise StreamError(f"{name} shrank while it was sent")
-                        stdin.write(chunk)
-                        left -= len(chunk)
+                    _copy(f, stdin, size, f"{name} shrank while it was sent")
                 sent += size
             stdin.flush()
         except (BrokenPipeError, OSError) as e:
@@ -163,7 +162,9 @@ class PageStream:
             raise StreamError(f"the page stream answered {line[:80]!r}") from None
         if not answer.get("ok"):
             raise StreamError(f"the destination could not apply the page delta: {answer.get('error')}")
-        return StreamResult(sent, int(answer.get("pages_written", 0)), float(answer.get("ms", 0.0)), (time.monotonic() - t0) * 1000)
+        return StreamResult(
+            sent, int(answer.get("pages_written", 0)), float(answer.get("ms", 0.0)), (time.monotonic() - t0) * 1000
+        )
 
     def _readline(self) -> bytes:
         import select

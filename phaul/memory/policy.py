@@ -132,11 +132,14 @@ class ConvergencePolicy:
 
         if prev is not None:
             if predicted <= self.max_downtime_ms:
-                return decide(True, "downtime-target", f"predicted frozen time {predicted:.0f} ms <= {self.max_downtime_ms:.0f} ms")
+                return decide(
+                    True, "downtime-target", f"predicted frozen time {predicted:.0f} ms <= {self.max_downtime_ms:.0f} ms"
+                )
             if dirty_ms <= self.negligible * predicted:
                 return decide(
                     True, "converged",
-                    f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; more rounds cannot shorten it",
+                    f"what still changes adds {dirty_ms:.0f} ms to a predicted {predicted:.0f} ms freeze; "
+                    "more rounds cannot shorten it",
                 )
             if dirty_ms <= fig.frozen_ms:
                 return decide(

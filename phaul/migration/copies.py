@@ -10,14 +10,14 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from phaul.agent.host import Host
-from phaul.errors import NotFound, PhaulError
+from phaul.errors import NotFound, PhaulError, ToolFailed
 from phaul.linux import criu, procfs
+from phaul.linux.run import run
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ def unlock_network(pid: int) -> None:
             continue
         ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "--"]
         try:
-            rules = subprocess.run([*ns, save, "-t", "filter"], capture_output=True, text=True, timeout=10).stdout
+            rules = run([*ns, save, "-t", "filter"], timeout=10, check=False).stdout
             if ":CRIU " in rules:
-                subprocess.run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, capture_output=True, text=True, timeout=10)
+                run([*ns, restore, "-w", "--noflush"], input=_CRIU_UNLOCK, timeout=10, check=False)
                 log.info("removed CRIU's network lock from the namespace of %d", pid)
-        except (OSError, subprocess.SubprocessError) as e:
-            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e)
+        except ToolFailed as e:
+            log.warning("cannot check CRIU's network lock in the namespace of %d: %s", pid, e.message)
 
 
 def source_copy(host: Host, ct_id: str, mdir: Path) -> str:

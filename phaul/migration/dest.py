@@ -16,18 +16,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaul.linux import criu
-from phaul.containers import inbound
-from phaul.linux import network
-from phaul.memory import page_delta
-from phaul.containers import ContainerConfig
-from phaul.linux.doctor import criu_path, criu_version
-from phaul.errors import Conflict, NotFound, ToolFailed
-from phaul.channels.fs_sync import RsyncReceiver
 from phaul.agent.host import Host
-from phaul.migration.journal import Journal, JournalEntry
-from phaul.migration.steps import Step, StepPoint
+from phaul.channels.fs_sync import RsyncReceiver
 from phaul.channels.transport import TlsEndpoint
+from phaul.containers import ContainerConfig, inbound
+from phaul.errors import Conflict, NotFound, ToolFailed
+from phaul.linux import criu, network
+from phaul.linux.doctor import criu_path, criu_version
+from phaul.memory import page_delta
+from phaul.migration.journal import JournalEntry
+from phaul.migration.report import Result
+from phaul.migration.steps import Step, StepPoint
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class Destination:
         self.host = host
         self._incoming: dict[str, Incoming] = {}
         self._lock = threading.Lock()
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
 
     def prepare(
         self, migration_id: str, source: str, config: ContainerConfig, source_criu: str,
@@ -105,7 +104,7 @@ class Destination:
             except BaseException as e:
                 receiver.close()
                 shutil.rmtree(mdir, ignore_errors=True)
-                self._settle_quietly(migration_id, "refused", str(e))
+                self._settle_quietly(migration_id, Result.REFUSED, str(e))
                 raise
             self._incoming[migration_id] = Incoming(migration_id, ct_id, source, mdir, receiver, tcp_close=tcp_close)
         if ident is not None:
@@ -205,7 +204,7 @@ class Destination:
             m = self._incoming.get(migration_id)
         if m is None:
             shutil.rmtree(self.host.migration_dir(migration_id), ignore_errors=True)
-            self._settle_quietly(migration_id, "rolled_back")
+            self._settle_quietly(migration_id, Result.ROLLED_BACK)
             return
         with m.lock:
             if m.state == "running":
@@ -218,7 +217,7 @@ class Destination:
                 self.host.containers.destroy(m.ct_id)
             shutil.rmtree(m.dir, ignore_errors=True)
             m.state = "aborted"
-            self._settle_quietly(migration_id, "rolled_back")
+            self._settle_quietly(migration_id, Result.ROLLED_BACK)
         with self._lock:
             self._incoming.pop(migration_id, None)
         log.info("migration %s: aborted, %s removed from %s", migration_id, m.ct_id, self.host.name)
@@ -236,7 +235,7 @@ class Destination:
         if m.net is not None:
             m.net.close()
         shutil.rmtree(m.dir, ignore_errors=True)
-        self._settle_quietly(migration_id, "ok")
+        self._settle_quietly(migration_id, Result.OK)
 
     def close_all(self) -> None:
         """Agent shutdown: abort what was not restored yet. A restored copy held
@@ -293,7 +292,7 @@ class Destination:
 
     # -- the journal and recovery (phaul.migration.recovery) ------------------------------------
 
-    def _settle_quietly(self, migration_id: str, result: str, error: str = "") -> None:
+    def _settle_quietly(self, migration_id: str, result: Result, error: str = "") -> None:
         """Journal how this host's part ended, if it was journaled and is not settled yet."""
         try:
             if not self.journal.get(migration_id, "destination").settled:

@@ -21,6 +21,7 @@ from phaul.errors import PhaulError
 from phaul.linux import network
 from phaul.migration import recovery
 from phaul.migration.copies import ensure_running, source_copy
+from phaul.migration.report import Result
 from phaul.rpc import phaul_pb2 as pb
 
 if TYPE_CHECKING:
@@ -40,25 +41,25 @@ def undo_preflight(m: SourceMigration) -> None:
     shutil.rmtree(m.dir, ignore_errors=True)
 
 
-def settle(m: SourceMigration) -> str:
+def settle(m: SourceMigration) -> Result:
     """Settle after a failure; returns the migration's result."""
     held, link = m.held, m.host.timeouts.call
     if held.committed:
         m.remove_source()
         if not _resume_dest(m, deadline=time.monotonic() + 3 * link):
-            return "in_doubt"  # the images stay until the migration settles (phaul recover)
+            return Result.IN_DOUBT  # the images stay until the migration settles (phaul recover)
         _finish_after_failure(m)
-        return "ok"
+        return Result.OK
     m.stop_network_watch()
     source_ok = _resume_source(m)
     if not source_ok and held.prepared and source_copy(m.host, m.ct_id, m.dir) == "gone":
         # The source copy died (e.g. CRIU was killed while it held it): a copy the
         # destination holds restored is now the only one.
-        if _dest_state(m, link) == recovery.RESTORED and _resume_dest(m, time.monotonic() + 3 * link):
+        if _dest_state(m, link) == recovery.DestState.RESTORED and _resume_dest(m, time.monotonic() + 3 * link):
             held.committed = True
             m.host.containers.destroy(m.ct_id, timeout=0)
             _finish_after_failure(m)
-            return "ok"
+            return Result.OK
     if held.prepared and held.dest is not None:
         try:
             held.dest.call("Abort", pb.MigrationRef(migration_id=m.id), timeout=3 * link)
@@ -69,7 +70,7 @@ def settle(m: SourceMigration) -> str:
         network.reannounce(m.host.containers, m.ct_id)
     _cleanup_method(m)
     shutil.rmtree(m.dir, ignore_errors=True)
-    return "rolled_back" if source_ok else "failed"
+    return Result.ROLLED_BACK if source_ok else Result.FAILED
 
 
 def _cleanup_method(m: SourceMigration) -> None:

@@ -18,19 +18,20 @@ import json
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from phaul.errors import InvalidInput, NotFound
 from phaul.linux.fsutil import fsync_dir
+from phaul.migration.report import Result
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
 
 ROLES = ("source", "destination")
 # A migration is settled once one of these steps is journaled; `result` says how.
-SETTLED = ("ok", "rolled_back", "failed", "refused")
+SETTLED = (Result.OK, Result.ROLLED_BACK, Result.FAILED, Result.REFUSED)
 # Journals of settled migrations kept at start-up (the newest ones).
 KEEP_SETTLED = 200
 MAX_RECORD = 64 << 10  # bytes; a record larger than this is a bug
@@ -50,9 +51,8 @@ class JournalEntry:
     steps: list[str] = field(default_factory=list)
     started_at: str = ""
     updated_at: str = ""
-    result: str = ""  # "" while unsettled; ok | rolled_back | failed | refused; in_doubt when marked so
+    result: Result | Literal[""] = ""  # "" while unsettled; one of SETTLED; IN_DOUBT when marked so
     error: str = ""
-    data: dict[str, Any] = field(default_factory=dict)  # step details (gate dir, pids, ...), merged
 
     @property
     def settled(self) -> bool:
@@ -60,11 +60,6 @@ class JournalEntry:
 
     def reached(self, step: str) -> bool:
         return step in self.steps
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.result or "in_progress"
-        return d
 
 
 def _now() -> str:
@@ -95,7 +90,7 @@ class Journal:
         """Journal `step` (with details) durably. Call it before acting on the step."""
         self._append(migration_id, role, {"step": step, **data}, new=False)
 
-    def settle(self, migration_id: str, role: str, result: str, error: str = "") -> None:
+    def settle(self, migration_id: str, role: str, result: Result, error: str = "") -> None:
         """Journal how the migration ended: ok, rolled_back, failed or refused."""
         if result not in SETTLED:
             raise InvalidInput(f"invalid journal result {result!r}")
@@ -103,7 +98,7 @@ class Journal:
 
     def mark_in_doubt(self, migration_id: str, role: str, error: str) -> None:
         """Journal that the migration could not be settled (yet); it stays unsettled."""
-        self._append(migration_id, role, {"step": "in_doubt", "result": "in_doubt", "error": error[:2000]}, new=False)
+        self._append(migration_id, role, {"step": Result.IN_DOUBT, "result": Result.IN_DOUBT, "error": error[:2000]}, new=False)
 
     def _append(self, migration_id: str, role: str, record: dict[str, Any], new: bool) -> None:
         path = self.path(migration_id, role)
@@ -206,14 +201,14 @@ def _fold(path: Path) -> JournalEntry | None:
         entry.steps.append(step)
         entry.updated_at = str(rec.get("ts", ""))
         if "result" in rec:
-            entry.result = str(rec["result"])
+            try:
+                entry.result = Result(str(rec["result"]))
+            except ValueError:
+                log.warning("journal %s: ignoring the unknown result %r", path, rec["result"])
             entry.error = str(rec.get("error", ""))
         elif step not in ("begin",):
             # a new step after an in_doubt mark: the migration is being settled again
-            if entry.result == "in_doubt":
+            if entry.result == Result.IN_DOUBT:
                 entry.result = ""
-        for k, v in rec.items():
-            if k not in ("ts", "step", "result", "error", "migration_id", "role", "ct", "peer", "peer_address"):
-                entry.data[k] = v
     return entry
 

@@ -1,7 +1,7 @@
 """Preflight: can container ID move from this host to HOST? (`phaul check`, and
 the first step of every `phaul migrate`).
 
-Each check ends `pass`, `warning` or `failure` with the reason. The source
+Each check ends pass, warning or failure (phaul.checks.CheckState) with the reason. The source
 checks the container and its own tools, measures what the container needs and
 dumps its CPU's features (`criu cpuinfo dump`); the destination checks its
 CRIU against the source's, its CPU against that image (`criu cpuinfo check`),
@@ -17,43 +17,29 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.linux import network
-from phaul.containers import ContainerConfig
-from phaul.linux.doctor import criu_path, criu_version
-from phaul.errors import Conflict, NotFound, PhaulError
 from phaul.agent.host import Host
+from phaul.channels import messages
+from phaul.channels.client import Agent
+from phaul.checks import CheckResult, CheckState
+from phaul.containers import ContainerConfig
+from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.linux import criu, network
+from phaul.linux.doctor import criu_path, criu_version
+from phaul.linux.run import probe
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-PASS, WARNING, FAILURE = "pass", "warning", "failure"
 CHECKS = ("agent", "container", "criu", "cpu", "memory", "disk", "ct-id", "address", "bridge", "runc")
 CPUINFO_MAX = 64 << 10
 TOOL_TIMEOUT = 30.0
 
 
-@dataclass
-class CheckResult:
-    name: str  # one of CHECKS
-    status: str  # pass | warning | failure
-    message: str
-    host: str
-
-    def to_proto(self) -> pb.CheckResult:
-        return pb.CheckResult(**asdict(self))
-
-    @classmethod
-    def from_proto(cls, m: pb.CheckResult) -> CheckResult:
-        return cls(m.name, m.status, m.message, m.host)
-
-
 def check_force(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Validate `--force` names."""
-    from phaul.errors import InvalidInput
-
     bad = [n for n in names if n not in CHECKS]
     if bad:
         raise InvalidInput(f"unknown check {bad[0][:40]!r} to force", f"name one of: {', '.join(CHECKS)}")
@@ -62,7 +48,7 @@ def check_force(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def refusal(results: list[CheckResult], force: tuple[str, ...]) -> Conflict | None:
     """The error that stops a migration: failures not forced; None when it may go ahead."""
-    failed = [r for r in results if r.status == FAILURE and r.name not in force]
+    failed = [r for r in results if r.status == CheckState.FAILURE and r.name not in force]
     if not failed:
         return None
     lines = "; ".join(f"{r.name} on {r.host}: {r.message}" for r in failed)
@@ -93,21 +79,21 @@ def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | No
         info = host.containers.info(ct_id)
         config = host.containers.config(ct_id)
     except NotFound as e:
-        return [CheckResult("container", FAILURE, e.message, me)], None
+        return [CheckResult("container", CheckState.FAILURE, e.message, me)], None
     if info.state != "running":
-        out.append(CheckResult("container", FAILURE, f"{ct_id} is {info.state}, not running", me))
+        out.append(CheckResult("container", CheckState.FAILURE, f"{ct_id} is {info.state}, not running", me))
     else:
-        out.append(CheckResult("container", PASS, f"{ct_id} runs (init PID {info.pid})", me))
+        out.append(CheckResult("container", CheckState.PASS, f"{ct_id} runs (init PID {info.pid})", me))
     path = criu_path()
     version = criu_version(path) if path else None
     if version is None:
-        out.append(CheckResult("criu", FAILURE, "no usable CRIU here; run `make setup`", me))
+        out.append(CheckResult("criu", CheckState.FAILURE, "no usable CRIU here; run `make setup`", me))
     else:
-        out.append(CheckResult("criu", PASS, f"CRIU {_v(version)} at {path}", me))
+        out.append(CheckResult("criu", CheckState.PASS, f"CRIU {_v(version)} at {path}", me))
     out.append(_runc_check(me))
     cpuinfo, why = _cpuinfo_dump(host) if path else (b"", "no CRIU")
     if not cpuinfo:
-        out.append(CheckResult("cpu", WARNING, f"could not describe this host's CPU for the destination: {why}", me))
+        out.append(CheckResult("cpu", CheckState.WARNING, f"could not describe this host's CPU for the destination: {why}", me))
     memory = info.memory_used or 0
     disk = _du(host.containers.container_dir(ct_id)) + memory  # files + the images of its memory
     return out, Needs(config, _v(version) if version else "", memory, disk, cpuinfo)
@@ -117,7 +103,7 @@ def _cpuinfo_dump(host: Host) -> tuple[bytes, str]:
     tmp = host.state_dir / "tmp"
     tmp.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
-        r = _run([criu_path() or "criu", "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"])
+        r = probe([criu_path() or "criu", "cpuinfo", "dump", "-D", d, "-o", "cpuinfo.log"], timeout=TOOL_TIMEOUT)
         img = Path(d) / "cpuinfo.img"
         if r.returncode != 0 or not img.is_file():
             return b"", _criu_error(Path(d) / "cpuinfo.log", r)
@@ -142,40 +128,49 @@ def _criu_check(me: str, theirs_text: str) -> CheckResult:
     path = criu_path()
     mine = criu_version(path) if path else None
     if mine is None:
-        return CheckResult("criu", FAILURE, "no usable CRIU here; run `make setup`", me)
+        return CheckResult("criu", CheckState.FAILURE, "no usable CRIU here; run `make setup`", me)
     theirs = tuple(int(x) for x in theirs_text.split(".") if x.isdigit())
     if theirs and mine < theirs:
-        return CheckResult("criu", FAILURE, f"CRIU {_v(mine)} here is older than the source's {theirs_text}: it may not read its images", me)
+        return CheckResult(
+            "criu", CheckState.FAILURE,
+            f"CRIU {_v(mine)} here is older than the source's {theirs_text}: it may not read its images", me,
+        )
     if theirs and mine[:2] != theirs[:2]:
-        return CheckResult("criu", WARNING, f"CRIU {_v(mine)} here, {theirs_text} on the source: newer, should read its images", me)
-    return CheckResult("criu", PASS, f"CRIU {_v(mine)}" + (f", as the source's {theirs_text}" if theirs else ""), me)
+        return CheckResult(
+            "criu", CheckState.WARNING, f"CRIU {_v(mine)} here, {theirs_text} on the source: newer, should read its images", me
+        )
+    return CheckResult("criu", CheckState.PASS, f"CRIU {_v(mine)}" + (f", as the source's {theirs_text}" if theirs else ""), me)
 
 
 def _cpu_check(host: Host, cpuinfo: bytes) -> CheckResult:
     me = host.name
     if not cpuinfo:
-        return CheckResult("cpu", WARNING, "the source sent no CPU description; not checked", me)
+        return CheckResult("cpu", CheckState.WARNING, "the source sent no CPU description; not checked", me)
     if criu_path() is None:
-        return CheckResult("cpu", FAILURE, "no CRIU here to check the CPU with", me)
+        return CheckResult("cpu", CheckState.FAILURE, "no CRIU here to check the CPU with", me)
     tmp = host.state_dir / "tmp"
     tmp.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp, prefix="cpuinfo.") as d:
         (Path(d) / "cpuinfo.img").write_bytes(cpuinfo)
-        r = _run([criu_path() or "criu", "cpuinfo", "check", "-D", d, "-o", "cpuinfo.log"])
+        r = probe([criu_path() or "criu", "cpuinfo", "check", "-D", d, "-o", "cpuinfo.log"], timeout=TOOL_TIMEOUT)
         if r.returncode == 0:
-            return CheckResult("cpu", PASS, "this CPU has every feature the container's processes may use (criu cpuinfo check)", me)
-        return CheckResult("cpu", FAILURE, f"this CPU lacks features of the source's: {_criu_error(Path(d) / 'cpuinfo.log', r)}", me)
+            return CheckResult(
+                "cpu", CheckState.PASS, "this CPU has every feature the container's processes may use (criu cpuinfo check)", me
+            )
+        return CheckResult(
+            "cpu", CheckState.FAILURE, f"this CPU lacks features of the source's: {_criu_error(Path(d) / 'cpuinfo.log', r)}", me
+        )
 
 
 def _memory_check(me: str, need: int) -> CheckResult:
     avail = _mem_available()
     if avail is None:
-        return CheckResult("memory", WARNING, "cannot read MemAvailable from /proc/meminfo", me)
+        return CheckResult("memory", CheckState.WARNING, "cannot read MemAvailable from /proc/meminfo", me)
     if need > avail:
-        return CheckResult("memory", FAILURE, f"the container uses {_mib(need)}, only {_mib(avail)} is available", me)
+        return CheckResult("memory", CheckState.FAILURE, f"the container uses {_mib(need)}, only {_mib(avail)} is available", me)
     if need > avail * 0.8:
-        return CheckResult("memory", WARNING, f"the container uses {_mib(need)} of {_mib(avail)} available", me)
-    return CheckResult("memory", PASS, f"{_mib(avail)} available, the container uses {_mib(need)}", me)
+        return CheckResult("memory", CheckState.WARNING, f"the container uses {_mib(need)} of {_mib(avail)} available", me)
+    return CheckResult("memory", CheckState.PASS, f"{_mib(avail)} available, the container uses {_mib(need)}", me)
 
 
 def _disk_check(host: Host, need: int) -> CheckResult:
@@ -183,52 +178,57 @@ def _disk_check(host: Host, need: int) -> CheckResult:
     try:
         st = os.statvfs(host.state_dir)
     except OSError as e:
-        return CheckResult("disk", FAILURE, f"cannot stat the state directory: {e.strerror}", me)
+        return CheckResult("disk", CheckState.FAILURE, f"cannot stat the state directory: {e.strerror}", me)
     free = st.f_bavail * st.f_frsize
     if need > free:
-        return CheckResult("disk", FAILURE, f"the container needs about {_mib(need)}, {host.state_dir} has {_mib(free)} free", me)
+        return CheckResult(
+            "disk", CheckState.FAILURE, f"the container needs about {_mib(need)}, {host.state_dir} has {_mib(free)} free", me
+        )
     if need * 2 > free:
-        return CheckResult("disk", WARNING, f"the container needs about {_mib(need)} of {_mib(free)} free (pre-copy rounds need more)", me)
-    return CheckResult("disk", PASS, f"{_mib(free)} free in {host.state_dir}, about {_mib(need)} needed", me)
+        return CheckResult(
+            "disk", CheckState.WARNING,
+            f"the container needs about {_mib(need)} of {_mib(free)} free (pre-copy rounds need more)", me,
+        )
+    return CheckResult("disk", CheckState.PASS, f"{_mib(free)} free in {host.state_dir}, about {_mib(need)} needed", me)
 
 
 def _id_check(host: Host, ct_id: str, busy: bool) -> CheckResult:
     me = host.name
     if host.containers.container_dir(ct_id).exists():
-        return CheckResult("ct-id", FAILURE, f"{me} already has a container {ct_id}", me)
+        return CheckResult("ct-id", CheckState.FAILURE, f"{me} already has a container {ct_id}", me)
     if busy:
-        return CheckResult("ct-id", FAILURE, f"a migration of {ct_id} to {me} is already under way", me)
-    return CheckResult("ct-id", PASS, f"no container {ct_id} here", me)
+        return CheckResult("ct-id", CheckState.FAILURE, f"a migration of {ct_id} to {me} is already under way", me)
+    return CheckResult("ct-id", CheckState.PASS, f"no container {ct_id} here", me)
 
 
 def _address_check(host: Host, config: ContainerConfig) -> CheckResult:
     me = host.name
     if not config.ip:
-        return CheckResult("address", PASS, "the container has no address of its own", me)
+        return CheckResult("address", CheckState.PASS, "the container has no address of its own", me)
     ident = network.Identity.of(config)
     assert ident is not None
     problem = network.address_problem(ident, me, _configs(host), host.bridge)
     if problem:
-        return CheckResult("address", FAILURE, problem, me)
-    return CheckResult("address", PASS, f"{ident.ip} is free here", me)
+        return CheckResult("address", CheckState.FAILURE, problem, me)
+    return CheckResult("address", CheckState.PASS, f"{ident.ip} is free here", me)
 
 
 def _bridge_check(host: Host, config: ContainerConfig) -> CheckResult:
     me = host.name
     if not config.ip:
-        return CheckResult("bridge", PASS, "the container has no address: no bridge needed", me)
+        return CheckResult("bridge", CheckState.PASS, "the container has no address: no bridge needed", me)
     problem = network.bridge_problem(host.bridge, me)  # ip(8): this agent's network namespace, not /sys
     if problem:
-        return CheckResult("bridge", FAILURE, problem, me)
-    return CheckResult("bridge", PASS, f"bridge {host.bridge} is present", me)
+        return CheckResult("bridge", CheckState.FAILURE, problem, me)
+    return CheckResult("bridge", CheckState.PASS, f"bridge {host.bridge} is present", me)
 
 
 def _runc_check(me: str) -> CheckResult:
     path = shutil.which("runc")
     if path is None:
-        return CheckResult("runc", FAILURE, "runc is not installed (apt-get install runc)", me)
-    first = _run([path, "--version"]).stdout.splitlines()
-    return CheckResult("runc", PASS, first[0] if first else path, me)
+        return CheckResult("runc", CheckState.FAILURE, "runc is not installed (apt-get install runc)", me)
+    first = probe([path, "--version"], timeout=TOOL_TIMEOUT).stdout.splitlines()
+    return CheckResult("runc", CheckState.PASS, first[0] if first else path, me)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -244,18 +244,8 @@ def _configs(host: Host) -> list[ContainerConfig]:
     return out
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return subprocess.CompletedProcess(argv, 255, "", str(e))
-
-
 def _criu_error(log_path: Path, r: subprocess.CompletedProcess[str]) -> str:
-    try:
-        lines = [l for l in log_path.read_text(errors="replace").splitlines() if "Error" in l and "RLIMIT" not in l]
-    except OSError:
-        lines = []
+    lines = criu.error_lines(criu.read_log(log_path) or "")
     text = (lines[-1] if lines else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1])
     return text[-300:]
 
@@ -289,13 +279,8 @@ def _v(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def run(host: Host, ct_id: str, dest: object, dest_name: str) -> list[CheckResult]:
-    """Every check, on this host (the source) and on the destination agent `dest`
-    (a connected phaul.channels.client.Agent)."""
-    from phaul.channels import messages
-    from phaul.channels.client import Agent
-
-    assert isinstance(dest, Agent)
+def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> list[CheckResult]:
+    """Every check, on this host (the source) and on the destination agent `dest`."""
     results, needs = source_checks(host, ct_id)
     if needs is None:
         return results
@@ -306,7 +291,7 @@ def run(host: Host, ct_id: str, dest: object, dest_name: str) -> list[CheckResul
     try:
         reply = dest.call("PeerCheck", request, timeout=60)
     except PhaulError as e:
-        results.append(CheckResult("agent", FAILURE, f"cannot ask {dest_name}: {e.message}", host.name))
+        results.append(CheckResult("agent", CheckState.FAILURE, f"cannot ask {dest_name}: {e.message}", host.name))
         return results
-    results.append(CheckResult("agent", PASS, f"{dest_name}'s agent answers", host.name))
-    return results + [CheckResult.from_proto(c) for c in reply.checks]
+    results.append(CheckResult("agent", CheckState.PASS, f"{dest_name}'s agent answers", host.name))
+    return results + [messages.check_from_proto(c) for c in reply.checks]

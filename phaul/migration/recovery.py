@@ -22,15 +22,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from phaul.linux import criu
-from phaul.linux import network
+from phaul.agent.host import Host
 from phaul.channels.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
-from phaul.agent.host import Host
+from phaul.linux import criu, network
 from phaul.migration.copies import ensure_running, kill_data_channel, procs_using, source_copy, wait_until
+from phaul.migration.dest import Destination
 from phaul.migration.journal import Journal, JournalEntry
+from phaul.migration.report import Result
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,26 @@ GATE_END_WAIT = 60.0  # s, how long to wait for the gate to act on a verdict
 RECENT = 60.0  # s: the resolver leaves an incoming migration journaled this recently to its source
 STALE_PREPARED = 3600.0  # s: an incoming migration never restored, its source silent this long, is removed
 
-# What the source answers when the destination asks what to do with its copy.
-COMMIT, ABORT, PENDING, UNKNOWN = "commit", "abort", "pending", "unknown"
-# What the destination holds.
-ABSENT, PREPARED, RESTORED, RUNNING, ABORTED = "absent", "prepared", "restored", "running", "aborted"
+
+
+class Decision(StrEnum):
+    """What the source answers when the destination asks what to do with its copy."""
+
+    COMMIT = "commit"  # run it: the source copy is gone
+    ABORT = "abort"  # remove it: the source copy runs
+    PENDING = "pending"  # ask again later
+    UNKNOWN = "unknown"  # the source has no record of the migration
+
+
+class DestState(StrEnum):
+    """What the destination holds of a migration (its answer to MigrationStatus)."""
+
+    ABSENT = "absent"
+    PREPARED = "prepared"
+    RESTORED = "restored"  # held stopped, waiting for the source's decision
+    RUNNING = "running"
+    ABORTED = "aborted"
+
 
 
 @dataclass
@@ -53,11 +71,8 @@ class Outcome:
 
     migration_id: str
     role: str
-    result: str  # ok | rolled_back | failed | in_doubt | in_progress
+    result: Result  # OK, ROLLED_BACK, FAILED, IN_DOUBT or IN_PROGRESS
     message: str = ""
-
-    def to_proto(self) -> pb.RecoverOutcome:
-        return pb.RecoverOutcome(migration_id=self.migration_id, role=self.role, result=self.result, message=self.message)
 
 
 class Active:
@@ -96,10 +111,7 @@ class Recovery:
     """Settles this host's unfinished migrations: at start-up, periodically (the
     resolver) and on request (`phaul recover`)."""
 
-    def __init__(self, host: Host, journal: Journal, dest: object, active: Active) -> None:
-        from phaul.migration.dest import Destination
-
-        assert isinstance(dest, Destination)
+    def __init__(self, host: Host, journal: Journal, dest: Destination, active: Active) -> None:
         self.host = host
         self.journal = journal
         self.dest = dest
@@ -128,7 +140,7 @@ class Recovery:
                     outcomes.append(self._dest_startup(e))
                 except Exception as ex:  # keep starting
                     log.exception("migration %s: start-up recovery failed", e.migration_id)
-                    outcomes.append(Outcome(e.migration_id, e.role, "in_doubt", str(ex)))
+                    outcomes.append(Outcome(e.migration_id, e.role, Result.IN_DOUBT, str(ex)))
         self.journal.prune()
         return outcomes
 
@@ -170,7 +182,7 @@ class Recovery:
         """Settle one migration (either role) as far as possible now."""
         e = self.journal.get(migration_id, role)
         if e.migration_id in self.active:
-            return Outcome(e.migration_id, e.role, "in_progress", "the migration is still running on this agent")
+            return Outcome(e.migration_id, e.role, Result.IN_PROGRESS, "the migration is still running on this agent")
         with self._locked(e.migration_id, e.role):
             e = self.journal.get(migration_id, e.role)
             if e.role == "source":
@@ -179,30 +191,30 @@ class Recovery:
 
     # -- the source's side ---------------------------------------------------------------
 
-    def decision(self, migration_id: str) -> tuple[str, str]:
+    def decision(self, migration_id: str) -> tuple[Decision, str]:
         """What the destination should do with its copy: COMMIT (run it: the source
         copy is gone), ABORT (remove it: the source copy runs and never will be
-        destroyed), PENDING (ask again later) or UNKNOWN."""
+        destroyed), PENDING (ask again later) or UNKNOWN, with why."""
         if migration_id in self.active:
-            return PENDING, "the migration is under way"
+            return Decision.PENDING, "the migration is under way"
         try:
             e = self.journal.get(migration_id, "source")
         except NotFound:
-            return UNKNOWN, "this host has no record of the migration"
+            return Decision.UNKNOWN, "this host has no record of the migration"
         with self._locked(e.migration_id, "source"):
             e = self.journal.get(migration_id, "source")
-            if e.result == "ok":
-                return COMMIT, "committed"
-            if e.result in ("rolled_back", "refused"):
-                return ABORT, f"the migration ended {e.result}"
+            if e.result == Result.OK:
+                return Decision.COMMIT, "committed"
+            if e.result in (Result.ROLLED_BACK, Result.REFUSED):
+                return Decision.ABORT, f"the migration ended {e.result}"
             # unsettled, or failed: what the source holds decides (a copy held by the
             # destination is never removed while the source has none)
             local = source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id))
             if local == "gone":
-                return COMMIT, "the source copy is gone"
+                return Decision.COMMIT, "the source copy is gone"
             if local in ("running", "frozen"):
-                return ABORT, f"the source copy is {local}; it will be resumed"
-            return PENDING, f"the source copy is {local}"
+                return Decision.ABORT, f"the source copy is {local}; it will be resumed"
+            return Decision.PENDING, f"the source copy is {local}"
 
     def _settle_source(self, e: JournalEntry) -> Outcome:
         mid, ct = e.migration_id, e.ct
@@ -216,12 +228,12 @@ class Recovery:
             local = source_copy(self.host, ct, mdir)
             if local == "dumping":
                 self.journal.mark_in_doubt(mid, "source", "a dump of the container is still under way")
-                return Outcome(mid, "source", "in_doubt", "a dump of the container is still under way; try again")
+                return Outcome(mid, "source", Result.IN_DOUBT, "a dump of the container is still under way; try again")
         peer_state, peer_error = self._peer_dest_state(e)
         log.info("migration %s: settling (source copy %s, destination %s)", mid, local, peer_state or peer_error)
 
         if local == "gate":
-            if e.reached("commit") and peer_state in (RESTORED, RUNNING):
+            if e.reached("commit") and peer_state in (DestState.RESTORED, DestState.RUNNING):
                 return self._finish_commit(e, mdir)
             gate = criu.CommitGate.attach(mdir / "gate")
             self.journal.record(mid, "source", "abort")
@@ -231,26 +243,26 @@ class Recovery:
         if local in ("running", "frozen"):
             if not ensure_running(self.host, ct):
                 self.journal.mark_in_doubt(mid, "source", f"the source copy of {ct} could not be resumed")
-                return Outcome(mid, "source", "in_doubt", f"the source copy of {ct} could not be resumed")
+                return Outcome(mid, "source", Result.IN_DOUBT, f"the source copy of {ct} could not be resumed")
             self._clear_criu_config(ct)
             note = self._abort_dest(e, peer_state)
             network.reannounce(self.host.containers, ct)  # the destination may have held its traffic
-            self.journal.settle(mid, "source", "rolled_back", note)
+            self.journal.settle(mid, "source", Result.ROLLED_BACK, note)
             shutil.rmtree(mdir, ignore_errors=True)
-            return Outcome(mid, "source", "rolled_back", f"{ct} runs on {self.host.name}" + (f"; {note}" if note else ""))
+            return Outcome(mid, "source", Result.ROLLED_BACK, f"{ct} runs on {self.host.name}" + (f"; {note}" if note else ""))
         # the source copy is gone
-        if peer_state in (RESTORED, RUNNING):
+        if peer_state in (DestState.RESTORED, DestState.RUNNING):
             return self._finish_commit(e, mdir)
         if peer_state is None:
             msg = f"the source copy is gone and {e.peer} cannot be reached ({peer_error}); its copy may be held there"
             self.journal.mark_in_doubt(mid, "source", msg)
-            return Outcome(mid, "source", "in_doubt", msg)
-        if peer_state == PREPARED:
+            return Outcome(mid, "source", Result.IN_DOUBT, msg)
+        if peer_state == DestState.PREPARED:
             self._abort_dest(e, peer_state)
         msg = f"no copy of {ct} is left: the source copy is gone and {e.peer} has {peer_state}; images kept in {mdir}"
         log.error("migration %s: %s", mid, msg)
-        self.journal.settle(mid, "source", "failed", msg)
-        return Outcome(mid, "source", "failed", msg)
+        self.journal.settle(mid, "source", Result.FAILED, msg)
+        return Outcome(mid, "source", Result.FAILED, msg)
 
     def _finish_commit(self, e: JournalEntry, mdir: Path) -> Outcome:
         """The destination holds a restored copy: make sure the source copy is
@@ -271,40 +283,41 @@ class Recovery:
             with self._peer(e) as peer:
                 peer.call("Resume", pb.MigrationRef(migration_id=mid), timeout=PEER_TIMEOUT * 3)
         except PhaulError as ex:
-            if self._peer_dest_state(e)[0] == RUNNING:  # it was told meanwhile (its own resolver asked)
+            if self._peer_dest_state(e)[0] == DestState.RUNNING:  # it was told meanwhile (its own resolver asked)
                 return self._settled_ok(e, mdir)
             msg = f"the source copy is destroyed; {e.peer} did not confirm its copy runs: {ex.message}"
             self.journal.mark_in_doubt(mid, "source", msg)
-            return Outcome(mid, "source", "in_doubt", msg)
+            return Outcome(mid, "source", Result.IN_DOUBT, msg)
         return self._settled_ok(e, mdir)
 
     def _settled_ok(self, e: JournalEntry, mdir: Path) -> Outcome:
         self._finish_dest(e)
-        self.journal.settle(e.migration_id, "source", "ok")
+        self.journal.settle(e.migration_id, "source", Result.OK)
         shutil.rmtree(mdir, ignore_errors=True)
-        return Outcome(e.migration_id, "source", "ok", f"{e.ct} runs on {e.peer}")
+        return Outcome(e.migration_id, "source", Result.OK, f"{e.ct} runs on {e.peer}")
 
     def _reconcile_settled_source(self, e: JournalEntry) -> Outcome:
         """A settled migration: make sure the destination agrees (it may have been
         unreachable when the migration settled)."""
         state, err = self._peer_dest_state(e)
         note = ""
-        if e.result == "failed" and state == RESTORED and source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id)) == "gone":
-            return self._finish_commit(e, self.host.migration_dir(e.migration_id))  # the last copy: run it
-        if e.result == "ok" and state == RESTORED:
+        mdir = self.host.migration_dir(e.migration_id)
+        if e.result == Result.FAILED and state == DestState.RESTORED and source_copy(self.host, e.ct, mdir) == "gone":
+            return self._finish_commit(e, mdir)  # the last copy: run it
+        if e.result == Result.OK and state == DestState.RESTORED:
             try:
                 with self._peer(e) as peer:
                     peer.call("Resume", pb.MigrationRef(migration_id=e.migration_id), timeout=PEER_TIMEOUT * 3)
                 note = f"; told {e.peer} to run its copy"
             except PhaulError as ex:
                 note = f"; {e.peer} did not resume its copy: {ex.message}"
-        elif e.result == "ok" and state == RUNNING:
+        elif e.result == Result.OK and state == DestState.RUNNING:
             self._finish_dest(e)
-        elif e.result != "ok" and state in (PREPARED, RESTORED):
+        elif e.result != Result.OK and state in (DestState.PREPARED, DestState.RESTORED):
             note = "; " + (self._abort_dest(e, state) or f"removed what {e.peer} held")
         elif state is None:
             note = f"; {e.peer} is unreachable ({err})"
-        return Outcome(e.migration_id, "source", e.result, f"already settled{note}")
+        return Outcome(e.migration_id, "source", Result(e.result), f"already settled{note}")
 
     def _destroy_source(self, ct: str) -> None:
         try:
@@ -335,7 +348,7 @@ class Recovery:
             return None, ex.message
 
     def _abort_dest(self, e: JournalEntry, state: str | None) -> str:
-        if state in (ABSENT, ABORTED):
+        if state in (DestState.ABSENT, DestState.ABORTED):
             return ""
         try:
             with self._peer(e) as peer:
@@ -353,20 +366,23 @@ class Recovery:
 
     # -- the destination's side -----------------------------------------------------------
 
-    def dest_state(self, migration_id: str) -> str:
+    def dest_state(self, migration_id: str) -> DestState:
         """What this host holds of an incoming migration (asked by the source)."""
         m = self.dest.lookup(migration_id)
         if m is not None:
-            return {"prepared": PREPARED, "restored": RESTORED, "running": RUNNING, "aborted": ABORTED}.get(m.state, PREPARED)
+            try:
+                return DestState(m.state)  # prepared, restored, running, aborted
+            except ValueError:
+                return DestState.PREPARED
         try:
             e = self.journal.get(migration_id, "destination")
         except NotFound:
-            return ABSENT
-        if e.result == "ok" or e.reached("resume"):
-            return RUNNING
+            return DestState.ABSENT
+        if e.result == Result.OK or e.reached("resume"):
+            return DestState.RUNNING
         if e.settled:
-            return ABORTED
-        return RESTORED if e.reached("restored") else PREPARED
+            return DestState.ABORTED
+        return DestState.RESTORED if e.reached("restored") else DestState.PREPARED
 
     def _dest_startup(self, e: JournalEntry) -> Outcome:
         mid = e.migration_id
@@ -376,13 +392,13 @@ class Recovery:
         if e.reached("restored"):
             kill_data_channel(mdir)  # the dead agent's; nothing more travels for this migration
             self.dest.reload_restored(e)
-            return Outcome(mid, "destination", "in_doubt", f"{e.ct} is held restored; waiting for {e.peer}'s decision")
+            return Outcome(mid, "destination", Result.IN_DOUBT, f"{e.ct} is held restored; waiting for {e.peer}'s decision")
         # The restore never ended here: the source cannot have committed. Remove it all.
         kill_data_channel(mdir)
         wait_until(lambda: not procs_using(mdir), 10.0, 0.05)  # a restore the dead agent started
         self.dest.remove_leftovers(e)
-        self.journal.settle(mid, "destination", "rolled_back", "removed at agent start-up: the restore never ended")
-        return Outcome(mid, "destination", "rolled_back", f"removed the partial copy of {e.ct}")
+        self.journal.settle(mid, "destination", Result.ROLLED_BACK, "removed at agent start-up: the restore never ended")
+        return Outcome(mid, "destination", Result.ROLLED_BACK, f"removed the partial copy of {e.ct}")
 
     def _dest_finish_resume(self, e: JournalEntry) -> Outcome:
         mid = e.migration_id
@@ -395,13 +411,13 @@ class Recovery:
         kill_data_channel(mdir)
         self.dest.forget(mid)
         shutil.rmtree(mdir, ignore_errors=True)
-        self.journal.settle(mid, "destination", "ok")
-        return Outcome(mid, "destination", "ok", f"{e.ct} runs here")
+        self.journal.settle(mid, "destination", Result.OK)
+        return Outcome(mid, "destination", Result.OK, f"{e.ct} runs here")
 
     def _settle_dest(self, e: JournalEntry) -> Outcome:
         mid = e.migration_id
         if e.settled:
-            return Outcome(mid, "destination", e.result, "already settled")
+            return Outcome(mid, "destination", Result(e.result), "already settled")
         if e.reached("resume"):
             return self._dest_finish_resume(e)
         held = e.reached("restored")
@@ -414,23 +430,23 @@ class Recovery:
         except PhaulError as ex:
             decision, why = None, ex.message
         try:
-            if decision == COMMIT and held:
+            if decision == Decision.COMMIT and held:
                 self.dest.resume(mid)
                 self.dest.finish(mid)
-                return Outcome(mid, "destination", "ok", f"{e.ct} runs here ({e.peer}: {why})")
-            if decision == ABORT or (decision in (UNKNOWN, COMMIT) and not held):
+                return Outcome(mid, "destination", Result.OK, f"{e.ct} runs here ({e.peer}: {why})")
+            if decision == Decision.ABORT or (decision in (Decision.UNKNOWN, Decision.COMMIT) and not held):
                 self.dest.abort(mid)
-                return Outcome(mid, "destination", "rolled_back", f"removed the copy of {e.ct} ({e.peer}: {why})")
+                return Outcome(mid, "destination", Result.ROLLED_BACK, f"removed the copy of {e.ct} ({e.peer}: {why})")
         except NotFound:  # the source settled it meanwhile, through this agent's methods
             e = self.journal.get(mid, "destination")
             if e.settled:
-                return Outcome(mid, "destination", e.result, f"settled meanwhile by {e.peer}")
+                return Outcome(mid, "destination", Result(e.result), f"settled meanwhile by {e.peer}")
             raise
         if decision is None and not held and _age(e.updated_at) > STALE_PREPARED:
             # nothing restored, the source gone silent for long: it cannot commit without us
             self.dest.abort(mid)
-            return Outcome(mid, "destination", "rolled_back", f"removed: {e.peer} has been unreachable since {e.updated_at}")
+            return Outcome(mid, "destination", Result.ROLLED_BACK, f"removed: {e.peer} has been unreachable since {e.updated_at}")
         msg = f"{e.ct} is held {'restored' if held else 'prepared'} here; {e.peer}: {why}"
         if held:
             self.journal.mark_in_doubt(mid, "destination", msg)
-        return Outcome(mid, "destination", "in_doubt" if held else "in_progress", msg)
+        return Outcome(mid, "destination", Result.IN_DOUBT if held else Result.IN_PROGRESS, msg)

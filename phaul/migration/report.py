@@ -6,13 +6,24 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from phaul.rpc import phaul_pb2 as pb
 
-RESULTS = ("ok", "rolled_back", "in_doubt", "failed")
+class Result(StrEnum):
+    """How a migration ended (its report, its journal, settling it); the values are what
+    the JSON, the protocol and the journal files say."""
+
+    OK = "ok"  # the container runs on the destination
+    ROLLED_BACK = "rolled_back"  # it runs on the source
+    IN_DOUBT = "in_doubt"  # not settled yet: the peer could not be asked
+    FAILED = "failed"  # no copy could be run
+    REFUSED = "refused"  # never started (the journal's; preflight refused it)
+    IN_PROGRESS = "in_progress"  # still under way (listings and recovery outcomes only)
+
+
+RESULTS = (Result.OK, Result.ROLLED_BACK, Result.IN_DOUBT, Result.FAILED)  # a Report's
 # The timings in the order things happen (set in any order; protobuf maps keep none); others follow by name.
 CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "restore", "forking", "runc_restore")
 PHASE_ORDER = (
@@ -43,7 +54,7 @@ class Report:
     ct: str
     source: str
     destination: str
-    result: str = "failed"
+    result: Result = Result.FAILED
     memory_method: str = "stop-and-copy"
     rounds: list[Round] = field(default_factory=list)
     frozen_ms: float = 0.0
@@ -55,19 +66,6 @@ class Report:
     stop_reason: str = ""
     started_at: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
-
-    def to_proto(self) -> pb.Report:
-        d = asdict(self)
-        d["rounds"] = [pb.Round(**r) for r in d["rounds"]]
-        return pb.Report(**d)
-
-    @classmethod
-    def from_proto(cls, msg: pb.Report) -> Report:
-        d: dict[str, Any] = {f.name: getattr(msg, f.name) for f in fields(cls)}
-        d["rounds"] = [Round(**{f.name: getattr(r, f.name) for f in fields(Round)}) for r in msg.rounds]
-        d["criu_ms"] = dict(msg.criu_ms)
-        d["phases_ms"] = dict(msg.phases_ms)
-        return cls(**d)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -91,7 +89,7 @@ class Report:
         ]
         if self.stop_reason:
             rows.append(("rounds stopped", self.stop_reason))
-        for label, timings in zip(("CRIU", "while frozen"), self._timings()):
+        for label, timings in zip(("CRIU", "while frozen"), self._timings(), strict=True):
             if timings:
                 rows.append((label, ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())))
         if self.error:

@@ -34,6 +34,7 @@ from phaul.channels import messages
 from phaul.channels.client import Agent, connect
 from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
 from phaul.channels.transport import parse_endpoint, rsh_env
+from phaul.checks import CheckState
 from phaul.config import MigrationOptions
 from phaul.errors import Conflict, PhaulError, ToolFailed
 from phaul.linux import criu, freezer, network, procfs
@@ -43,9 +44,8 @@ from phaul.memory.page_stream import PageStream
 from phaul.memory.rounds import run_rounds
 from phaul.migration import failure, preflight
 from phaul.migration.copies import wait_until
-from phaul.migration.journal import Journal
 from phaul.migration.logs import MigrationLog
-from phaul.migration.report import Report, Round
+from phaul.migration.report import Report, Result, Round
 from phaul.migration.steps import StepPoint, precopy_round
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id
@@ -95,7 +95,7 @@ class SourceMigration:
         self.held = Held()
         self._sender: RsyncSender
         self._t0 = time.monotonic()
-        self.journal = Journal(host.state_dir)
+        self.journal = host.journal
         self._journaled = ""  # the last step journaled
 
     @property
@@ -115,14 +115,14 @@ class SourceMigration:
             self._preflight()
         except BaseException as e:
             failure.undo_preflight(self)
-            self.journal.settle(self.id, "source", "refused", str(e))
+            self.journal.settle(self.id, "source", Result.REFUSED, str(e))
             raise
 
     def run(self) -> Report:
         """Migrate (after `preflight`); never raises. The report says what happened."""
         try:
             self._migrate()
-            self.report.result = "ok"
+            self.report.result = Result.OK
         except Exception as e:  # every failure ends in a report
             if not isinstance(e, PhaulError):
                 self.log.exception("failed unexpectedly")
@@ -156,7 +156,7 @@ class SourceMigration:
         dest.call("Info", pb.Empty(), timeout=10)
         checks = preflight.run(self.host, self.ct_id, dest, self.dest_name)
         for c in checks:
-            if c.status != preflight.PASS:
+            if c.status != CheckState.PASS:
                 self.log.warning("preflight %s on %s: %s: %s", c.name, c.host, c.status, c.message)
         refused = preflight.refusal(checks, self.options.force)
         if refused is not None:
@@ -346,7 +346,9 @@ class SourceMigration:
                     on_frozen()
             gate.wait_reached(dump, timeout)
         except ToolFailed as e:
-            raise ToolFailed(f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory") from None
+            raise ToolFailed(
+                f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory"
+            ) from None
         return Round()
 
     def _commit(self) -> None:
@@ -401,7 +403,9 @@ class SourceMigration:
             self.host.containers.destroy(self.ct_id, timeout=0)
         except PhaulError as e:
             self.log.error("removing the killed source copy of %s: %s", self.ct_id, e)
-            self.report.error += f"; the source copy's remains are left on {self.host.name}: {e.message} (`phaul ct destroy {self.ct_id}`)"
+            self.report.error += (
+                f"; the source copy's remains are left on {self.host.name}: {e.message} (`phaul ct destroy {self.ct_id}`)"
+            )
 
     # -- the container's address (phaul.linux.network) -----------------------------------
 
@@ -453,7 +457,7 @@ class SourceMigration:
 
     def _journal_result(self) -> None:
         try:
-            if self.report.result == "in_doubt":
+            if self.report.result == Result.IN_DOUBT:
                 self.journal.mark_in_doubt(self.id, "source", self.report.error)
             else:
                 self.journal.settle(self.id, "source", self.report.result, self.report.error)

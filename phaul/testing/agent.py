@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     own.add_argument("-v", "--verbose", action="store_true")
     ours, rest = own.parse_known_args(argv)
     args = cli.build_parser().parse_args(["agent", *rest])  # exits 2, with phaul agent's usage, on bad arguments
-    logging.basicConfig(level=logging.DEBUG if ours.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if ours.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     if ours.enable_fault_injection:
         log.warning("fault injection is on: faults armed in %s/faults/arm happen (tests only)", args.state_dir)
     try:

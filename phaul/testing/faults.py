@@ -60,7 +60,9 @@ class Fault:
         """A validated fault from "STEP:KIND"."""
         step, _, kind = text.strip().partition(":")
         if step not in STEPS or kind not in KINDS:
-            raise InvalidInput(f"unknown fault {text.strip()[:40]!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}")
+            raise InvalidInput(
+                f"unknown fault {text.strip()[:40]!r}", f"write STEP:KIND with STEP in {STEPS} and KIND in {KINDS}"
+            )
         return cls(step, kind)
 
     @property

@@ -36,11 +36,19 @@ from pathlib import Path
 
 import phaul
 from phaul.channels import pki
-from phaul.linux import procfs
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.hosts import (
-    ADMIN, LAB_DIR, LAB_DIR_ENV, ClientEntry, HostEntry, HostsFile, PkiFiles, default_lab_dir, try_hosts,
+    ADMIN,
+    LAB_DIR,
+    LAB_DIR_ENV,
+    ClientEntry,
+    HostEntry,
+    HostsFile,
+    PkiFiles,
+    default_lab_dir,
+    try_hosts,
 )
+from phaul.linux import procfs
 from phaul.linux.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
