@@ -6,8 +6,12 @@ migrates it alpha -> beta -> alpha ... (`--runs`, default 10). Around each
 migration a fresh tcp-probe in the client namespace holds one connection to
 the container, sends a line every 10 ms and reports the longest gap between
 two correct echoes. Prints one row per migration (frozen_ms, the probe's
-longest gap, their difference), then the median and the maximum, and takes
-the lab down.
+longest gap, their difference, and the retransmission counters of the
+probe's socket: tcpi_total_retrans and the gaps during which it resent), then
+the median and the maximum, and takes the lab down. With the client's default
+TCP timers a freeze longer than a few RTTs always draws a tail loss probe and,
+beyond 200 ms, a retransmission timeout; tests/test_network.py turns those off
+to count only the resends a migration caused.
 
     flock /run/lock/phaul-lab.lock is taken by the script itself:
     .venv/bin/python scripts/measure_gap.py [--runs 10] [--capture DIR] [--json]
@@ -121,21 +125,26 @@ def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval
             # UDP may lose datagrams (they are counted); TCP may lose nothing
             "probe_ok": probe.returncode == 0 if not udp else result.get("wrong") == 0 and result.get("received", 0) > 0,
             "reset": result.get("reset"), "missing": result.get("missing"), "wrong": result.get("wrong"),
+            "total_retrans": result.get("total_retrans"), "retrans_gaps": result.get("retrans_gaps"),
             "criu_ms": report.get("criu_ms", {}), "memory_method": report.get("memory_method"),
             "rounds": len(report.get("rounds", [])),
         }
         rows.append(row)
+        retrans = f"  resent {row['total_retrans']} segment(s) in {row['retrans_gaps']} gap(s)"
         print(f"  run {row['run']:>2} {src:>5} -> {dst:<5} frozen {row['frozen_ms']:7.1f} ms  "
               f"probe gap {row['gap_ms']:7.1f} ms  extra {row['gap_ms'] - row['frozen_ms']:6.1f} ms"
+              f"{'' if udp else retrans}"
               f"{'' if row['probe_ok'] else '  PROBE FAILED: ' + json.dumps(result)}", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'run':>3}  {'from':<5} {'to':<5} {'frozen_ms':>10} {'probe_gap_ms':>13} {'gap-frozen':>11} {'lost':>5}  probe"]
+    lines = [f"{'run':>3}  {'from':<5} {'to':<5} {'frozen_ms':>10} {'probe_gap_ms':>13} {'gap-frozen':>11} {'lost':>5} "
+             f"{'resent':>7}  probe"]
     for r in rows:
+        resent = "-" if r["total_retrans"] is None else str(r["total_retrans"])
         lines.append(f"{r['run']:>3}  {r['from']:<5} {r['to']:<5} {r['frozen_ms']:>10.1f} {r['gap_ms']:>13.1f} "
-                     f"{r['gap_ms'] - r['frozen_ms']:>11.1f} {r['missing']:>5}  {'ok' if r['probe_ok'] else 'FAILED'}")
+                     f"{r['gap_ms'] - r['frozen_ms']:>11.1f} {r['missing']:>5} {resent:>7}  {'ok' if r['probe_ok'] else 'FAILED'}")
     frozen = [r["frozen_ms"] for r in rows]
     gaps = [r["gap_ms"] for r in rows]
     extra = [g - f for f, g in zip(frozen, gaps)]

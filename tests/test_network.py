@@ -8,6 +8,7 @@ lab check the pieces that need no namespace.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -26,6 +27,12 @@ from phaul.containers.runc import _check_config
 
 PROBE = REPO / "workloads" / "bin" / "tcp-probe"
 PORT = 7007
+RTO_MIN_S = 5  # the client's retransmission timeout in the migration tests: beyond any freeze
+# Pre-copy rounds are full dumps that leave the container running (`runc checkpoint
+# --leave-running --tcp-established`, phaul.memory.methods): CRIU locks the container's
+# network for each round and nothing holds its traffic meanwhile, so the client's segments
+# sent during a round are dropped and resent once the round ends.
+PRECOPY_DROPS = "pre-copy rounds drop the client's segments at CRIU's network lock (phaul.memory.methods)"
 lab = pytest.mark.lab
 
 
@@ -62,6 +69,34 @@ class LongProbe:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+@contextlib.contextmanager
+def _no_timer_retransmissions(ip: str):  # type: ignore[no-untyped-def]
+    """The client retransmits to `ip` only on the container's word, never on a timer.
+
+    A frozen container acknowledges nothing, so with Linux's defaults the client's own
+    timers resend during every freeze however well the migration goes: a tail loss probe
+    after 2 RTTs (about 25-40 ms here) and a retransmission timeout after 200 ms or more.
+    In the client's namespace the loss probe is turned off (net.ipv4.tcp_early_retrans=0)
+    and a route to `ip` makes the retransmission timeout RTO_MIN. What then counts in the
+    probe's tcpi_total_retrans is a resend that the restored socket asked for (a hole
+    in what it received: a segment dropped or overtaken) or a segment that waited
+    RTO_MIN for its retransmission (lost with nothing after it)."""
+    ns, dev = lab_mod.NETNS["client"], "phl-client-up"
+    sysctl = ["nsenter", f"--net=/run/netns/{ns}", "--", "sysctl", "-q"]
+    before = subprocess.run([*sysctl, "-n", "net.ipv4.tcp_early_retrans"], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run([*sysctl, "-w", "net.ipv4.tcp_early_retrans=0"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run(["ip", "-n", ns, "route", "add", f"{ip}/32", "dev", dev, "rto_min", f"{RTO_MIN_S}s"], check=True)
+        try:
+            route = subprocess.run(["ip", "-n", ns, "route", "show", f"{ip}/32"], capture_output=True, text=True, check=True).stdout
+            assert f"rto_min lock {RTO_MIN_S}s" in route, route
+            yield
+        finally:
+            subprocess.run(["ip", "-n", ns, "route", "del", f"{ip}/32", "dev", dev], check=True)
+    finally:
+        subprocess.run([*sysctl, "-w", f"net.ipv4.tcp_early_retrans={before}"], check=True, stdout=subprocess.DEVNULL)
 
 
 def _start_server(lab_: Lab, ct: str, ip: str, host: str = "alpha") -> None:
@@ -160,16 +195,26 @@ def test_stop_and_destroy_remove_the_host_veth(clean_lab: Lab) -> None:
 
 
 @lab
-def test_connection_survives_five_migrations(clean_lab: Lab) -> None:
+@pytest.mark.parametrize("precopy", ["off", "auto"])
+def test_connection_survives_five_migrations(clean_lab: Lab, precopy: str) -> None:
+    """One TCP connection (and a UDP flow) through five migrations: no reset, every echo
+    back and right, and not one segment of the client's resent: nothing it sent while the
+    container moved was dropped or overtaken. Timing (the longest gap against frozen_ms)
+    is printed here and measured by scripts/measure_gap.py, not asserted."""
     ip = _ip(2)
     _start_server(clean_lab, "echo", ip)
+    with _no_timer_retransmissions(ip):
+        _five_migrations(clean_lab, ip, precopy)
+
+
+def _five_migrations(clean_lab: Lab, ip: str, precopy: str) -> None:
     tcp, udp = LongProbe(ip, "--interval-ms", "10"), LongProbe(ip, "--interval-ms", "10", "--udp")
     hosts, frozen = ["alpha", "beta"], []
     try:
         time.sleep(0.5)
         for i in range(5):
             src, dst = hosts[i % 2], hosts[(i + 1) % 2]
-            report = clean_lab.migrate("echo", src, dst)
+            report = clean_lab.migrate("echo", src, dst, "--precopy", precopy)
             assert report["result"] == "ok", report
             frozen.append(report["frozen_ms"])
             assert tcp.proc.poll() is None, f"the probe's connection ended at migration {i + 1}: {tcp.stop()}"
@@ -180,14 +225,16 @@ def test_connection_survives_five_migrations(clean_lab: Lab) -> None:
             assert rc == 0 and result["missing"] == 0, (i, result)
             time.sleep(0.3)
         rc, result = tcp.stop()
+        print(f"\nfive migrations (--precopy {precopy}): frozen_ms {[round(f) for f in frozen]}, longest gap "
+              f"{result.get('max_gap_ms')} ms, probe {json.dumps(result)}")
         assert rc == 0, result
         assert not result["reset"] and not result["eof"] and result["wrong"] == 0 and result["missing"] == 0, result
         assert result["received"] > 100, result
-        # A client packet dropped and waiting for the client's retransmission timeout
-        # (200 ms, then 400 ms, ...) would show as a gap well beyond the frozen time.
-        assert result["max_gap_ms"] < max(frozen) + 150, (result, frozen)
-        rc, result = udp.stop()
-        assert result["wrong"] == 0 and result["received"] > result["sent"] * 0.9, result
+        rc, udp_result = udp.stop()
+        assert udp_result["wrong"] == 0 and udp_result["received"] > udp_result["sent"] * 0.9, udp_result
+        if precopy == "auto" and result["total_retrans"]:
+            pytest.xfail(f"{PRECOPY_DROPS}: {result['total_retrans']} segment(s) resent in {result['retrans_gaps']} gap(s)")
+        assert result["total_retrans"] == 0, (result, frozen)
     finally:
         tcp.kill()
         udp.kill()

@@ -36,6 +36,11 @@ struct probe {
 	int reset, eof;
 	int64_t start, end, last_ok, max_gap;
 	char error[256];
+	/* TCP_INFO of the socket (TCP): read at every echo and right before the close */
+	int have_tcpi;
+	uint32_t total_retrans, retrans, lost; /* tcpi_total_retrans, tcpi_retrans, tcpi_lost */
+	uint64_t retrans_gaps;                 /* gaps between echoes during which we retransmitted */
+	int64_t max_retrans_gap;
 	/* TCP stream state */
 	char out[OUTBUF_SIZE];
 	size_t out_len;
@@ -63,6 +68,11 @@ static void usage(FILE *f)
 		"Result (stdout, one line; with --json a JSON object):\n"
 		"  {\"sent\":N,\"received\":N,\"wrong\":N,\"max_gap_ms\":F,\"reset\":B,\"eof\":B,\n"
 		"   \"duration_ms\":N,\"missing\":N,\"mode\":\"tcp\"|\"udp\",\"error\":null|\"...\"}\n"
+		"TCP adds its socket's TCP_INFO, read at every echo and right before the close\n"
+		"(null if never read): \"total_retrans\" (tcpi_total_retrans: segments it ever\n"
+		"retransmitted), \"retrans\" and \"lost\" (tcpi_retrans, tcpi_lost at the end),\n"
+		"\"retrans_gaps\" (gaps between two correct echoes during which it retransmitted,\n"
+		"e.g. on a retransmission timeout) and \"max_retrans_gap_ms\" (the longest).\n"
 		"Exit status: 0 if no reset, no EOF, no wrong and no missing echoes; 1 otherwise;\n"
 		"2 on usage errors.\n"
 		"\n"
@@ -128,11 +138,35 @@ static void parse_connect(const char *s, struct sockaddr_storage *ss, socklen_t 
 	}
 }
 
+/* Read the socket's retransmission counters (TCP); 1 if it retransmitted since the last read. */
+static int read_tcp_info(struct probe *p)
+{
+	struct tcp_info ti;
+	socklen_t tl = sizeof(ti);
+
+	memset(&ti, 0, sizeof(ti));
+	if (p->udp || p->fd < 0 || getsockopt(p->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) < 0)
+		return 0;
+	int more = p->have_tcpi && ti.tcpi_total_retrans != p->total_retrans;
+	p->have_tcpi = 1;
+	p->total_retrans = ti.tcpi_total_retrans;
+	p->retrans = ti.tcpi_retrans;
+	p->lost = ti.tcpi_lost;
+	return more;
+}
+
 static void note_ok(struct probe *p, int64_t now)
 {
+	int retransmitted = read_tcp_info(p);
+
 	p->received++;
 	if (p->last_ok && now - p->last_ok > p->max_gap)
 		p->max_gap = now - p->last_ok;
+	if (p->last_ok && retransmitted) {
+		p->retrans_gaps++;
+		if (now - p->last_ok > p->max_retrans_gap)
+			p->max_retrans_gap = now - p->last_ok;
+	}
 	p->last_ok = now;
 }
 
@@ -392,6 +426,7 @@ static void tcp_close_clean(struct probe *p, int peer_done)
 
 	if (p->out_len)
 		(void)tcp_flush(p);
+	(void)read_tcp_info(p); /* before our FIN: what the run itself retransmitted */
 	shutdown(p->fd, SHUT_WR);
 	if (!peer_done) {
 		int64_t deadline = now_ns() + CLOSE_WAIT_NS;
@@ -543,9 +578,17 @@ int main(int argc, char **argv)
 	if (p->json) {
 		printf("{\"sent\":%" PRIu64 ",\"received\":%" PRIu64 ",\"wrong\":%" PRIu64
 		       ",\"max_gap_ms\":%.3f,\"reset\":%s,\"eof\":%s,\"duration_ms\":%lld"
-		       ",\"missing\":%" PRIu64 ",\"mode\":\"%s\",\"error\":",
+		       ",\"missing\":%" PRIu64 ",\"mode\":\"%s\"",
 		       p->sent, p->received, p->wrong, gap_ms, p->reset ? "true" : "false",
 		       p->eof ? "true" : "false", dur_ms, missing, p->udp ? "udp" : "tcp");
+		if (p->have_tcpi)
+			printf(",\"total_retrans\":%" PRIu32 ",\"retrans\":%" PRIu32 ",\"lost\":%" PRIu32
+			       ",\"retrans_gaps\":%" PRIu64 ",\"max_retrans_gap_ms\":%.3f",
+			       p->total_retrans, p->retrans, p->lost, p->retrans_gaps, p->max_retrans_gap / 1e6);
+		else if (!p->udp)
+			fputs(",\"total_retrans\":null,\"retrans\":null,\"lost\":null,\"retrans_gaps\":null"
+			      ",\"max_retrans_gap_ms\":null", stdout);
+		fputs(",\"error\":", stdout);
 		if (p->error[0])
 			json_str(p->error);
 		else

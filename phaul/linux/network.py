@@ -23,8 +23,9 @@ What the pieces give:
   is lost while the container moves. When CRIU begins the final dump, the
   destination attracts the container's MAC to a holding port on its bridge
   and keeps every frame sent to it; once the source copy is gone it plugs
-  the restored copy in, announces the address from it and replays the kept
-  frames into it. A client's packet (or retransmission) sent while the
+  the restored copy in, replays the kept frames into it in order (and those
+  still arriving, until a short quiet moment), then announces the address
+  from it. A client's packet (or retransmission) sent while the
   container was frozen reaches the restored socket as soon as it runs,
   instead of being dropped at the frozen source and waiting for the client's
   next retransmission timeout.
@@ -68,6 +69,9 @@ ATTRACT_REPEAT_MS = (5, 10, 20, 30, 45, 60, 80, 100, 130, 160, 200, 300, 400)
 FREEZE_POLL = 0.001
 LINK_UP_WAIT = 1.0  # s a link just brought up may take to pass frames
 HOLD_BUFFER = 16 << 20  # bytes of held frames the kernel keeps for us
+# Release: the held frames are relayed in order until none came for RELAY_QUIET s (at most RELAY_MAX s).
+RELAY_QUIET = 0.003
+RELAY_MAX = 0.1
 
 _ETH_P_ALL = 0x0003
 _ETH_P_ARP = 0x0806
@@ -473,8 +477,8 @@ class TrafficHold:
     Nothing answers them meanwhile, so no copy acknowledges data that a
     rollback would lose. `release(pid)` (once the source copy is gone and the
     restored one, init `pid`, is about to run) plugs the restored eth0 into the
-    bridge, announces the address from it, so new frames go straight there, and
-    replays the kept ones into it in order. `close()` removes the pair.
+    bridge, replays the kept frames into it in order, then announces the address
+    from it, so new frames go straight there. `close()` removes the pair.
     Frames keep their checksum and segmentation offload state (virtio_net_hdr)."""
 
     def __init__(self, ident: Identity, bridge: str) -> None:
@@ -532,13 +536,30 @@ class TrafficHold:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        plug_restored(self.ident, self.bridge, pid)
         if self._sock is None or self.attracted_at is None:
+            plug_restored(self.ident, self.bridge, pid)
             self.close()
             return 0
+        # No frame may overtake a held one: a newer TCP segment reaching the restored socket
+        # first makes it acknowledge a hole, and the client retransmits everything held. So the
+        # host veth joins the bridge without learning (the container's own frames do not draw
+        # its MAC away from the holding port) and the held frames, with those still arriving,
+        # are relayed in order; only once no frame came for RELAY_QUIET does the bridge learn
+        # the restored copy (the announcement), and the few frames kept meanwhile follow.
+        veth = self.ident.host_veth
+        _run(["ip", "-batch", "-"], input=f"link set dev {veth} master {self.bridge}\n"
+             f"link set dev {veth} type bridge_slave learning off\nlink set dev {veth} up\n")
+        _wait_oper_up(veth)
+        _ip_in(pid, [f"neighbour flush dev {CT_IFNAME}"])  # see plug_restored
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as out:
             out.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
-            out.bind((self.ident.host_veth, 0))
+            out.bind((veth, 0))
+            try:
+                self._relay(out)
+            finally:
+                _ip("link", "set", "dev", veth, "type", "bridge_slave", "learning", "on")
+            self._replay(out)
+            announce(pid, self.ident)  # the bridge now sends new frames to the restored eth0
             self._replay(out)
             delete_link(self.port)  # frames already in our socket stay readable
             self._replay(out)
@@ -593,11 +614,26 @@ class TrafficHold:
         for _ in self._frames():
             pass
 
-    def _replay(self, out: socket.socket) -> None:
+    def _relay(self, out: socket.socket) -> None:
+        """Replay held frames, and those still arriving, until none came for RELAY_QUIET."""
+        assert self._sock is not None
+        start = quiet_since = time.monotonic()
+        while True:
+            if self._replay(out):
+                quiet_since = time.monotonic()
+            now = time.monotonic()
+            if now - quiet_since >= RELAY_QUIET or now - start >= RELAY_MAX:
+                return
+            select.select([self._sock], [], [], RELAY_QUIET - (now - quiet_since))
+
+    def _replay(self, out: socket.socket) -> int:
+        """Send the frames held so far into the restored copy; returns how many were read."""
         if self._sock is None:
-            return
+            return 0
         mac = _mac_bytes(self.ident.mac)
+        read = 0
         for data, pkttype in self._frames():
+            read += 1
             if pkttype == _PACKET_OUTGOING or data[_VNET_HDR_LEN:_VNET_HDR_LEN + 6] != mac:
                 continue
             try:
@@ -605,6 +641,15 @@ class TrafficHold:
                 self.replayed += 1
             except OSError as e:  # e.g. a frame the restored side cannot take; TCP resends it
                 log.debug("dropping a held frame of %s: %s", self.ident.ct_id, e)
+        return read
+
+
+def _wait_oper_up(ifname: str, wait: float = LINK_UP_WAIT) -> None:
+    """Wait until a link just brought up is operationally up: before that its queues may
+    not be active yet, and a frame sent through it can vanish without an error."""
+    deadline = time.monotonic() + wait
+    while (found := link(ifname)) is not None and found.get("operstate") != "UP" and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _no_ipv6(ifname: str) -> None:
