@@ -293,7 +293,10 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     script.write_text(_ROUND_SCRIPT.format(dir=stamps, freeze=freezer.freeze_snippet(ctx.freezer)))
     script.chmod(0o700)
     conf = ctx.ct.criu_config_path(ctx.ct_id)
-    conf.write_text(f"action-script {script}\n")
+    # The container runs on after a round, and the round's socket images are never
+    # restored (the final dump's are): CRIU's network lock would only drop the
+    # client's segments meanwhile, and each would wait for a retransmission.
+    conf.write_text(f"action-script {script}\nnetwork-lock skip\n")
     args = ctx.ct.checkpoint_cmd(
         ctx.ct_id, image_dir, work, leave_running=True, tcp_established=ctx.tcp_established,
         pre_dump=pre_dump, parent_path=parent,
