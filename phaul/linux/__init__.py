@@ -7,5 +7,6 @@
 - `procfs`: what /proc says about a process.
 - `doctor`: what the host offers (CRIU, soft-dirty, userfaultfd, runc, cgroups),
   detected at run time.
+- `run`: the one subprocess runner (argument lists only; a failure says what to do).
 - `fsutil`: atomic, durable writes and small file helpers.
 """

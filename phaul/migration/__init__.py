@@ -4,6 +4,7 @@
   dump, transfer, restore, commit, resume, clean-up) and what it holds (`Held`).
 - `failure`: what the source does when a step fails: the invariant's rules.
 - `dest`: the destination's side of the same protocol.
+- `steps`: the step boundaries and the step hook called at each (a no-op in production).
 - `journal`: each side's durable record of the steps it reached.
 - `recovery`: settling what failures and restarts left unfinished.
 - `copies`: what a host holds of a container, read from the system itself.
