@@ -78,33 +78,29 @@ def test_round_trips_leave_nothing_behind(clean_lab: Lab) -> None:
         assert _leftovers(lab, host) == [], host
 
 
-def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
-    lab = clean_lab
-    _start_counter(lab, "fragile")
-    report = lab.migrate("fragile", "alpha", "beta", fault="restore:damage-image", check=False)
+def _rolls_back(lab: Lab, ct: str, fault: str, error: str) -> None:
+    """A migration of counter `ct` with `fault` armed rolls back: the error names
+    `error`, the counter goes on on alpha, and beta keeps nothing."""
+    _start_counter(lab, ct)
+    report = lab.migrate(ct, "alpha", "beta", fault=fault, check=False)
     assert report["result"] == "rolled_back", report
-    assert "restore" in report["error"]
+    assert error in report["error"]
     [info] = lab.ct_list("alpha")
     assert info["state"] == "running"
-    c = lab.counter("alpha", "fragile")
-    wait_for(lambda: lab.counter("alpha", "fragile") > c, what="the counter to resume on alpha")
+    c = lab.counter("alpha", ct)
+    wait_for(lambda: lab.counter("alpha", ct) > c, what=f"the counter of {ct} to go on on alpha")
     assert lab.ct_list("beta") == []
     assert _leftovers(lab, "beta") == []
+
+
+def test_failed_restore_rolls_back(clean_lab: Lab) -> None:
+    _rolls_back(clean_lab, "fragile", "restore:damage-image", "restore")
 
 
 def test_failed_dump_rolls_back(clean_lab: Lab) -> None:
     """An armed `fail` fault (the test agent's step hook) fails the migration as its dump begins."""
     lab = clean_lab
-    _start_counter(lab, "brittle")
-    report = lab.migrate("brittle", "alpha", "beta", fault="dump:fail", check=False)
-    assert report["result"] == "rolled_back", report
-    assert "injected fault at dump" in report["error"]
-    [info] = lab.ct_list("alpha")
-    assert info["state"] == "running"
-    c = lab.counter("alpha", "brittle")
-    wait_for(lambda: lab.counter("alpha", "brittle") > c, what="the counter to go on on alpha")
-    assert lab.ct_list("beta") == []
-    assert _leftovers(lab, "beta") == []
+    _rolls_back(lab, "brittle", "dump:fail", "injected fault at dump")
     assert not (lab.state_dir("alpha") / "faults" / "arm").exists()  # taken by that migration
 
 

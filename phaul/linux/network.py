@@ -233,14 +233,23 @@ def _tool(name: str) -> str:
     raise ToolFailed(f"{name} not found", "install iproute2 and util-linux")
 
 
-def plug_restored(ident: Identity, bridge: str, pid: int) -> None:
+def plug_restored(ident: Identity, bridge: str, pid: int, *, learning: bool = True) -> None:
     """Put a restored copy (init `pid`) on the segment: plug the host end of its
-    veth into `bridge`, bring it up, and announce the address from inside."""
-    _ip("link", "set", "dev", ident.host_veth, "master", bridge, "up")
+    veth into `bridge` and bring it up; with `learning`, announce the address
+    from inside. Without it the bridge does not learn the copy's MAC from its
+    frames and nothing is announced (TrafficHold.release relays held frames first)."""
+    veth = ident.host_veth
+    if learning:
+        _ip("link", "set", "dev", veth, "master", bridge, "up")
+    else:
+        _run(["ip", "-batch", "-"], input=f"link set dev {veth} master {bridge}\n"
+             f"link set dev {veth} type bridge_slave learning off\nlink set dev {veth} up\n")
+        _wait_oper_up(veth)
     # The restored kernel tried to resolve its peers while eth0 had no carrier; such
     # entries would hold its first answers until their next ARP retry (1 s).
     _ip_in(pid, [f"neighbour flush dev {CT_IFNAME}"])
-    announce(pid, ident)  # the bridge now sends new frames to the restored eth0
+    if learning:
+        announce(pid, ident)  # the bridge now sends new frames to the restored eth0
 
 
 def adopt_restored(containers: ContainerKind, ct_id: str, bridge: str | None) -> None:
@@ -547,10 +556,7 @@ class TrafficHold:
         # are relayed in order; only once no frame came for RELAY_QUIET does the bridge learn
         # the restored copy (the announcement), and the few frames kept meanwhile follow.
         veth = self.ident.host_veth
-        _run(["ip", "-batch", "-"], input=f"link set dev {veth} master {self.bridge}\n"
-             f"link set dev {veth} type bridge_slave learning off\nlink set dev {veth} up\n")
-        _wait_oper_up(veth)
-        _ip_in(pid, [f"neighbour flush dev {CT_IFNAME}"])  # see plug_restored
+        plug_restored(self.ident, self.bridge, pid, learning=False)
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as out:
             out.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
             out.bind((veth, 0))
