@@ -9,16 +9,30 @@ container (methods interleaved, so drift hits them alike):
   to the other host while it runs, `runc checkpoint` to local images, rsync of
   the images and the root file system (what changed) to the other host over an
   encrypted link (as `rsync -e ssh` would; here TLS, the lab has no sshd),
-  `runc restore` there;
+  `runc restore` there (an addressed container's veth re-created by phaul's
+  restore script and plugged into beta's bridge, as a script would with `ip`);
 - `local floor`: `runc checkpoint` and `runc restore` on the same host, nothing
   transferred: what CRIU alone costs.
 
 Frozen time: from the freeze (CRIU's pre-dump action) to the container running
-again. Output: a table of medians on the terminal, bench/results/latest.json
-(every run, with CRIU's own timings) and bench/results/latest.png.
+again. What a client sees: every container also runs the repository's echo
+server, and a probe in the lab's client namespace (workloads/bin/tcp-probe)
+holds one TCP connection to it through the move, sending every 10 ms; every
+gap over 20 ms between two correct echoes is a pause (each pre-copy round's
+freeze is one, the final freeze another). The results keep each run's pauses
+and give their longest, their sum and their count per method; a reset, a
+wrong or a missing echo is counted per method as a connection lost (the scripted
+stop-and-copy loses it: a reset during its dump). A service workload (`redis`: Debian's redis-server in a debian container)
+runs its standard client from the lab's client namespace through each move
+(redis-benchmark, phaul.testing.services) and adds what a user sees: the
+client's longest stall (its longest request) and its errors; its data is
+checked afterwards (keys written before the move, the benchmark's counters).
+Output: a table of medians on the terminal, bench/results/latest.json (every
+run, with CRIU's own timings) and bench/results/latest.png.
 
-    .venv/bin/python bench/run.py            # every workload, 3 repetitions
-    .venv/bin/python bench/run.py --quick    # mem256 only, 1 repetition
+    .venv/bin/python bench/run.py                     # every workload, 3 repetitions
+    .venv/bin/python bench/run.py --quick             # mem256 only, 1 repetition
+    .venv/bin/python bench/run.py --workloads redis   # the service workload alone
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -41,11 +56,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from phaul.hosts import read_hosts  # noqa: E402
-from phaul.testing import lab  # noqa: E402
-from phaul.linux import criu
+from phaul.channels.transport import TLS_OPTIONS, TLS_RSH, Credentials, rsh_env  # noqa: E402
 from phaul.containers.runc import RuncContainers  # noqa: E402
-from phaul.channels.transport import TLS_RSH  # noqa: E402
+from phaul.hosts import read_hosts  # noqa: E402
+from phaul.linux import criu, network  # noqa: E402
+from phaul.testing import lab, services  # noqa: E402
+from phaul.testing import probe as probes  # noqa: E402
 
 LAB_DIR = Path("/var/lib/phaul-lab-bench")
 SUBNET = "10.213.7.0/24"
@@ -54,6 +70,11 @@ RESULTS = REPO / "bench" / "results"
 METHODS = ("phaul", "stop-and-copy", "local floor")
 RSYNC_PORT = 8730
 MiB = 1 << 20
+PRELOAD = [f"pre:{i}" for i in range(20000)]  # service workloads: keys written before the move
+CLIENT_SETTLE_S = 1.0  # the client runs this long before and after the move
+ECHO_PORT = 7  # every workload's echo server, for the probe
+PAUSE_MS = 20  # a longer gap between two echoes is a pause
+IDLE = "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class Workload:
     memload_mib: int = 0  # memload's working set (memory is verified after each move)
     files: int = 0  # small files created in /data before the start
     warmup_s: float = 2.0
+    service: str = ""  # "redis": Debian's redis-server in a debian container, under redis-benchmark
 
 
 WRITER = (
@@ -76,8 +98,11 @@ WORKLOADS = {
     for w in (
         Workload("idle", "idle", "64M"),
         Workload("mem256", "256 MiB, 8 MiB/s", "400M", ("memload", "--size", "256", "--rate", "8"), memload_mib=256, warmup_s=3),
+        Workload("mem512", "512 MiB, 16 MiB/s", "700M", ("memload", "--size", "512", "--rate", "16"), memload_mib=512, warmup_s=3),
         Workload("mem1g", "1 GiB, 32 MiB/s", "1300M", ("memload", "--size", "1024", "--rate", "32"), memload_mib=1024, warmup_s=3),
         Workload("files20k", "20,000 files, 50/s", "64M", ("/bin/sh", "-c", WRITER.format(n=20000)), files=20000),
+        Workload("redis", "redis-server, redis-benchmark", "512M", tuple(services.redis_command()),
+                 warmup_s=1, service="redis"),
     )
 }
 
@@ -92,7 +117,7 @@ class Run:
     total_ms: float = 0.0
     bytes_sent: int = 0
     frozen_bytes_sent: int = 0  # sent while the container was frozen
-    criu_ms: dict[str, float] = field(default_factory=dict)  # freezing, frozen, memdump, memwrite, restore
+    criu_ms: dict[str, float] = field(default_factory=dict)  # freezing, frozen, memdump, memwrite, restore, image_check
     resident_bytes: int = 0  # memory CRIU dumped in the final dump
     fs_bytes: int = 0  # size of the container's root file system
     rounds: int = 0
@@ -105,6 +130,17 @@ class Run:
     frozen_ratio_vs_stop_and_copy: float | None = None  # phaul runs: same workload and repetition
     verified: str = ""
     error: str = ""
+    client: dict[str, Any] = field(default_factory=dict)  # service workloads: the client's figures (ClientFigures)
+    pauses_ms: list[float] = field(default_factory=list)  # every pause the probe saw, in order
+    probe: dict[str, Any] = field(default_factory=dict)  # the probe's own result (tcp-probe --json)
+
+
+def with_echo_server(args: tuple[str, ...]) -> list[str]:
+    """The workload's command with the echo server beside it (the command stays PID 1)."""
+    echo = f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & "
+    if args[:2] == ("/bin/sh", "-c"):
+        return ["/bin/sh", "-c", echo + args[2], *args[3:]]
+    return ["/bin/sh", "-c", echo + ("exec " + shlex.join(args) if args else IDLE)]
 
 
 def sh(args: list[str], ns: str | None = None, check: bool = True, timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -144,17 +180,15 @@ class Bench:
         pki_dir = lab_dir / "pki"
         listen = (
             f"OPENSSL-LISTEN:{RSYNC_PORT},bind={self.beta_ip},reuseaddr,fork,cert={pki_dir / 'beta.crt'},"
-            f"key={pki_dir / 'beta.key'},cafile={pki_dir / 'ca.crt'},verify=1,commonname=alpha,nodelay"
+            f"key={pki_dir / 'beta.key'},cafile={pki_dir / 'ca.crt'},verify=1,commonname=alpha,{TLS_OPTIONS},nodelay"
         )
         self.rsyncd = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{lab.NETNS['beta']}", "--", "socat", "-t", "0.01", listen,
              f"EXEC:rsync --server --daemon --config={conf} ."],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        self.rsync_env = {
-            **os.environ, "PHAUL_PEER": f"{self.beta_ip}:{RSYNC_PORT}", "PHAUL_PEER_NAME": "beta",
-            "PHAUL_CERT": str(pki_dir / "alpha.crt"), "PHAUL_KEY": str(pki_dir / "alpha.key"), "PHAUL_CA": str(pki_dir / "ca.crt"),
-        }
+        creds = Credentials("alpha", pki_dir / "alpha.crt", pki_dir / "alpha.key", pki_dir / "ca.crt")
+        self.rsync_env = {**os.environ, **rsh_env(creds, f"{self.beta_ip}:{RSYNC_PORT}", "beta", link_timeout=30.0)}
         time.sleep(0.3)
         self.seq = 0
 
@@ -175,7 +209,11 @@ class Bench:
         """A fresh running container of workload `w` on alpha; (ID, root file system bytes)."""
         self.seq += 1
         ct = f"b{self.seq}-{w.name}"
-        self.phaul("--host", "alpha", "ct", "create", ct, "--memory", w.memory_limit)
+        # clients in the client namespace reach it at its own address
+        create = ["--memory", w.memory_limit, "--ip", f"{self.ct_ip(ct)}/24"]
+        if w.service:
+            create += ["--template", "debian", "--packages", ",".join(services.PACKAGES)]
+        self.phaul("--host", "alpha", "ct", "create", ct, *create)
         rootfs = self.cts["alpha"].bundle_dir(ct) / "rootfs"
         if w.files:
             data = rootfs / "data"
@@ -183,13 +221,18 @@ class Bench:
             blob = os.urandom(1024)
             for i in range(w.files):
                 (data / f"f{i}").write_bytes(blob[i % 512 :] + blob[: i % 512])
-        self.phaul("--host", "alpha", "ct", "start", ct, *(["--", *w.args] if w.args else []))
+        self.phaul("--host", "alpha", "ct", "start", ct, "--", *with_echo_server(w.args))
         if w.memload_mib:
             deadline = time.monotonic() + 120
             while self.exec("alpha", ct, "sh", "-c", "test -s /memload.pid && echo up || true").strip() != "up":
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"memload in {ct} did not start")
                 time.sleep(0.2)
+        if w.service:
+            services.wait_redis(self.ct_ip(ct))
+            loaded = services.load_keys(self.ct_ip(ct), PRELOAD)
+            if loaded.errors or loaded.requests != len(PRELOAD):
+                raise RuntimeError(f"loading {len(PRELOAD)} keys into {ct}: {loaded.summary()} {loaded.problems}")
         time.sleep(w.warmup_s)
         fs = sum(p.lstat().st_size for p in rootfs.rglob("*") if p.is_file() and not p.is_symlink())
         return ct, fs
@@ -197,7 +240,15 @@ class Bench:
     def exec(self, host: str, ct: str, *cmd: str) -> str:
         return self.phaul("--host", host, "ct", "exec", ct, "--", *cmd).stdout
 
-    def verify(self, w: Workload, host: str, ct: str) -> str:
+    def echo_address(self, ct: str) -> str:
+        return f"{self.ct_ip(ct)}:{ECHO_PORT}"
+
+    def ct_ip(self, ct: str) -> str:
+        return lab.container_address(SUBNET, int(ct[1:].split("-")[0]) % 40)  # b<seq>-<workload>
+
+    def verify(self, w: Workload, host: str, ct: str, loop: services.BenchmarkLoop | None = None) -> str:
+        if loop is not None:
+            return self._verify_service(ct, loop)
         if not w.memload_mib:
             running = self.phaul("--host", host, "ct", "list", "--json").stdout
             return "running" if any(c["id"] == ct and c["state"] == "running" for c in json.loads(running)) else "NOT RUNNING"
@@ -210,6 +261,17 @@ class Bench:
             time.sleep(0.2)
         return "no report"
 
+    def _verify_service(self, ct: str, loop: services.BenchmarkLoop) -> str:
+        """The keys loaded before the move read back exactly; the benchmark's INCR counters
+        and LPUSH list hold every request it completed; its SET values are intact."""
+        ip = self.ct_ip(ct)
+        wrong = services.wrong_keys(ip, PRELOAD)
+        state = services.benchmark_state(ip, loop.bench)
+        want = {"INCR": loop.completed.get("INCR", 0), "LPUSH": loop.completed.get("LPUSH", 0), "wrong SET values": 0}
+        if wrong or state != want:
+            return f"DATA WRONG: {len(wrong)} keys differ (first {wrong[:3]}); server {state}, client completed {want}"
+        return f"ok: {len(PRELOAD)} keys, {want['INCR']} INCR, {want['LPUSH']} LPUSH"
+
     def destroy(self, ct: str) -> None:
         for host in ("alpha", "beta"):
             self.phaul("--host", host, "ct", "destroy", ct, check=False)
@@ -221,7 +283,7 @@ class Bench:
         script = self.work / f"{name}.sh"
         script.write_text(f'#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && date +%s%N > {stamp}\nexit 0\n')
         script.chmod(0o700)
-        self.cts[host].criu_config_path(ct).write_text(f"action-script {script}\n")
+        self.cts[host].set_criu_options(ct, f"action-script {script}\n")
         return stamp
 
     # -- methods ------------------------------------------------------------------
@@ -232,8 +294,20 @@ class Bench:
         try:
             ct, r.fs_bytes = self.new_container(w)
             fn = {"phaul": self._phaul, "stop-and-copy": self._stop_and_copy, "local floor": self._floor}[method]
-            where = fn(ct, r)
-            r.verified = self.verify(w, where, ct)
+            self._wait_echo(ct)
+            probe = probes.LongProbe(lab.NETNS["client"], self.echo_address(ct), "--pause-ms", str(PAUSE_MS))
+            loop = services.BenchmarkLoop(services.RedisBenchmark(self.ct_ip(ct))).start() if w.service else None
+            try:
+                time.sleep(CLIENT_SETTLE_S)
+                where = fn(ct, r)
+                time.sleep(CLIENT_SETTLE_S)
+            finally:
+                if loop is not None:
+                    r.client = loop.stop().to_dict()
+                rc, r.probe = probe.stop()
+                r.probe["ok"] = rc == 0
+            r.pauses_ms = [length for _, length in r.probe.get("pauses_ms", [])]
+            r.verified = self.verify(w, where, ct, loop)
             r.ok = r.verified.startswith("ok") or r.verified == "running"
         except Exception as e:  # one failed run must not end the benchmark
             r.error = str(e)[-2000:]
@@ -241,6 +315,14 @@ class Bench:
             if ct:
                 self.destroy(ct)
         return r
+
+    def _wait_echo(self, ct: str) -> None:
+        """Until the container's echo server answers the client namespace."""
+        deadline = time.monotonic() + 60
+        while probes.short_probe(lab.NETNS["client"], self.echo_address(ct), seconds=0.05)[0] != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the echo server in {ct} does not answer")
+            time.sleep(0.2)
 
     def _phaul(self, ct: str, r: Run) -> str:
         proc = self.phaul("--host", "alpha", "migrate", ct, "beta", "--json", check=False)
@@ -250,7 +332,8 @@ class Bench:
         final = rep["rounds"][-1]
         r.frozen_ms, r.total_ms, r.bytes_sent = rep["frozen_ms"], rep["total_ms"], rep["bytes_sent"]
         r.frozen_bytes_sent = final["bytes_sent"] + final["fs_bytes_sent"]
-        r.criu_ms = {k: v for k, v in rep["criu_ms"].items() if k in ("freezing", "frozen", "memdump", "memwrite", "restore")}
+        keep = ("freezing", "frozen", "memdump", "memwrite", "restore", "image_check")  # image_check: the destination's
+        r.criu_ms = {k: v for k, v in rep["criu_ms"].items() if k in keep}
         r.resident_bytes = final["pages_dumped"] * 4096
         r.rounds = len(rep["rounds"])
         r.last_round_dirty_bytes = final["pages_sent"] * 4096 if len(rep["rounds"]) > 1 else 0
@@ -286,9 +369,11 @@ class Bench:
         target = beta.container_dir(ct)
         target.parent.mkdir(parents=True, exist_ok=True)
         (self.recv / "ct").rename(target)
-        beta.rewrite_for_host(ct)  # lab only: per-host cgroup path (both hosts share one kernel)
-        beta.criu_config_path(ct).write_text("")
+        beta.adopt(ct, beta.config(ct))  # lab only: per-host cgroup path (both hosts share one kernel)
+        ident = network.Identity.of(beta.config(ct))
+        beta.set_criu_options(ct, network.restore_criu_options(ident, d) if ident else "")
         _run_restore(beta.restore_cmd(ct, self.recv / "img", d / "restore-work", tcp_established=True), "beta")
+        self._plug(beta, ct, ident, "beta")
         t1 = time.time_ns()
         frozen_at = _stamp(stamp, t0)
         r.frozen_ms, r.total_ms = (t1 - frozen_at) / 1e6, (t1 - t0) / 1e6
@@ -307,14 +392,30 @@ class Bench:
         stamp = self._stamp_conf("alpha", ct, f"floor-{ct}")
         t0 = time.time_ns()
         self._checkpoint(ct, d)
-        alpha.criu_config_path(ct).write_text("")
+        ident = network.Identity.of(alpha.config(ct))
+        alpha.set_criu_options(ct, network.restore_criu_options(ident, d) if ident else "")
+        if ident is not None:  # the dumped copy's netns (and its veth) is freed asynchronously
+            sh(["ip", "link", "del", ident.host_veth], ns="alpha", check=False)
         _run_restore(alpha.restore_cmd(ct, d / "img", d / "restore-work", tcp_established=True), "alpha")
+        self._plug(alpha, ct, ident, "alpha")
         t1 = time.time_ns()
         frozen_at = _stamp(stamp, t0)
         r.frozen_ms, r.total_ms = (t1 - frozen_at) / 1e6, (t1 - t0) / 1e6
         self._criu_stats(r, d / "work", d / "restore-work")
         shutil.rmtree(d, ignore_errors=True)
         return "alpha"
+
+    def _plug(self, cts: RuncContainers, ct: str, ident: network.Identity | None, host: str) -> None:
+        """A restored addressed container on `host`'s segment, as a script does it: its host
+        veth (re-created by phaul's restore script) into the bridge, the neighbour entries
+        it failed to resolve meanwhile flushed, then a gratuitous ARP (network.plug_restored's steps)."""
+        if ident is None:
+            return
+        sh(["ip", "link", "set", "dev", ident.host_veth, "master", lab.BRIDGE, "up"], ns=host)
+        pid = cts.info(ct).pid
+        if pid:
+            sh(["nsenter", f"--net=/proc/{pid}/ns/net", "--", "ip", "neighbour", "flush", "dev", network.CT_IFNAME])
+            network.announce(pid, ident)
 
     def _criu_stats(self, r: Run, dump_work: Path, restore_work: Path) -> None:
         dump = criu.read_stats(dump_work, "dump")
@@ -373,6 +474,22 @@ def summarize(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
                     for k in sorted({k for r in ok for k in r.phases_ms})
                 },
             }
+            probed = [r for r in ok if r.probe.get("ok")]  # the connection lived through the move
+            per[m]["connection_lost"] = len([r for r in ok if not r.probe.get("ok")])
+            per[m]["pauses"] = {  # what the probe saw, medians over the runs
+                "longest_ms": median([max(r.pauses_ms, default=0.0) for r in probed]),
+                "sum_ms": median([sum(r.pauses_ms) for r in probed]),
+                "count": median([len(r.pauses_ms) for r in probed]),
+                "longest_ms_max": max((max(r.pauses_ms, default=0.0) for r in probed), default=None),
+            }
+            served = [r for r in runs if r.workload == w and r.method == m and r.client]
+            if served:  # a service workload: what its client saw, over every run (failed ones too)
+                per[m]["client"] = {
+                    "longest_stall_ms": median([r.client["max_latency_ms"] for r in served]),
+                    "longest_stall_ms_max": max(r.client["max_latency_ms"] for r in served),
+                    "errors": sum(r.client["errors"] for r in served),
+                    "requests": median([r.client["requests"] for r in served]),
+                }
         ph = [r for r in runs if r.workload == w and r.method == "phaul" and r.ok]
         per["phaul"]["predicted_frozen_ms"] = median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None])
         ratios = [r.frozen_ratio_vs_stop_and_copy for r in ph if r.frozen_ratio_vs_stop_and_copy]
@@ -406,16 +523,38 @@ def table(summary: dict[str, Any]) -> str:
                 f"{title if i == 0 else '':<20} {m:<14} {f(s['frozen_ms']):>10} {f(s['total_ms']):>10} "
                 f"{f(s['bytes_sent'], MiB, '.1f'):>9} {f(s['frozen_bytes_sent'], MiB, '.1f'):>10} {f(s['rounds']):>6}  {s['ok']}/{s['runs']}"
             )
+        for m in METHODS:
+            if c := per[m].get("client"):
+                lines.append(
+                    f"{'':<20} {m:<14} client: longest stall {c['longest_stall_ms']:.0f} ms (median; worst "
+                    f"{c['longest_stall_ms_max']:.0f}), {c['errors']} errors, {c['requests']:.0f} requests per run"
+                )
         t = per["phaul_vs_stop_and_copy"]
 
         def g(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}"
 
+        for m in METHODS:
+            p = per[m]["pauses"]
+            if per[m]["connection_lost"]:
+                lines.append(f"{'':<20} {m:<14} client connection lost (reset, wrong or missing echoes) in "
+                             f"{per[m]['connection_lost']} of {per[m]['ok']} runs")
+            if p["longest_ms"] is not None:
+                lines.append(
+                    f"{'':<20} {m:<14} pauses: longest {p['longest_ms']:.0f} ms, summed {p['sum_ms']:.0f} ms, "
+                    f"{p['count']:.0f} of them (medians; worst longest {p['longest_ms_max']:.0f} ms)"
+                )
         lines.append(
             f"{'':<20} phaul/stop-and-copy frozen {g(t['frozen_ratio_median'])}; frozen bytes / last round's dirty "
             f"{g(t['frozen_bytes_over_last_round_dirty_median'])}; total bytes / (memory + fs) {g(t['total_bytes_over_resident_plus_fs_median'])}"
         )
     return "\n".join(lines)
+
+
+def _get(d: dict[str, Any], key: tuple[str, ...]) -> Any:
+    for k in key:
+        d = d.get(k) or {}
+    return d or None
 
 
 def chart(summary: dict[str, Any], path: Path) -> None:
@@ -425,11 +564,18 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8))
+    axes = grid.flatten()
     width = 0.27
-    for ax, key, title in ((axes[0], "frozen_ms", "frozen time (ms, median)"), (axes[1], "total_ms", "total time (ms, median)")):
+    panels = (
+        (axes[0], ("frozen_ms",), "frozen time (ms, median)"),
+        (axes[1], ("pauses", "longest_ms"), "longest pause a client saw (ms, median)"),
+        (axes[2], ("pauses", "sum_ms"), "summed pauses a client saw (ms, median)"),
+        (axes[3], ("total_ms",), "total time (ms, median)"),
+    )
+    for ax, key, title in panels:
         for i, m in enumerate(METHODS):
-            vals = [summary[w][m][key] or 0 for w in names]
+            vals = [_get(summary[w][m], key) or 0 for w in names]
             bars = ax.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=m)
             ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in vals], fontsize=7, rotation=90, padding=2)
         ax.set_xticks(range(len(names)), [WORKLOADS[w].title for w in names], fontsize=8)
@@ -480,6 +626,13 @@ def main() -> int:
                             runs.append(r)
                             write_results(runs, workloads, reps, t_start, args.out, complete=False)  # survives an interruption
                             state = "ok" if r.ok else f"FAILED: {r.error[:300] or r.verified}"
+                            if r.probe and not r.probe.get("ok"):
+                                state += f"; client connection LOST: {r.probe.get('error')}"
+                            if r.pauses_ms:
+                                state += f"; pauses {', '.join(f'{p:.0f}' for p in r.pauses_ms)} ms"
+                            if r.client:
+                                state += (f"; client {r.client['requests']} requests, {r.client['errors']} errors, "
+                                          f"longest {r.client['max_latency_ms']:.0f} ms")
                             print(
                                 f"bench: {w:<9} rep {rep} {m:<14} frozen {r.frozen_ms:7.0f} ms  total {r.total_ms:7.0f} ms  "
                                 f"sent {r.bytes_sent / MiB:7.1f} MiB  {state}",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
 # Entry points that add subcommands: each is called with the subparsers action.
 COMMAND_PLUGINS = "phaul.commands"
+START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that exited at once
+LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
+CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
 
 DESCRIPTION = """\
@@ -99,7 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
                    help="retry settling unfinished migrations this often; 0: only at start-up "
                    f"(default {TIMEOUTS.resolve_interval:g})")
+    a.add_argument("--revoked", type=Path, metavar="FILE",
+                   help="the revocation list of certificate serials to refuse, re-read when it changes "
+                        "(default: revoked.txt beside --cert when the certificate lives beside --ca)")
     a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
+    a.add_argument("--cache-dir", type=Path, default=Path("/var/cache/phaul/rootfs"),
+                   help="where built root file systems are kept, one tarball per package set "
+                        "(default: /var/cache/phaul/rootfs)")
+    a.add_argument("--build-netns", type=Path, metavar="PATH",
+                   help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
+                        "(default: the agent's own)")
     a.set_defaults(func=cmd_agent)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
@@ -113,18 +127,43 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
     ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
+    ks.add_argument("--force", action="store_true",
+                    help="issue even if a name or address is another host's (another certificate here, or --hosts-file)")
     ks.set_defaults(func=cmd_pki_issue)
+    kl = ksub.add_parser("list", help="the certificates issued here: serial, names, expiry, status")
+    kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=cmd_pki_list)
+    kr = ksub.add_parser("revoke", help="add a certificate (or every one issued to a name) to revoked.txt")
+    kr.add_argument("what", metavar="SERIAL|NAME")
+    kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    kr.set_defaults(func=cmd_pki_revoke)
 
     ct = sub.add_parser("ct", help="containers on --host")
     csub = ct.add_subparsers(dest="ct_command", metavar="ACTION", required=True)
     cc = csub.add_parser("create", help="create a container (not started)")
     cc.add_argument("id")
-    cc.add_argument("--template", default="busybox", help="root file system template (default: busybox)")
+    cc.add_argument("--template", choices=("busybox", "debian"),
+                    help="root file system template: busybox (the default) or debian (bookworm, mmdebstrap)")
+    cc.add_argument("--packages", action="append", default=[], metavar="PKG[,PKG]",
+                    help="--template debian: Debian packages to install (the root is built once per package set, then cached)")
+    cc.add_argument("--rootfs", metavar="DIR|TARBALL",
+                    help="copy this root file system (a directory or a tar archive on the agent's host) in")
+    cc.add_argument("--image", metavar="PATH",
+                    help="unpack this OCI image (layout directory, OCI archive or `docker save` archive on the agent's "
+                         "host); its command, environment, user and working directory become the container's")
+    cc.add_argument("--image-ref", default="", metavar="TAG", help="--image: the tag to use when it holds several images")
+    cc.add_argument("--init", choices=("systemd",),
+                    help="boot systemd as PID 1 (debian: the systemd package is added); `ct stop` halts it")
     cc.add_argument("--memory", help="memory limit, e.g. 256M")
     cc.add_argument("--cpus", type=float, help="CPU limit in CPUs, e.g. 0.5")
     cc.add_argument("--pids", type=int, help="maximum number of processes")
     cc.add_argument("--ip", help="ADDR/PREFIX on the host's bridge")
     cc.add_argument("--gateway", help="default gateway for --ip")
+    cc.add_argument("--cap-add", action="append", default=[], metavar="CAP[,CAP]",
+                    help="capabilities beyond the default set: MKNOD, NET_RAW (ping), SYS_PTRACE")
+    cc.add_argument("--seccomp", choices=("default", "unconfined"), default="default",
+                    help="the Docker/Podman default seccomp profile (default), or none")
     cc.set_defaults(func=cmd_ct_create)
     cs = csub.add_parser("start", help="start a container, optionally with a command")
     cs.add_argument("id")
@@ -135,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     ce.add_argument("--timeout", type=float, default=60.0)
     ce.set_defaults(func=cmd_ct_exec)
+    cg = csub.add_parser("logs", help="the container's stdout and stderr (kept in a bounded log that moves with it)")
+    cg.add_argument("id")
+    cg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines")
+    cg.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes (Ctrl-C ends)")
+    cg.set_defaults(func=cmd_ct_logs)
     cl = csub.add_parser("list", help="list containers: ID, state, init PID, memory used and limit")
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(func=cmd_ct_list)
@@ -232,6 +276,7 @@ def _command(rest: list[str], what: str) -> list[str]:
 def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
     """Run the agent; `hook` is called at its migrations' step boundaries (a test agent plugs one in)."""
     from phaul.agent.server import serve
+    from phaul.channels.revocation import default_list
 
     creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
     for path in (args.cert, args.key, args.ca):
@@ -242,7 +287,9 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
 
     config = AgentConfig(
         name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
+        cache_dir=args.cache_dir, build_netns=args.build_netns,
         peers=names(args.peers), admins=names(args.admins),
+        revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
     serve(config, hook)
@@ -259,8 +306,35 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
 def cmd_pki_issue(args: argparse.Namespace) -> int:
     from phaul.channels import pki
 
-    cert, key = pki.issue(args.dir, args.name, args.ip, args.dns)
+    hosts: dict[str, list[str]] = {}
+    if args.hosts_file is not None:
+        hosts = {h.name: [h.ip] for h in _hosts(args).hosts.values()}
+    cert, key = pki.issue(args.dir, args.name, args.ip, args.dns, hosts=hosts, force=args.force)
     print(f"{cert}\n{key}")
+    return EXIT_OK
+
+
+def cmd_pki_list(args: argparse.Namespace) -> int:
+    from phaul.channels import pki
+
+    rows = pki.listing(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'SERIAL':<42} {'NAME':<16} {'STATUS':<9} {'NOT AFTER':<17} {'DAYS':>5}  NAMES")
+    for r in rows:
+        print(
+            f"{r['serial']:<42} {r['name']:<16} {r['status']:<9} {r['not_after'][:16].replace('T', ' '):<17} "
+            f"{r['days_left']:>5}  {','.join([*r['dns'], *r['ips']])}"
+        )
+    return EXIT_OK
+
+
+def cmd_pki_revoke(args: argparse.Namespace) -> int:
+    from phaul.channels import pki
+
+    added = pki.revoke(args.dir, args.what)
+    print("\n".join(added) if added else f"{args.what} is already revoked")
     return EXIT_OK
 
 
@@ -268,13 +342,26 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_ct_create(args: argparse.Namespace) -> int:
+    packages = [p for text in args.packages for p in text.split(",") if p.strip()]
+    sources = [o for o, v in (("--template", args.template), ("--rootfs", args.rootfs), ("--image", args.image)) if v]
+    if len(sources) > 1:
+        raise InvalidInput(f"{' and '.join(sources)} both say where the root comes from", "give one of them")
+    if packages and args.template != "debian":
+        raise InvalidInput("--packages needs --template debian", "add --template debian")
+    if args.image_ref and not args.image:
+        raise InvalidInput("--image-ref needs --image", "add --image PATH")
+    template = args.template or ("rootfs" if args.rootfs else "image" if args.image else "busybox")
     config = ContainerConfig(
-        id=check_id(args.id), template=args.template,
+        id=check_id(args.id), template=template, packages=packages, init=args.init or "",
+        rootfs=os.path.abspath(args.rootfs) if args.rootfs else "", image=os.path.abspath(args.image) if args.image else "",
+        image_ref=args.image_ref,
         memory=parse_size(args.memory, "memory limit") if args.memory else None,
         cpus=args.cpus, pids=args.pids, ip=args.ip, gateway=args.gateway,
+        cap_add=[c for text in args.cap_add for c in text.split(",") if c.strip()], seccomp=args.seccomp,
     )
     with _agent(args) as agent:
-        info = agent.call("CreateContainer", messages.config_to_proto(config))
+        # a debian root is built on first use of a package set: minutes
+        info = agent.call("CreateContainer", messages.config_to_proto(config), timeout=CREATE_TIMEOUT)
     print(f"{info.id} created on {args.host}")
     return EXIT_OK
 
@@ -282,8 +369,45 @@ def cmd_ct_create(args: argparse.Namespace) -> int:
 def cmd_ct_start(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         info = agent.call("StartContainer", pb.StartRequest(id=check_id(args.id), args=_command(args.cmd, "")))
-    print(f"{info.id} running on {args.host}, init PID {info.pid}")
+        if info.state == "stopped":  # its command exited at once: say how, with what it wrote
+            out = agent.call("ContainerLogs", pb.LogsRequest(id=info.id, tail=START_LOG_LINES)).data
+            status = info.exit_status or "exit status unknown"
+            print(f"{info.id} exited at once on {args.host} ({status}); its output ends:", file=sys.stderr)
+            sys.stderr.write(out.decode(errors="replace") or "(no output)\n")
+            return EXIT_OK if status == "exit 0" else EXIT_NOT_OK
+    print(f"{info.id} {info.state} on {args.host}, init PID {info.pid}")
     return EXIT_OK
+
+
+def cmd_ct_logs(args: argparse.Namespace) -> int:
+    ct_id = check_id(args.id)
+    if args.tail < 0:
+        raise InvalidInput(f"invalid --tail {args.tail}", "give a number of lines")
+    with _agent(args) as agent:
+        if not args.follow:
+            r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, tail=args.tail))
+            sys.stdout.buffer.write(r.data)
+            return EXIT_OK
+        # Following: the tail comes from the same positioned reads as what follows (a separate
+        # tail request would lose what is written between it and the first follow request).
+        now = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True))  # the current file
+        r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True, file_id=now.file_id, offset=0))
+        seen = r.data
+        while r.data:
+            r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True, file_id=r.file_id, offset=r.offset))
+            seen += r.data
+        lines = seen.splitlines(keepends=True)
+        sys.stdout.buffer.write(b"".join(lines[-args.tail:] if args.tail else lines))
+        sys.stdout.flush()
+        try:
+            while True:
+                r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True, file_id=r.file_id, offset=r.offset))
+                sys.stdout.buffer.write(r.data)
+                sys.stdout.flush()
+                if not r.data:
+                    time.sleep(LOG_POLL)
+        except KeyboardInterrupt:
+            return EXIT_OK
 
 
 def cmd_ct_exec(args: argparse.Namespace) -> int:

@@ -27,6 +27,26 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What an agent accepts at once: a compromised or runaway peer can use up
+    its own share, never the admins' or the other peers'."""
+
+    incoming: int = 8  # migrations this host receives at once, from all peers
+    incoming_per_peer: int = 4  # ... from one peer
+    peer_calls: int = 32  # calls from peers running at once
+    peer_calls_each: int = 12  # ... from one peer
+    admin_calls: int = 24  # calls from admins running at once (the CLI), each admin up to all of them
+    quota_factor: float = 2.0  # a migration may write its declared size times this into the state directory
+    quota_extra: int = 512 << 20  # ... plus this many bytes (files that change while it runs)
+    disk_reserve: int = 256 << 20  # incoming data never fills the state directory's file system beyond this
+    idle_prepared: float = 900.0  # s: a prepared migration with no call and no byte received this long is removed
+
+    def quota(self, declared: int) -> int:
+        """The bytes a migration that declared `declared` may write on this host."""
+        return int(declared * self.quota_factor) + self.quota_extra
+
+
+@dataclass(frozen=True)
 class MigrationOptions:
     """How one migration runs; the defaults are `phaul migrate`'s."""
 
@@ -48,7 +68,11 @@ class AgentConfig:
     creds: Credentials
     socket: Path | None = None  # also served on this unix socket, for the local CLI
     bridge: str | None = None  # the bridge addressed containers are plugged into
+    cache_dir: Path = Path("/var/cache/phaul/rootfs")  # built root file systems (debian template), one tarball per package set
+    build_netns: Path | None = None  # network namespace template builds download in (None: the agent's)
     peers: frozenset[str] = frozenset()  # hosts this one migrates to and from
     admins: frozenset[str] = frozenset()  # clients that manage containers and migrations
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_migrations: int = 4  # outgoing migrations at once
+    revoked: Path | None = None  # revocation list (phaul.channels.revocation): callers with these serials are refused
+    limits: Limits = field(default_factory=Limits)

@@ -33,5 +33,9 @@ class ToolFailed(PhaulError):
     """An external tool (CRIU, runc, rsync, ip) failed; the message carries its output."""
 
 
+class Busy(PhaulError):
+    """The agent is at a bound (concurrent calls, migrations, quota); trying again later may work."""
+
+
 class Refused(PhaulError):
     """The caller may not do this (not in the agent's allow lists, or not a party to the migration)."""

@@ -4,17 +4,35 @@
 # Prints the path of the CRIU source tree on stdout.
 # Never adds non-bookworm binary sources: it fetches only Debian's source
 # tarball through a private, source-only apt configuration.
+#
+# CRIU is built with the patches in patches/criu/ (see patches/criu/README):
+# the build is named "GitID: v<version>-phaul-<hash of the patches>" and an
+# installed criu whose `criu --version` lacks that exact GitID is rebuilt.
+# CRIU_PREFIX (default /usr/local) says where to install it.
 set -euo pipefail
 shopt -s inherit_errexit
 
 CACHE=${PHAUL_CACHE:-/var/cache/phaul}
+PREFIX=${CRIU_PREFIX:-/usr/local}
+PATCHES=$(cd "$(dirname "$0")/.." && pwd)/patches/criu
 TESTED_VERSION=4.2.1-1
 MIN_VERSION=4.2
 log() { echo "setup: $*" >&2; }
 
-criu_version() {  # prints "X.Y[.Z]" of the criu on PATH, or nothing
-    command -v criu >/dev/null || return 0
-    criu --version 2>/dev/null | awk '/^Version:/ {print $2}'
+CRIU=$PREFIX/sbin/criu
+
+criu_version() {  # prints "X.Y[.Z]" of $CRIU, or nothing
+    [ -x "$CRIU" ] || return 0
+    "$CRIU" --version 2>/dev/null | awk '/^Version:/ {print $2}'
+}
+
+patch_id() {  # "phaul-" and a hash of the patch files, the GitID suffix of our build
+    echo "phaul-$(cat "$PATCHES"/*.patch | sha256sum | cut -c1-12)"
+}
+
+criu_patched() {  # $CRIU reports the GitID of a build with exactly our patches
+    local out  # not piped into grep -q: with pipefail, criu's SIGPIPE would fail the test
+    [ -x "$CRIU" ] && out=$("$CRIU" --version 2>/dev/null) && grep -qx "GitID: .*-$(patch_id)" <<<"$out"
 }
 
 version_ok() {  # version_ok HAVE WANT: HAVE >= WANT
@@ -23,7 +41,22 @@ version_ok() {  # version_ok HAVE WANT: HAVE >= WANT
 
 criu_usable() {
     local v; v=$(criu_version)
-    version_ok "$v" "$MIN_VERSION" && criu check >/dev/null 2>&1
+    version_ok "$v" "$MIN_VERSION" && criu_patched && "$CRIU" check >/dev/null 2>&1
+}
+
+patched_tree() {  # a copy of the source tree $1 with patches/criu/*.patch applied, printed
+    local tree=$1 build
+    build=$CACHE/build/$(basename "$tree")-$(patch_id)
+    if [ ! -f "$build/.phaul-patched" ]; then
+        rm -rf "$build" "$build.tmp"; mkdir -p "$CACHE/build"
+        cp -a "$tree" "$build.tmp"
+        rm -f "$build.tmp/.phaul-unpacked"
+        for p in "$PATCHES"/*.patch; do
+            patch -d "$build.tmp" -p1 --forward --quiet < "$p" >&2 || { log "patch $(basename "$p") does not apply to $(basename "$tree")"; exit 1; }
+        done
+        mv "$build.tmp" "$build"; touch "$build/.phaul-patched"
+    fi
+    echo "$build"
 }
 
 fetch_tarball() {  # downloads criu_4.2.x.orig.tar.xz into $CACHE/src, prints its path
@@ -68,13 +101,15 @@ source_tree() {  # unpacks the newest cached tarball afresh if needed, prints th
 
 tree=$(source_tree)
 if criu_usable; then
-    log "criu $(criu_version) at $(command -v criu) is usable"
+    log "criu $(criu_version) at $CRIU ($(patch_id)) is usable"
 else
-    log "criu $(criu_version || true) is missing, older than $MIN_VERSION or fails 'criu check': building $(basename "$tree")"
-    make -C "$tree" -j"$(nproc)" criu >"$tree/build.log" 2>&1 || { tail -20 "$tree/build.log" >&2; rm -f "$tree/.phaul-unpacked"; log "CRIU build failed, full log in $tree/build.log"; exit 1; }
-    make -C "$tree" install-criu PREFIX=/usr/local >>"$tree/build.log" 2>&1
+    build=$(patched_tree "$tree")
+    gitid="v$(basename "$tree" | sed 's/^criu-//')-$(patch_id)"
+    log "criu $(criu_version || true) at $CRIU is missing, older than $MIN_VERSION, lacks the patches of patches/criu or fails 'criu check': building $(basename "$build")"
+    make -C "$build" -j"$(nproc)" criu GITID="$gitid" >"$build/build.log" 2>&1 || { tail -20 "$build/build.log" >&2; rm -f "$build/.phaul-patched"; log "CRIU build failed, full log in $build/build.log"; exit 1; }
+    make -C "$build" install-criu PREFIX="$PREFIX" GITID="$gitid" >>"$build/build.log" 2>&1
     hash -r
-    criu_usable || { criu check >&2 || true; log "the CRIU just built fails 'criu check'; see above"; exit 1; }
-    log "installed criu $(criu_version) at $(command -v criu)"
+    criu_usable || { "$CRIU" check >&2 || true; log "the CRIU just built fails 'criu check' or lacks its GitID; see above"; exit 1; }
+    log "installed criu $(criu_version) ($gitid) at $CRIU"
 fi
 echo "$tree"

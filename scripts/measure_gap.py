@@ -39,13 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from phaul.testing import lab
+from phaul.testing import probe as probes
+from phaul.testing.probe import PROBE
 
 LAB_LOCK = Path("/run/lock/phaul-lab.lock")
 LAB_DIR = Path("/var/lib/phaul-lab-measure")
 SUBNET = "10.213.8.0/24"
 CT = "gap"
 PORT = 7007
-PROBE = REPO / "workloads" / "bin" / "tcp-probe"
 SETTLE_S = 1.0  # probe time before and after each migration
 
 
@@ -105,25 +106,20 @@ def measure(hosts: Path, address: str, runs: int, capture: Path | None, interval
     for i in range(runs):
         src, dst = where[i % 2], where[(i + 1) % 2]
         with captures(capture, i + 1):
-            probe = subprocess.Popen(
-                in_ns(lab.NETNS["client"], str(PROBE), "--connect", f"{address}:{PORT}", "--interval-ms", str(interval_ms), "--json",
-                      *(["--udp"] if udp else [])),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
+            probe = probes.LongProbe(lab.NETNS["client"], f"{address}:{PORT}", "--interval-ms", str(interval_ms),
+                                     *(["--udp"] if udp else []))
             time.sleep(SETTLE_S)
             r = phaul(hosts, "--host", src, "migrate", CT, dst, "--json", *migrate_args, check=False)
             time.sleep(SETTLE_S)
-            probe.send_signal(signal.SIGINT)
-            out, err = probe.communicate(timeout=30)
+            rc, result = probe.stop()
         report = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"result": f"exit {r.returncode}", "error": r.stderr}
-        result = json.loads(out) if out.strip() else {"error": err}
         if report.get("result") != "ok":
             raise SystemExit(f"measure_gap: migration {i + 1} {src} -> {dst}: {report}")
         row = {
             "run": i + 1, "from": src, "to": dst, "frozen_ms": report["frozen_ms"],
             "gap_ms": result.get("max_gap_ms"),
             # UDP may lose datagrams (they are counted); TCP may lose nothing
-            "probe_ok": probe.returncode == 0 if not udp else result.get("wrong") == 0 and result.get("received", 0) > 0,
+            "probe_ok": rc == 0 if not udp else result.get("wrong") == 0 and result.get("received", 0) > 0,
             "reset": result.get("reset"), "missing": result.get("missing"), "wrong": result.get("wrong"),
             "total_retrans": result.get("total_retrans"), "retrans_gaps": result.get("retrans_gaps"),
             "criu_ms": report.get("criu_ms", {}), "memory_method": report.get("memory_method"),

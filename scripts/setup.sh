@@ -14,6 +14,8 @@ APT_PACKAGES=(
     build-essential pkg-config protobuf-compiler libprotobuf-dev libprotobuf-c-dev
     protobuf-c-compiler libnl-3-dev libnet1-dev libcap-dev uuid-dev python3-venv
     libbsd-dev libnftables-dev libgnutls28-dev
+    mmdebstrap umoci skopeo acl attr libcap2-bin
+    redis-tools wrk curl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -281,7 +281,7 @@ def leftovers(lab: Lab, host: str, keep_ct: str | None = None) -> list[str]:
     `keep_ct`, if it lives there, excepted)."""
     state = lab.state_dir(host)
     found = []
-    for sub in ("migrations", "containers"):
+    for sub in ("migrations", "incoming", "containers"):
         d = state / sub
         if d.exists():
             found += [str(p) for p in d.iterdir() if p.name != keep_ct]
@@ -292,7 +292,9 @@ def leftovers(lab: Lab, host: str, keep_ct: str | None = None) -> list[str]:
             found.append(str(cg))
     if keep_ct:
         found += stopped_processes(lab, host, keep_ct)
-    found += [f"process {p}: {args}" for p, args in netns_processes(host) if p != agent_pid(lab, host)]
+    keeper = f"phaul.containers.console --dir {state / 'containers' / str(keep_ct)}/"  # the kept container's console keeper
+    found += [f"process {p}: {args}" for p, args in netns_processes(host)
+              if p != agent_pid(lab, host) and not (keep_ct and keeper in args)]  # fmt: skip
     links = subprocess.run(["ip", "-n", f"phaul-{host}", "-o", "link", "show"], capture_output=True, text=True).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
@@ -445,7 +447,7 @@ def scrub(lab: Lab) -> None:
         ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
         for ct in ids:
             subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
-        for sub in ("migrations", "containers"):
+        for sub in ("migrations", "incoming", "containers"):
             for p in (state / sub).glob("*") if (state / sub).is_dir() else []:
                 shutil.rmtree(p, ignore_errors=True)
         for cg in sorted(Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/*"), reverse=True):

@@ -9,30 +9,20 @@ canary directory are planted inside it)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentlib import RunningAgent, make_pki, running_agent
 from phaul.channels import pki
-from phaul.channels.client import connect
-from phaul.migration.copies import procs_using
+from phaul.channels.transport import Credentials
 from phaul.rpc import phaul_pb2 as pb
 from phaul.testing import faults
-from phaul.channels.transport import Credentials
-
-REPO = Path(__file__).resolve().parents[1]
 HOST = "hosta"
 OK_CODES = {
     grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -51,104 +41,23 @@ HOSTILE = [
 ]
 
 
-@dataclass
-class RunningAgent:
-    dir: Path
-    state: Path
-    canary: Path
-    cwd: Path
-    proc: subprocess.Popen[bytes]
-    sock: Path
-    port: int
-    creds: dict[str, Credentials]
-
-    def stub(self, who: str) -> Any:
-        return connect(f"unix:{self.sock}", HOST, self.creds[who])
-
-    def snapshot(self) -> list[tuple[str, int, int]]:
-        out = []
-        for p in sorted(self.canary.rglob("*")):
-            st_ = p.lstat()
-            out.append((str(p), st_.st_size, st_.st_mtime_ns))
-        return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     d = tmp_path_factory.mktemp("hardening")
-    ca = d / "pki"
-    pki.init_ca(ca, "hardening CA")
-    creds = {}
-    for name in (HOST, "peer1", "admin", "stranger"):
-        cert, key = pki.issue(ca, name, ips=["127.0.0.1"])
-        creds[name] = Credentials(name, cert, key, ca / "ca.crt")
+    creds = make_pki(d, [HOST, "peer1", "admin", "stranger"])
     other = d / "other-pki"  # a certificate from another CA, with an allowed name
     pki.init_ca(other, "mallory CA")
     cert, key = pki.issue(other, "admin")
-    creds["mallory"] = Credentials("admin", cert, key, ca / "ca.crt")
-    state, canary, cwd = d / "state", d / "canary", d / "cwd"
-    for p in (state / "containers", state / "migrations", canary / "sub", cwd):
+    creds["mallory"] = Credentials("admin", cert, key, creds[HOST].ca)
+    state, canary = d / "state", d / "canary"
+    for p in (state / "containers", state / "migrations", state / "incoming", canary / "sub"):
         p.mkdir(parents=True)
     (canary / "phaul.json").write_text('{"id": "evil"}')
-    (canary / "sub" / "keep.txt").write_text("precious")
     (state / "containers" / "evil").symlink_to(canary)
     (state / "migrations" / "evilm").symlink_to(canary)
-    port = _free_port()
-    sock = d / "agent.sock"
-    cmd = [
-        sys.executable, "-m", "phaul", "agent", "--name", HOST, "--listen", f"127.0.0.1:{port}", "--socket", str(sock),
-        "--state-dir", str(state), "--cert", str(creds[HOST].cert), "--key", str(creds[HOST].key),
-        "--ca", str(ca / "ca.crt"), "--peers", "peer1", "--admins", "admin", "--resolve-interval", "0",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = open(d / "agent.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (d / "agent.log").read_text()
-        time.sleep(0.05)
-    try:
-        yield RunningAgent(d, state, canary, cwd, proc, sock, port, creds)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        _remove_containers(state)
-
-
-def _remove_containers(state: Path) -> None:
-    """Whatever the fuzzer managed to create and start: runc state and cgroups."""
-    root = state / "runc"
-    if root.is_dir():
-        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
-        for ct in ids:
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
-    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{HOST}"):
-        for sub in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
-            if sub.is_dir():
-                try:
-                    sub.rmdir()
-                except OSError:
-                    pass
-        try:
-            cg.rmdir()
-        except OSError:
-            pass
-    for pid in procs_using(state):  # data channels the fuzzer opened, if the agent left any
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    (state / "incoming" / "evilm").symlink_to(canary)
+    with running_agent(d, HOST, creds, ["peer1"], ["admin"]) as a:
+        yield a
 
 
 # -- requests --------------------------------------------------------------------------
@@ -323,3 +232,27 @@ def test_well_formed_requests_still_work(agent: RunningAgent) -> None:
         assert code == grpc.StatusCode.OK, details
     finally:
         assert _call(agent, m["DestroyContainer"], pb.ContainerRef(id="okct"), "admin")[0] == grpc.StatusCode.OK
+
+
+def test_revoked_certificates_are_refused_without_a_restart(agent: RunningAgent) -> None:
+    """The agent's certificate lives beside its CA, so it checks that directory's revoked.txt
+    on every call; `phaul pki revoke` takes effect at once, and only for the revoked."""
+    info, pki_dir = SERVICE.methods_by_name["Info"], agent.dir / "pki"
+    revoked = pki_dir / "revoked.txt"
+    try:
+        assert _call(agent, info, pb.Empty(), "admin")[0] == grpc.StatusCode.OK
+        admin_serial = x509.load_pem_x509_certificate(agent.creds["admin"].cert.read_bytes()).serial_number
+        assert pki.revoke(pki_dir, f"{admin_serial:x}") == [f"{admin_serial:X}"]
+        code, details = _call(agent, info, pb.Empty(), "admin")
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details and f"{admin_serial:X}" in details
+        assert _call(agent, info, pb.Empty(), "peer1")[0] == grpc.StatusCode.OK  # not revoked: still served
+        assert pki.revoke(pki_dir, "peer1")  # by name: every certificate issued to peer1
+        code, details = _call(agent, SERVICE.methods_by_name["MigrationStatus"], pb.MigrationRef(migration_id="m1"), "peer1")
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
+        pki.issue(pki_dir, "admin")  # a new certificate, a new serial: the admin is back
+        assert _call(agent, info, pb.Empty(), "admin")[0] == grpc.StatusCode.OK
+        assert _call(agent, info, pb.Empty(), "peer1")[0] == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        revoked.unlink(missing_ok=True)
+    assert _call(agent, info, pb.Empty(), "peer1")[0] == grpc.StatusCode.OK  # the list is gone: re-read, empty
+    assert agent.proc.poll() is None

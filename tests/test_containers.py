@@ -197,7 +197,7 @@ def test_errors(kind: RuncContainers) -> None:
     with pytest.raises(Conflict, match="no bridge") as e:  # addresses live on a bridge (tests/test_network.py)
         kind.create(ContainerConfig(id="t", ip="10.0.0.30/24"))
     assert "--bridge" in e.value.hint
-    assert list(kind.containers_dir.iterdir()) == []  # failed creates leave nothing behind
+    assert not kind.containers_dir.exists() or list(kind.containers_dir.iterdir()) == []  # failed creates leave nothing
 
     kind.create(ContainerConfig(id="dup"))
     with pytest.raises(Conflict) as e:
@@ -252,10 +252,116 @@ def test_checkpoint_restore_round_trip(kind: RuncContainers, tmp_path: Path) -> 
     assert _wait_for(lambda: _counter(kind, "cnt") >= before + 3)
     after = _counter(kind, "cnt")
     assert after > before >= 15, f"counter restarted: {before} -> {after}"
+    # CRIU restored the default seccomp filter with the task (mode 2: filter)
+    assert _seccomp_mode(info.pid) == 2
     # The restored container is an ordinary one again: exec, stop, destroy.
     assert kind.exec("cnt", ["cat", "/counter"]).returncode == 0
     kind.destroy("cnt", timeout=0.5)
     assert kind.cgroup_dirs("cnt") == []
+
+
+def _objects(kind: RuncContainers, ct: str) -> dict[str, tuple[str, int]]:
+    """workloads/objects.c's status file: object -> (ok|FAIL, checks passed)."""
+    try:
+        lines = (kind.bundle_dir(ct) / "rootfs" / "objects.status").read_text().splitlines()[1:]
+    except FileNotFoundError:
+        return {}
+    return {f[0]: (f[1], int(f[2])) for f in (line.split(" ", 3) for line in lines)}
+
+
+def test_locks_and_loopback_sockets_survive_checkpoint_and_restore(kind: RuncContainers, tmp_path: Path) -> None:
+    """flock/POSIX/OFD locks (CRIU needs --file-locks on dump and restore) and TCP over 127.0.0.1
+    and ::1 (the restore brings the new namespace's lo up first: phaul.linux.network)."""
+    from phaul.linux import network
+
+    objs = ["file-locks", "tcp4-loopback", "tcp6-loopback"]
+    kind.create(ContainerConfig(id="locks", args=["/bin/objects", "run", "--interval-ms", "100", *objs]))
+    kind.start("locks")
+    assert _wait_for(lambda: len(_objects(kind, "locks")) == 3 and min(n for _s, n in _objects(kind, "locks").values()) >= 2)
+    cmd = kind.checkpoint_cmd("locks", tmp_path / "img", tmp_path / "work")
+    assert "--file-locks" in cmd and "--file-locks" in kind.restore_cmd("locks", tmp_path / "img", tmp_path / "rwork")
+    kind.checkpoint("locks", tmp_path / "img", tmp_path / "work")
+    before = _objects(kind, "locks")
+    kind.criu_config_path("locks").write_text(network.restore_criu_options(None, tmp_path))
+    kind.restore("locks", tmp_path / "img", tmp_path / "rwork")
+    assert _wait_for(lambda: all(_objects(kind, "locks")[o][1] >= before[o][1] + 3 for o in objs)), _objects(kind, "locks")
+    assert {o: s for o, (s, _n) in _objects(kind, "locks").items()} == dict.fromkeys(objs, "ok"), _objects(kind, "locks")
+    for path, how in (("/tmp/obj-flock", "flock"), ("/tmp/obj-posix", "posix"), ("/tmp/obj-ofd", "ofd")):
+        r = kind.exec("locks", ["objects", "trylock", path, how])
+        assert r.returncode == 0 and b"held by another" in r.stdout, (how, r)
+    locks = kind.exec("locks", ["cat", "/proc/locks"]).stdout.decode()
+    assert "FLOCK" in locks and "OFDLCK" in locks and " POSIX  ADVISORY  WRITE 1 " in locks, locks
+    kind.destroy("locks", timeout=0.5)
+
+
+def _seccomp_mode(pid: int | None) -> int:
+    """The Seccomp: field of /proc/PID/status: 0 none, 2 a filter."""
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Seccomp:"))
+    return int(line.split()[1])
+
+
+def test_default_capabilities_and_seccomp_profile(kind: RuncContainers) -> None:
+    """No CAP_NET_RAW or CAP_MKNOD unless asked for; the Docker/Podman seccomp profile unless unconfined."""
+    kind.create(ContainerConfig(id="dflt"))
+    kind.create(ContainerConfig(id="raw", cap_add=["net_raw", "CAP_MKNOD", "NET_RAW"]))
+    kind.create(ContainerConfig(id="open", seccomp="unconfined"))
+    specs = {c: json.loads((kind.bundle_dir(c) / "config.json").read_text()) for c in ("dflt", "raw", "open")}
+    assert kind.config("raw").cap_add == ["CAP_MKNOD", "CAP_NET_RAW"]  # normalized, stored in phaul.json
+    caps = specs["dflt"]["process"]["capabilities"]["bounding"]
+    assert "CAP_NET_RAW" not in caps and "CAP_MKNOD" not in caps and "CAP_CHOWN" in caps
+    assert {"CAP_NET_RAW", "CAP_MKNOD"} <= set(specs["raw"]["process"]["capabilities"]["effective"])
+    seccomp = specs["dflt"]["linux"]["seccomp"]
+    assert seccomp["defaultAction"] == "SCMP_ACT_ERRNO" and seccomp["defaultErrnoRet"] == 38
+    assert "SCMP_ARCH_X86_64" in seccomp["architectures"]  # this machine's (the lab VM is x86-64)
+    assert "seccomp" not in specs["open"]["linux"]
+    denied = {n for r in seccomp["syscalls"] if r["action"] == "SCMP_ACT_ERRNO" for n in r["names"]}
+    assert {"setns", "kexec_load", "vmsplice"} <= denied  # setns: only with CAP_SYS_ADMIN, which it lacks
+    for ct in ("dflt", "raw", "open"):
+        kind.start(ct)
+
+    def run(ct: str, *cmd: str) -> tuple[int, str]:
+        r = kind.exec(ct, list(cmd))
+        return r.returncode, (r.stdout + r.stderr).decode()
+
+    assert _seccomp_mode(kind.info("dflt").pid) == 2 and _seccomp_mode(kind.info("open").pid) == 0
+    # vmsplice(-1, ...): the profile answers EPERM; the kernel alone says EBADF
+    assert run("dflt", "syscall-probe", "vmsplice") == (1, "vmsplice errno=1 (Operation not permitted)\n")
+    assert run("open", "syscall-probe", "vmsplice") == (1, "vmsplice errno=9 (Bad file descriptor)\n")
+    assert run("dflt", "syscall-probe", "personality")[1] == "personality errno=38 (Function not implemented)\n"
+    assert run("open", "syscall-probe", "personality") == (0, "personality ok\n")
+    # ping needs a raw socket
+    rc, out = run("dflt", "ping", "-c1", "-W1", "127.0.0.1")
+    assert rc != 0 and "permission denied" in out, out
+    assert run("raw", "ping", "-c1", "-W1", "127.0.0.1")[0] == 0
+    assert run("dflt", "mknod", "/tmp/null", "c", "1", "3")[0] != 0
+    assert run("raw", "mknod", "/tmp/null", "c", "1", "3")[0] == 0  # made; the devices cgroup still denies opening it
+
+
+def test_capabilities_and_seccomp_are_validated(kind: RuncContainers) -> None:
+    for bad in (["SYS_ADMIN"], ["CAP_NET_ADMIN"], ["all"], [""]):
+        with pytest.raises(InvalidInput, match="may not be added") as e:
+            kind.create(ContainerConfig(id="bad", cap_add=bad))
+        assert "MKNOD, NET_RAW, SYS_PTRACE" in str(e.value)
+    with pytest.raises(InvalidInput, match="unknown seccomp mode"):
+        kind.create(ContainerConfig(id="bad", seccomp="off"))
+    assert kind.list() == []
+
+
+def test_seccomp_profile_follows_capabilities() -> None:
+    """Docker's includes/excludes: a rule needing CAP_SYS_PTRACE appears only with it; arch rules by arch."""
+    from phaul.containers.seccomp import oci_seccomp
+
+    def rules(caps: list[str], arch: str = "amd64") -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for r in oci_seccomp(caps, arch)["syscalls"]:
+            for n in r["names"]:
+                out.setdefault(n, set()).add(r["action"])
+        return out
+
+    plain, traced = rules(["CAP_CHOWN"]), rules(["CAP_CHOWN", "CAP_SYS_PTRACE"])
+    assert plain["kcmp"] == {"SCMP_ACT_ERRNO"} and traced["kcmp"] == {"SCMP_ACT_ALLOW"}
+    assert "arch_prctl" in plain and "arch_prctl" not in rules(["CAP_CHOWN"], "arm64")
+    assert oci_seccomp([], "arm64")["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
 
 
 def test_restore_held_stopped_then_resume(kind: RuncContainers, tmp_path: Path) -> None:
@@ -288,13 +394,46 @@ def test_criu_error_names_the_cause(kind: RuncContainers, tmp_path: Path) -> Non
         kind.checkpoint("idle", tmp_path / "img", tmp_path / "work")
 
 
-def test_rewrite_for_host(kind: RuncContainers, tmp_path: Path) -> None:
+def test_adopt(kind: RuncContainers, tmp_path: Path) -> None:
     kind.create(ContainerConfig(id="mover"))
     other = RuncContainers(tmp_path / "hostb", f"{kind.host}b")
     other.containers_dir.mkdir(parents=True)
-    shutil.copytree(kind.container_dir("mover"), other.container_dir("mover"), symlinks=True)
-    other.rewrite_for_host("mover")
+    shutil.copytree(kind.container_dir("mover") / "bundle" / "rootfs", other.bundle_dir("mover") / "rootfs", symlinks=True)
+    other.adopt("mover", kind.config("mover"))
     spec = json.loads((other.bundle_dir("mover") / "config.json").read_text())
     assert spec["linux"]["cgroupsPath"] == f"/phaul-{kind.host}b/mover"
     assert spec["annotations"]["org.criu.config"] == str(other.container_dir("mover") / "criu.conf")
     assert other.info("mover").state == "created"
+
+
+def cgroup_mount_roots(pid: int | None) -> set[str]:
+    """The roots of the container's /sys/fs/cgroup/* mounts (cgroup v1 binds), from its mountinfo."""
+    lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    return {f[3] for f in map(str.split, lines) if f[4].startswith("/sys/fs/cgroup/")}
+
+
+def test_a_restored_container_sees_only_its_own_cgroups(kind: RuncContainers, tmp_path: Path) -> None:
+    """runc 1.1 binds a restored cgroup v1 container's /sys/fs/cgroup/* from the cgroups runc runs in;
+    restore runs it from the container's own, or the container would see the host's whole hierarchies."""
+    kind.create(ContainerConfig(id="cgv", args=["/bin/sleep", "1000"]))
+    before = cgroup_mount_roots(kind.start("cgv").pid)
+    kind.checkpoint("cgv", tmp_path / "img", tmp_path / "work")
+    after = cgroup_mount_roots(kind.restore("cgv", tmp_path / "img", tmp_path / "rwork").pid)
+    own = kind.cgroup_path("cgv")
+    assert before == after == ({own} if before else set()), (before, after)
+    kind.destroy("cgv", timeout=0.5)
+
+
+def test_a_periodic_timerfd_keeps_firing_after_restore(kind: RuncContainers, tmp_path: Path) -> None:
+    """A 10 ms timerfd read every 100 ms has almost always expired unread when CRIU dumps it;
+    CRIU 4.2.1 restored such a timer disarmed (patches/criu/0002 arms it one interval on)."""
+    kind.create(ContainerConfig(id="tfd", args=["/bin/objects", "run", "--interval-ms", "100", "timerfd"]))
+    kind.start("tfd")
+    assert _wait_for(lambda: _objects(kind, "tfd").get("timerfd", ("", 0))[1] >= 3)
+    kind.checkpoint("tfd", tmp_path / "img", tmp_path / "work")
+    before = _objects(kind, "tfd")["timerfd"][1]
+    kind.restore("tfd", tmp_path / "img", tmp_path / "rwork")
+    assert _wait_for(lambda: _objects(kind, "tfd")["timerfd"][1] >= before + 5 or _objects(kind, "tfd")["timerfd"][0] != "ok")
+    state, checks = _objects(kind, "tfd")["timerfd"]
+    assert state == "ok" and checks >= before + 5, _objects(kind, "tfd")
+    kind.destroy("tfd", timeout=0.5)

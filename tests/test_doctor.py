@@ -116,6 +116,15 @@ def test_missing_binaries_fail_with_install_fix(tmp_path: Path, monkeypatch) -> 
     for name in ("runc", "rsync", "socat"):
         assert by[name].status == "failure" and by[name].fix == f"apt-get install {name}", by[name]
     assert by["busybox"].status == "failure" and by["busybox"].fix == "apt-get install busybox-static"
+    for name in ("mmdebstrap", "skopeo", "umoci"):  # only --template debian / --image need them
+        assert by[name].status == "warning" and by[name].fix == f"apt-get install {name}", by[name]
+        assert "ct create" in by[name].detail, by[name]
+
+
+def test_the_root_file_system_tools_are_reported_here(checks: list[Check]) -> None:
+    by = _by_name(checks)
+    for name in ("mmdebstrap", "skopeo", "umoci"):  # setup installs them
+        assert by[name].status == "pass" and "version" in by[name].detail, by[name]
 
 
 def test_report_table_and_summary() -> None:

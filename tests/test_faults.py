@@ -50,19 +50,21 @@ FAULTS: dict[str, tuple[str, ...]] = {
 }
 CASES = [(step, fault) for fault, steps in FAULTS.items() for step in steps]
 RESULTS = Path(os.environ.get("PHAUL_FAULT_RESULTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "fault-matrix.jsonl"))
-TMPFS_SIZE = "96m"
+TMPFS_SIZE = "400m"  # above the agents' disk reserve (Limits.disk_reserve, 256 MiB) plus what a case needs
 SETTLE_TIMEOUT = 60.0
 
 
 # -- what each fault does at the pause ---------------------------------------------------------
 
 
-def _mdir(lab: Lab, host: str, mid: str) -> Path:
-    return lab.state_dir(host) / "migrations" / mid
+def _images(lab: Lab, host: str, mid: str) -> Path:
+    """The migration's images on `host`: the source's, or what the destination received."""
+    source = lab.state_dir(host) / "migrations" / mid / "images"
+    return source if source.parent.exists() else lab.state_dir(host) / "incoming" / mid / "recv" / "images"
 
 
 def _damage(lab: Lab, mid: str) -> str:
-    damaged = [h for h in HOSTS if faults_mod.damage_images(_mdir(lab, h, mid) / "images")]
+    damaged = [h for h in HOSTS if faults_mod.damage_images(_images(lab, h, mid))]
     assert damaged, "no image to damage at this step: the case is not applicable"
     return f"damaged the images on {'+'.join(damaged)}"
 

@@ -189,7 +189,7 @@ def test_agent_command() -> None:
         "--name": "alpha", "--listen": "10.213.7.11:7473", "--socket": "/x/hosts/alpha/agent.sock",
         "--state-dir": "/x/hosts/alpha", "--cert": "a.crt", "--key": "a.key", "--ca": "ca.crt",
         "--peers": "alpha,beta", "--admins": "admin",
-        "--link-timeout": "5", "--gate-timeout": "120", "--resolve-interval": "5",
+        "--link-timeout": "5", "--gate-timeout": "120", "--resolve-interval": "5", "--build-netns": f"/run/netns/{lab.OUTSIDE_NETNS}",
     }
     # under the tests (PHAUL_LAB_FAULT_INJECTION=1): the test agent, same arguments, fault injection on
     test = lab.agent_command("alpha", "10.213.7.11:7473", s / "agent.sock", s, Path("a.crt"), Path("a.key"), Path("ca.crt"),
@@ -244,6 +244,9 @@ def test_up_status_down(lab_dir: Path) -> None:
     assert ping("phaul-beta", CLIENT)
     assert lab.exec_in("client", ["true"]) == 0
     assert lab.exec_in("sw", ["false"]) == 1
+    # the agents' build namespace is the one the lab was brought up from (it reaches the mirror)
+    assert os.stat(f"/run/netns/{lab.OUTSIDE_NETNS}").st_ino == os.stat("/proc/self/ns/net").st_ino
+    assert subprocess.run(["nsenter", f"--net=/run/netns/{lab.OUTSIDE_NETNS}", "--", "true"]).returncode == 0
 
     hf = hosts.read_hosts()
     assert hf.path == lab_dir / "hosts.json" and hf.subnet == SUBNET
@@ -271,6 +274,8 @@ def test_up_status_down(lab_dir: Path) -> None:
 
     removed = lab.down()
     assert "netns phaul-alpha" in removed and f"directory {lab_dir}" in removed
+    assert f"netns {lab.OUTSIDE_NETNS}" in removed and lab.OUTSIDE_NETNS not in netns_names()
+    assert os.path.exists("/proc/self/ns/net")  # the host's namespace itself lives on
     assert_all_gone(lab_dir)
     assert lab.down() == []  # nothing left: nothing to do, no error
 

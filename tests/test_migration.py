@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import COUNTER, Lab, wait_for
+
+from phaul.testing.lab import NETNS
 
 pytestmark = pytest.mark.lab
 
@@ -23,7 +24,7 @@ def _leftovers(lab: Lab, host: str) -> list[str]:
     """Everything a finished migration must not leave on a host."""
     state = lab.state_dir(host)
     found = []
-    for sub in ("migrations", "containers"):
+    for sub in ("migrations", "incoming", "containers"):
         d = state / sub
         if d.exists():
             found += [str(p) for p in d.iterdir()]
@@ -32,9 +33,25 @@ def _leftovers(lab: Lab, host: str) -> list[str]:
     for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}/*"):
         if cg.is_dir():
             found.append(str(cg))
-    ps = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
-    found += [line for line in ps.splitlines() if line.startswith("T") or ("criu" in line and "phaul" not in line)]
-    found += [line for line in ps.splitlines() if str(state) in line and " agent " not in line]
+    return found + _stray_processes(state, Path("/run/netns") / NETNS[host])
+
+
+def _stray_processes(state: Path, netns: Path) -> list[str]:
+    """Stopped tasks and CRIU processes in the host's network namespace, and anything but its agent
+    that names its state directory (not the machine's other processes: other work may run CRIU too)."""
+    ns = netns.stat().st_ino
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            comm = (proc / "comm").read_text().strip()
+            stopped = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT"
+            in_host = (proc / "ns" / "net").stat().st_ino == ns
+        except OSError:  # gone meanwhile
+            continue
+        agent = any(a == "agent" or a.endswith(".agent") for a in argv)
+        if in_host and (stopped or comm == "criu") or (not agent and any(str(state) in a for a in argv)):
+            found.append(f"{proc.name} {comm}: {' '.join(argv)}")
     return found
 
 
@@ -49,6 +66,9 @@ def test_counter_keeps_counting_across_migration(clean_lab: Lab) -> None:
     assert after >= before, f"counter went back from {before} to {after}: restarted, not migrated"
     wait_for(lambda: lab.counter("beta", "count1") > after, what="the counter to keep increasing on beta")
     assert lab.exec("beta", "count1", "cat", "/data.txt").strip() == "precious"
+    # the destination rebuilt the bundle from the Prepare configuration: the custom command is kept
+    spec = json.loads((lab.state_dir("beta") / "containers" / "count1" / "bundle" / "config.json").read_text())
+    assert spec["process"]["args"] == COUNTER and spec["linux"]["resources"]["memory"]["limit"] == 96 << 20
     [info] = lab.ct_list("beta")
     assert info["id"] == "count1" and info["state"] == "running"
     assert info["memory_limit"] == 96 << 20
@@ -136,7 +156,7 @@ def test_duplicate_id_on_destination_is_refused(clean_lab: Lab) -> None:
     assert "beta already has a container dup" in proc.stderr
     assert lab.ct_list("alpha")[0]["state"] == "running"
     assert lab.ct_list("beta")[0]["state"] == "created"
-    assert not any(list((lab.state_dir(h) / "migrations").glob("*")) for h in ("alpha", "beta"))
+    assert not any(list((lab.state_dir(h) / d).glob("*")) for h in ("alpha", "beta") for d in ("migrations", "incoming"))
 
 
 def test_client_without_valid_certificate_is_refused(lab: Lab, tmp_path: Path) -> None:
@@ -151,3 +171,48 @@ def test_client_without_valid_certificate_is_refused(lab: Lab, tmp_path: Path) -
     out = Lab(lab.dir, bad).phaul("--host", "alpha", "ct", "list", check=False, timeout=60)
     assert out.returncode == 2, out
     assert "unreachable" in out.stderr and "same CA" in out.stderr
+
+
+def _init_seccomp(lab: Lab, host: str, ct: str) -> list[str]:
+    """The Seccomp: field of every task of the container (2: a filter), read on the host."""
+    [info] = [c for c in lab.ct_list(host) if c["id"] == ct]
+    state = json.loads(subprocess.run(
+        ["runc", "--root", str(lab.state_dir(host) / "runc"), "ps", "--format", "json", ct],
+        capture_output=True, text=True, check=True,
+    ).stdout)
+    pids = sorted(set(state) | {info["pid"]})
+    fields = []
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields += [line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")]
+    return fields
+
+
+def _ping(lab: Lab, host: str, ct: str) -> subprocess.CompletedProcess[str]:
+    return lab.phaul("--host", host, "ct", "exec", ct, "--", "ping", "-c1", "-W1", "127.0.0.1", check=False)
+
+
+def test_seccomp_and_added_capabilities_travel_with_the_container(clean_lab: Lab) -> None:
+    """CRIU 4.2.1 dumps and restores the default seccomp filter; the capability asked for at
+    create (NET_RAW: ping's raw socket) holds on the destination, and the default set still lacks it."""
+    lab = clean_lab
+    _start_counter(lab, "filt", "alpha", "--cap-add", "NET_RAW")
+    _start_counter(lab, "plain", "alpha")
+    assert set(_init_seccomp(lab, "alpha", "filt")) == {"2"}
+    assert _ping(lab, "alpha", "filt").returncode == 0
+    assert "permission denied" in _ping(lab, "alpha", "plain").stderr
+    for ct in ("filt", "plain"):
+        report = lab.migrate(ct, "alpha", "beta")
+        assert report["result"] == "ok", report
+    assert set(_init_seccomp(lab, "beta", "filt")) == {"2"}  # every restored task still has its filter
+    assert set(_init_seccomp(lab, "beta", "plain")) == {"2"}
+    probe = lab.phaul("--host", "beta", "ct", "exec", "filt", "--", "syscall-probe", "vmsplice", check=False)
+    assert "errno=1 " in probe.stdout, probe
+    # The restore brought the new network namespace's lo up (an unaddressed container too).
+    filt = _ping(lab, "beta", "filt")
+    assert filt.returncode == 0, filt
+    assert "permission denied" in _ping(lab, "beta", "plain").stderr
+    now = lab.counter("beta", "filt")
+    wait_for(lambda: lab.counter("beta", "filt") > now, what="the restored counter to run")
+    spec = json.loads((lab.state_dir("beta") / "containers" / "filt" / "bundle" / "config.json").read_text())
+    assert "CAP_NET_RAW" in spec["process"]["capabilities"]["bounding"] and spec["linux"]["seccomp"]["syscalls"]

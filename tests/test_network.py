@@ -12,20 +12,19 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
-import signal
 import subprocess
 import time
 
 import pytest
-from conftest import REPO, TEST_SUBNET, Lab, wait_for
+from conftest import TEST_SUBNET, Lab, wait_for
 
 from phaul.hosts import read_hosts
 from phaul.testing import lab as lab_mod
+from phaul.testing import probe as probes
 from phaul.linux import network
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import _check_config
 
-PROBE = REPO / "workloads" / "bin" / "tcp-probe"
 PORT = 7007
 RTO_MIN_S = 5  # the client's retransmission timeout in the migration tests: beyond any freeze
 # Pre-copy rounds are full dumps that leave the container running (`runc checkpoint
@@ -39,35 +38,14 @@ def _ip(n: int = 0) -> str:
     return lab_mod.container_address(TEST_SUBNET, n)
 
 
-def _probe_cmd(ns: str, ip: str, *args: str) -> list[str]:
-    return ["nsenter", f"--net=/run/netns/{ns}", "--", str(PROBE), "--connect", f"{ip}:{PORT}", "--json", *args]
-
-
 def _short_probe(ns: str, ip: str, *args: str, seconds: float = 0.3) -> tuple[int, dict]:
-    """A new connection (or UDP flow) from lab namespace `ns`, held for `seconds`."""
-    r = subprocess.run(_probe_cmd(ns, ip, "--duration", str(seconds), *args), check=False, capture_output=True, text=True, timeout=30)
-    return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {"error": r.stderr}
+    """A new connection (or UDP flow) from lab namespace `ns` to the echo server, held for `seconds`."""
+    return probes.short_probe(ns, f"{ip}:{PORT}", *args, seconds=seconds)
 
 
-class LongProbe:
-    """A probe holding one connection from the client namespace until `stop()`."""
-
-    def __init__(self, ip: str, *args: str) -> None:
-        self.proc = subprocess.Popen(_probe_cmd("phaul-client", ip, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def stop(self) -> tuple[int, dict]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        return self.wait(30)
-
-    def wait(self, timeout: float) -> tuple[int, dict]:
-        out, err = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, json.loads(out) if out.strip() else {"error": err}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+def LongProbe(ip: str, *args: str) -> probes.LongProbe:  # noqa: N802
+    """A probe holding one connection from the client namespace to the echo server until `stop()`."""
+    return probes.LongProbe("phaul-client", f"{ip}:{PORT}", *args)
 
 
 @contextlib.contextmanager
@@ -155,6 +133,17 @@ def test_restore_script_recreates_interface(tmp_path) -> None:
     assert f"{network.host_veth('web')} address fe:" in script and "address 02:00:00:00:00:07" in script
     assert "address add 10.1.2.3/24 dev eth0" in script and "route add default via 10.1.2.1" in script
     assert "master" not in script  # plugged into the bridge only after the commit
+    assert "link set lo up" in script
+
+
+def test_restore_script_without_address_brings_loopback_up(tmp_path) -> None:
+    """A container without --ip gets a fresh network namespace on restore: only its lo, up
+    before CRIU restores the sockets bound or connected on 127.0.0.1 and ::1."""
+    line = network.restore_criu_options(None, tmp_path)
+    assert line == f"action-script {tmp_path / 'net-restore.sh'}\n"
+    script = (tmp_path / "net-restore.sh").read_text()
+    assert "setup-namespaces" in script and "link set lo up" in script
+    assert "veth" not in script and "eth0" not in script
 
 
 # -- in the lab ------------------------------------------------------------------------------
@@ -298,7 +287,7 @@ def test_preflight_refuses_an_address_in_use(clean_lab: Lab) -> None:
     assert proc.returncode == 2 and f"container twin on beta already has {ip}" in proc.stderr, proc
     [info] = clean_lab.ct_list("alpha")
     assert info["state"] == "running" and _plugged("alpha", "dupip") and _our_links("beta") == {}
-    assert not list((clean_lab.state_dir("beta") / "migrations").glob("*"))
+    assert not list((clean_lab.state_dir("beta") / "incoming").glob("*"))
     rc, result = _short_probe("phaul-client", ip)
     assert rc == 0 and result["received"] == result["sent"] > 0, result
 

@@ -18,6 +18,7 @@ import numpy as np
 import pycriu
 import pytest
 
+from phaul.channels.transport import write_secret
 from phaul.memory import page_delta
 from phaul.memory.page_delta import PAGE, DeltaError, apply_delta, make_delta
 
@@ -243,9 +244,9 @@ def test_page_stream_receiver_applies_each_message(tmp_path: Path) -> None:
     from phaul.memory import page_stream
 
     _two_dumps(tmp_path)
-    rx = io.BytesIO(_stream_message(tmp_path / "out"))
+    rx = io.BytesIO(b"s3cret\n" + _stream_message(tmp_path / "out"))
     tx = io.BytesIO()
-    page_stream.serve(tmp_path / "mdir", rx, tx)
+    page_stream.serve("s3cret", tmp_path / "mdir" / "delta", tmp_path / "mdir" / "images", rx, tx)
     ready, answer = tx.getvalue().splitlines()
     assert ready == b"ready"
     assert json.loads(answer) == {"ok": True, "pages_written": 2, "ms": pytest.approx(json.loads(answer)["ms"])}
@@ -263,10 +264,29 @@ def test_page_stream_receiver_refuses_bad_messages(tmp_path: Path, header: bytes
 
     (tmp_path / "mdir" / "images").mkdir(parents=True)
     tx = io.BytesIO()
-    page_stream.serve(tmp_path / "mdir", io.BytesIO(header + b"x"), tx)
+    page_stream.serve("s3cret", tmp_path / "mdir" / "delta", tmp_path / "mdir" / "images", io.BytesIO(b"s3cret\n" + header + b"x"), tx)
     answer = json.loads(tx.getvalue().splitlines()[1])
     assert answer["ok"] is False
     assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("first", [b"", b"\n", b"wrong\n", b"s3cre\n", b"s3cret2\n"])
+def test_page_stream_receiver_requires_the_secret(tmp_path: Path, first: bytes) -> None:
+    """A wrong or missing secret: one error answer, nothing written, the rest unread."""
+    import io
+    import json
+
+    from phaul.memory import page_stream
+
+    _two_dumps(tmp_path)
+    before = sorted(p.read_bytes() for p in (tmp_path / "mdir" / "images").iterdir())
+    tx = io.BytesIO()
+    page_stream.serve("s3cret", tmp_path / "mdir" / "delta", tmp_path / "mdir" / "images",
+                      io.BytesIO(first + _stream_message(tmp_path / "out")), tx)
+    (answer,) = tx.getvalue().splitlines()
+    assert json.loads(answer) == {"ok": False, "error": "wrong or missing migration secret"}
+    assert not (tmp_path / "mdir" / "delta").exists()
+    assert sorted(p.read_bytes() for p in (tmp_path / "mdir" / "images").iterdir()) == before
 
 
 def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
@@ -276,14 +296,19 @@ def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
     from phaul.memory import page_stream
 
     _two_dumps(tmp_path)
+    write_secret(tmp_path / "secret", "s3cret")
 
     class Local(page_stream.PageStream):
         def __init__(self) -> None:  # the receiver directly, no TLS hop
             self.timeout = 30.0
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "phaul.memory.page_stream", str(tmp_path / "mdir")],
+                [sys.executable, "-m", "phaul.memory.page_stream", str(tmp_path / "secret"), str(tmp_path / "mdir" / "delta"),
+                 str(tmp_path / "mdir" / "images")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO,
             )
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"s3cret\n")
+            self.proc.stdin.flush()
             assert self._readline() == page_stream.READY
 
     s = Local()
@@ -294,3 +319,155 @@ def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
     assert res.pages_written == 2 and res.bytes_sent > 2 * PAGE
     _same_dirs(tmp_path / "new", tmp_path / "mdir" / "images")
     assert s.proc.returncode == 0
+
+
+# -- received areas are data: nothing is followed out of them (phaul.linux.datatree) ------------
+
+
+def _canary(tmp: Path) -> tuple[Path, Path]:
+    """A directory outside the areas with one file; returns (dir, file)."""
+    d = tmp / "canary"
+    d.mkdir()
+    (d / "file").write_bytes(b"canary")
+    return d, d / "file"
+
+
+def _untouched(canary: Path) -> None:
+    assert sorted(os.listdir(canary)) == ["file"]
+    assert (canary / "file").read_bytes() == b"canary"
+
+
+def _plant(path: Path, what: str, target: Path) -> None:
+    import socket
+    import stat
+
+    path.unlink(missing_ok=True)
+    if what == "symlink":
+        path.symlink_to(target)
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "device":
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+        s.close()
+
+
+STRANGERS = ["symlink", "fifo", "device", "socket"]
+
+
+@pytest.mark.parametrize("what", STRANGERS)
+@pytest.mark.parametrize(("area", "name"), [
+    ("recv", page_delta.MANIFEST), ("recv", "core-1.img"), ("recv", "pages-1.img.delta"),
+    ("dest", "pages-1.img"), ("dest", "core-1.img"), ("dest", ".pages-1.img.new"), ("dest", ".core-1.img.new"),
+])
+def test_apply_refuses_anything_but_regular_files(tmp_path: Path, what: str, area: str, name: str) -> None:
+    canary, canary_file = _canary(tmp_path)
+    content = _pages(30, 8)
+    _write_dump(tmp_path / "old", {1: ([(0x10000, 8)], content)})
+    changed = content.copy()
+    changed[3, 1] ^= 1
+    _write_dump(tmp_path / "new", {1: ([(0x10000, 8)], changed)}, {"core-1.img": b"core-new", "pstree.img": b"tree"})
+    shutil.copytree(tmp_path / "old", tmp_path / "dest")
+    make_delta(tmp_path / "new", tmp_path / "old", tmp_path / "out")
+    shutil.copytree(tmp_path / "out", tmp_path / "recv")
+    _plant(tmp_path / area / name, what, canary_file)
+    with pytest.raises(DeltaError, match=f"{name}.* is a"):
+        apply_delta(tmp_path / "recv", tmp_path / "dest")
+    _untouched(canary)
+
+
+@pytest.mark.parametrize("area", ["recv", "dest"])
+def test_apply_refuses_an_area_that_is_a_link(tmp_path: Path, area: str) -> None:
+    canary, _ = _canary(tmp_path)
+    content = _pages(31, 4)
+    _write_dump(tmp_path / "old", {1: ([(0x10000, 4)], content)})
+    _write_dump(tmp_path / "new", {1: ([(0x10000, 4)], content[::-1].copy())})
+    shutil.copytree(tmp_path / "old", tmp_path / "dest")
+    make_delta(tmp_path / "new", tmp_path / "old", tmp_path / "recv")
+    for p in (tmp_path / area).iterdir():
+        shutil.copy(p, canary / p.name) if area == "recv" else None
+    shutil.rmtree(tmp_path / area)
+    (tmp_path / area).symlink_to(canary)
+    before = {p.name: p.read_bytes() for p in canary.iterdir()}
+    with pytest.raises(DeltaError, match=f"{area} is a symbolic link"):
+        apply_delta(tmp_path / "recv", tmp_path / "dest")
+    assert {p.name: p.read_bytes() for p in canary.iterdir()} == before
+
+
+def _serve(delta: Path, images: Path, message: bytes) -> dict:  # type: ignore[type-arg]
+    import io
+    import json
+
+    from phaul.memory import page_stream
+
+    tx = io.BytesIO()
+    page_stream.serve("s3cret", delta, images, io.BytesIO(b"s3cret\n" + message), tx)
+    ready, answer = tx.getvalue().splitlines()
+    assert ready == page_stream.READY.strip()
+    return json.loads(answer)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("what", STRANGERS)
+@pytest.mark.parametrize("where", ["images/pages-1.img", "images/.pages-1.img.new", "images/core-1.img", "delta/core-1.img"])
+def test_page_stream_refuses_strangers_in_either_area(tmp_path: Path, what: str, where: str) -> None:
+    canary, canary_file = _canary(tmp_path)
+    _two_dumps(tmp_path)
+    mdir = tmp_path / "mdir"
+    (mdir / "delta").mkdir(exist_ok=True)
+    _plant(mdir / where, what, canary_file)
+    answer = _serve(mdir / "delta", mdir / "images", _stream_message(tmp_path / "out"))
+    if where.startswith("delta/"):
+        # the stream empties delta/ first (unlinking, never following) and writes its own files
+        assert answer["ok"] is True, answer
+        _same_dirs(tmp_path / "new", mdir / "images")
+    else:
+        assert answer["ok"] is False and where.split("/")[1] in answer["error"] and " is a" in answer["error"], answer
+    _untouched(canary)
+
+
+@pytest.mark.parametrize("area", ["delta", "images"])
+def test_page_stream_refuses_an_area_that_is_a_link(tmp_path: Path, area: str) -> None:
+    canary, _ = _canary(tmp_path)
+    _two_dumps(tmp_path)
+    mdir = tmp_path / "mdir"
+    shutil.rmtree(mdir / area, ignore_errors=True)
+    if area == "images":
+        shutil.copytree(tmp_path / "old", canary, dirs_exist_ok=True)
+    (mdir / area).symlink_to(canary)
+    before = {p.name: p.read_bytes() for p in canary.iterdir()}
+    answer = _serve(mdir / "delta", mdir / "images", _stream_message(tmp_path / "out"))
+    assert answer["ok"] is False and f"{area} is a symbolic link" in answer["error"], answer
+    assert {p.name: p.read_bytes() for p in canary.iterdir()} == before
+
+
+def test_the_planted_links_of_issue_10_leave_the_canary_untouched(tmp_path: Path) -> None:
+    """The review's two reproductions: `images/.pages-1.img.new -> /canary/file` under
+    ApplyPages, `delta -> /canary/dir` under the page stream."""
+    canary, canary_file = _canary(tmp_path)
+    content = _pages(32, 8)
+    _write_dump(tmp_path / "old", {1: ([(0x10000, 8)], content)})
+    _write_dump(tmp_path / "new", {1: ([(0x20000, 4), (0x10000, 8)], np.concatenate([_pages(33, 4), content]))})
+    shutil.copytree(tmp_path / "old", tmp_path / "images")
+    delta, _ = make_delta(tmp_path / "new", tmp_path / "old", tmp_path / "delta")
+    assert not delta.recipes[0].in_place()  # built into .pages-1.img.new
+    (tmp_path / "images" / ".pages-1.img.new").symlink_to(canary_file)
+    with pytest.raises(DeltaError, match=r"\.pages-1\.img\.new is a symbolic link"):
+        apply_delta(tmp_path / "delta", tmp_path / "images")
+    _untouched(canary)
+    (tmp_path / "images" / ".pages-1.img.new").unlink()
+    msg = _stream_message(tmp_path / "delta")
+    shutil.rmtree(tmp_path / "delta")
+    (tmp_path / "delta").symlink_to(canary)
+    answer = _serve(tmp_path / "delta", tmp_path / "images", msg)
+    assert answer["ok"] is False and "delta is a symbolic link" in answer["error"]
+    _untouched(canary)
+
+
+@pytest.mark.parametrize("header", [b'{"files": [["a", 1e999]]}', b"[" * 100_000, b'{"files": [["a", "x"]]}'])
+def test_a_malformed_page_stream_header_gets_an_error_answer(header: bytes) -> None:
+    from phaul.memory import page_stream
+
+    with pytest.raises(page_stream.StreamError, match="malformed page stream header"):
+        page_stream._parse_header(header)

@@ -97,6 +97,7 @@ def test_max_rounds_one(clean_lab: Lab) -> None:
     assert report["stop_reason"].startswith("max-rounds")
     assert pre["pages_sent"] == pre["pages_dumped"]
     assert final["pages_sent"] < final["pages_dumped"]
+    assert "transfer.stream" in report["phases_ms"], report  # the final delta went over the page stream
     _check_totals(report)
     assert _verify_memory(lab, "beta", "memone").startswith("ok pages=8192")
 

@@ -25,7 +25,7 @@ def test_check_reports_every_check_on_both_hosts(clean_lab: Lab) -> None:
     proc = lab.phaul("--host", "alpha", "check", "pf1", "beta", "--json")
     rows = json.loads(proc.stdout)
     by = {(r["name"], r["host"]): r for r in rows}
-    for name in ("container", "criu", "runc", "agent"):
+    for name in ("container", "objects", "criu", "runc", "agent"):
         assert by[(name, "alpha")]["status"] == "pass", by[(name, "alpha")]
     for name in ("criu", "cpu", "memory", "disk", "ct-id", "address", "bridge", "runc"):
         assert by[(name, "beta")]["status"] == "pass", by[(name, "beta")]
@@ -53,7 +53,7 @@ def test_failures_stop_migrate_unless_forced(clean_lab: Lab) -> None:
     proc = lab.phaul("--host", "alpha", "migrate", "pf2", "beta", "--force", "nosuch", check=False)
     assert proc.returncode == 2 and "unknown check" in proc.stderr
     assert lab.ct_list("alpha")[0]["state"] == "running"
-    assert not list((lab.state_dir("beta") / "migrations").glob("*"))
+    assert not list((lab.state_dir("beta") / "incoming").glob("*"))
 
 
 def test_refusal_names_each_unforced_failure() -> None:

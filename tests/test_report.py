@@ -24,3 +24,14 @@ def test_timings_come_back_in_the_order_things_happen() -> None:
     table = back.to_table()
     assert "while frozen    dump 150 ms, transfer 60 ms, transfer.stream 30 ms, restore 260 ms" in table
     assert "m1: web alpha -> beta: OK" in table
+
+
+def test_every_pause_is_listed_rounds_and_final() -> None:
+    report = Report(migration_id="m2", ct="db", source="alpha", destination="beta")
+    assert "pauses          none" in report.to_table() and json.loads(report.to_json())["pauses_ms"] == []
+    report.rounds = [Round(frozen_ms=310.0, duration_ms=700.0), Round(frozen_ms=250.0, duration_ms=600.0)]
+    report.add_final_round(Round(frozen_ms=905.0))
+    shown = json.loads(messages.report_from_proto(messages.report_to_proto(report)).to_json())
+    assert shown["pauses_ms"] == [310.0, 250.0, 905.0] and shown["frozen_ms"] == 905.0
+    assert (shown["pause_longest_ms"], shown["pause_total_ms"]) == (905.0, 1465.0)
+    assert "pauses          3, 1465 ms in all, longest 905 ms (310, 250, 905 ms)" in report.to_table()

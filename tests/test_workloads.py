@@ -197,6 +197,25 @@ def test_probe_stops_cleanly_on_sigint(procs, bins):
     assert out["sent"] > 0 and out["received"] == out["sent"]
 
 
+def test_probe_lists_every_pause_over_the_threshold(procs, bins):
+    """Each stop of the server is one pause, with when it began and how long it was."""
+    server, port = start_echo_server(procs, bins)
+    probe = procs.start([bins["tcp-probe"], "--connect", f"127.0.0.1:{port}", "--json", "--pause-ms", "40"])
+    time.sleep(0.5)
+    for stopped in (0.25, 0.1):
+        server.send_signal(signal.SIGSTOP)
+        time.sleep(stopped)
+        server.send_signal(signal.SIGCONT)
+        time.sleep(0.4)
+    probe.send_signal(signal.SIGINT)
+    out = json.loads(probe.communicate(timeout=10)[0])
+    assert probe.returncode == 0, out
+    assert out["pauses"] == 2 and len(out["pauses_ms"]) == 2, out
+    (at1, len1), (at2, len2) = out["pauses_ms"]
+    assert 250 <= len1 < 900 and 100 <= len2 < 700 and at1 < at2, out  # at least the stop; the rest is scheduling
+    assert abs(out["pause_total_ms"] - len1 - len2) < 0.01 and out["max_gap_ms"] == max(len1, len2)
+
+
 def test_probe_notices_server_death(procs, bins):
     server, port = start_echo_server(procs, bins)
     probe = procs.start([bins["tcp-probe"], "--connect", f"127.0.0.1:{port}", "--json", "--duration", "10"])

@@ -15,6 +15,7 @@
 #define OUTBUF_SIZE 65536
 #define DRAIN_NS 2000000000LL      /* wait for outstanding echoes at the end */
 #define CLOSE_WAIT_NS 1000000000LL /* wait for the server's FIN after ours */
+#define PAUSES_KEPT 256            /* gaps over --pause-ms listed in the result (all are counted) */
 
 static volatile sig_atomic_t g_stop_req;
 
@@ -35,6 +36,9 @@ struct probe {
 	uint64_t sent, received, wrong, expected; /* expected: next seq (TCP) */
 	int reset, eof;
 	int64_t start, end, last_ok, max_gap;
+	int64_t pause_ns;                 /* a gap longer than this is a pause */
+	uint64_t pauses;                  /* gaps over pause_ns */
+	int64_t pause_total, pause_at[PAUSES_KEPT], pause_len[PAUSES_KEPT];
 	char error[256];
 	/* TCP_INFO of the socket (TCP): read at every echo and right before the close */
 	int have_tcpi;
@@ -57,6 +61,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"Usage: tcp-probe --connect ADDR:PORT [--interval-ms MS] [--duration S]\n"
 		"                 [--json] [--expect-close] [--udp] [--connect-timeout-ms MS]\n"
+		"                 [--pause-ms MS]\n"
 		"\n"
 		"Hold ONE TCP connection to an echo server and send 'seq <n>\\n' every\n"
 		"interval; check every echo (content, order, none missing) and measure the\n"
@@ -67,7 +72,11 @@ static void usage(FILE *f)
 		"\n"
 		"Result (stdout, one line; with --json a JSON object):\n"
 		"  {\"sent\":N,\"received\":N,\"wrong\":N,\"max_gap_ms\":F,\"reset\":B,\"eof\":B,\n"
-		"   \"duration_ms\":N,\"missing\":N,\"mode\":\"tcp\"|\"udp\",\"error\":null|\"...\"}\n"
+		"   \"duration_ms\":N,\"missing\":N,\"mode\":\"tcp\"|\"udp\",\"error\":null|\"...\",\n"
+		"   \"pauses\":N,\"pause_total_ms\":F,\"pauses_ms\":[[AT_MS,LEN_MS],...]}\n"
+		"Pauses: every gap between two consecutive correct echoes longer than\n"
+		"--pause-ms, with when it began (ms since the start) and how long it was\n"
+		"(the first 256 listed, all counted).\n"
 		"TCP adds its socket's TCP_INFO, read at every echo and right before the close\n"
 		"(null if never read): \"total_retrans\" (tcpi_total_retrans: segments it ever\n"
 		"retransmitted), \"retrans\" and \"lost\" (tcpi_retrans, tcpi_lost at the end),\n"
@@ -88,6 +97,7 @@ static void usage(FILE *f)
 		"  --udp                   probe the UDP echo instead (one datagram per interval;\n"
 		"                          replies may arrive in any order; no reset/EOF)\n"
 		"  --connect-timeout-ms MS TCP connect timeout (default 5000)\n"
+		"  --pause-ms MS           a gap longer than this is a pause (default 20)\n"
 		"  --help                  show this help\n");
 }
 
@@ -162,6 +172,14 @@ static void note_ok(struct probe *p, int64_t now)
 	p->received++;
 	if (p->last_ok && now - p->last_ok > p->max_gap)
 		p->max_gap = now - p->last_ok;
+	if (p->last_ok && now - p->last_ok > p->pause_ns) {
+		if (p->pauses < PAUSES_KEPT) {
+			p->pause_at[p->pauses] = p->last_ok - p->start;
+			p->pause_len[p->pauses] = now - p->last_ok;
+		}
+		p->pauses++;
+		p->pause_total += now - p->last_ok;
+	}
 	if (p->last_ok && retransmitted) {
 		p->retrans_gaps++;
 		if (now - p->last_ok > p->max_retrans_gap)
@@ -470,6 +488,7 @@ int main(int argc, char **argv)
 	g_prog = "tcp-probe";
 	p->interval_ns = 10 * 1000000LL;
 	p->connect_timeout_ns = 5000 * 1000000LL;
+	p->pause_ns = 20 * 1000000LL;
 	p->fd = -1;
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i], *v;
@@ -486,6 +505,8 @@ int main(int argc, char **argv)
 			p->duration_ns = (int64_t)(d * 1e9);
 		} else if ((v = opt_value(argc, argv, &i, "--connect-timeout-ms"))) {
 			p->connect_timeout_ns = (int64_t)parse_u64_opt("--connect-timeout-ms", v, 1, 3600000) * 1000000LL;
+		} else if ((v = opt_value(argc, argv, &i, "--pause-ms"))) {
+			p->pause_ns = (int64_t)parse_u64_opt("--pause-ms", v, 1, 3600000) * 1000000LL;
 		} else if (opt_flag(a, "--json")) {
 			p->json = 1;
 		} else if (opt_flag(a, "--expect-close")) {
@@ -588,6 +609,10 @@ int main(int argc, char **argv)
 		else if (!p->udp)
 			fputs(",\"total_retrans\":null,\"retrans\":null,\"lost\":null,\"retrans_gaps\":null"
 			      ",\"max_retrans_gap_ms\":null", stdout);
+		printf(",\"pauses\":%" PRIu64 ",\"pause_total_ms\":%.3f,\"pauses_ms\":[", p->pauses, p->pause_total / 1e6);
+		for (uint64_t k = 0; k < p->pauses && k < PAUSES_KEPT; k++)
+			printf("%s[%.3f,%.3f]", k ? "," : "", p->pause_at[k] / 1e6, p->pause_len[k] / 1e6);
+		fputs("]", stdout);
 		fputs(",\"error\":", stdout);
 		if (p->error[0])
 			json_str(p->error);
@@ -596,9 +621,10 @@ int main(int argc, char **argv)
 		fputs("}\n", stdout);
 	} else {
 		printf("tcp-probe %s: %s sent=%" PRIu64 " received=%" PRIu64 " wrong=%" PRIu64
-		       " missing=%" PRIu64 " max_gap_ms=%.3f reset=%s eof=%s duration_ms=%lld%s%s\n",
+		       " missing=%" PRIu64 " max_gap_ms=%.3f pauses=%" PRIu64 " pause_total_ms=%.3f reset=%s eof=%s"
+		       " duration_ms=%lld%s%s\n",
 		       p->udp ? "udp" : "tcp", ok ? "OK" : "FAIL", p->sent, p->received, p->wrong, missing,
-		       gap_ms, p->reset ? "yes" : "no", p->eof ? "yes" : "no", dur_ms,
+		       gap_ms, p->pauses, p->pause_total / 1e6, p->reset ? "yes" : "no", p->eof ? "yes" : "no", dur_ms,
 		       p->error[0] ? " error=" : "", p->error);
 	}
 	fflush(stdout);

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul.channels.revocation import RevocationList
 from phaul.channels.transport import Credentials
-from phaul.config import Timeouts
+from phaul.config import Limits, Timeouts
 from phaul.containers import ContainerKind
 from phaul.migration.journal import Journal
 from phaul.migration.steps import NO_HOOK, StepHook
@@ -28,6 +29,8 @@ class Host:
     peers: frozenset[str] = field(default_factory=frozenset)  # hosts this one migrates to and from
     admins: frozenset[str] = field(default_factory=frozenset)  # clients that manage containers and migrations
     timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    revocations: RevocationList | None = None  # certificates refused on every RPC (phaul.channels.revocation)
     journal: Journal = field(init=False, repr=False)  # the one journal of state_dir, shared by every part of the agent
 
     def __post_init__(self) -> None:
@@ -38,5 +41,11 @@ class Host:
         return self.listen.rpartition(":")[0]
 
     def migration_dir(self, migration_id: str) -> Path:
-        """The migration's directory; refuses an ID that is not a plain name."""
+        """The directory of a migration this host sends (the source role); refuses
+        an ID that is not a plain name."""
         return self.state_dir / "migrations" / check_id(migration_id, "migration ID")
+
+    def incoming_dir(self, migration_id: str) -> Path:
+        """The directory of a migration this host receives (the destination role),
+        agent-owned; the peer writes only into its `recv/` (phaul.migration.dest)."""
+        return self.state_dir / "incoming" / check_id(migration_id, "migration ID")

@@ -31,14 +31,17 @@ from typing import Any, TypeVar
 import grpc
 
 from phaul import __version__
+from phaul.agent.budget import Budget, CallBudgets
 from phaul.agent.host import Host
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
+from phaul.channels.revocation import RevocationList
 from phaul.channels.transport import parse_endpoint
 from phaul.config import AgentConfig, MigrationOptions
 from phaul.containers import ContainerConfig
+from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
-from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
+from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.migration import preflight
 from phaul.migration.dest import Destination
@@ -64,7 +67,6 @@ ANY_METHODS = frozenset({"Info"})  # admins and peers
 # Every other method (containers, Migrate, ListMigrations, Recover, Check) is for admins only.
 
 MAX_REQUEST = 1 << 20  # bytes: the largest request an agent accepts
-MAX_CONCURRENT_RPCS = 64
 EXEC_TIMEOUT_MAX = 600.0  # s
 
 
@@ -88,8 +90,20 @@ def _allowed(host: Host, method: str, caller: str) -> bool:
 
 
 def _authorize(host: Host, method: str, context: grpc.ServicerContext) -> str:
-    """The caller's certificate name, if it may call `method`; else the call is aborted."""
+    """The caller's certificate name, if it may call `method` and its certificate is not
+    revoked; else the call is aborted. (The data channels need the per-migration secret
+    only a gRPC caller receives, so this check covers them too.)"""
     caller = _peer_name(context)
+    if host.revocations is not None:
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        serial = host.revocations.revoked(pem) if pem else None
+        if serial is not None or not pem:
+            log.warning("refused %s from %r: certificate %s", method, caller, f"{serial:X} is revoked" if pem else "missing")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the certificate of {caller or 'this client'} ({serial:X}) is revoked on {host.name}"
+                if pem else f"{host.name} got no client certificate",
+            )
     if not _allowed(host, method, caller):
         log.warning("refused %s from %r", method, caller)
         role = "a peer host (--peers)" if method in PEER_METHODS else "an admin (--admins)"
@@ -98,6 +112,13 @@ def _authorize(host: Host, method: str, context: grpc.ServicerContext) -> str:
             f"{caller or 'this client'} may not call {method} on {host.name}: only {role} may",
         )
     return caller
+
+
+def _caller_class(host: Host, method: str, caller: str) -> str:
+    """Whose budget (agent.budget) a call counts against."""
+    if method in PEER_METHODS or (method in ANY_METHODS and caller not in host.admins):
+        return "peer"
+    return "admin"
 
 
 def _peer_name(context: grpc.ServicerContext) -> str:
@@ -112,8 +133,9 @@ def _rpc(fn: F) -> F:
     def wrapper(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
         peer = _authorize(self.host, fn.__name__, context)
         try:
-            check_message(request)
-            return fn(self, request, context)
+            with self.budgets.call(_caller_class(self.host, fn.__name__, peer), peer):
+                check_message(request)
+                return fn(self, request, context)
         except PhaulError as e:
             log.info("%s from %s: %s", fn.__name__, peer, e.message)
             context.abort(status_code(e), str(e))
@@ -139,6 +161,11 @@ class Servicer(pb_grpc.AgentServicer):
         self.active = Active()
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
         self._migrations = threading.BoundedSemaphore(max_migrations)
+        limits = host.limits
+        self.budgets = CallBudgets({
+            "peer": Budget(limits.peer_calls, limits.peer_calls_each),
+            "admin": Budget(limits.admin_calls, limits.admin_calls),
+        })
 
     def _ct(self, ct_id: str) -> str:
         """A container ID from the wire whose directory stays inside the state directory."""
@@ -146,19 +173,27 @@ class Servicer(pb_grpc.AgentServicer):
         confined(self.host.containers.container_dir(ct_id), self.host.state_dir)
         return ct_id
 
-    def _from_source(self, migration_id: str, caller: str) -> str:
-        """Destination-side calls come from the migration's own source only."""
+    def _from_source(self, migration_id: str, caller: str) -> bool:
+        """Destination-side calls name a migration this host receives, and come from
+        its own source only (the peer the journal records). False: this host does not
+        know the migration (the method says so, or does nothing)."""
         check_id(migration_id, "migration ID")
-        confined(self.host.migration_dir(migration_id), self.host.state_dir)
+        confined(self.host.incoming_dir(migration_id), self.host.state_dir)
         m = self.dest.lookup(migration_id)
         source = m.source if m is not None else None
         if source is None:
             try:
                 source = self.journal.get(migration_id, "destination").peer
             except NotFound:
-                return migration_id  # unknown here: the method says so
+                return False
         if caller != source:
             raise Refused(f"migration {migration_id} comes from {source}, not from {caller}")
+        return True
+
+    def _incoming(self, migration_id: str, caller: str) -> str:
+        """`_from_source`, for methods that need the migration: NotFound when unknown."""
+        if not self._from_source(migration_id, caller):
+            raise NotFound(f"no migration {migration_id} on {self.host.name}", "the destination agent may have restarted")
         return migration_id
 
     @_rpc
@@ -205,6 +240,18 @@ class Servicer(pb_grpc.AgentServicer):
         self.host.containers.destroy(self._ct(request.id))
         return pb.Empty()
 
+    @_rpc
+    def ContainerLogs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> pb.LogsReply:
+        ct_id = self._ct(request.id)
+        containers = self.host.containers
+        if request.follow:
+            chunk = containers.logs_since(ct_id, request.file_id, request.offset)
+            data, file_id, offset = chunk.data, chunk.file_id, chunk.offset
+        else:
+            data, file_id, offset = containers.logs(ct_id, request.tail)[-MAX_MESSAGE // 2 :], 0, 0
+        state = containers.info(ct_id).state
+        return pb.LogsReply(data=data, file_id=file_id, offset=offset, state=state)
+
     # -- migration, source side --------------------------------------------------
 
     def Migrate(self, request: pb.MigrateRequest, context: grpc.ServicerContext) -> Iterator[pb.MigrateEvent]:
@@ -226,7 +273,7 @@ class Servicer(pb_grpc.AgentServicer):
                 raise InvalidInput("max_rounds or max_downtime_ms is out of range")
             slot = self._migrations.acquire(blocking=False)
             if not slot:
-                raise Conflict(f"{self.host.name} already runs {self.max_migrations} migrations", "try again when one has ended")
+                raise Busy(f"{self.host.name} already runs {self.max_migrations} migrations", "try again when one has ended")
             defaults = MigrationOptions()
             options = MigrationOptions(
                 tcp="close" if request.tcp_close else "keep",
@@ -283,58 +330,60 @@ class Servicer(pb_grpc.AgentServicer):
         if peer != request.source_name:
             raise Refused(f"the caller's certificate names {peer!r}, not the source {request.source_name!r}")
         check_id(request.migration_id, "migration ID")
-        confined(self.host.migration_dir(request.migration_id), self.host.state_dir)
+        confined(self.host.incoming_dir(request.migration_id), self.host.state_dir)
         if request.source_address:
             parse_endpoint(request.source_address)
         config = check_config(messages.config_from_proto(request.config))
         self._ct(config.id)
+        if not request.need_bytes:
+            raise InvalidInput("the source declared no size for the migration", "upgrade phaul on the source host")
         if request.criu_version and not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,3}", request.criu_version):
             raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
-        address = self.dest.prepare(
-            request.migration_id, request.source_name, config, request.criu_version, tcp_close=request.tcp_close,
-            source_address=request.source_address,
+        address, secret = self.dest.prepare(
+            request.migration_id, request.source_name, config, request.criu_version, request.need_bytes,
+            tcp_close=request.tcp_close, source_address=request.source_address,
         )
         v = criu_version(criu_path() or "")
-        return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())))
+        return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)
 
     @_rpc
     def HoldTraffic(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         self.dest.hold_traffic(request.migration_id)
         return pb.Empty()
 
     @_rpc
     def OpenPageStream(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.PageStreamReply:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         return pb.PageStreamReply(address=self.dest.open_page_stream(request.migration_id))
 
     @_rpc
     def ApplyPages(self, request: pb.ApplyPagesRequest, context: grpc.ServicerContext) -> pb.ApplyPagesReply:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         stats = self.dest.apply_pages(request.migration_id)
         return pb.ApplyPagesReply(pages_written=stats.pages_written, apply_ms=stats.ms)
 
     @_rpc
     def Restore(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.RestoreReply:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         stats = self.dest.restore(request.migration_id)
         return pb.RestoreReply(criu_ms=stats, restore_ms=stats.get("runc_restore", 0.0))
 
     @_rpc
     def Resume(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         self.dest.resume(request.migration_id)
         return pb.Empty()
 
     @_rpc
     def Abort(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
-        self._from_source(request.migration_id, _peer_name(context))
-        self.dest.abort(request.migration_id)
+        if self._from_source(request.migration_id, _peer_name(context)):  # an unknown ID: nothing of it is here
+            self.dest.abort(request.migration_id)
         return pb.Empty()
 
     @_rpc
     def Finish(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
-        self._from_source(request.migration_id, _peer_name(context))
+        self._incoming(request.migration_id, _peer_name(context))
         self.dest.finish(request.migration_id)
         return pb.Empty()
 
@@ -370,7 +419,7 @@ class Servicer(pb_grpc.AgentServicer):
             raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
         parse_endpoint(request.dest_address)
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
-            results = preflight.run(self.host, ct_id, dest, request.dest_name)
+            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name)
         return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
@@ -416,10 +465,14 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
+    kind = RuncContainers(state_dir, name, config.bridge, RootfsCache(config.cache_dir, config.build_netns))
     host = Host(
-        name, state_dir, creds, listen, RuncContainers(state_dir, name, config.bridge), hook, config.bridge,
-        peers=peers, admins=admins, timeouts=config.timeouts,
+        name, state_dir, creds, listen, kind, hook, config.bridge,
+        peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,
+        revocations=RevocationList(config.revoked) if config.revoked is not None else None,
     )
+    if host.revocations is not None:
+        log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
     servicer = Servicer(host, config.max_migrations)
     for outcome in servicer.recovery.startup():
         log.info(
@@ -432,13 +485,16 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
         ("grpc.http2.max_ping_strikes", 0),
     ]
+    limits = config.limits
+    # Every budget can be used up at once and Migrate's streams still have threads.
+    workers = limits.peer_calls + limits.admin_calls + config.max_migrations + 4
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_CONCURRENT_RPCS, thread_name_prefix="rpc"),
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
         options=[
             ("grpc.max_receive_message_length", MAX_REQUEST), ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_metadata_size", 16 << 10), *keepalive,
         ],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     tls = grpc.ssl_server_credentials(

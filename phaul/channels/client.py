@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from phaul.channels.transport import Credentials
-from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
+from phaul.errors import Busy, Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 
 MAX_MESSAGE = 16 << 20
@@ -25,6 +25,7 @@ _TO_CODE: list[tuple[type[PhaulError], grpc.StatusCode]] = [
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ToolFailed, grpc.StatusCode.ABORTED),
     (Refused, grpc.StatusCode.PERMISSION_DENIED),
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 

@@ -4,10 +4,21 @@ rsync back-end.
 `FsSync` is what a migration asks of a back-end: make the destination's copy
 of the container's files equal to the source's now. `RsyncFsSync` is the one
 back-end today (image deltas of a block device may come later). Underneath,
-`RsyncReceiver` runs on the destination: an rsync daemon module rooted in the
-migration's directory, reachable only through the migration's TLS endpoint;
-`RsyncSender` runs on the source and pushes a directory into that module,
-sending only what changed since the last push.
+`RsyncReceiver` runs on the destination: an rsync daemon reachable only through
+the migration's TLS endpoint, with one module per area of the tree the peer
+may write (`AREAS`, each rooted in its directory, chrooted). `ct` (the
+container's directory) keeps what is sent: symbolic links, devices, hard
+links (a root file system needs them; the chroot keeps the rsync receiver
+inside). The data areas (`DATA_AREAS`: CRIU images, page deltas, pre-dump
+rounds) take regular files and directories only: the daemon refuses the
+options that would create anything else (-l, -D, --devices, --specials, -H,
+-X, -A, -K; -a implies -l and is refused too; note that refusing "devices"
+does not refuse -D in rsync 3.5, so both are listed), a receiver without them
+skips any other entry a rogue sender lists, and `munge symlinks` would
+defuse a link that still got through. Every module requires the migration's
+secret (rsync's daemon authentication, user `SECRET_USER`); `RsyncSender`
+runs on the source, gives it in RSYNC_PASSWORD and pushes a directory into a
+module, sending only what changed since the last push.
 """
 
 from __future__ import annotations
@@ -21,12 +32,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.channels.transport import TLS_RSH, Credentials, TlsEndpoint, rsh_env
-from phaul.errors import ToolFailed
+from phaul.channels.transport import SECRET_USER, TLS_RSH, Credentials, TlsEndpoint, rsh_env
+from phaul.errors import InvalidInput, ToolFailed
 
 log = logging.getLogger(__name__)
 
-MODULE = "migration"
+AREAS = ("ct", "images", "delta", "rounds")  # the rsync modules, each the directory of that name
+DATA_AREAS = frozenset({"images", "delta", "rounds"})  # regular files and directories only
+_DATA_REFUSED = "D devices specials links hard-links xattrs acls keep-dirlinks copy-devices write-devices"
 _SENT = re.compile(r"^Total bytes sent: ([\d,.]+)", re.MULTILINE)
 # rsync's exit codes for files that changed or vanished while it read them
 # (23: partial transfer, e.g. a file truncated under it; 24: vanished files)
@@ -40,24 +53,39 @@ class SyncStats:
 
 
 class RsyncReceiver:
-    """Destination side: accepts pushes into `root` from `peer_name` only."""
+    """Destination side: accepts pushes from `peer_name` only, holding the secret
+    in `secrets` (phaul.channels.transport.write_secret), into the area directories
+    of `recv` (`AREAS`), unless file `seal` exists. Its own files (configuration,
+    log) go to `own`, which the peer cannot write."""
 
-    def __init__(self, creds: Credentials, root: Path, bind: str, peer_name: str, link_timeout: float) -> None:
-        self.root = root
-        conf = root / "rsyncd.conf"
-        conf.write_text(
-            "use chroot = yes\nmunge symlinks = no\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n"
-            f"[{MODULE}]\n  path = {root}\n  read only = no\n  uid = root\n  gid = root\n"
-            "  exclude = /rsyncd.conf /data-channel.*\n"
-            f"  timeout = {int(link_timeout) * 2}\n"
-        )
+    def __init__(
+        self, creds: Credentials, own: Path, recv: Path, bind: str, peer_name: str, link_timeout: float,
+        secrets: Path, seal: Path,
+    ) -> None:
+        self.own = own
+        self.recv = recv
+        self.secrets = secrets
+        self.link_timeout = link_timeout
+        self.conf = own / "rsyncd.conf"
         self.endpoint = TlsEndpoint(
-            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={conf}", "."], link_timeout
+            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={self.conf}", "."], link_timeout, seal,
         )
 
     def open(self) -> str:
-        """Start listening; returns the ADDR:PORT to give the source."""
-        return self.endpoint.open(self.root / "data-channel.log")
+        """Write the daemon's configuration and start listening; returns the ADDR:PORT to give the source."""
+        modules = []
+        for area in AREAS:
+            data = area in DATA_AREAS
+            modules.append(
+                f"[{area}]\n  path = {self.recv / area}\n  read only = no\n  uid = root\n  gid = root\n"
+                f"  auth users = {SECRET_USER}\n  secrets file = {self.secrets}\n  strict modes = yes\n"
+                f"  timeout = {int(self.link_timeout) * 2}\n"
+                + (f"  munge symlinks = yes\n  refuse options = {_DATA_REFUSED}\n" if data else "  munge symlinks = no\n")
+            )
+        self.conf.write_text(
+            "use chroot = yes\nnumeric ids = yes\nreverse lookup = no\nlog file = /dev/null\n" + "".join(modules)
+        )
+        return self.endpoint.open(self.own / "data-channel.log")
 
     def close(self) -> None:
         self.endpoint.close()
@@ -66,8 +94,10 @@ class RsyncReceiver:
 class RsyncSender:
     """Source side: pushes directories to a destination's `RsyncReceiver`."""
 
-    def __init__(self, creds: Credentials, peer: str, peer_name: str, link_timeout: float, bwlimit: int = 0) -> None:
-        self.env = {**os.environ, **rsh_env(creds, peer, peer_name, link_timeout)}
+    def __init__(
+        self, creds: Credentials, peer: str, peer_name: str, link_timeout: float, secret: str, bwlimit: int = 0,
+    ) -> None:
+        self.env = {**os.environ, **rsh_env(creds, peer, peer_name, link_timeout), "RSYNC_PASSWORD": secret}
         self.bwlimit = bwlimit
         self.link_timeout = link_timeout
 
@@ -75,8 +105,9 @@ class RsyncSender:
         self, src: Path, dest: str, excludes: tuple[str, ...] = (), *, bwlimit: int | None = None,
         whole_file: bool = False, checksum: bool = False, live: bool = False,
     ) -> SyncStats:
-        """Make `dest` (relative to the migration's directory on the destination)
-        an exact copy of directory `src`; returns what it cost. `bwlimit` (bytes/s,
+        """Make `dest` (AREA or AREA/SUBDIR, `AREAS`, on the destination) an exact
+        copy of directory `src`; returns what it cost. The data areas get regular
+        files and directories only (anything else in `src` is skipped). `bwlimit` (bytes/s,
         0 = none) overrides the sender's cap for this push; `whole_file` sends
         changed files whole instead of rsync's block deltas (for files that never
         have a useful basis on the other side); `checksum` decides what changed by
@@ -87,9 +118,12 @@ class RsyncSender:
         Modification times are compared to the nanosecond (`--modify-window=-1`):
         rsync's default whole seconds miss a file rewritten with the same size
         within the second of the previous sync, which the final sync must not."""
+        area = dest.partition("/")[0]
+        if area not in AREAS:
+            raise InvalidInput(f"no area {area!r} on the destination", f"push into one of {', '.join(AREAS)}")
         args = [
-            "rsync", "-aH", "--numeric-ids", "--delete", "--stats", f"--timeout={max(1, int(self.link_timeout))}",
-            "--modify-window=-1", "-e", f"sh {TLS_RSH}",
+            "rsync", "-rt" if area in DATA_AREAS else "-aHAXS", "--numeric-ids", "--delete", "--stats",
+            f"--timeout={max(1, int(self.link_timeout))}", "--modify-window=-1", "-e", f"sh {TLS_RSH}",
         ]
         if checksum:
             args.append("--checksum")
@@ -99,7 +133,7 @@ class RsyncSender:
         if whole_file:
             args.append("--whole-file")
         args += [f"--exclude={e}" for e in excludes]
-        args += [f"{src}/", f"peer::{MODULE}/{dest}/"]
+        args += [f"{src}/", f"{SECRET_USER}@peer::{dest}/"]
         t0 = time.monotonic()
         proc = subprocess.run(args, env=self.env, capture_output=True, text=True)
         ms = (time.monotonic() - t0) * 1000
@@ -127,8 +161,7 @@ class FsSync(ABC):
 
 
 class RsyncFsSync(FsSync):
-    """rsync of directory `src` into `dest` of the migration's directory on the
-    destination, leaving out `excludes`."""
+    """rsync of directory `src` into area `dest` on the destination, leaving out `excludes`."""
 
     def __init__(self, sender: RsyncSender, src: Path, dest: str, excludes: tuple[str, ...] = ()) -> None:
         self.sender = sender

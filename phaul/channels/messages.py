@@ -16,7 +16,9 @@ from phaul.rpc import phaul_pb2 as pb
 def config_to_proto(c: ContainerConfig) -> pb.ContainerConfig:
     return pb.ContainerConfig(
         id=c.id, template=c.template, memory=c.memory or 0, cpus=c.cpus or 0.0, pids=c.pids or 0,
-        ip=c.ip or "", gateway=c.gateway or "", mac=c.mac or "", args=c.args,
+        ip=c.ip or "", gateway=c.gateway or "", mac=c.mac or "", args=c.args, cap_add=c.cap_add, seccomp=c.seccomp,
+        packages=c.packages, init=c.init, rootfs=c.rootfs, image=c.image, image_ref=c.image_ref, env=c.env,
+        uid=c.uid, gid=c.gid, groups=c.groups, cwd=c.cwd,
     )
 
 
@@ -24,6 +26,9 @@ def config_from_proto(m: pb.ContainerConfig) -> ContainerConfig:
     return ContainerConfig(
         id=m.id, template=m.template or "busybox", memory=m.memory or None, cpus=m.cpus or None,
         pids=m.pids or None, ip=m.ip or None, gateway=m.gateway or None, mac=m.mac or None, args=list(m.args),
+        cap_add=list(m.cap_add), seccomp=m.seccomp or "default",
+        packages=list(m.packages), init=m.init, rootfs=m.rootfs, image=m.image, image_ref=m.image_ref,
+        env=list(m.env), uid=m.uid, gid=m.gid, groups=list(m.groups), cwd=m.cwd or "/",
     )
 
 
@@ -32,6 +37,7 @@ def info_to_proto(i: ContainerInfo) -> pb.ContainerInfo:
         id=i.id, state=i.state, pid=i.pid or 0,
         memory_used=-1 if i.memory_used is None else i.memory_used,
         memory_limit=-1 if i.memory_limit is None else i.memory_limit, ip=i.ip or "",
+        exit_status=i.exit_status or "",
     )
 
 
@@ -40,6 +46,7 @@ def info_from_proto(m: pb.ContainerInfo) -> ContainerInfo:
         id=m.id, state=m.state, pid=m.pid or None,
         memory_used=None if m.memory_used < 0 else m.memory_used,
         memory_limit=None if m.memory_limit < 0 else m.memory_limit, ip=m.ip or None,
+        exit_status=m.exit_status or None,
     )
 
 

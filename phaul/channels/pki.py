@@ -4,15 +4,23 @@ One directory holds `ca.crt`/`ca.key` and a `NAME.crt`/`NAME.key` pair per host
 or user. Keys are EC P-256 and written with mode 0600. `load` returns the paths
 and bytes a gRPC channel or server needs, after checking that they belong
 together.
+
+`issued.json` records every certificate issued (serial, CN, SANs, validity,
+issue time) for `phaul pki list`; `revoked.txt` is the revocation list agents
+check (phaul.channels.revocation describes its format). `issue` refuses a name
+or address that another host's certificate (or the hosts file) already holds:
+a certificate naming another host would let its holder pass for that host.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from phaul.channels.revocation import REVOKED_FILE, format_serial, parse_serial, read_serials
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
 from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
@@ -30,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PKI_DIR = Path("/etc/phaul/pki")
 CA_NAME = "ca"
+RECORD_FILE = "issued.json"
 CA_VALIDITY = datetime.timedelta(days=3650)
 CERT_VALIDITY = datetime.timedelta(days=365)
 CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -54,6 +64,26 @@ class IssuedCert:
     not_after: datetime.datetime
     dns: tuple[str, ...] = ()
     ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Issued:
+    """One certificate this PKI directory issued, as `issued.json` records it."""
+
+    serial: str  # hex, as revocation.format_serial writes it
+    name: str  # the CN
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    not_after: str  # ISO 8601, UTC
+    issued_at: str
+
+    def status(self, now: datetime.datetime, revoked: frozenset[int], current: Mapping[str, str]) -> str:
+        """revoked, expired, replaced (NAME.crt is a newer certificate) or valid."""
+        if parse_serial(self.serial) in revoked:
+            return "revoked"
+        if datetime.datetime.fromisoformat(self.not_after) < now:
+            return "expired"
+        return "valid" if current.get(self.name) == self.serial else "replaced"
 
 
 def _builder(
@@ -110,11 +140,17 @@ def init_ca(pki_dir: Path, name: str = "phaul CA", *, force: bool = False) -> Pa
     return crt
 
 
-def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str] | None = None) -> tuple[Path, Path]:
+def issue(
+    pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str] | None = None, *,
+    hosts: Mapping[str, Iterable[str]] | None = None, force: bool = False,
+) -> tuple[Path, Path]:
     """Issue NAME.crt/NAME.key signed by the CA in `pki_dir`; return (cert path, key path).
 
     CN=name; SAN DNS:name plus `dns` and `ips`; serverAuth and clientAuth; one
-    year. Replaces an existing certificate of the same name."""
+    year. Replaces an existing certificate of the same name. Refuses (Conflict)
+    a CN, DNS name or IP address that another certificate in `pki_dir` holds,
+    or that names another host of `hosts` (host name -> its addresses, from the
+    hosts file), unless `force`. Records the certificate in issued.json."""
     pki_dir = Path(pki_dir)
     check_id(name, "host name")
     if name == CA_NAME:
@@ -122,6 +158,15 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
     ip_objs = [_parse_ip(ip) for ip in (ips or [])]
     dns_names = [name] + [_check_dns(d) for d in (dns or []) if d != name]
     ca_cert, ca_key = _load_ca(pki_dir)
+    clashes = _clashes(pki_dir, name, dns_names, [str(i) for i in ip_objs], hosts or {})
+    if clashes and not force:
+        raise Conflict(
+            f"a certificate for {name} would name other hosts: {'; '.join(clashes)}",
+            "drop those names from --dns/--ip (each host gets its own certificate), or pass --force "
+            f"if {name} really is meant to answer for them",
+        )
+    if clashes:
+        log.warning("issuing %s with names of other hosts (forced): %s", name, "; ".join(clashes))
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -146,8 +191,65 @@ def issue(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str]
     crt_path, key_path = pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
     write_atomic(key_path, _key_pem(key), 0o600)
     write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    log.info("issued certificate for %s (dns=%s ips=%s) in %s", name, dns_names, [str(i) for i in ip_objs], pki_dir)
+    _write_record(pki_dir, [*_read_record(pki_dir), _issued(cert, now)])
+    log.info("issued certificate %s for %s (dns=%s ips=%s) in %s", format_serial(cert.serial_number), name,
+             dns_names, [str(i) for i in ip_objs], pki_dir)
     return crt_path, key_path
+
+
+def issued(pki_dir: Path) -> list[Issued]:
+    """Every certificate issued in `pki_dir`, oldest first: issued.json, plus current
+    NAME.crt files it does not know (issued before the record existed)."""
+    pki_dir = Path(pki_dir)
+    record = _read_record(pki_dir)
+    known = {e.serial for e in record}
+    extra = [_issued(c, None) for c in _current_certs(pki_dir).values()]
+    return record + sorted((e for e in extra if e.serial not in known), key=lambda e: e.name)
+
+
+def listing(pki_dir: Path) -> list[dict[str, Any]]:
+    """What `phaul pki list` shows: each issued certificate with its status and days left."""
+    pki_dir = Path(pki_dir)
+    now = _now()
+    revoked = read_serials(pki_dir / REVOKED_FILE)
+    current = {name: format_serial(c.serial_number) for name, c in _current_certs(pki_dir).items()}
+    rows = []
+    for e in issued(pki_dir):
+        left = datetime.datetime.fromisoformat(e.not_after) - now
+        rows.append(asdict(e) | {"status": e.status(now, revoked, current), "days_left": left.days})
+    return rows
+
+
+def revoke(pki_dir: Path, what: str) -> list[str]:
+    """Add to `pki_dir`/revoked.txt the serial `what`, or every certificate issued to the
+    name `what`; returns the serials added (hex). Agents pick the change up on their next RPC."""
+    pki_dir = Path(pki_dir)
+    entries = issued(pki_dir)
+    chosen = [e for e in entries if e.name == what]
+    if chosen:
+        serials = {parse_serial(e.serial): e.name for e in chosen}
+    else:
+        try:
+            serial = parse_serial(what)
+        except InvalidInput:
+            raise NotFound(
+                f"no certificate named {what!r} was issued in {pki_dir}", "give a name or a serial from `phaul pki list`"
+            ) from None
+        names = [e.name for e in entries if parse_serial(e.serial) == serial]
+        serials = {serial: names[0] if names else "(not issued here)"}
+    path = pki_dir / REVOKED_FILE
+    already = read_serials(path)
+    new = {s: n for s, n in serials.items() if s not in already}
+    if new:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+        stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        text += "".join(f"{format_serial(s)}  {n} revoked {stamp}\n" for s, n in new.items())
+        write_atomic(path, text, 0o644)
+        log.info("revoked %s in %s", ", ".join(format_serial(s) for s in new), path)
+    return [format_serial(s) for s in new]
 
 
 def load(pki_dir: Path, name: str) -> IssuedCert:
@@ -200,6 +302,89 @@ def load(pki_dir: Path, name: str) -> IssuedCert:
         ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem,
         not_after=cert.not_valid_after_utc, dns=dns, ips=ips,
     )
+
+
+def _clashes(
+    pki_dir: Path, name: str, dns: list[str], ips: list[str], hosts: Mapping[str, Iterable[str]]
+) -> list[str]:
+    """Each requested name or address that another host holds, as 'DNS x (held by ...)'."""
+    holders: dict[str, str] = {}  # "DNS x" / "IP y" -> who holds it
+    for other, cert in _current_certs(pki_dir).items():
+        if other == name:
+            continue
+        names, cert_ips = _identities(cert)
+        for d in names:
+            holders.setdefault(f"DNS {d}", f"the certificate of {other} ({pki_dir / (other + '.crt')})")
+        for a in cert_ips:
+            holders.setdefault(f"IP {a}", f"the certificate of {other} ({pki_dir / (other + '.crt')})")
+    for host, host_ips in hosts.items():
+        if host == name:
+            continue
+        holders.setdefault(f"DNS {host.lower()}", f"host {host} in the hosts file")
+        for a in host_ips:
+            try:
+                holders.setdefault(f"IP {ipaddress.ip_address(a)}", f"host {host} in the hosts file")
+            except ValueError:
+                continue  # a host name, not an address: certificates name addresses only
+    wanted = [f"DNS {d.lower()}" for d in dns] + [f"IP {ip}" for ip in ips]
+    return [f"{w} (held by {holders[w]})" for w in dict.fromkeys(wanted) if w in holders]
+
+
+def _identities(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """(CN and DNS names in lower case, IP addresses) a certificate answers for."""
+    names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return names, []
+    names += [d.lower() for d in san.get_values_for_type(x509.DNSName)]
+    return list(dict.fromkeys(names)), [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+
+
+def _current_certs(pki_dir: Path) -> dict[str, x509.Certificate]:
+    """The NAME.crt certificates in `pki_dir` (not the CA's), by NAME; unreadable ones are skipped."""
+    certs = {}
+    for path in sorted(pki_dir.glob("*.crt")):
+        if path.stem == CA_NAME:
+            continue
+        try:
+            certs[path.stem] = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as e:
+            log.warning("skipping %s: %s", path, e)
+    return certs
+
+
+def _issued(cert: x509.Certificate, issued_at: datetime.datetime | None) -> Issued:
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns, ips = san.get_values_for_type(x509.DNSName), [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        dns, ips = [], []
+    return Issued(
+        serial=format_serial(cert.serial_number), name=str(cn[0].value) if cn else "",
+        dns=tuple(dns), ips=tuple(ips),
+        not_after=cert.not_valid_after_utc.isoformat(),
+        issued_at=(issued_at or cert.not_valid_before_utc + CLOCK_SKEW).isoformat(),
+    )
+
+
+def _read_record(pki_dir: Path) -> list[Issued]:
+    path = pki_dir / RECORD_FILE
+    try:
+        data = json.loads(path.read_text())
+        return [
+            Issued(str(e["serial"]), str(e["name"]), tuple(e["dns"]), tuple(e["ips"]), str(e["not_after"]), str(e["issued_at"]))
+            for e in data
+        ]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadCredentials(f"cannot read the record of issued certificates {path}: {e}", "fix or remove the file") from e
+
+
+def _write_record(pki_dir: Path, entries: list[Issued]) -> None:
+    write_atomic(pki_dir / RECORD_FILE, json.dumps([asdict(e) for e in entries], indent=1) + "\n", 0o644)
 
 
 def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -5,12 +5,25 @@ The destination opens a `TlsEndpoint` that accepts TLS connections from the
 source host's certificate only and hands each one to a local command (for
 example `rsync --server --daemon`); the source reaches it through `TLS_RSH`,
 a remote shell for rsync that speaks TLS with its own certificate.
+
+Every connection passes `GATE` before its command runs: the peer
+certificate's common name must be exactly the expected peer (socat's own
+`commonname=` also accepts a matching SAN), and a sealed migration (its seal
+file exists) serves nobody. Both ends speak TLS 1.2 or later with AEAD
+ciphers only (`TLS_OPTIONS`), and a listener serves at most `MAX_CHILDREN`
+connections at a time (more wait in the kernel's backlog). Each migration has
+a random secret (`new_secret`), kept in a 0600 file on the destination and in
+the environment on the source, never in an argument list: rsync's daemon
+authentication and the page stream's first line require it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -23,7 +36,32 @@ from phaul.validate import check_id
 log = logging.getLogger(__name__)
 
 TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
+GATE = Path(__file__).resolve().parents[1] / "data" / "gate"
 TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
+# TLS 1.2 or later; TLS 1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 only (TLS 1.3's suites are all AEAD)
+TLS_OPTIONS = "openssl-min-proto-version=TLS1.2,cipher=ECDHE+AESGCM:ECDHE+CHACHA20"
+MAX_CHILDREN = 4  # connections one endpoint serves at a time
+SECRET_USER = "phaul"  # the user name of rsync's daemon authentication
+
+
+def new_secret() -> str:
+    """A fresh per-migration data-channel secret."""
+    return secrets.token_hex(32)
+
+
+def write_secret(path: Path, secret: str) -> None:
+    """Keep `secret` in a new file readable by this user only, in the format of
+    rsync's `secrets file` (USER:SECRET)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{SECRET_USER}:{secret}\n")
+
+
+def read_secret(path: Path) -> str:
+    """The secret `write_secret` kept in `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        return f.read().strip().partition(":")[2]
 
 
 def tcp_options(link_timeout: float) -> str:
@@ -59,10 +97,14 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 
 class TlsEndpoint:
     """A TLS listener on an ephemeral port of `bind` that runs `command` for
-    each connection from a peer whose certificate names `peer_name`."""
+    each connection from a peer whose certificate's common name is `peer_name`,
+    unless file `seal` exists (through `GATE`)."""
 
-    def __init__(self, creds: Credentials, bind: str, peer_name: str, command: list[str], link_timeout: float) -> None:
+    def __init__(
+        self, creds: Credentials, bind: str, peer_name: str, command: list[str], link_timeout: float, seal: Path,
+    ) -> None:
         check_id(peer_name, "peer host name")
+        command = ["sh", str(GATE), peer_name, str(seal), *command]
         if any(c in part for part in command for c in ",!: \"'"):
             raise InvalidInput(f"endpoint command {command!r} has characters socat would misparse")
         self.creds = creds
@@ -87,9 +129,9 @@ class TlsEndpoint:
         for _ in range(attempts):
             self.port = _free_port(self.bind)
             listen = (
-                f"OPENSSL-LISTEN:{self.port},bind={self.bind},reuseaddr,fork,"
+                f"OPENSSL-LISTEN:{self.port},bind={self.bind},reuseaddr,fork,max-children={MAX_CHILDREN},"
                 f"cert={self.creds.cert},key={self.creds.key},cafile={self.creds.ca},"
-                f"verify=1,commonname={self.peer_name},nodelay,{tcp_options(self.link_timeout)}"
+                f"verify=1,commonname={self.peer_name},{TLS_OPTIONS},nodelay,{tcp_options(self.link_timeout)}"
             )
             with open(log_path, "ab") as errlog:
                 self._proc = subprocess.Popen(
@@ -97,7 +139,7 @@ class TlsEndpoint:
                     stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True,
                 )
             if _wait_listening(self.port, self._proc):
-                log.debug("data endpoint %s for %s: %s", self.address, self.peer_name, self.command[0])
+                log.debug("data endpoint %s for %s: %s", self.address, self.peer_name, self.command[4])
                 return self.address
             self.close()
         raise ToolFailed(
@@ -105,19 +147,87 @@ class TlsEndpoint:
             f"see {log_path}; check that socat is installed and {self.bind} is this host's address",
         )
 
+    def end_connections(self, keep_root: Path | None = None) -> None:
+        """End every connection served now and keep listening: each runs in the
+        listener's process group, which this empties of all but the listener
+        (what a connection forks meanwhile too); returns once they are dead.
+        `keep_root`: spare the connections whose command has chrooted into it
+        (an rsync module the caller does not read)."""
+        if self._proc is not None:
+            _kill_group(self._proc.pid, spare=self._proc.pid, keep_root=keep_root)
+
     def close(self) -> None:
-        """Stop listening and end every connection still served."""
+        """Stop listening and end every connection still served; returns once they are dead."""
         if self._proc is None:
             return
-        import os
-        import signal
-
-        try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(self._proc.pid)
         self._proc.wait()
         self._proc = None
+
+
+def _kill_group(pgid: int, spare: int = 0, keep_root: Path | None = None, timeout: float = 10.0) -> None:
+    """SIGKILL every process of group `pgid` but `spare` until none is left alive;
+    with `keep_root`, spare too each connection (the processes descending from
+    one child of `spare`) that has a process chrooted into `keep_root`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in _group(pgid) if p != spare]
+        if keep_root is not None:
+            alive = _outside(alive, spare, keep_root)
+        if not alive:
+            return
+        for p in alive:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise ToolFailed(f"processes {alive} of data channel {pgid} do not die", "check them with ps")
+        time.sleep(0.002)
+
+
+def _outside(pids: list[int], listener: int, root: Path) -> list[int]:
+    """`pids` but those of connections with a process whose root directory is `root`."""
+    parent = {p: _ppid(p) for p in pids}
+
+    def connection(p: int) -> int:
+        seen = 0
+        while parent.get(p, listener) != listener and seen < 64:
+            p, seen = parent[p], seen + 1
+        return p
+
+    kept = set()
+    for p in pids:
+        try:
+            if os.readlink(f"/proc/{p}/root") == str(root):
+                kept.add(connection(p))
+        except OSError:
+            pass
+    return [p for p in pids if connection(p) not in kept]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in "ZX":
+            found.append(int(d))
+    return found
 
 
 def _free_port(bind: str) -> int:
@@ -153,4 +263,5 @@ def rsh_env(creds: Credentials, peer: str, peer_name: str, link_timeout: float) 
         "PHAUL_KEY": str(creds.key),
         "PHAUL_CA": str(creds.ca),
         "PHAUL_TCP_OPTIONS": tcp_options(link_timeout),
+        "PHAUL_TLS_OPTIONS": TLS_OPTIONS,
     }

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul.containers.console import Chunk
+
 # A command line. Inside classes with a `list` method (ContainerKind and its kinds) a bare
 # `list[...]` annotation names the method: write `Argv` or `builtins.list[...]` there.
 Argv = list[str]
@@ -29,6 +31,18 @@ class ContainerConfig:
     gateway: str | None = None
     mac: str | None = None  # derived from the ID when an ip is given
     args: list[str] = field(default_factory=list)  # the command given at `ct start`
+    cap_add: list[str] = field(default_factory=list)  # capabilities beyond the default set, e.g. ["CAP_NET_RAW"]
+    seccomp: str = "default"  # "default": the Docker/Podman default profile; "unconfined": no filter
+    packages: list[str] = field(default_factory=list)  # template "debian": the packages installed into it
+    init: str = ""  # "": the command is PID 1; "systemd": /lib/systemd/systemd boots (debian with systemd)
+    rootfs: str = ""  # template "rootfs": the directory or tarball copied in (read at create only)
+    image: str = ""  # template "image": the OCI image layout or `docker save` archive (read at create only)
+    image_ref: str = ""  # template "image": the tag to unpack when the image holds several
+    env: list[str] = field(default_factory=list)  # the process environment, "K=V" (empty: phaul's default)
+    uid: int = 0  # the command's user and groups (an image's USER)
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    cwd: str = "/"  # the command's working directory (an image's WORKDIR)
 
 
 @dataclass
@@ -41,6 +55,7 @@ class ContainerInfo:
     memory_used: int | None = None
     memory_limit: int | None = None
     ip: str | None = None
+    exit_status: str | None = None  # a stopped container's init: "exit N" or "signal N", when known
 
 
 @dataclass
@@ -83,6 +98,14 @@ class ContainerKind(ABC):
     def config(self, ct_id: str) -> ContainerConfig: ...
 
     @abstractmethod
+    def logs(self, ct_id: str, lines: int = 0) -> bytes:
+        """The last `lines` lines of the container's stdout and stderr (0: all that is kept)."""
+
+    @abstractmethod
+    def logs_since(self, ct_id: str, file_id: int, offset: int) -> Chunk:
+        """What the container wrote after (file_id, offset) (0, 0: nothing, the position now)."""
+
+    @abstractmethod
     def container_dir(self, ct_id: str) -> Path:
         """The directory holding everything of this container on this host."""
 
@@ -91,6 +114,11 @@ class ContainerKind(ABC):
     @abstractmethod
     def criu_config_path(self, ct_id: str) -> Path:
         """The CRIU configuration file passed to CRIU on this container's dumps and restores."""
+
+    @abstractmethod
+    def set_criu_options(self, ct_id: str, options: str = "") -> None:
+        """The configuration of this container's next dump or restore: the kind's own
+        options (always there) and `options`, CRIU configuration lines."""
 
     @abstractmethod
     def checkpoint_cmd(
@@ -112,9 +140,11 @@ class ContainerKind(ABC):
         ToolFailed when it fails or takes longer than `timeout` s."""
 
     @abstractmethod
-    def rewrite_for_host(self, ct_id: str) -> None:
-        """Adapt a container directory copied from another host to this one."""
+    def adopt(self, ct_id: str, config: ContainerConfig) -> None:
+        """Make a container directory moved here from another host this host's own: every
+        configuration file of it is rebuilt from `config` (validated), none is read."""
 
     @abstractmethod
-    def resume(self, ct_id: str) -> ContainerInfo:
-        """Let every process of a container restored held stopped run; returns its state then."""
+    def resume(self, ct_id: str, keep_stopped: tuple[int, ...] = ()) -> ContainerInfo:
+        """Let every process of a container restored held stopped run, but those whose PIDs (in the
+        container) are in `keep_stopped` (stopped when dumped); returns its state then."""

@@ -1,69 +1,62 @@
-"""Checks on what a source pushed, before the destination uses it.
+"""What a source pushed for a container, before the destination uses it.
 
-The data channel lets a source write files into its migration's directory
-only (rsync daemon, chrooted). Before the destination moves the container
-directory into place and hands its bundle to runc, `check_container_dir`
-makes sure it is a plain directory tree of the expected container: no
-symbolic link where phaul or runc will write, the stored configuration naming
-the expected container, and a bundle that mounts nothing from the host.
+The destination never reads the configuration files a source pushes: the
+container kind rebuilds them from the validated Prepare configuration
+(`ContainerKind.adopt`). The pushed container directory contributes its root
+file system and its console log. `strip_container_dir` checks its structure
+without following anything (`ct/`, `ct/bundle` and `ct/bundle/rootfs` real
+directories) and removes every other entry of `ct/` and `ct/bundle` (links
+themselves, never their targets) but `ct/log`, of which it keeps the log's
+regular files only (phaul.containers.console appends to them). The rootfs's contents may hold links, devices and setuid
+files: they are the container's, and the agent does not look inside.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import shutil
+import stat
 from pathlib import Path
-from typing import Any
 
+from phaul.containers.console import KEPT, LOG_DIR
 from phaul.errors import InvalidInput
+from phaul.linux.datatree import DataDir
 
-# The file systems a container's own mounts may have (runc spec's defaults):
-# nothing is bind-mounted from the host.
-ALLOWED_MOUNT_TYPES = frozenset({"proc", "tmpfs", "devpts", "mqueue", "sysfs", "cgroup", "cgroup2"})
-MAX_JSON = 1 << 20
+log = logging.getLogger(__name__)
 
 
-def check_container_dir(ct_dir: Path, ct_id: str) -> None:
-    """Raise InvalidInput unless `ct_dir` (pushed by the source) holds container `ct_id`, safely."""
-    for path in (ct_dir, ct_dir / "phaul.json", ct_dir / "criu.conf", ct_dir / "bundle", ct_dir / "bundle" / "config.json"):
-        if path.is_symlink():
-            raise InvalidInput(f"the pushed container has a symbolic link at {path.name}; refused")
-    config = _load(ct_dir / "phaul.json")
-    if not isinstance(config, dict) or config.get("id") != ct_id:
-        raise InvalidInput(f"the pushed container's phaul.json does not describe {ct_id}")
-    spec = _load(ct_dir / "bundle" / "config.json")
-    if not isinstance(spec, dict):
-        raise InvalidInput("the pushed bundle's config.json is not an object")
-    root = (spec.get("root") or {}).get("path")
-    if root != "rootfs":
-        raise InvalidInput(f"the pushed bundle's root is {str(root)[:100]!r}, not rootfs")
-    if (ct_dir / "bundle" / "rootfs").is_symlink():
-        raise InvalidInput("the pushed bundle's rootfs is a symbolic link; refused")
-    for m in spec.get("mounts") or []:
-        if not isinstance(m, dict) or m.get("type") not in ALLOWED_MOUNT_TYPES or "bind" in (m.get("options") or []):
-            raise InvalidInput(f"the pushed bundle mounts {_short(m)}; only {sorted(ALLOWED_MOUNT_TYPES)} are accepted")
-    for hook in ("hooks",):
-        if spec.get(hook):
-            raise InvalidInput("the pushed bundle has OCI hooks (commands run on the host); refused")
-    linux = spec.get("linux") or {}
-    for ns in linux.get("namespaces") or []:
-        if isinstance(ns, dict) and ns.get("path"):
-            raise InvalidInput("the pushed bundle joins an existing namespace of the host; refused")
+def strip_container_dir(ct_dir: Path) -> None:
+    """Raise InvalidInput unless pushed `ct_dir` holds bundle/rootfs as real directories;
+    remove everything else in `ct_dir` and `ct_dir/bundle`."""
+    with DataDir(ct_dir) as ct:
+        st = ct.lstat(LOG_DIR)
+        _keep_only(ct, "bundle", LOG_DIR if st is not None and stat.S_ISDIR(st.st_mode) else "")
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            with ct.subdir(LOG_DIR) as logs:
+                for name in logs.names():
+                    entry = logs.lstat(name)
+                    if name not in KEPT or entry is None or not stat.S_ISREG(entry.st_mode):
+                        _remove(logs, name)
+        with ct.subdir("bundle") as bundle:
+            _keep_only(bundle, "rootfs")
+            bundle.subdir("rootfs").close()
 
 
-def _load(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON + 1)
-    except OSError as e:
-        raise InvalidInput(f"the pushed container lacks {path.name}: {e.strerror}") from None
-    if len(raw) > MAX_JSON:
-        raise InvalidInput(f"the pushed {path.name} is too large")
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise InvalidInput(f"the pushed {path.name} is not valid JSON") from None
+def _keep_only(d: DataDir, keep: str, also: str = "") -> None:
+    st = d.lstat(keep)
+    if st is None:
+        raise InvalidInput(f"the pushed container has no {d.path.name}/{keep}", "the source must push its bundle's rootfs")
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"the pushed container's {d.path.name}/{keep} is not a directory; refused")
+    for name in d.names():
+        if name not in (keep, also):
+            _remove(d, name)
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) < 120 else text[:117] + "..."
+def _remove(d: DataDir, name: str) -> None:
+    st = d.lstat(name)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=d.fd)  # fd-based: never follows a link inside
+    else:
+        d.unlink(name, missing_ok=True)
+    log.debug("removed pushed %s/%s: the destination writes its own", d.path, name)

@@ -1,8 +1,12 @@
-"""Root file systems for new containers, built from what the host has installed.
+"""Root file systems for new containers.
 
-`build_rootfs("busybox", path)` gives a minimal root: a static busybox with a
-symlink per applet in /bin, the directories an OCI runtime mounts over, root's
-/etc/passwd and /etc/group, and the project's static workload programs.
+`build_rootfs("busybox", path, cache)` gives a minimal root built from what the
+host has installed: a static busybox with a symlink per applet in /bin, the
+directories an OCI runtime mounts over, root's /etc/passwd and /etc/group, and
+the project's static workload programs. `"debian"` unpacks a Debian bookworm
+root with the given packages (phaul.containers.debian: mmdebstrap, cached) and
+adds the workload programs to /usr/local/bin. `"rootfs"` and `"image"` bring
+the user's own (phaul.containers.imports).
 """
 
 from __future__ import annotations
@@ -12,14 +16,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from phaul.containers import ContainerConfig
+from phaul.containers.debian import RootfsCache, debian_tarball, unpack_tarball
+from phaul.containers.imports import ImageDefaults, copy_rootfs, unpack_image
 from phaul.errors import InvalidInput, ToolFailed
 from phaul.linux.fsutil import is_static_elf
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = ("busybox",)
+TEMPLATES = ("busybox", "debian")
+SOURCES = ("rootfs", "image")  # ct create --rootfs, --image
 WORKLOAD_DIR = Path(__file__).resolve().parents[2] / "workloads" / "bin"
-WORKLOADS = ("memload", "echo-server", "tcp-probe")
+WORKLOADS = ("memload", "echo-server", "tcp-probe", "syscall-probe", "objects", "asuser")
 
 _DIRS = {  # path in the rootfs -> mode
     "bin": 0o755,
@@ -36,11 +44,39 @@ _PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexiste
 _GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
-def build_rootfs(template: str, rootfs: Path) -> None:
-    """Fill `rootfs` (created if missing) with the named template's files."""
-    if template not in TEMPLATES:
+def build_rootfs(config: ContainerConfig, rootfs: Path, cache: RootfsCache) -> ImageDefaults | None:
+    """Fill `rootfs` (must not exist) as `config.template` says: a template, a copy of
+    `config.rootfs` ("rootfs") or the unpacked `config.image` ("image", whose process
+    defaults are returned)."""
+    template, rootfs = config.template, Path(rootfs)
+    if template not in TEMPLATES + SOURCES:
         raise InvalidInput(f"unknown template {template!r}", f"use one of: {', '.join(TEMPLATES)}")
-    _build_busybox(Path(rootfs))
+    if config.packages and template != "debian":
+        raise InvalidInput(f"the {template} template takes no packages", "use --template debian --packages ...")
+    if template == "image":
+        return unpack_image(config.image, config.image_ref, rootfs)
+    if template == "rootfs":
+        copy_rootfs(config.rootfs, rootfs)
+    elif template == "debian":
+        unpack_tarball(debian_tarball(cache, config.packages), rootfs)
+        add_workloads(rootfs / "usr" / "local" / "bin")
+    else:
+        _build_busybox(rootfs)
+    return None
+
+
+def add_workloads(bin_dir: Path) -> None:
+    """Copy the project's static workload programs (those built) into `bin_dir`."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in WORKLOADS:
+        src = WORKLOAD_DIR / name
+        if not src.is_file():
+            log.debug("workload %s not built (%s missing); skipped", name, src)
+            continue
+        dst = bin_dir / name
+        dst.unlink(missing_ok=True)  # an applet of the same name must not be overwritten through its link
+        shutil.copy2(src, dst)
+        dst.chmod(0o755)
 
 
 def _build_busybox(rootfs: Path) -> None:
@@ -58,15 +94,7 @@ def _build_busybox(rootfs: Path) -> None:
             link.symlink_to("busybox")
     (rootfs / "etc" / "passwd").write_text(_PASSWD)
     (rootfs / "etc" / "group").write_text(_GROUP)
-    for name in WORKLOADS:
-        src = WORKLOAD_DIR / name
-        if not src.is_file():
-            log.debug("workload %s not built (%s missing); skipped", name, src)
-            continue
-        dst = bin_dir / name
-        dst.unlink(missing_ok=True)  # an applet of the same name must not be overwritten through its link
-        shutil.copy2(src, dst)
-        dst.chmod(0o755)
+    add_workloads(bin_dir)
 
 
 def _static_busybox() -> Path:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.errors import ToolFailed
@@ -180,3 +182,75 @@ def log_tail(path: Path, lines: int = 15, *, context: int = 0) -> str:
         return "\n".join(errors or text.splitlines()[-lines:])
     tail = [line for line in text.splitlines()[-context:] if line not in errors]
     return "\n".join(errors + (["..."] if errors and tail else []) + tail)
+
+
+# What a CRIU error line means and what to do, by a phrase in it (the first match wins).
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("Can't get rlimit", "a task of another user: this CRIU cannot read its limits without CAP_SYS_RESOURCE; "
+     "build phaul's patched CRIU (`make setup`, patches/criu/README) or give the agent CAP_SYS_RESOURCE"),
+    ("not stopped after seize", "a task was stopped (SIGSTOP) while CRIU seized it; migrate again"),
+    ("file locks", "the container holds file locks; CRIU needs --file-locks to carry them"),
+    ("Address already in use", "an address or port the container uses is taken on this host; free it and migrate again"),
+    ("Can't open file", "a file the container's processes hold is missing or different here: "
+     "its root file system did not arrive whole; migrate again"),
+    ("Can't dump ghost file", "a file deleted while still open is larger than the ghost limit phaul gives CRIU "
+     "(1 GiB, criu.conf); let the program close it, or keep it linked until after the migration"),
+    ("Unexpected EOF", "an image is cut short (the transfer or the disk failed); migrate again"),
+    ("Can't fork for", "the PID is taken: another process holds it in the target PID namespace"),
+    ("Timeout", "a task did not respond in time (stopped, or traced by a debugger)"),
+)
+_FALLBACK_HINT = "read CRIU's log (named below) for its full account"
+_LOG_PREFIX = re.compile(r"^\s*(?:\(\s*[\d.]+\)\s*)?(?:pie:\s*)?(?:(\d+):\s*)?(?:Error|Warn)\s*\([^)]*\):\s*")
+_OBJECTS = (
+    re.compile(r"\bpid:?\s*(\d+)", re.IGNORECASE), re.compile(r"\bfor (\d+)\b"), re.compile(r"\btask (\d+)\b"),
+)
+_FILE = re.compile(r"(?:file|path)\s+(\S+)|(/[\w.@+-]+(?:/[\w.@+-]+)+)")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """CRIU's own account of a failure: its first error line, the object it names, what to do."""
+
+    cause: str  # CRIU's root-cause line without its timestamp and source location, "" when none
+    where: str  # "pid 12", "file bin/busybox (pid 1)" or ""
+    fix: str
+
+    def __str__(self) -> str:
+        if not self.cause:
+            return "CRIU logged no error"
+        return f"CRIU: {self.cause}" + (f" [{self.where}]" if self.where else "")
+
+
+def explain(text: str) -> Failure:
+    """The Failure in a CRIU log's `text`: the first error line is the cause (later ones follow from it)."""
+    errors = error_lines(text)
+    if not errors:
+        return Failure("", "", _FALLBACK_HINT)
+    cause = _LOG_PREFIX.sub("", errors[0]).strip()
+    fix = next((hint for phrase, hint in _HINTS if phrase in cause), _FALLBACK_HINT)
+    return Failure(cause, _object(errors), fix)
+
+
+def _object(errors: list[str]) -> str:
+    parts: list[str] = []
+    for line in errors:
+        text = _LOG_PREFIX.sub("", line)
+        m = _LOG_PREFIX.match(line)
+        if m and m.group(1) and not any(p.startswith("pid") for p in parts):
+            parts.append(f"pid {m.group(1)}")  # the restoring task that logged it
+        m = _FILE.search(text)
+        if m and not any(p.startswith("file") for p in parts):
+            parts.insert(0, f"file {(m.group(1) or m.group(2)).rstrip(':,')}")
+        for rx in _OBJECTS:
+            m = rx.search(text)
+            if m and not any(p.startswith("pid") for p in parts):
+                parts.append(f"pid {m.group(1)}")
+    return ", ".join(parts)
+
+
+def explain_log(path: Path) -> Failure:
+    """explain() of the CRIU log at `path` (a Failure saying so when it was not written)."""
+    text = read_log(path)
+    if text is None:
+        return Failure("", "", f"{path} was not written: CRIU did not start (see runc's log)")
+    return explain(text)

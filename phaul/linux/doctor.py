@@ -26,6 +26,8 @@ from phaul.errors import ToolFailed
 from phaul.linux.criu import error_lines
 from phaul.linux.fsutil import is_static_elf
 from phaul.linux.run import run
+from phaul.linux.task_owners import FIX as FOREIGN_FIX
+from phaul.linux.task_owners import dump_ability
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,18 @@ def _check_features(criu: str | None) -> list[Check]:
     return checks
 
 
+def _check_foreign_tasks(criu: str | None) -> Check:
+    """Can CRIU dump tasks of other users (prlimit without CAP_SYS_RESOURCE; phaul.linux.task_owners)?"""
+    name = "other users' tasks"
+    if criu is None:
+        return Check(name, CheckState.WARNING, f"not checked: no CRIU >= {_fmt_version(MIN_CRIU)}", SETUP_FIX)
+    ability = dump_ability(criu)
+    if ability.possible:
+        return Check(name, CheckState.PASS, f"CRIU can dump tasks of any uid: {ability.how}")
+    return Check(name, CheckState.WARNING,
+                 f"containers with a task not of uid 0 cannot move: {ability.how}", FOREIGN_FIX)
+
+
 # ---- kernel settings, network lock, tools -------------------------------------------
 
 
@@ -298,6 +312,14 @@ def _check_tool(name: str, package: str, version_argv: list[str], pattern: str, 
         return Check(name, CheckState.FAILURE, f"{path}: {r.error}", f"reinstall it: apt-get install --reinstall {package}")
     return Check(name, CheckState.PASS, f"{path}, version {_version_in(r.out, pattern)}")
 
+
+def _check_optional(name: str, package: str, version_argv: list[str], pattern: str, why: str) -> Check:
+    """A tool only some commands need: its absence is a warning naming them."""
+    check = _check_tool(name, package, version_argv, pattern, why)
+    if check.status is CheckState.FAILURE:
+        check.status = CheckState.WARNING
+        check.detail += "; everything else works without it"
+    return check
 
 
 def _check_busybox() -> Check:
@@ -402,7 +424,8 @@ def _check_root() -> Check:
                      "run phaul with full root capabilities (not in a restricted container)")
     note = ""
     if not cap_eff >> 24 & 1:  # CAP_SYS_RESOURCE
-        note = "; no CAP_SYS_RESOURCE: CRIU logs a harmless 'Can't setup RLIMIT_NOFILE' error"
+        note = ("; no CAP_SYS_RESOURCE: CRIU logs a harmless 'Can't setup RLIMIT_NOFILE' error, "
+                "and only a patched CRIU dumps other users' tasks (see \"other users' tasks\")")
     return Check(name, CheckState.PASS, f"uid 0 with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN{note}")
 
 
@@ -413,12 +436,18 @@ def run_checks() -> list[Check]:
     """Inspect this host now (not cached) and return one Check per item."""
     checks, criu = _check_criu()
     checks += _check_features(criu)
+    checks.append(_check_foreign_tasks(criu))
     checks.append(_check_pipe_max_size())
     checks += _check_network_lock()
     checks.append(_check_tool("runc", "runc", ["--version"], r"runc version (\S+)", "runs the containers"))
     checks.append(_check_tool("rsync", "rsync", ["--version"], r"version (\S+)", "copies the root file system"))
     checks.append(_check_tool("socat", "socat", ["-V"], r"socat version (\S+)", "relays streams in the lab"))
     checks.append(_check_busybox())
+    checks.append(_check_optional("mmdebstrap", "mmdebstrap", ["--version"], r"mmdebstrap (\S+)",
+                                  "`ct create --template debian` builds its root with it"))
+    for tool in ("skopeo", "umoci"):
+        checks.append(_check_optional(tool, tool, ["--version"], tool + r" version (\S+)",
+                                      "`ct create --image` unpacks OCI images and docker archives with skopeo and umoci"))
     checks.append(_check_cgroups())
     checks.append(_check_root())
     for c in checks:

@@ -19,6 +19,8 @@ import shlex
 import time
 from pathlib import Path
 
+from phaul.linux import procfs
+
 log = logging.getLogger(__name__)
 
 V1_ROOT = Path("/sys/fs/cgroup/freezer")
@@ -36,7 +38,7 @@ def freeze_snippet(state: Path | None, marker: Path | None = None) -> str:
     wait (busy, no sleep) until it is FROZEN, then create `marker` (if given):
     from then on nothing in the container changes. Always succeeds (a failed
     freeze leaves the freezing to CRIU, and no marker); a no-op without a freezer."""
-    if state is None:
+    if state is None or has_stopped_task(state):
         return ":"
     f = shlex.quote(str(state))
     done = f' && [ "$s" = FROZEN ] && : > {shlex.quote(str(marker))}' if marker is not None else ""
@@ -44,6 +46,18 @@ def freeze_snippet(state: Path | None, marker: Path | None = None) -> str:
         f"{{ echo FROZEN > {f} && i=0 && while read s < {f} && [ \"$s\" != FROZEN ] && [ $i -lt {POLL_LIMIT} ];"
         f" do i=$((i+1)); [ $((i % 2000)) != 0 ] || echo FROZEN > {f}; done{done}; }} 2>/dev/null; :"
     )
+
+
+def has_stopped_task(state: Path) -> bool:
+    """True when a task of the cgroup is stopped (SIGSTOP, job control). Such a cgroup must not be
+    frozen for a dump: the kernel's PTRACE_SEIZE of a stopped task waits for it to re-trap, which
+    a frozen task never does (CRIU would hang until its timeout). phaul's CRIU then seizes the
+    tree with ptrace alone (patches/criu/0002-*)."""
+    try:
+        tasks = (state.parent / "tasks").read_text().split()
+    except OSError:
+        return False
+    return any(procfs.state(t) == "T" for t in tasks)
 
 
 def thaw(state: Path | None) -> None:

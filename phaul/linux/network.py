@@ -44,6 +44,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import select
 import socket
 import struct
@@ -71,6 +72,7 @@ LINK_UP_WAIT = 1.0  # s a link just brought up may take to pass frames
 HOLD_BUFFER = 16 << 20  # bytes of held frames the kernel keeps for us
 # Release: the held frames are relayed in order until none came for RELAY_QUIET s (at most RELAY_MAX s).
 RELAY_QUIET = 0.003
+_WORD = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")  # what an address, MAC or link name may be in an `ip` line
 RELAY_MAX = 0.1
 
 _ETH_P_ALL = 0x0003
@@ -165,18 +167,26 @@ def delete_link(name: str) -> bool:
 # --- the container's interface -----------------------------------------------------------
 
 
+def _word(value: str) -> str:
+    """`value` if it is one plain word; the lines built here go to `ip -batch` and a
+    shell script, where a space, newline or shell character would add commands."""
+    if not _WORD.fullmatch(value):
+        raise InvalidInput(f"refusing {value[:80]!r} in an `ip` command: not a plain address or name")
+    return value
+
+
 def _veth_command(ident: Identity, netns: str) -> list[str]:
     """`ip` arguments that make the container's veth: eth0 (its MAC) in the network
     namespace of process `netns`, the host end here, down and unplugged."""
-    return ["link", "add", ident.host_veth, "address", _host_mac("veth", ident.ct_id), "type", "veth",
-            "peer", "name", CT_IFNAME, "address", ident.mac, "netns", netns]
+    return ["link", "add", _word(ident.host_veth), "address", _host_mac("veth", ident.ct_id), "type", "veth",
+            "peer", "name", CT_IFNAME, "address", _word(ident.mac), "netns", netns]
 
 
 def _inside_commands(ident: Identity) -> list[str]:
     """`ip -batch` lines that configure the container's side."""
-    commands = ["link set lo up", f"address add {ident.address} dev {CT_IFNAME}", f"link set {CT_IFNAME} up"]
+    commands = ["link set lo up", f"address add {_word(str(ident.address))} dev {CT_IFNAME}", f"link set {CT_IFNAME} up"]
     if ident.gateway:
-        commands.append(f"route add default via {ident.gateway} dev {CT_IFNAME}")
+        commands.append(f"route add default via {_word(ident.gateway)} dev {CT_IFNAME}")
     return commands
 
 
@@ -207,19 +217,25 @@ def unplug(ct_id: str) -> None:
         log.info("unplugged %s (%s)", ct_id, host_veth(ct_id))
 
 
-def restore_criu_options(ident: Identity, directory: Path) -> str:
+def restore_criu_options(ident: Identity | None, directory: Path) -> str:
     """Lines for the CRIU configuration file of a restore: a script (written into
-    `directory`) that re-creates eth0 in the new namespace at CRIU's
-    `setup-namespaces` action, before any socket is restored. The host end is
-    left down and unplugged until `plug_restored`."""
+    `directory`) that sets the new network namespace up at CRIU's `setup-namespaces`
+    action, before any socket is restored. Every container gets its `lo` up (CRIU
+    restores the namespace empty, and a connection or listener on 127.0.0.1 or ::1
+    cannot be restored on a loopback that is down); an addressed one (`ident`) also
+    gets eth0 re-created, its host end left down and unplugged until `plug_restored`."""
     ip, nsenter = _tool("ip"), _tool("nsenter")
-    veth = " ".join(_veth_command(ident, '"$CRTOOLS_INIT_PID"'))
-    inside = "\n".join(_inside_commands(ident))
+    setup = ""
+    inside = "link set lo up"
+    if ident is not None:
+        veth = " ".join(_veth_command(ident, '"$CRTOOLS_INIT_PID"'))
+        setup = f"{ip} {veth}\n"
+        inside = "\n".join(_inside_commands(ident))
     script = directory / "net-restore.sh"
     script.write_text(
-        "#!/bin/sh\n# phaul: the container's interface (generated). CRIU runs this at each action.\n"
+        "#!/bin/sh\n# phaul: the container's network (generated). CRIU runs this at each action.\n"
         '[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0\nset -e\n'
-        f"{ip} {veth}\n"
+        f"{setup}"
         f'{nsenter} --net=/proc/"$CRTOOLS_INIT_PID"/ns/net -- {ip} -batch - <<EOF\n{inside}\nEOF\n'
     )
     script.chmod(0o700)

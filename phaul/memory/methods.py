@@ -266,7 +266,8 @@ class SoftDirty(MemoryMethod):
     def precopy_round(self, k: int) -> tuple[RoundDump, Sent]:
         parent = Path(f"../{self.last}") if self.last else None
         d = dump_round(self.ctx, k, self.rounds_dir / str(k), pre_dump=True, parent=parent)
-        s = self.ctx.sender.push(d.dir, f"rounds/{k}", bwlimit=self.ctx.bandwidth, whole_file=True)
+        # CRIU's `parent` link is made by the destination (phaul.migration.dest), never sent
+        s = self.ctx.sender.push(d.dir, f"rounds/{k}", ("/parent",), bwlimit=self.ctx.bandwidth, whole_file=True)
         self.last = k
         pages = int(d.criu_ms.get("pages_written", _pages_in(d.dir)))
         return d, Sent(pages, s.bytes_sent, s.duration_ms)
@@ -276,7 +277,7 @@ class SoftDirty(MemoryMethod):
         return Path(f"../rounds/{self.last}") if self.last else None
 
     def send_final(self, images: Path) -> Sent:
-        s = self.ctx.sender.push(images, "images", bwlimit=0, whole_file=True)
+        s = self.ctx.sender.push(images, "images", ("/parent",), bwlimit=0, whole_file=True)
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
@@ -292,11 +293,10 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
     script = stamps / "round.sh"
     script.write_text(_ROUND_SCRIPT.format(dir=stamps, freeze=freezer.freeze_snippet(ctx.freezer)))
     script.chmod(0o700)
-    conf = ctx.ct.criu_config_path(ctx.ct_id)
     # The container runs on after a round, and the round's socket images are never
     # restored (the final dump's are): CRIU's network lock would only drop the
     # client's segments meanwhile, and each would wait for a retransmission.
-    conf.write_text(f"action-script {script}\nnetwork-lock skip\n")
+    ctx.ct.set_criu_options(ctx.ct_id, f"action-script {script}\nnetwork-lock skip\n")
     args = ctx.ct.checkpoint_cmd(
         ctx.ct_id, image_dir, work, leave_running=True, tcp_established=ctx.tcp_established,
         pre_dump=pre_dump, parent_path=parent,
@@ -306,17 +306,19 @@ def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False,
         proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=ctx.dump_timeout)
     except subprocess.TimeoutExpired:
         raise PrecopyDumpFailed(
-            f"pre-copy dump {k} did not finish within {ctx.dump_timeout:.0f} s", f"see {work / 'dump.log'}"
+            f"pre-copy dump {k} did not finish within {ctx.dump_timeout:.0f} s: {criu.explain_log(work / 'dump.log')}\n"
+            f"{criu.log_tail(work / 'dump.log', 5)}", f"see {work / 'dump.log'}"
         ) from None
     finally:
         freezer.thaw(ctx.freezer)
         thawed_ns = time.time_ns()
-        conf.write_text("")
+        ctx.ct.set_criu_options(ctx.ct_id)
     if proc.returncode != 0:
+        failure = criu.explain_log(work / "dump.log")
         raise PrecopyDumpFailed(
-            f"pre-copy dump {k} failed (exit {proc.returncode}): {proc.stderr.decode(errors='replace').strip()[-300:]}\n"
-            f"{criu.log_tail(work / 'dump.log')}",
-            "see the CRIU log in the agent's state directory; `--precopy=off` skips pre-copy",
+            f"pre-copy dump {k} failed (exit {proc.returncode}): {failure}\n"
+            f"{proc.stderr.decode(errors='replace').strip()[-300:]}\n{criu.log_tail(work / 'dump.log')}",
+            f"{failure.fix}; CRIU's log: {work / 'dump.log'}; `--precopy=off` skips pre-copy",
         )
     frozen_ns = _stamp(stamps / "frozen-at", start_ns)
     dumped_ns = _stamp(stamps / "dumped-at", thawed_ns)

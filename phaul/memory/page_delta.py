@@ -35,10 +35,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phaul.errors import InvalidInput
+from phaul.linux.datatree import DataDir
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
 MANIFEST = "page-delta.json"
+MAX_MANIFEST = 64 << 20
 FORMAT = 1
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
 _PAGES = re.compile(r"^pages-(\d+)\.img$")
@@ -373,88 +377,104 @@ class ApplyStats:
 def apply_delta(delta_dir: Path, images_dir: Path) -> ApplyStats:
     """Turn `images_dir` (holding the basis) into an exact copy of the dump the
     delta in `delta_dir` was made from. Raises DeltaError when the delta does not
-    fit the basis; `images_dir` must then be refilled with full images."""
+    fit the basis, or when either area holds anything but regular files
+    (`phaul.linux.datatree`: nothing is followed out of them); `images_dir` must
+    then be refilled with full images."""
     t0 = time.monotonic()
     try:
-        delta = PageDelta.from_json((delta_dir / MANIFEST).read_text())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DeltaError(f"unreadable page delta in {delta_dir}: {e}") from None
+        with DataDir(delta_dir) as delta_d, DataDir(images_dir) as images_d:
+            written, files = _apply(delta_d, images_d)
+    except InvalidInput as e:
+        raise DeltaError(e.message) from None
+    except OSError as e:
+        raise DeltaError(f"applying the page delta in {images_dir} failed: {e}") from None
+    return ApplyStats(written, files, (time.monotonic() - t0) * 1000)
+
+
+def _apply(delta_d: DataDir, images_d: DataDir) -> tuple[int, int]:
+    """apply_delta on open areas; (pages written, files of the dump)."""
+    for area in (delta_d, images_d):
+        area.regular_files()  # a flat directory of regular files, or refused naming the first stranger
+    try:
+        delta = PageDelta.from_json(delta_d.read_bytes(MANIFEST, MAX_MANIFEST).decode())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DeltaError(f"unreadable page delta in {delta_d.path}: {e}") from None
     names = set(delta.files)
     for n in list(names) + [r.basis for r in delta.recipes] + [r.data for r in delta.recipes]:
-        if n and (n != os.path.basename(n) or n in (".", "..") or n == MANIFEST):
+        if n and (n != os.path.basename(n) or n in (".", "..") or "\0" in n or n == MANIFEST):
             raise DeltaError(f"invalid file name {n!r} in page delta")
     for r in delta.recipes:
         if r.name not in names:
             raise DeltaError(f"page delta builds {r.name}, which the dump does not list")
-        if r.basis and not (images_dir / r.basis).is_file():
+        if r.basis and not images_d.exists(r.basis):
             raise DeltaError(f"basis {r.basis} for {r.name} is missing on this host")
     referenced: dict[str, int] = {}
     for r in delta.recipes:
         if r.basis:
             referenced[r.basis] = referenced.get(r.basis, 0) + 1
     written = 0
-    staged: list[tuple[Path, Path]] = []
+    staged: list[tuple[str, str]] = []  # (temporary name, final name) in images
     try:
         for r in delta.recipes:
-            data = delta_dir / r.data if r.data else None
             if r.in_place() and referenced.get(r.name, 0) == 1:
-                written += _patch(images_dir / r.name, data, r)
+                written += _patch(images_d, delta_d, r)
             else:
-                tmp = images_dir / f".{r.name}.new"
-                written += _build(tmp, images_dir, data, r)
-                staged.append((tmp, images_dir / r.name))
+                staged.append((f".{r.name}.new", r.name))
+                written += _build(images_d, staged[-1][0], delta_d, r)
         for tmp, final in staged:
-            os.replace(tmp, final)
+            images_d.replace(tmp, images_d, final)
         staged.clear()
         recipe_names = {r.name for r in delta.recipes}
         for name in names - recipe_names:
-            tmp = images_dir / f".{name}.new"
-            tmp.unlink(missing_ok=True)
-            os.link(delta_dir / name, tmp)  # the delta dir keeps its copy: rsync's basis next round
-            os.replace(tmp, images_dir / name)
-        for p in images_dir.iterdir():
-            if p.name not in names:
-                p.unlink()
+            tmp = f".{name}.new"
+            delta_d.link_into(name, images_d, tmp)  # the delta dir keeps its copy: rsync's basis next round
+            images_d.replace(tmp, images_d, name)
+        for name in images_d.names():
+            if name not in names:
+                images_d.unlink(name)
         for name, size in delta.files.items():
-            if (images_dir / name).stat().st_size != size:
-                raise DeltaError(f"{name} has {(images_dir / name).stat().st_size} bytes after the delta, not {size}")
+            if images_d.size(name) != size:
+                raise DeltaError(f"{name} has {images_d.size(name)} bytes after the delta, not {size}")
     except OSError as e:
-        raise DeltaError(f"applying the page delta in {images_dir} failed: {e}") from None
+        raise DeltaError(f"applying the page delta in {images_d.path} failed: {e}") from None
     finally:
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    return ApplyStats(written, len(names), (time.monotonic() - t0) * 1000)
+            images_d.unlink(tmp, missing_ok=True)
+    return written, len(names)
 
 
-def _check_data(data: Path | None, r: Recipe) -> None:
-    if r.literal_pages and (data is None or data.stat().st_size != r.literal_pages * PAGE):
+def _check_data(delta_d: DataDir, r: Recipe) -> None:
+    if r.literal_pages and (not r.data or not delta_d.exists(r.data) or delta_d.size(r.data) != r.literal_pages * PAGE):
         raise DeltaError(f"the data file of {r.name} is missing or has the wrong size")
 
 
-def _patch(target: Path, data: Path | None, r: Recipe) -> int:
-    _check_data(data, r)
-    fd = os.open(target, os.O_WRONLY)
+def _patch(images_d: DataDir, delta_d: DataDir, r: Recipe) -> int:
+    _check_data(delta_d, r)
+    fd = images_d.open(r.name, os.O_WRONLY)
     try:
-        if data is not None:
-            with open(data, "rb") as f:
+        if r.data:
+            data = delta_d.open(r.data)
+            try:
                 for s in r.segments:
                     if s.literal:
-                        _copy_range(f.fileno(), s.offset * PAGE, fd, s.start * PAGE, s.count * PAGE)
+                        _copy_range(data, s.offset * PAGE, fd, s.start * PAGE, s.count * PAGE)
+            finally:
+                os.close(data)
         os.ftruncate(fd, r.pages * PAGE)
     finally:
         os.close(fd)
     return r.literal_pages
 
 
-def _build(tmp: Path, images_dir: Path, data: Path | None, r: Recipe) -> int:
-    _check_data(data, r)
+def _build(images_d: DataDir, tmp: str, delta_d: DataDir, r: Recipe) -> int:
+    _check_data(delta_d, r)
     fds: dict[str, int] = {}
     try:
         if r.basis:
-            fds["basis"] = os.open(images_dir / r.basis, os.O_RDONLY)
-        if data is not None:
-            fds["data"] = os.open(data, os.O_RDONLY)
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds["basis"] = images_d.open(r.basis)
+        if r.data:
+            fds["data"] = delta_d.open(r.data)
+        out = images_d.create(tmp)
         fds["out"] = out
         for s in r.segments:
             src = "data" if s.literal else "basis"
@@ -466,4 +486,3 @@ def _build(tmp: Path, images_dir: Path, data: Path | None, r: Recipe) -> int:
         for fd in fds.values():
             os.close(fd)
     return r.literal_pages
-

@@ -6,9 +6,12 @@ the destination agent. The final delta travels while the container is frozen,
 so the source opens this stream before it freezes the container: the
 destination agent listens on a per-migration TLS endpoint (`phaul.channels.transport`)
 that accepts the source's certificate only and runs `python -m
-phaul.memory.page_stream DIR` for the connection; that process says `ready`, then
-for each message writes the files into DIR/delta, applies the page delta to
-DIR/images (`phaul.memory.page_delta`) and answers.
+phaul.memory.page_stream SECRET_FILE DELTA_DIR IMAGES_DIR` for the connection.
+The source's first line is the migration's secret (phaul.channels.transport);
+a wrong or missing one ends the stream with an error answer and nothing
+written. Then that process says `ready` and for each message writes the
+files into DELTA_DIR, applies the page delta to IMAGES_DIR
+(`phaul.memory.page_delta`) and answers.
 
 Message: one JSON line `{"files": [[NAME, SIZE], ...]}`, then the files'
 bytes in that order. Answer: one JSON line, `{"ok": true, "pages_written": N,
@@ -17,6 +20,7 @@ bytes in that order. Answer: one JSON line, `{"ok": true, "pages_written": N,
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import subprocess
@@ -25,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
+
+from phaul.errors import InvalidInput
+from phaul.linux.datatree import DataDir
 
 MAX_FILES = 100_000
 MAX_BYTES = 1 << 40
@@ -48,10 +55,19 @@ class StreamResult:
 # -- destination: the process behind the endpoint ----------------------------------------
 
 
-def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
-    """Answer messages on `rx`/`tx` until the source closes the stream."""
+def serve(secret: str, delta_dir: Path, images_dir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
+    """Check that the source knows `secret`, then answer messages on `rx`/`tx` until
+    the source closes the stream: write each message's files into `delta_dir`
+    (created if missing, emptied first) and apply them to `images_dir`. Both are
+    received areas: every file is opened by name relative to its directory, never
+    through a link (`phaul.linux.datatree`)."""
     from phaul.memory import page_delta
 
+    given = rx.readline(256).rstrip(b"\n")
+    if not secret or not hmac.compare_digest(given, secret.encode()):
+        tx.write(json.dumps({"ok": False, "error": "wrong or missing migration secret"}).encode() + b"\n")
+        tx.flush()
+        return
     tx.write(READY)
     tx.flush()
     while True:
@@ -60,15 +76,14 @@ def serve(mdir: Path, rx: BinaryIO, tx: BinaryIO) -> None:
             return
         try:
             files = _parse_header(line)
-            delta = mdir / "delta"
-            delta.mkdir(exist_ok=True)
-            for p in delta.iterdir():
-                p.unlink()
-            for name, size in files:
-                _receive(rx, delta / name, size)
-            stats = page_delta.apply_delta(delta, mdir / "images")
+            with DataDir(delta_dir, create=True) as delta:
+                for name in delta.names():
+                    delta.unlink(name)
+                for name, size in files:
+                    _receive(rx, delta, name, size)
+            stats = page_delta.apply_delta(delta_dir, images_dir)
             answer: dict[str, object] = {"ok": True, "pages_written": stats.pages_written, "ms": stats.ms}
-        except (page_delta.DeltaError, StreamError, OSError, ValueError) as e:
+        except (page_delta.DeltaError, StreamError, InvalidInput, OSError, ValueError) as e:
             answer = {"ok": False, "error": str(e)[:2000]}
             tx.write(json.dumps(answer).encode() + b"\n")
             tx.flush()
@@ -81,8 +96,8 @@ def _parse_header(line: bytes) -> list[tuple[str, int]]:
     try:
         raw = json.loads(line)["files"]
         files = [(str(n), int(s)) for n, s in raw]
-    except (ValueError, KeyError, TypeError) as e:
-        raise StreamError(f"malformed page stream header: {e}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:  # 1e999, [[[[...
+        raise StreamError(f"malformed page stream header: {type(e).__name__}: {str(e)[:200]}") from None
     if len(files) > MAX_FILES or sum(s for _, s in files) > MAX_BYTES:
         raise StreamError("page stream message too large")
     for name, size in files:
@@ -93,9 +108,9 @@ def _parse_header(line: bytes) -> list[tuple[str, int]]:
     return files
 
 
-def _receive(rx: BinaryIO, path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        _copy(rx, f, size, f"page stream ended inside {path.name}")
+def _receive(rx: BinaryIO, delta: DataDir, name: str, size: int) -> None:
+    with os.fdopen(delta.create(name), "wb") as f:
+        _copy(rx, f, size, f"page stream ended inside {name}")
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], size: int, short: str) -> None:
@@ -110,10 +125,12 @@ def _copy(src: IO[bytes], dst: IO[bytes], size: int, short: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m phaul.memory.page_stream MIGRATION_DIR", file=sys.stderr)
+    from phaul.channels.transport import read_secret
+
+    if len(argv) != 3:
+        print("usage: python -m phaul.memory.page_stream SECRET_FILE DELTA_DIR IMAGES_DIR", file=sys.stderr)
         return 2
-    serve(Path(argv[0]), sys.stdin.buffer, sys.stdout.buffer)
+    serve(read_secret(Path(argv[0])), Path(argv[1]), Path(argv[2]), sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
 
@@ -122,9 +139,10 @@ def main(argv: list[str]) -> int:
 
 class PageStream:
     """The source's end: a TLS connection (`phaul.channels.transport.TLS_RSH`) to the
-    destination's page stream endpoint, opened and ready before the freeze."""
+    destination's page stream endpoint, opened and ready before the freeze; the
+    migration's `secret` is its first line."""
 
-    def __init__(self, env: dict[str, str], timeout: float = 30.0) -> None:
+    def __init__(self, env: dict[str, str], secret: str, timeout: float = 30.0) -> None:
         from phaul.channels.transport import TLS_RSH
 
         self.timeout = timeout
@@ -132,7 +150,13 @@ class PageStream:
             ["sh", str(TLS_RSH)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(secret.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError as e:
+            self.close()
+            raise StreamError(f"the page stream broke: {e}") from None
         line = self._readline()
         if line != READY:
             self.close()

@@ -4,11 +4,43 @@ Prepare opens the migration's data channel into a fresh directory; the source
 pushes the container's directory and the CRIU images there; Restore moves the
 container into place and restores it held stopped; Resume lets it run; Abort
 removes every trace of it. Nothing here runs until the source says so.
+
+Layout: `STATE/incoming/<id>/` (`Host.incoming_dir`, mode 0700) is the agent's:
+the rsync daemon's configuration, the secret file, the data-channel and
+page-stream logs, the seal file, `work/` (CRIU's and runc's work directory and
+logs) and CRIU's net-restore.sh. The peer writes only into `recv/`: `ct/`
+(the container's directory, whose root file system may hold anything), and
+`images/`, `delta/` and `rounds/`, which receive regular files and
+directories only (phaul.channels.fs_sync). See the `Incoming` properties.
+
+Sealing: the peer's write access ends before this host reads what it pushed.
+`Destination.seal` creates the seal file (the data-channel gate,
+phaul.channels.transport.GATE, then refuses every new connection) and ends
+every connection live on the rsync and page stream endpoints, their
+listeners kept. ApplyPages seals for the time it applies delta/ to images/
+and unseals after (the next pre-copy round pushes again); it spares the rsync
+connections already chrooted into recv/ct (the round's file system sync runs
+beside the memory transfer, and ApplyPages does not read ct/), while new
+connections of every area wait for the unseal (refused meanwhile). Restore seals and
+closes both endpoints, listeners and all, before it reads anything; the
+migration stays sealed from then on (Resume seals again, a no-op; a copy
+reloaded after an agent restart is sealed with no endpoint open). The page
+stream is the one writer that reads: its process applies the delta it
+received itself, while its connection lives.
+
+Soft-dirty pre-copy: CRIU's `parent` links in image directories are never
+received (the data areas take no symbolic links); Restore creates them
+(`_link_parents`): rounds/K/parent -> ../K-1 and images/parent -> ../rounds/N,
+N the last round received. A final dump made without a parent (pre-copy
+fell back to stop-and-copy) has no page in its parent, and CRIU only opens
+the parent's page maps for the same task IDs, so the link is harmless there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import sys
 import threading
@@ -17,13 +49,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phaul.agent.host import Host
-from phaul.channels.fs_sync import RsyncReceiver
-from phaul.channels.transport import TlsEndpoint
+from phaul.channels.fs_sync import AREAS, RsyncReceiver
+from phaul.channels.transport import TlsEndpoint, new_secret, write_secret
 from phaul.containers import ContainerConfig, inbound
-from phaul.errors import Conflict, NotFound, ToolFailed
-from phaul.linux import criu, network
+from phaul.errors import Busy, Conflict, NotFound, ToolFailed
+from phaul.linux import criu, criu_images, network
+from phaul.linux.datatree import check_data_tree
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import page_delta
+from phaul.migration import quota
 from phaul.migration.journal import JournalEntry
 from phaul.migration.report import Result
 from phaul.migration.steps import Step, StepPoint
@@ -39,8 +73,8 @@ class Incoming:
     migration_id: str
     ct_id: str
     source: str
-    dir: Path
-    receiver: RsyncReceiver
+    dir: Path  # Host.incoming_dir: the agent's (see the module docstring)
+    receiver: RsyncReceiver | None = None
     state: str = "prepared"  # prepared, restored (held stopped), running, aborted
     placed: bool = False  # the container directory was moved into place
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -48,6 +82,51 @@ class Incoming:
     tcp_close: bool = False  # close its established TCP connections before it runs
     stream: TlsEndpoint | None = None  # the page stream endpoint (phaul.memory.page_stream), if opened
     pid: int | None = None  # the restored copy's init, once restored
+    stopped: tuple[int, ...] = ()  # container PIDs of the tasks stopped when dumped: resume leaves them stopped
+    touched: float = field(default_factory=time.monotonic)  # the last call naming it (or byte received)
+    config: ContainerConfig | None = None  # the validated configuration from Prepare (None once reloaded)
+    watch: quota.QuotaWatch | None = None  # measures recv/ while the data channel is open
+    cut: quota.QuotaExceeded | None = None  # why it was cut off (over quota): every later call says so
+
+    @property
+    def recv_dir(self) -> Path:
+        """The only tree the peer can write."""
+        return self.dir / "recv"
+
+    @property
+    def ct_dir(self) -> Path:
+        return self.recv_dir / "ct"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.recv_dir / "images"
+
+    @property
+    def delta_dir(self) -> Path:
+        return self.recv_dir / "delta"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.recv_dir / "rounds"
+
+    @property
+    def work_dir(self) -> Path:
+        """CRIU's and runc's work directory and logs (the agent's)."""
+        return self.dir / "work"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.dir / "secret"
+
+    @property
+    def seal_file(self) -> Path:
+        return self.dir / "sealed"
+
+
+def _receiver(host: Host, m: Incoming) -> RsyncReceiver:
+    return RsyncReceiver(
+        host.creds, m.dir, m.recv_dir, host.address, m.source, host.timeouts.link, m.secret_file, m.seal_file,
+    )
 
 
 class Destination:
@@ -60,11 +139,12 @@ class Destination:
         self.journal = host.journal
 
     def prepare(
-        self, migration_id: str, source: str, config: ContainerConfig, source_criu: str,
+        self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, need_bytes: int,
         tcp_close: bool = False, source_address: str = "",
-    ) -> str:
-        """Check this host can take the container and open the data channel;
-        returns the channel's ADDR:PORT."""
+    ) -> tuple[str, str]:
+        """Check this host can take the container (`need_bytes`: what the source will
+        write here, phaul.migration.quota) and open the data channel; returns the
+        channel's ADDR:PORT and the migration's secret."""
         check_id(migration_id, "migration ID")
         check_id(source, "source host name")
         ct_id = check_id(config.id)
@@ -91,26 +171,91 @@ class Destination:
                 )
             if any(m.ct_id == ct_id and m.state != "aborted" for m in self._incoming.values()):
                 raise Conflict(f"a migration of {ct_id} to {self.host.name} is already under way")
-            mdir = self.host.migration_dir(migration_id)
+            self._check_bounds(source)
+            self._check_space(need_bytes)
+            mdir = self.host.incoming_dir(migration_id)
             if mdir.exists():
                 raise Conflict(f"migration {migration_id} already exists on {self.host.name}")
             self.journal.begin(migration_id, "destination", ct_id, source, source_address)
-            for sub in ("ct", "images", "work"):
-                (mdir / sub).mkdir(parents=True)
-            receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, source, self.host.timeouts.link)
+            m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config)
+            secret = new_secret()
+            receiver = m.receiver = _receiver(self.host, m)
             try:
+                mdir.parent.mkdir(parents=True, exist_ok=True)
+                mdir.mkdir(mode=0o700)
+                m.work_dir.mkdir()
+                for area in AREAS:
+                    (m.recv_dir / area).mkdir(parents=True)
+                write_secret(m.secret_file, secret)
                 address = receiver.open()
                 (mdir / "data-channel.pid").write_text(f"{receiver.endpoint.pid}\n")
+                self._watch_quota(m, need_bytes)
             except BaseException as e:
+                _close_channels(m)
                 receiver.close()
                 shutil.rmtree(mdir, ignore_errors=True)
                 self._settle_quietly(migration_id, Result.REFUSED, str(e))
                 raise
-            self._incoming[migration_id] = Incoming(migration_id, ct_id, source, mdir, receiver, tcp_close=tcp_close)
+            self._incoming[migration_id] = m
         if ident is not None:
             self._prepare_network(migration_id, ident)
         log.info("migration %s: receiving %s from %s on %s", migration_id, ct_id, source, address)
-        return address
+        return address, secret
+
+    def _check_bounds(self, source: str) -> None:
+        """Busy when this host receives as many migrations as its limits allow (with self._lock held)."""
+        limits = self.host.limits
+        running = [m for m in self._incoming.values() if m.state != "aborted"]
+        if len(running) >= limits.incoming:
+            raise Busy(f"{self.host.name} already receives {len(running)} migrations", "try again when one has ended")
+        if sum(m.source == source for m in running) >= limits.incoming_per_peer:
+            raise Busy(
+                f"{self.host.name} already receives {limits.incoming_per_peer} migrations from {source}",
+                "try again when one has ended",
+            )
+
+    def _check_space(self, need_bytes: int) -> None:
+        free = quota.measure_free(self.host.state_dir)
+        if need_bytes > free - self.host.limits.disk_reserve:
+            raise Busy(
+                f"the migration needs {need_bytes >> 20} MiB; {self.host.name} has {free >> 20} MiB free"
+                f" in {self.host.state_dir}",
+                "free space there or migrate elsewhere",
+            )
+
+    def _watch_quota(self, m: Incoming, need_bytes: int) -> None:
+        def exceeded(e: quota.QuotaExceeded) -> None:
+            with m.lock:
+                self._cut_off(m, e)
+
+        def grew() -> None:
+            m.touched = time.monotonic()  # bytes arriving: the migration is not idle
+
+        limits = self.host.limits
+        m.watch = quota.QuotaWatch(m.recv_dir, limits.quota(need_bytes), limits.disk_reserve, exceeded, grew)
+        m.watch.start()
+
+    def _check_quota(self, m: Incoming) -> None:
+        """Measure what arrived, exactly (the channel sealed); cut the migration off when
+        over (with m.lock held)."""
+        if m.watch is None:
+            return
+        try:
+            m.watch.check_now()
+        except quota.QuotaExceeded as e:
+            self._cut_off(m, e)
+            raise
+
+    def _cut_off(self, m: Incoming, e: quota.QuotaExceeded) -> None:
+        """Over quota (with m.lock held): the channel closes, what arrived goes, every
+        later call but Abort fails with `e`."""
+        if m.cut is not None or m.state != "prepared":
+            return
+        log.warning("migration %s from %s: cut off: %s", m.migration_id, m.source, e.message)
+        m.cut = e
+        self.seal(m)
+        _close_channels(m)
+        shutil.rmtree(m.recv_dir, ignore_errors=True)
 
     def open_page_stream(self, migration_id: str) -> str:
         """Open the migration's page stream endpoint (phaul.memory.page_stream) for the
@@ -121,8 +266,9 @@ class Destination:
                 raise Conflict(f"migration {migration_id} is {m.state}; pages can only be sent before the restore")
             _close_stream(m)
             endpoint = TlsEndpoint(
-                self.host.creds, self.host.address, m.source, [sys.executable, "-m", "phaul.memory.page_stream", str(m.dir)],
-                self.host.timeouts.link,
+                self.host.creds, self.host.address, m.source,
+                [sys.executable, "-m", "phaul.memory.page_stream", str(m.secret_file), str(m.delta_dir), str(m.images_dir)],
+                self.host.timeouts.link, m.seal_file,
             )
             address = endpoint.open(m.dir / "page-stream.log")
             m.stream = endpoint
@@ -135,10 +281,17 @@ class Destination:
         with m.lock:
             if m.state != "prepared":
                 raise Conflict(f"migration {migration_id} is {m.state}; pages can only be applied before the restore")
+            self.seal(m, keep_ct=True)  # a pre-copy round's file system sync runs beside it
             try:
-                stats = page_delta.apply_delta(m.dir / "delta", m.dir / "images")
+                self._check_quota(m)
+                for area in (m.delta_dir, m.images_dir):
+                    check_data_tree(area)
+                stats = page_delta.apply_delta(m.delta_dir, m.images_dir)
             except page_delta.DeltaError as e:
                 raise ToolFailed(f"migration {migration_id}: {e}", "the source sends the images whole instead") from None
+            finally:
+                if m.cut is None:
+                    _unseal(m)
         log.debug("migration %s: page delta applied: %d pages in %.0f ms", migration_id, stats.pages_written, stats.ms)
         return stats
 
@@ -152,27 +305,37 @@ class Destination:
             target = ct.container_dir(m.ct_id)
             if target.exists():
                 raise Conflict(f"{self.host.name} already has a container {m.ct_id}")
-            if not (m.dir / "ct" / "phaul.json").exists():
+            self.seal(m)
+            self._check_quota(m)
+            _close_channels(m)
+            if not os.path.lexists(m.ct_dir / "bundle"):
                 raise ToolFailed(f"migration {migration_id}: the container's files never arrived", "check the data channel log")
-            inbound.check_container_dir(m.dir / "ct", m.ct_id)
+            assert m.config is not None  # set by prepare; a reloaded migration is restored already
+            inbound.strip_container_dir(m.ct_dir)
+            check_data_tree(m.images_dir)
+            _link_parents(m)
             self.journal.record(migration_id, "destination", "restore")
             target.parent.mkdir(parents=True, exist_ok=True)
-            (m.dir / "ct").rename(target)
+            m.ct_dir.rename(target)  # renames whatever is there now, never following it
             m.placed = True
-            ct.rewrite_for_host(m.ct_id)
-            conf = ct.criu_config_path(m.ct_id)
-            conf.write_text("leave-stopped\n" + self._network_restore_options(m))
+            inbound.strip_container_dir(target)  # again where it lies, out of the peer's reach
+            ct.adopt(m.ct_id, m.config)
+            ct.set_criu_options(m.ct_id, "leave-stopped\n" + self._network_restore_options(m))
             t0 = time.monotonic()
             try:
-                self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, m.dir / "images"))
-                m.pid = ct.restore(m.ct_id, m.dir / "images", m.dir / "work", timeout=self.host.timeouts.restore).pid
+                self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, m.images_dir, target))
+                checked = criu_images.validate_for_bundle(m.images_dir, target / "bundle" / "config.json")  # as placed here
+                m.stopped = checked.stopped
+                m.pid = ct.restore(m.ct_id, m.images_dir, m.work_dir, timeout=self.host.timeouts.restore).pid
             finally:
-                conf.write_text("")
+                with contextlib.suppress(OSError):  # best effort (a full disk): the next step writes its own
+                    ct.set_criu_options(m.ct_id)
             took = (time.monotonic() - t0) * 1000
             self.journal.record(migration_id, "destination", "restored")
             m.state = "restored"
-        stats = criu.read_stats(m.dir / "work", "restore")
+        stats = criu.read_stats(m.work_dir, "restore")
         stats["runc_restore"] = took
+        stats["image_check"] = checked.ms
         log.info("migration %s: %s restored and held stopped in %.0f ms", migration_id, m.ct_id, took)
         return stats
 
@@ -186,13 +349,14 @@ class Destination:
                 return
             if m.state != "restored":
                 raise Conflict(f"migration {migration_id} is {m.state}; only a restored copy can be resumed")
+            self.seal(m)
             self.journal.record(migration_id, "destination", "resume")
             pid = m.pid or self.host.containers.info(m.ct_id).pid
             if pid:
                 self._release_traffic(m, pid)
             if m.tcp_close and pid:
                 network.close_tcp_connections(pid)
-            self.host.containers.resume(m.ct_id)
+            self.host.containers.resume(m.ct_id, m.stopped)
             m.state = "running"
             if m.net is not None and pid:
                 _announce(pid, m.net.ident)  # once more, now that it runs
@@ -203,18 +367,17 @@ class Destination:
         with self._lock:
             m = self._incoming.get(migration_id)
         if m is None:
-            shutil.rmtree(self.host.migration_dir(migration_id), ignore_errors=True)
+            shutil.rmtree(self.host.incoming_dir(migration_id), ignore_errors=True)
             self._settle_quietly(migration_id, Result.ROLLED_BACK)
             return
         with m.lock:
             if m.state == "running":
                 raise Conflict(f"migration {migration_id} already committed; its container runs here")
-            m.receiver.close()
-            _close_stream(m)
+            _close_channels(m)
             if m.net is not None:
                 m.net.close()
             if m.placed:
-                self.host.containers.destroy(m.ct_id)
+                self.host.containers.destroy(m.ct_id, timeout=0)  # held stopped: it never ran here
             shutil.rmtree(m.dir, ignore_errors=True)
             m.state = "aborted"
             self._settle_quietly(migration_id, Result.ROLLED_BACK)
@@ -230,8 +393,7 @@ class Destination:
             if self._journaled(migration_id, "ok"):
                 return  # finished already (the source and its resolver may both ask)
             raise NotFound(f"no migration {migration_id} on {self.host.name}")
-        m.receiver.close()
-        _close_stream(m)
+        _close_channels(m)
         if m.net is not None:
             m.net.close()
         shutil.rmtree(m.dir, ignore_errors=True)
@@ -243,8 +405,7 @@ class Destination:
         next agent reloads it from the journal)."""
         for mid, m in list(self._incoming.items()):
             if m.state != "prepared":
-                m.receiver.close()
-                _close_stream(m)
+                _close_channels(m)
                 if m.net is not None:  # its held frames die with this agent
                     m.net.close()
                 continue
@@ -252,6 +413,17 @@ class Destination:
                 self.abort(mid)
             except Exception as e:  # keep shutting down
                 log.warning("migration %s: %s", mid, e)
+
+    def seal(self, m: Incoming, keep_ct: bool = False) -> None:
+        """End the peer's write access: no new data-channel connection is served
+        (the seal file) and every live one is ended, the listeners kept. Returns
+        once nothing the peer runs here can write any more. `keep_ct`: spare the
+        rsync connections already writing the container's directory (chrooted
+        into recv/ct), which the caller does not read."""
+        m.seal_file.touch()
+        for endpoint in (m.receiver.endpoint if m.receiver is not None else None, m.stream):
+            if endpoint is not None:
+                endpoint.end_connections(keep_root=m.ct_dir if keep_ct else None)
 
     def hold_traffic(self, migration_id: str) -> None:
         """The source's final dump begins: keep the container's frames until its copy here runs."""
@@ -273,10 +445,10 @@ class Destination:
         self._get(migration_id).net = hold
 
     def _network_restore_options(self, m: Incoming) -> str:
-        if m.net is None:
-            return ""
+        if m.net is None:  # no address: only the loopback to bring up
+            return network.restore_criu_options(None, m.dir)
         network.unplug(m.ct_id)  # a host veth left from the container's last stay here
-        return network.restore_criu_options(m.net.ident, m.dir)
+        return network.restore_criu_options(m.net.ident, m.dir)  # the agent's directory, not recv/
 
     def _release_traffic(self, m: Incoming, pid: int) -> None:
         """The source copy is gone: put the restored copy (init `pid`) on the segment
@@ -321,28 +493,26 @@ class Destination:
         with self._lock:
             m = self._incoming.pop(migration_id, None)
         if m is not None:
-            m.receiver.close()
+            _close_channels(m)
 
     def reload_restored(self, e: JournalEntry) -> None:
         """After an agent restart: take back a copy restored and held here, so that
-        the source can still tell it to run or to go."""
-        mdir = self.host.migration_dir(e.migration_id)
-        mdir.mkdir(parents=True, exist_ok=True)
-        receiver = RsyncReceiver(self.host.creds, mdir, self.host.address, e.peer, self.host.timeouts.link)
+        the source can still tell it to run or to go (sealed, no data channel)."""
+        m = Incoming(e.migration_id, e.ct, e.peer, self.host.incoming_dir(e.migration_id), state="restored", placed=True)
+        m.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        m.seal_file.touch()
         with self._lock:
-            self._incoming[e.migration_id] = Incoming(
-                e.migration_id, e.ct, e.peer, mdir, receiver, state="restored", placed=True,
-            )
+            self._incoming[e.migration_id] = m
 
     def remove_leftovers(self, e: JournalEntry) -> None:
         """After an agent restart: remove what a migration whose restore never ended
         left here (its container is ours only if it was moved into place from the
         migration's directory)."""
-        mdir = self.host.migration_dir(e.migration_id)
+        mdir = self.host.incoming_dir(e.migration_id)
         target = self.host.containers.container_dir(e.ct)
-        if e.reached("restore") and target.exists() and not (mdir / "ct").exists():
+        if e.reached("restore") and target.exists() and not os.path.lexists(mdir / "recv" / "ct"):
             try:
-                self.host.containers.destroy(e.ct)
+                self.host.containers.destroy(e.ct, timeout=0)
             except NotFound:
                 pass
         shutil.rmtree(mdir, ignore_errors=True)
@@ -354,7 +524,25 @@ class Destination:
             m = self._incoming.get(migration_id)
         if m is None:
             raise NotFound(f"no migration {migration_id} on {self.host.name}", "the destination agent may have restarted")
+        if m.cut is not None:
+            raise quota.QuotaExceeded(f"migration {migration_id}: {m.cut.message}", m.cut.hint)
+        m.touched = time.monotonic()
         return m
+
+    def expire_idle(self) -> list[str]:
+        """Abort prepared migrations no call has named for `limits.idle_prepared` s (a
+        source that died or went away before the restore: its copy still runs there)."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [m.migration_id for m in self._incoming.values()
+                    if m.state == "prepared" and now - m.touched > self.host.limits.idle_prepared]
+        for mid in idle:
+            log.warning("migration %s: prepared and idle for %.0f s; removing it", mid, self.host.limits.idle_prepared)
+            try:
+                self.abort(mid)
+            except Exception as e:  # keep serving
+                log.warning("migration %s: %s", mid, e)
+        return idle
 
 
 def _announce(pid: int, ident: network.Identity) -> None:
@@ -368,3 +556,38 @@ def _close_stream(m: Incoming) -> None:
     if m.stream is not None:
         m.stream.close()
         m.stream = None
+
+
+def _close_channels(m: Incoming) -> None:
+    """Stop both endpoints, every connection ended, and the quota's watch."""
+    if m.watch is not None:
+        m.watch.stop()
+    if m.receiver is not None:
+        m.receiver.close()
+    _close_stream(m)
+
+
+def _unseal(m: Incoming) -> None:
+    try:
+        m.seal_file.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _link_parents(m: Incoming) -> None:
+    """Soft-dirty pre-copy (see the module docstring): the `parent` links CRIU
+    restores through, made here, never received. Runs sealed."""
+    rounds = sorted(
+        int(p.name) for p in m.rounds_dir.iterdir() if p.name.isdigit() and p.name == str(int(p.name)) and p.is_dir()
+    )
+    links = [(m.rounds_dir / str(k) / "parent", f"../{k - 1}") for k in rounds if k - 1 in rounds]
+    if rounds:
+        links.append((m.images_dir / "parent", f"../rounds/{rounds[-1]}"))
+    for path, target in links:
+        try:
+            os.symlink(target, path)
+        except FileExistsError:
+            raise ToolFailed(
+                f"migration {m.migration_id}: the source pushed {path.relative_to(m.recv_dir)}, which this host makes",
+                "the source must not send CRIU's parent links",
+            ) from None

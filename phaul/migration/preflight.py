@@ -26,14 +26,14 @@ from phaul.channels.client import Agent
 from phaul.checks import CheckResult, CheckState
 from phaul.containers import ContainerConfig
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
-from phaul.linux import criu, network
+from phaul.linux import criu, kobjects, network, procfs, task_owners
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.linux.run import probe
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-CHECKS = ("agent", "container", "criu", "cpu", "memory", "disk", "ct-id", "address", "bridge", "runc")
+CHECKS = ("agent", "container", "objects", "users", "criu", "cpu", "memory", "disk", "ct-id", "address", "bridge", "runc")
 CPUINFO_MAX = 64 << 10
 TOOL_TIMEOUT = 30.0
 
@@ -84,12 +84,16 @@ def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | No
         out.append(CheckResult("container", CheckState.FAILURE, f"{ct_id} is {info.state}, not running", me))
     else:
         out.append(CheckResult("container", CheckState.PASS, f"{ct_id} runs (init PID {info.pid})", me))
+        if info.pid:
+            out.append(_objects_check(me, info.pid))
     path = criu_path()
     version = criu_version(path) if path else None
     if version is None:
         out.append(CheckResult("criu", CheckState.FAILURE, "no usable CRIU here; run `make setup`", me))
     else:
         out.append(CheckResult("criu", CheckState.PASS, f"CRIU {_v(version)} at {path}", me))
+    if info.state == "running" and info.pid and path:
+        out.append(_users_check(host, info.pid, path))
     out.append(_runc_check(me))
     cpuinfo, why = _cpuinfo_dump(host) if path else (b"", "no CRIU")
     if not cpuinfo:
@@ -97,6 +101,34 @@ def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | No
     memory = info.memory_used or 0
     disk = _du(host.containers.container_dir(ct_id)) + memory  # files + the images of its memory
     return out, Needs(config, _v(version) if version else "", memory, disk, cpuinfo)
+
+
+def _objects_check(me: str, init_pid: int) -> CheckResult:
+    """Refuse what the container holds that cannot arrive (phaul.linux.kobjects)."""
+    found = kobjects.unmovable(init_pid)
+    if not found:
+        held = "no console or fanotify descriptor held"
+        return CheckResult("objects", CheckState.PASS, held, me)
+    message, fix = kobjects.describe(found)
+    return CheckResult("objects", CheckState.FAILURE, f"the container holds what cannot move: {message} (fix: {fix})", me)
+
+
+def _users_check(host: Host, init_pid: int, criu_path: str) -> CheckResult:
+    """Tasks of other users need a CRIU that can read their limits (phaul.linux.task_owners)."""
+    me = host.name
+    foreign = task_owners.foreign_tasks(procfs.tasks_of(init_pid))
+    if not foreign:
+        return CheckResult("users", CheckState.PASS, f"every task runs as uid {os.getuid()}, gid {os.getgid()}", me)
+    listed = ", ".join(map(str, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    tmp = host.state_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    ability = task_owners.dump_ability(criu_path, tmp)
+    if ability.possible:
+        return CheckResult("users", CheckState.PASS, f"tasks of other users ({listed}): {ability.how}", me)
+    return CheckResult(
+        "users", CheckState.FAILURE,
+        f"the container has tasks of other users ({listed}) and {ability.how}; to move it: {task_owners.FIX}", me,
+    )
 
 
 def _cpuinfo_dump(host: Host) -> tuple[bytes, str]:
@@ -279,11 +311,12 @@ def _v(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> list[CheckResult]:
-    """Every check, on this host (the source) and on the destination agent `dest`."""
+def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> tuple[list[CheckResult], Needs | None]:
+    """Every check, on this host (the source) and on the destination agent `dest`,
+    and what the container needs there (None when it cannot be moved at all)."""
     results, needs = source_checks(host, ct_id)
     if needs is None:
-        return results
+        return results, None
     request = pb.PeerCheckRequest(
         source_name=host.name, config=messages.config_to_proto(needs.config), criu_version=needs.criu_version,
         need_memory=needs.memory, need_disk=needs.disk, cpuinfo=needs.cpuinfo,
@@ -292,6 +325,6 @@ def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> list[CheckResult
         reply = dest.call("PeerCheck", request, timeout=60)
     except PhaulError as e:
         results.append(CheckResult("agent", CheckState.FAILURE, f"cannot ask {dest_name}: {e.message}", host.name))
-        return results
+        return results, needs
     results.append(CheckResult("agent", CheckState.PASS, f"{dest_name}'s agent answers", host.name))
-    return results + [messages.check_from_proto(c) for c in reply.checks]
+    return results + [messages.check_from_proto(c) for c in reply.checks], needs

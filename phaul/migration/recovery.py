@@ -150,6 +150,8 @@ class Recovery:
         def loop() -> None:
             while not self._stop.is_set():
                 self.settle_all(quiet=True)
+                self.dest.expire_idle()
+                self.journal.prune()
                 if interval <= 0 or self._stop.wait(interval):
                     return
 
@@ -327,9 +329,8 @@ class Recovery:
 
     def _clear_criu_config(self, ct: str) -> None:
         try:
-            path = self.host.containers.criu_config_path(ct)
-            if path.exists():
-                path.write_text("")
+            if self.host.containers.criu_config_path(ct).exists():
+                self.host.containers.set_criu_options(ct)
         except (OSError, PhaulError):
             pass
 
@@ -386,7 +387,7 @@ class Recovery:
 
     def _dest_startup(self, e: JournalEntry) -> Outcome:
         mid = e.migration_id
-        mdir = self.host.migration_dir(mid)
+        mdir = self.host.incoming_dir(mid)
         if e.reached("resume"):
             return self._dest_finish_resume(e)
         if e.reached("restored"):
@@ -407,7 +408,7 @@ class Recovery:
             self.host.containers.resume(e.ct)
         except PhaulError as ex:
             log.info("migration %s: resuming %s: %s", mid, e.ct, ex.message)
-        mdir = self.host.migration_dir(mid)
+        mdir = self.host.incoming_dir(mid)
         kill_data_channel(mdir)
         self.dest.forget(mid)
         shutil.rmtree(mdir, ignore_errors=True)

@@ -25,7 +25,7 @@ class Result(StrEnum):
 
 RESULTS = (Result.OK, Result.ROLLED_BACK, Result.IN_DOUBT, Result.FAILED)  # a Report's
 # The timings in the order things happen (set in any order; protobuf maps keep none); others follow by name.
-CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "restore", "forking", "runc_restore")
+CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "image_check", "restore", "forking", "runc_restore")
 PHASE_ORDER = (
     "dump", "transfer", "transfer.fs", "transfer.memory", "transfer.delta", "transfer.delta.compare",
     "transfer.stream", "transfer.delta_transfer", "transfer.apply", "transfer.apply_dest", "restore", "commit", "resume",
@@ -67,9 +67,17 @@ class Report:
     started_at: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
 
+    @property
+    def pauses_ms(self) -> list[float]:
+        """Every pause the container had, in order: each pre-copy round's freeze (a dump that
+        leaves it running still holds it still while CRIU dumps) and the final one."""
+        return [r.frozen_ms for r in self.rounds if r.frozen_ms > 0]
+
     def to_json(self) -> str:
         d = asdict(self)
         d["criu_ms"], d["phases_ms"] = self._timings()
+        pauses = self.pauses_ms
+        d.update(pauses_ms=pauses, pause_longest_ms=max(pauses, default=0.0), pause_total_ms=sum(pauses))
         return json.dumps(d, indent=2)
 
     def _timings(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -84,6 +92,7 @@ class Report:
         rows = [
             ("memory method", self.memory_method),
             ("frozen", f"{self.frozen_ms:.0f} ms"),
+            ("pauses", _pauses(self.pauses_ms)),
             ("total", f"{self.total_ms:.0f} ms"),
             ("sent", f"{_size(self.bytes_sent)} ({_size(self.fs_bytes_sent)} file system)"),
         ]
@@ -134,6 +143,13 @@ class Report:
         """Keep the report as REPORTS_DIR/MIGRATION-ID.json."""
         reports_dir.mkdir(parents=True, exist_ok=True)
         (reports_dir / f"{self.migration_id}.json").write_text(self.to_json())
+
+
+def _pauses(pauses: list[float]) -> str:
+    if not pauses:
+        return "none"
+    each = ", ".join(f"{p:.0f}" for p in pauses)
+    return f"{len(pauses)}, {sum(pauses):.0f} ms in all, longest {max(pauses):.0f} ms ({each} ms)"
 
 
 def _ordered(timings: Mapping[str, float], order: tuple[str, ...]) -> dict[str, float]:

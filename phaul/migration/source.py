@@ -36,7 +36,7 @@ from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
 from phaul.channels.transport import parse_endpoint, rsh_env
 from phaul.checks import CheckState
 from phaul.config import MigrationOptions
-from phaul.errors import Conflict, PhaulError, ToolFailed
+from phaul.errors import Conflict, PhaulError, Refused, ToolFailed
 from phaul.linux import criu, freezer, network, procfs
 from phaul.linux.doctor import criu_path, criu_version, features
 from phaul.memory import methods, policy
@@ -94,6 +94,7 @@ class SourceMigration:
         )
         self.held = Held()
         self._sender: RsyncSender
+        self._secret = ""  # the destination's data-channel secret (Prepare's reply)
         self._t0 = time.monotonic()
         self.journal = host.journal
         self._journaled = ""  # the last step journaled
@@ -154,7 +155,7 @@ class SourceMigration:
             raise ToolFailed(f"{self.host.name} has no usable CRIU", "run `make setup`")
         dest = self.held.dest = connect(self.dest_address, self.dest_name, self.host.creds)
         dest.call("Info", pb.Empty(), timeout=10)
-        checks = preflight.run(self.host, self.ct_id, dest, self.dest_name)
+        checks, needs = preflight.run(self.host, self.ct_id, dest, self.dest_name)
         for c in checks:
             if c.status != CheckState.PASS:
                 self.log.warning("preflight %s on %s: %s: %s", c.name, c.host, c.status, c.message)
@@ -167,6 +168,7 @@ class SourceMigration:
             pb.PrepareRequest(
                 migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
                 criu_version=".".join(map(str, my_criu)),
+                need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
                 source_address=self.host.listen,
             ),
@@ -175,8 +177,12 @@ class SourceMigration:
         self.held.prepared = True
         _, port = parse_endpoint(reply.data_address)
         dest_ip, _ = parse_endpoint(self.dest_address)
+        if not reply.secret:
+            raise Refused(f"{self.dest_name} gave no data-channel secret", f"upgrade phaul on {self.dest_name}")
+        self._secret = reply.secret  # in memory and in the environment of rsync and the page stream only
         self._sender = RsyncSender(
-            self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.host.timeouts.link, self.options.bandwidth
+            self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.host.timeouts.link, self._secret,
+            self.options.bandwidth,
         )
 
     def _migrate(self) -> None:
@@ -254,7 +260,7 @@ class SourceMigration:
             restored = self.dest.call(
                 "Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30
             )
-        report.take_criu_ms(restored.criu_ms, ("restore", "forking", "runc_restore"))
+        report.take_criu_ms(restored.criu_ms, ("image_check", "restore", "forking", "runc_restore"))
 
         self._phase("commit", f"destroying the copy on {self.host.name}")
         with report.timed("commit"):
@@ -311,7 +317,8 @@ class SourceMigration:
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
         reply = self.dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
-        return PageStream({**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name, self.host.timeouts.link)})
+        env = {**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name, self.host.timeouts.link)}
+        return PageStream(env, self._secret)
 
     def _apply_pages(self) -> float:
         """Ask the destination to apply the page delta just pushed; its ms."""
@@ -329,7 +336,7 @@ class SourceMigration:
         images.mkdir()
         work.mkdir()
         gate = self.held.gate = criu.CommitGate(self.dir / "gate", self.host.timeouts.gate, freezer=ct.freezer_state(self.ct_id))
-        ct.criu_config_path(self.ct_id).write_text(gate.criu_options() + self._watch_freeze())
+        ct.set_criu_options(self.ct_id, gate.criu_options() + self._watch_freeze())
         # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
         args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
         with open(work / "runc-checkpoint.log", "wb") as out:
@@ -346,8 +353,9 @@ class SourceMigration:
                     on_frozen()
             gate.wait_reached(dump, timeout)
         except ToolFailed as e:
+            failure = criu.explain_log(work / "dump.log")
             raise ToolFailed(
-                f"{e.message}:\n{criu.log_tail(work / 'dump.log')}", "see the CRIU log in the agent's state directory"
+                f"{e.message}: {failure}\n{criu.log_tail(work / 'dump.log')}", f"{failure.fix}; CRIU's log: {work / 'dump.log'}"
             ) from None
         return Round()
 
@@ -466,10 +474,9 @@ class SourceMigration:
 
     def _clear_criu_config(self) -> None:
         try:
-            path = self.host.containers.criu_config_path(self.ct_id)
-            if path.parent.exists():
-                path.write_text("")
-        except PhaulError:
+            if self.host.containers.container_dir(self.ct_id).exists():
+                self.host.containers.set_criu_options(self.ct_id)
+        except (OSError, PhaulError):
             pass
 
 

@@ -48,6 +48,7 @@ class StepPoint:
     role: Role
     state_dir: Path  # the agent's state directory
     image_dir: Path | None = None  # the images about to be restored (destination, at restore)
+    ct_dir: Path | None = None  # the container directory placed for the restore (destination, at restore)
 
 
 class StepHook:

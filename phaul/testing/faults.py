@@ -15,6 +15,8 @@ step begins.
 Kinds:
 - `fail`: the step fails (a PhaulError), as a tool failing there would (source);
 - `damage-image`: the destination damages the images before restoring them;
+- `break-rootfs`: the destination removes the container's /bin/busybox before
+  restoring: CRIU itself fails (the images are sound, a file they name is gone);
 - `kill-agent`: the source agent kills itself (SIGKILL) as the step begins;
 - `pause`: the source agent stops as the step begins, writes
   STATE/faults/paused ("MIGRATION-ID STEP"), and goes on once the test removed
@@ -44,7 +46,8 @@ STEPS = tuple(s.value for s in Step if s is not Step.PREPARE)
 # The step boundaries the fault matrix breaks (tests/test_faults.py, scripts/fault_table.py):
 # all but "resume", which follows the commit at once.
 MATRIX_STEPS = tuple(s for s in STEPS if s != Step.RESUME)
-KINDS = ("fail", "damage-image", "kill-agent", "pause")
+KINDS = ("fail", "damage-image", "break-rootfs", "kill-agent", "pause")
+DESTINATION_KINDS = ("damage-image", "break-rootfs")
 PAUSE_LIMIT = 120.0  # s
 ARM_FILE = Path("faults") / "arm"  # in the agent's state directory
 PAUSED_FILE = Path("faults") / "paused"
@@ -68,7 +71,7 @@ class Fault:
     @property
     def role(self) -> Role:
         """The side that makes it happen."""
-        return "destination" if self.kind == "damage-image" else "source"
+        return "destination" if self.kind in DESTINATION_KINDS else "source"
 
     def __str__(self) -> str:
         return f"{self.step}:{self.kind}"
@@ -115,13 +118,16 @@ class FaultHook(StepHook):
             self._take(point)
         with self._lock:
             fault = self._faults.get(point.migration_id)
-            if fault is None or fault.step != step or (fault.kind == "damage-image" and point.image_dir is None):
+            if fault is None or fault.step != step or (fault.kind in DESTINATION_KINDS and point.image_dir is None):
                 return
             del self._faults[point.migration_id]  # a fault happens once
         log.warning("fault injection: migration %s: %s at %s", point.migration_id, fault.kind, step)
         if fault.kind == "damage-image":
             assert point.image_dir is not None
             damage_images(point.image_dir)
+        elif fault.kind == "break-rootfs":
+            if point.ct_dir is not None:
+                (point.ct_dir / "bundle" / "rootfs" / "bin" / "busybox").unlink(missing_ok=True)
         elif fault.kind == "fail":
             raise ToolFailed(f"injected fault at {step}")
         elif fault.kind == "kill-agent":

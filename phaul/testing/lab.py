@@ -59,6 +59,11 @@ HOSTS = ("alpha", "beta")
 BRIDGE = "br0"
 NETNS = {"sw": "phaul-sw", "alpha": "phaul-alpha", "beta": "phaul-beta", "client": "phaul-client"}
 LAB_NAMESPACES = tuple(NETNS.values())
+# A name for the network namespace of the process that brings the lab up (it reaches the
+# outside; the lab's do not): agents build debian roots in it. Only a name: `down` removes
+# the name, never kills in it. Not /proc/1/ns/net: without CAP_SYS_RESOURCE (this project's
+# machines) root may not open PID 1's namespaces (its capabilities are not a subset of ours).
+OUTSIDE_NETNS = "phaul-outside"
 CGROUP_NAMES = tuple(NETNS[h] for h in HOSTS)
 VETH_PREFIX = "phl-"  # every veth the lab creates starts with this; all are <= 15 characters
 BRIDGE_MAC = {"sw": "02:70:68:6c:00:01", "alpha": "02:70:68:6c:00:11", "beta": "02:70:68:6c:00:12"}
@@ -317,6 +322,8 @@ def _build_network(net: ipaddress.IPv4Network, d: Path) -> None:
     for ns in LAB_NAMESPACES:
         _ip("netns", "add", ns)
         _ip("link", "set", "lo", "up", ns=ns)
+    if OUTSIDE_NETNS not in _netns_list():
+        _ip("netns", "attach", OUTSIDE_NETNS, str(os.getpid()))
     _ip("link", "add", BRIDGE, "address", BRIDGE_MAC["sw"], "type", "bridge", ns=sw)
     _ip("link", "set", BRIDGE, "alias", _owner_alias(d), ns=sw)
     _ip("link", "set", BRIDGE, "up", ns=sw)
@@ -472,6 +479,8 @@ def agent_command(
         "--link-timeout", "5",
         "--gate-timeout", "120",
         "--resolve-interval", "5",
+        # the lab's namespaces have no route out: the debian template downloads from the machine's own
+        "--build-netns", f"/run/netns/{OUTSIDE_NETNS}",
         *(("--bridge", bridge) if bridge else ()),
         *(("--enable-fault-injection",) if fault_injection else ()),
     ]
@@ -648,7 +657,7 @@ def down(lab_dir: Path | None = None) -> list[str]:
         removed += _rmdir_tree(cg, problems)
 
     present = _netns_list()
-    for ns in LAB_NAMESPACES:
+    for ns in (*LAB_NAMESPACES, OUTSIDE_NETNS):  # the outside's name only: its namespace is this host's
         if ns in present:
             r = _ip("netns", "delete", ns, check=False)
             (removed.append(f"netns {ns}") if r.returncode == 0 else problems.append(f"netns {ns}: {r.stderr.strip()}"))

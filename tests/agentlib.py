@@ -1,0 +1,159 @@
+"""A real agent for tests outside the lab: its own PKI and state directory,
+mutual TLS on 127.0.0.1 and a unix socket, peers and admins configured, and
+a canary directory outside its state directory that nothing may touch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phaul.channels import pki
+from phaul.channels.client import connect
+from phaul.channels.transport import Credentials
+from phaul.migration.copies import procs_using
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunningAgent:
+    name: str
+    dir: Path
+    state: Path
+    canary: Path
+    cwd: Path
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    port: int
+    creds: dict[str, Credentials]
+    pki: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stub(self, who: str, *, tcp: bool = False) -> Any:
+        return connect(self.address if tcp else f"unix:{self.sock}", self.name, self.creds[who])
+
+    def snapshot(self) -> list[tuple[str, int, int]]:
+        out = []
+        for p in sorted(self.canary.rglob("*")):
+            st_ = p.lstat()
+            out.append((str(p), st_.st_size, st_.st_mtime_ns))
+        return out
+
+    def log(self) -> str:
+        return (self.dir / "agent.log").read_text(errors="replace")
+
+
+def make_pki(d: Path, names: list[str]) -> dict[str, Credentials]:
+    """A CA in d/pki and a certificate per name; the first (the agent) also for 127.0.0.1
+    (an address names one host)."""
+    ca = d / "pki"
+    pki.init_ca(ca, "test CA")
+    creds = {}
+    for name in names:
+        cert, key = pki.issue(ca, name, ips=["127.0.0.1"] if name == names[0] else None)
+        creds[name] = Credentials(name, cert, key, ca / "ca.crt")
+    return creds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_agent(
+    d: Path, name: str, creds: dict[str, Credentials], peers: list[str], admins: list[str], *extra: str,
+) -> Iterator[RunningAgent]:
+    """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards."""
+    state, canary, cwd = d / "state", d / "canary", d / "cwd"
+    for p in (state, canary / "sub", cwd):
+        p.mkdir(parents=True, exist_ok=True)
+    (canary / "sub" / "keep.txt").write_text("precious")
+    port = free_port()
+    sock = d / "agent.sock"
+    me = creds[name]
+    cmd = [
+        sys.executable, "-m", "phaul", "agent", "--name", name, "--listen", f"127.0.0.1:{port}", "--socket", str(sock),
+        "--state-dir", str(state), "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
+        "--peers", ",".join(peers), "--admins", ",".join(admins), "--resolve-interval", "0", *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(d / "agent.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 20
+    try:
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (d / "agent.log").read_text()
+            time.sleep(0.05)
+        yield RunningAgent(name, d, state, canary, cwd, proc, sock, port, creds, me.ca.parent)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        remove_containers(state, name)
+
+
+def remove_containers(state: Path, host: str) -> None:
+    """Whatever a test created and started: runc state, cgroups, data channels."""
+    root = state / "runc"
+    if root.is_dir():
+        ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
+        for ct in ids:
+            subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
+    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
+        for sub in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
+            if sub.is_dir():
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+        try:
+            cg.rmdir()
+        except OSError:
+            pass
+    for pid in procs_using(state):  # data channels, if the agent left any
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def tree_hash(root: Path) -> str:
+    """A hash of every name, type, mode, owner, size and content (symlink targets) under `root`."""
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:  # removed while we walk (a daemon cleaning up): not a lasting change
+                continue
+            h.update(f"{p}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0".encode())
+            if os.path.islink(p):
+                h.update(os.readlink(p).encode())
+            elif os.path.isfile(p) and st.st_size < (1 << 20):
+                try:
+                    with open(p, "rb") as f:
+                        h.update(f.read())
+                except OSError:
+                    pass
+    return h.hexdigest()
