@@ -1,10 +1,12 @@
-"""`make bench`: phaul's pre-copy migration against stop-and-copy and the local floor.
+"""`make bench`: phaul's pre-copy and post-copy migration against stop-and-copy and the local floor.
 
 For each workload, in one lab session, each method runs REPS times on a fresh
 container (methods interleaved, so drift hits them alike):
 
-- `phaul`: `phaul migrate CT beta` (pre-copy rounds, commit gate, restore held
-  stopped, then resume);
+- `phaul precopy`: `phaul migrate CT beta --method precopy` (pre-copy rounds,
+  commit gate, restore held stopped, then resume);
+- `phaul postcopy`: `phaul migrate CT beta --method postcopy` (one freeze without
+  the memory; the pages follow after the resume, the post-copy window);
 - `stop-and-copy`: what a user scripts today: rsync the container's directory
   to the other host while it runs, `runc checkpoint` to local images, rsync of
   the images and the root file system (what changed) to the other host over an
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -67,7 +70,8 @@ LAB_DIR = Path("/var/lib/phaul-lab-bench")
 SUBNET = "10.213.7.0/24"
 LOCK = Path("/run/lock/phaul-lab.lock")
 RESULTS = REPO / "bench" / "results"
-METHODS = ("phaul", "stop-and-copy", "local floor")
+METHODS = ("phaul precopy", "phaul postcopy", "stop-and-copy", "local floor")
+PHAUL_METHODS = {"phaul precopy": "precopy", "phaul postcopy": "postcopy"}  # -> `phaul migrate --method`
 RSYNC_PORT = 8730
 MiB = 1 << 20
 PRELOAD = [f"pre:{i}" for i in range(20000)]  # service workloads: keys written before the move
@@ -132,6 +136,7 @@ class Run:
     error: str = ""
     client: dict[str, Any] = field(default_factory=dict)  # service workloads: the client's figures (ClientFigures)
     pauses_ms: list[float] = field(default_factory=list)  # every pause the probe saw, in order
+    postcopy_ms: float = 0.0  # phaul postcopy: from the resume until the last page arrived
     probe: dict[str, Any] = field(default_factory=dict)  # the probe's own result (tcp-probe --json)
 
 
@@ -293,7 +298,9 @@ class Bench:
         ct = ""
         try:
             ct, r.fs_bytes = self.new_container(w)
-            fn = {"phaul": self._phaul, "stop-and-copy": self._stop_and_copy, "local floor": self._floor}[method]
+            fn = {"stop-and-copy": self._stop_and_copy, "local floor": self._floor}.get(method)
+            if fn is None:
+                fn = functools.partial(self._phaul, method=PHAUL_METHODS[method])
             self._wait_echo(ct)
             probe = probes.LongProbe(lab.NETNS["client"], self.echo_address(ct), "--pause-ms", str(PAUSE_MS))
             loop = services.BenchmarkLoop(services.RedisBenchmark(self.ct_ip(ct))).start() if w.service else None
@@ -324,8 +331,8 @@ class Bench:
                 raise RuntimeError(f"the echo server in {ct} does not answer")
             time.sleep(0.2)
 
-    def _phaul(self, ct: str, r: Run) -> str:
-        proc = self.phaul("--host", "alpha", "migrate", ct, "beta", "--json", check=False)
+    def _phaul(self, ct: str, r: Run, method: str) -> str:
+        proc = self.phaul("--host", "alpha", "migrate", ct, "beta", "--json", "--method", method, check=False)
         rep = json.loads(proc.stdout)
         if rep.get("result") != "ok":
             raise RuntimeError(f"phaul migrate: {rep.get('result')}: {rep.get('error')}")
@@ -340,6 +347,7 @@ class Bench:
         r.predicted_frozen_ms = rep["rounds"][-2]["predicted_frozen_ms"] if len(rep["rounds"]) > 1 else None
         r.round_frozen_ms = [x["frozen_ms"] for x in rep["rounds"][:-1]]
         r.memory_method, r.stop_reason, r.phases_ms = rep["memory_method"], rep["stop_reason"], rep["phases_ms"]
+        r.postcopy_ms = rep.get("postcopy_ms", 0.0)
         return "beta"
 
     def _checkpoint(self, ct: str, d: Path) -> None:
@@ -490,8 +498,10 @@ def summarize(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
                     "errors": sum(r.client["errors"] for r in served),
                     "requests": median([r.client["requests"] for r in served]),
                 }
-        ph = [r for r in runs if r.workload == w and r.method == "phaul" and r.ok]
-        per["phaul"]["predicted_frozen_ms"] = median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None])
+        for m in PHAUL_METHODS:
+            per[m]["postcopy_ms"] = median([r.postcopy_ms for r in runs if r.workload == w and r.method == m and r.ok])
+        ph = [r for r in runs if r.workload == w and r.method == "phaul precopy" and r.ok]
+        per["phaul precopy"]["predicted_frozen_ms"] = median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None])
         ratios = [r.frozen_ratio_vs_stop_and_copy for r in ph if r.frozen_ratio_vs_stop_and_copy]
         frozen_vs_dirty = [r.frozen_bytes_sent / r.last_round_dirty_bytes for r in ph if r.last_round_dirty_bytes]
         total_vs_size = [r.bytes_sent / (r.resident_bytes + r.fs_bytes) for r in ph if r.resident_bytes + r.fs_bytes]
@@ -540,12 +550,14 @@ def table(summary: dict[str, Any]) -> str:
                 lines.append(f"{'':<20} {m:<14} client connection lost (reset, wrong or missing echoes) in "
                              f"{per[m]['connection_lost']} of {per[m]['ok']} runs")
             if p["longest_ms"] is not None:
+                window = per[m].get("postcopy_ms")
                 lines.append(
                     f"{'':<20} {m:<14} pauses: longest {p['longest_ms']:.0f} ms, summed {p['sum_ms']:.0f} ms, "
                     f"{p['count']:.0f} of them (medians; worst longest {p['longest_ms_max']:.0f} ms)"
+                    + (f"; post-copy window {window:.0f} ms" if window else "")
                 )
         lines.append(
-            f"{'':<20} phaul/stop-and-copy frozen {g(t['frozen_ratio_median'])}; frozen bytes / last round's dirty "
+            f"{'':<20} phaul precopy/stop-and-copy frozen {g(t['frozen_ratio_median'])}; frozen bytes / last round's dirty "
             f"{g(t['frozen_bytes_over_last_round_dirty_median'])}; total bytes / (memory + fs) {g(t['total_bytes_over_resident_plus_fs_median'])}"
         )
     return "\n".join(lines)
@@ -566,7 +578,7 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     names = list(summary)
     fig, grid = plt.subplots(2, 2, figsize=(12, 8))
     axes = grid.flatten()
-    width = 0.27
+    width = 0.8 / len(METHODS)
     panels = (
         (axes[0], ("frozen_ms",), "frozen time (ms, median)"),
         (axes[1], ("pauses", "longest_ms"), "longest pause a client saw (ms, median)"),
@@ -576,13 +588,13 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     for ax, key, title in panels:
         for i, m in enumerate(METHODS):
             vals = [_get(summary[w][m], key) or 0 for w in names]
-            bars = ax.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=m)
+            bars = ax.bar([x + (i - (len(METHODS) - 1) / 2) * width for x in range(len(names))], vals, width, label=m)
             ax.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in vals], fontsize=7, rotation=90, padding=2)
         ax.set_xticks(range(len(names)), [WORKLOADS[w].title for w in names], fontsize=8)
         ax.set_title(title)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8)
-    fig.suptitle("phaul pre-copy vs stop-and-copy vs local CRIU floor (lab, one VM, 2 cores)")
+    fig.suptitle("phaul pre-copy and post-copy vs stop-and-copy vs local CRIU floor (lab, one VM, 2 cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -653,7 +665,7 @@ def main() -> int:
 def write_results(runs: list[Run], workloads: list[str], reps: int, t_start: float, out: Path, complete: bool) -> dict[str, Any]:
     """bench/results/latest.json: every run so far and the medians; returns the summary."""
     for r in runs:
-        if r.method == "phaul" and r.ok:
+        if r.method in PHAUL_METHODS and r.ok:
             base = [s for s in runs if s.workload == r.workload and s.rep == r.rep and s.method == "stop-and-copy" and s.ok]
             r.frozen_ratio_vs_stop_and_copy = r.frozen_ms / base[0].frozen_ms if base and base[0].frozen_ms else None
     summary = summarize(runs, workloads)

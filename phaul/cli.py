@@ -20,6 +20,7 @@ from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
 from phaul.errors import InvalidInput, PhaulError
+from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Report
 from phaul.migration.steps import NO_HOOK, StepHook
@@ -48,7 +49,24 @@ are named in a hosts file (the lab writes one: `phaul lab up`).
   phaul --host alpha migrate web beta       move it, running, to beta
 """
 
+PRECOPY_ALIASES = {"off": "stop-and-copy", "auto": "precopy"}  # --precopy, before --method
 MIGRATE_EPILOG = """\
+memory methods (--method):
+  precopy        rounds of dumps while the container runs, then one freeze for
+                 what changed since; a failure at any point leaves the source
+                 running (this host's kind: page deltas between full dumps, or
+                 CRIU pre-dumps where the kernel tracks dirty pages)
+  stop-and-copy  one freeze for the whole dump and transfer; the simplest
+  postcopy       one short freeze without the memory: the container runs on
+                 HOST at once and its pages follow on demand; from the resume
+                 until the last page the container depends on both hosts
+  hybrid         pre-copy rounds, then post-copy of what changed since
+  auto           (default) predicts each method's pauses as a client sees them
+                 and takes a safe one (precopy, stop-and-copy) when it meets
+                 --max-downtime, else the shortest pause that costs no more
+                 in all than stop-and-copy (postcopy only when asked for, for
+                 now); the report says which ran and why
+
 exit status: 0 the container runs on HOST; 1 the migration was rolled back
 (the container still runs here) or failed; 2 bad input, nothing changed;
 3 in doubt: run `phaul recover`.
@@ -198,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print only the report, as JSON")
     m.add_argument("--tcp", choices=("keep", "close"), default="keep",
                    help="keep established TCP connections (default) or close them")
-    m.add_argument("--precopy", choices=("auto", "off"), default="auto",
-                   help="pre-copy memory rounds while the container runs (auto: CRIU pre-dump where the kernel tracks "
-                   "dirty pages, else page deltas between full dumps) or a single stop-and-copy (off)")
+    m.add_argument("--method", choices=choice.REQUESTS, default=None,
+                   help="how memory moves (see below; default auto)")
+    m.add_argument("--precopy", choices=("auto", "off"), default=None,
+                   help="the older spelling: --precopy=off is --method stop-and-copy, --precopy=auto --method precopy")
     m.add_argument("--max-rounds", type=int, default=MIGRATION.max_rounds, metavar="N",
                    help=f"at most N pre-copy rounds before the final dump (default {MIGRATION.max_rounds})")
     m.add_argument("--max-downtime", type=int, default=MIGRATION.max_downtime_ms, metavar="MS",
@@ -463,7 +482,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                            "name another host as the destination, or pick the source with --host")
     if args.max_rounds < 1:
         raise InvalidInput(
-            f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --precopy=off for no rounds"
+            f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --method stop-and-copy for no rounds"
+        )
+    method = args.method or PRECOPY_ALIASES.get(args.precopy, "auto")
+    if args.method and args.precopy and PRECOPY_ALIASES[args.precopy] != args.method:
+        raise InvalidInput(
+            f"--method {args.method} and --precopy={args.precopy} disagree", "give only --method"
         )
     if args.max_downtime < 1:
         raise InvalidInput(
@@ -471,7 +495,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         )
     request = pb.MigrateRequest(
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
-        precopy=args.precopy, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
+        method=method, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
         bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0,
         force=list(check_force(args.force)),
     )

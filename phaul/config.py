@@ -51,7 +51,7 @@ class MigrationOptions:
     """How one migration runs; the defaults are `phaul migrate`'s."""
 
     tcp: str = "keep"  # keep | close: established TCP connections travel, or end with a FIN
-    precopy: str = "auto"  # auto | off (a single stop-and-copy)
+    method: str = "auto"  # phaul.memory.choice.REQUESTS: auto | precopy | postcopy | hybrid | stop-and-copy
     max_rounds: int = 8  # pre-copy rounds at most
     max_downtime_ms: int = 300  # pre-copying stops once the predicted freeze is within this
     bandwidth: int = 0  # bytes/s cap of the pre-copy rounds, 0 = none (the frozen phase is never capped)

@@ -347,13 +347,13 @@ class Admin:
         with connect(f"unix:{entry.socket}", host, self.creds) as agent:
             return agent.call(method, request, timeout=timeout)
 
-    def migrate(self, ct: str, src: str, dst: str, fault: str = "", precopy: str = "auto") -> "Migration":
+    def migrate(self, ct: str, src: str, dst: str, fault: str = "", method: str = "precopy") -> "Migration":
         from phaul.rpc import phaul_pb2 as pb
 
         dest = self.hosts.host(dst)
         if fault:
             self.lab.arm_fault(src, dst, fault)
-        req = pb.MigrateRequest(ct_id=ct, dest_name=dst, dest_address=dest.address, precopy=precopy)
+        req = pb.MigrateRequest(ct_id=ct, dest_name=dst, dest_address=dest.address, method=method)
         m = Migration()
 
         def run() -> None:

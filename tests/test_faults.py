@@ -176,7 +176,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         wait_for(lambda: counter_file(lab, "alpha", ct) > 2, what="the counter to run")
         mark = read_memory_mark(lab, "alpha", ct)
         assert len(mark) == 16, mark
-        m = admin.migrate(ct, "alpha", "beta", fault=f"{step}:pause", precopy="off" if step == "fs-presync" else "auto")
+        m = admin.migrate(ct, "alpha", "beta", fault=f"{step}:pause", method="stop-and-copy" if step == "fs-presync" else "precopy")
         marker = pause_marker(lab, "alpha")
         wait_for(lambda: marker.exists() or not m.thread.is_alive(), timeout=120, what=f"the migration to pause at {step}")
         assert marker.exists(), f"the migration never reached {step}: {m.wait().report or m.error}"

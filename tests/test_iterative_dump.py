@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from phaul.linux import doctor
-from phaul.memory import policy as iterative_dump
+from phaul.memory import choice
 from phaul.memory import methods as memory_methods
-from phaul.memory.policy import ConvergencePolicy, RestoreCosts, RoundFigures, choose_method
+from phaul.memory.policy import ConvergencePolicy, RestoreCosts, RoundFigures
 
 MiB = 1 << 20
 PAGES_256M = 65679  # a 256 MiB memload container dump, as measured in the lab
@@ -195,14 +195,8 @@ def test_restore_costs_survive_a_damaged_file(tmp_path: Path) -> None:
 # -- the memory method -------------------------------------------------------------------
 
 
-def test_choose_method() -> None:
-    assert choose_method("auto", {"soft_dirty": True, "uffd": True}) == iterative_dump.SOFT_DIRTY
-    assert choose_method("auto", {"soft_dirty": False, "uffd": True}) == iterative_dump.PAGE_DELTA
-    assert choose_method("auto", {}) == iterative_dump.PAGE_DELTA
-    assert choose_method("off", {"soft_dirty": True}) == iterative_dump.STOP_AND_COPY
-    with pytest.raises(ValueError):
-        choose_method("sometimes", {})
-    assert set(memory_methods.METHODS) == {iterative_dump.STOP_AND_COPY, iterative_dump.PAGE_DELTA, iterative_dump.SOFT_DIRTY}
+def test_method_names_are_the_methods() -> None:
+    assert set(memory_methods.METHODS) == {choice.STOP_AND_COPY, choice.PAGE_DELTA, choice.SOFT_DIRTY, choice.POSTCOPY}
 
 
 def test_this_machine_has_no_soft_dirty_and_falls_back_to_page_deltas() -> None:
@@ -215,7 +209,7 @@ def test_this_machine_has_no_soft_dirty_and_falls_back_to_page_deltas() -> None:
         doctor.features.cache_clear()
     if feats["soft_dirty"]:
         pytest.fail("this kernel tracks soft-dirty pages; the project's machines do not (see notes)")
-    assert choose_method("auto", feats) == iterative_dump.PAGE_DELTA
+    assert choice.precopy_method(feats) == choice.PAGE_DELTA
 
 
 def test_soft_dirty_commands(tmp_path: Path) -> None:

@@ -130,6 +130,7 @@ def test_failed_dump_rolls_back(clean_lab: Lab) -> None:
     (("beta", "--bandwidth", "12Q"), "invalid bandwidth '12Q'"),
     (("alpha",), "the destination alpha is the source host"),
     (("gamma",), "no host 'gamma'"),
+    (("beta", "--method", "postcopy", "--precopy", "off"), "--method postcopy and --precopy=off disagree"),
 ])
 def test_bad_migrate_arguments_are_refused(clean_lab: Lab, args: tuple[str, ...], message: str) -> None:
     proc = clean_lab.phaul("--host", "alpha", "migrate", "anyct", *args, check=False)

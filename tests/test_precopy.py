@@ -11,10 +11,11 @@ import time
 import pytest
 
 from conftest import REPO, Lab, wait_for
+from phaul.memory.policy import ConvergencePolicy
 
 pytestmark = pytest.mark.lab
 
-REASONS = ("downtime-target", "converged", "no-progress", "max-rounds")
+REASONS = ConvergencePolicy.REASONS
 
 
 def _start_memload(lab: Lab, ct: str, size_mib: int, rate: float, host: str = "alpha") -> None:
@@ -52,7 +53,7 @@ def _check_totals(report: dict) -> None:
 def test_precopy_256m_working_set(clean_lab: Lab) -> None:
     lab = clean_lab
     _start_memload(lab, "mem256", 256, 8)
-    report = lab.migrate("mem256", "alpha", "beta")
+    report = lab.migrate("mem256", "alpha", "beta", "--method", "precopy")
     assert report["result"] == "ok", report
     assert report["memory_method"] == "precopy-page-delta"
     rounds = report["rounds"]
@@ -82,7 +83,7 @@ def test_precopy_off_is_a_single_stop_and_copy(clean_lab: Lab) -> None:
     assert report["memory_method"] == "stop-and-copy"
     [only] = report["rounds"]
     assert only["pages_sent"] == only["pages_dumped"] > 32 * 256
-    assert "off" in report["stop_reason"]
+    assert "a single stop-and-copy" in report["method_reason"], report["method_reason"]
     assert report["bytes_sent"] == report["fs_bytes_sent"] + only["bytes_sent"]
     assert _verify_memory(lab, "beta", "memoff").startswith("ok pages=8192")
 
@@ -90,7 +91,7 @@ def test_precopy_off_is_a_single_stop_and_copy(clean_lab: Lab) -> None:
 def test_max_rounds_one(clean_lab: Lab) -> None:
     lab = clean_lab
     _start_memload(lab, "memone", 32, 4)
-    report = lab.migrate("memone", "alpha", "beta", "--max-rounds", "1")
+    report = lab.migrate("memone", "alpha", "beta", "--method", "precopy", "--max-rounds", "1")
     assert report["result"] == "ok", report
     assert report["memory_method"] == "precopy-page-delta"
     pre, final = report["rounds"]
@@ -132,7 +133,7 @@ def test_progress_shows_on_a_terminal_only(clean_lab: Lab) -> None:
     """Live progress per round on a terminal; only the report with --json or without one."""
     lab = clean_lab
     _start_memload(lab, "memtty", 32, 4)
-    stdout, terminal = _migrate_on_a_terminal(lab, "memtty", "alpha", "beta")
+    stdout, terminal = _migrate_on_a_terminal(lab, "memtty", "alpha", "beta", "--method", "precopy")
     assert "round 1" in terminal and "predicted freeze" in terminal and "MiB/s" in terminal, terminal
     assert ": OK" in stdout, stdout  # the report goes to stdout
     stdout, terminal = _migrate_on_a_terminal(lab, "memtty", "beta", "alpha", "--json")
@@ -145,12 +146,12 @@ def test_bandwidth_caps_precopy_and_round_trip_back(clean_lab: Lab) -> None:
     """--bandwidth slows the pre-copy rounds (not the frozen phase); then back to alpha."""
     lab = clean_lab
     _start_memload(lab, "memcap", 24, 1)
-    report = lab.migrate("memcap", "alpha", "beta", "--bandwidth", "12M")
+    report = lab.migrate("memcap", "alpha", "beta", "--method", "precopy", "--bandwidth", "12M")
     assert report["result"] == "ok", report
     first = report["rounds"][0]
     # ~25 MiB of memory plus the file system at 12 MiB/s: at least 2 s
     assert first["duration_ms"] > 0.8 * (first["bytes_sent"] + first["fs_bytes_sent"]) / (12 << 20) * 1000
-    back = lab.migrate("memcap", "beta", "alpha", "--max-downtime", "10000")
+    back = lab.migrate("memcap", "beta", "alpha", "--method", "precopy", "--max-downtime", "10000")
     assert back["result"] == "ok", back
     assert back["stop_reason"].split(":")[0] in REASONS
     assert _verify_memory(lab, "alpha", "memcap").startswith("ok pages=6144")
@@ -161,7 +162,7 @@ def test_precopy_rollback_thaws_the_source(clean_lab: Lab) -> None:
     freezer at the final dump, runs again with its memory intact."""
     lab = clean_lab
     _start_memload(lab, "memrb", 32, 8)
-    report = lab.migrate("memrb", "alpha", "beta", fault="restore:damage-image", check=False)
+    report = lab.migrate("memrb", "alpha", "beta", "--method", "precopy", fault="restore:damage-image", check=False)
     assert report["result"] == "rolled_back", report
     [info] = lab.ct_list("alpha")
     assert info["state"] == "running"
@@ -193,7 +194,7 @@ def test_precopy_with_a_changing_root_file_system(clean_lab: Lab) -> None:
     wait_for(lambda: lab.exec("alpha", "churn", "sh", "-c", "test -s /data/log && echo yes || true").strip() == "yes",
              timeout=30, what="the writer in churn")
     time.sleep(1)
-    report = lab.migrate("churn", "alpha", "beta")
+    report = lab.migrate("churn", "alpha", "beta", "--method", "precopy")
     assert report["result"] == "ok", report
     assert len(report["rounds"]) >= 2, report["rounds"]
 

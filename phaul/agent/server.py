@@ -43,6 +43,7 @@ from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux.doctor import criu_path, criu_version
+from phaul.memory import choice
 from phaul.migration import preflight
 from phaul.migration.dest import Destination
 from phaul.migration.recovery import Active, Recovery
@@ -277,14 +278,14 @@ class Servicer(pb_grpc.AgentServicer):
             defaults = MigrationOptions()
             options = MigrationOptions(
                 tcp="close" if request.tcp_close else "keep",
-                precopy=request.precopy or defaults.precopy,
+                method=choice.ALIASES.get(request.method, request.method) or defaults.method,
                 max_rounds=request.max_rounds or defaults.max_rounds,
                 max_downtime_ms=request.max_downtime_ms or defaults.max_downtime_ms,
                 bandwidth=request.bandwidth,
                 force=preflight.check_force(list(request.force)),
             )
-            if options.precopy not in ("auto", "off"):
-                raise InvalidInput(f"unknown pre-copy mode {options.precopy!r}", "use auto or off")
+            if options.method not in choice.REQUESTS:
+                raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
             migration = SourceMigration(
                 self.host, request.ct_id, request.dest_name, request.dest_address, options,
                 lambda p: events.put(pb.MigrateEvent(progress=p)),
@@ -341,7 +342,7 @@ class Servicer(pb_grpc.AgentServicer):
             raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
         address, secret = self.dest.prepare(
             request.migration_id, request.source_name, config, request.criu_version, request.need_bytes,
-            tcp_close=request.tcp_close, source_address=request.source_address,
+            tcp_close=request.tcp_close, source_address=request.source_address, page_link=request.page_link,
         )
         v = criu_version(criu_path() or "")
         return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)

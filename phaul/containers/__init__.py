@@ -7,6 +7,7 @@ checkpoint and restore one with CRIU. The migration code talks only to
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,20 +125,27 @@ class ContainerKind(ABC):
     def checkpoint_cmd(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, leave_running: bool = False,
         tcp_established: bool = True, parent_path: Path | None = None,
-        pre_dump: bool = False,
+        pre_dump: bool = False, lazy_port: int = 0,
     ) -> Argv:
-        """The argument list that dumps the container into `image_dir`."""
+        """The argument list that dumps the container into `image_dir`; with `lazy_port`
+        private memory stays behind, served on that port of 127.0.0.1 once the dump is done."""
 
     def freezer_state(self, ct_id: str) -> Path | None:
         """The freezer.state file CRIU freezes this container with, if phaul may freeze it first."""
         return None
 
+    def cgroup_procs(self, ct_id: str) -> builtins.list[Path]:
+        """The cgroup.procs files that list every process of the container (they need not exist yet)."""
+        return []
+
     @abstractmethod
     def restore(
-        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0,
+        lazy_pages: bool = False,
     ) -> ContainerInfo:
         """Restore the container (whose directory is in place) from `image_dir`;
-        ToolFailed when it fails or takes longer than `timeout` s."""
+        ToolFailed when it fails or takes longer than `timeout` s. `lazy_pages`: private
+        memory comes later from CRIU's lazy-pages daemon, started in `work_dir` already."""
 
     @abstractmethod
     def adopt(self, ct_id: str, config: ContainerConfig) -> None:

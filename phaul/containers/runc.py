@@ -422,6 +422,7 @@ class RuncContainers(ContainerKind):
         tcp_established: bool = True,
         parent_path: Path | None = None,
         pre_dump: bool = False,
+        lazy_port: int = 0,
     ) -> Argv:
         """The `runc checkpoint` argument list; CRIU logs to work_dir/dump.log, runc to work_dir/runc.log.
         `pre_dump`: memory only, with dirty tracking (needs soft-dirty); the container keeps running.
@@ -440,13 +441,21 @@ class RuncContainers(ContainerKind):
             cmd += ["--parent-path", str(parent_path)]  # CRIU resolves it relative to the image dir
         if pre_dump:
             cmd.append("--pre-dump")
+        if lazy_port:  # CRIU listens on the port only; `address 127.0.0.1` in its configuration (lazy_link.SOURCE_CRIU_OPTIONS)
+            cmd += ["--lazy-pages", "--page-server", f"127.0.0.1:{lazy_port}"]
         return cmd + [ct_id]
+
+    def cgroup_procs(self, ct_id: str) -> builtins.list[Path]:
+        rel = self.cgroup_path(check_id(ct_id)).lstrip("/")
+        return [mount / rel / "cgroup.procs" for mount in _cgroup_mounts()]
 
     def freezer_state(self, ct_id: str) -> Path | None:
         """The container's cgroup v1 freezer.state (phaul.linux.freezer), or None without one."""
         return freezer.state_file(self.cgroup_path(check_id(ct_id)))
 
-    def restore_cmd(self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True) -> Argv:
+    def restore_cmd(
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, lazy_pages: bool = False,
+    ) -> Argv:
         """The `runc restore --detach` argument list; CRIU logs to work_dir/restore.log, runc to work_dir/runc.log.
 
         Run it under phaul.containers.console (the restored container inherits its stdout and stderr).
@@ -458,6 +467,8 @@ class RuncContainers(ContainerKind):
         cmd.append(FILE_LOCKS)
         if tcp_established:
             cmd.append("--tcp-established")
+        if lazy_pages:
+            cmd.append("--lazy-pages")
         procs = [str(d / "cgroup.procs") for d in self._make_cgroups(ct_id)]
         return ["sh", "-c", _IN_CGROUPS, "phaul-in-cgroups", *procs, "--", *cmd, ct_id]
 
@@ -487,11 +498,12 @@ class RuncContainers(ContainerKind):
             raise self.criu_error(ct_id, "checkpoint", work_dir, proc.returncode, proc.stderr)
 
     def restore(
-        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0
+        self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0,
+        lazy_pages: bool = False,
     ) -> ContainerInfo:
         """Run `restore_cmd` to completion; the container runs afterwards. ToolFailed with CRIU's log tail."""
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-        cmd = self.restore_cmd(ct_id, image_dir, work_dir, tcp_established=tcp_established)
+        cmd = self.restore_cmd(ct_id, image_dir, work_dir, tcp_established=tcp_established, lazy_pages=lazy_pages)
         try:  # the restored container's stdout and stderr: a new console keeper's pipe, appending to its log
             rc = console.run(cmd, self.log_dir(ct_id), timeout)
         except ToolFailed:

@@ -217,6 +217,17 @@ def unplug(ct_id: str) -> None:
         log.info("unplugged %s (%s)", ct_id, host_veth(ct_id))
 
 
+def isolate(ct_id: str) -> None:
+    """Take the container's port on the segment down: no frame reaches or leaves it."""
+    _ip("link", "set", "dev", host_veth(ct_id), "down")
+
+
+def rejoin(ct_id: str) -> None:
+    """Bring the port `isolate` took down up again, if it is still there. Best effort."""
+    if link(host_veth(ct_id)) is not None:
+        _ip("link", "set", "dev", host_veth(ct_id), "up", check=False)
+
+
 def restore_criu_options(ident: Identity | None, directory: Path) -> str:
     """Lines for the CRIU configuration file of a restore: a script (written into
     `directory`) that sets the new network namespace up at CRIU's `setup-namespaces`

@@ -9,6 +9,8 @@
   destination applies so that it always holds exactly the last dump's images.
   The final delta goes over a page stream opened before the freeze
   (`phaul.memory.page_stream`), rounds' deltas by rsync (they may be rate-capped).
+- `PostCopy`: nothing before the freeze; the final dump leaves private memory
+  behind and the destination fetches it after the resume (phaul.memory.lazy_link).
 - `SoftDirty` (kernels with soft-dirty): CRIU's own pre-dump rounds with memory
   tracking; each round holds only the pages dirtied since the previous one and
   names it as its parent; the final dump does too, and CRIU restores through
@@ -104,6 +106,7 @@ class MemoryMethod(ABC):
 
     name: ClassVar[str]
     precopy: ClassVar[bool]
+    lazy: ClassVar[bool] = False  # the final dump leaves private memory behind (post-copy)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -139,6 +142,16 @@ class StopAndCopy(MemoryMethod):
     def send_final(self, images: Path) -> Sent:
         s = self.ctx.sender.push(images, "images", bwlimit=0, whole_file=True)
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+
+
+class PostCopy(StopAndCopy):
+    """Post-copy: the final dump leaves private memory in the frozen tree (CRIU's lazy
+    pages), so what travels while frozen is small; the destination runs as soon as it
+    is restored, and pages follow on fault and in the background over the page link
+    (phaul.memory.lazy_link). The source's tree stays frozen until the last page left."""
+
+    name = "postcopy"
+    lazy = True
 
 
 class PageDeltaMethod(MemoryMethod):
@@ -281,7 +294,7 @@ class SoftDirty(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty)}
+METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty, PostCopy)}
 
 
 def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False, parent: Path | None = None) -> RoundDump:

@@ -1,7 +1,6 @@
-"""Pre-copy rounds: which memory method runs, and when the rounds stop.
+"""Pre-copy rounds: when they stop, and what a restore costs.
 
-`choose_method` picks the memory method from what the host offers (soft-dirty
-tracking or not) and the user's `--precopy`. `ConvergencePolicy` watches the
+(Which memory method runs is `phaul.memory.choice`'s.) `ConvergencePolicy` watches the
 rounds: after each one it predicts the frozen time of a final dump taken now
 from the measured dirty rate, transfer rate, dump cost and restore cost, and
 says whether to stop. `phaul.memory.rounds.run_rounds` drives a method's rounds under a policy.
@@ -12,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,21 +21,6 @@ from phaul.memory.page_delta import PAGE
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-
-STOP_AND_COPY = "stop-and-copy"
-PAGE_DELTA = "precopy-page-delta"
-SOFT_DIRTY = "precopy-soft-dirty"
-
-
-def choose_method(precopy: str, features: Mapping[str, bool]) -> str:
-    """The memory method for `--precopy` (auto | off) on a host with `features`
-    (`phaul.linux.doctor.features()`): CRIU's pre-dump with memory tracking where the
-    kernel tracks dirty pages, full-dump rounds with page deltas where it does not."""
-    if precopy == "off":
-        return STOP_AND_COPY
-    if precopy != "auto":
-        raise ValueError(f"unknown pre-copy mode {precopy!r}")
-    return SOFT_DIRTY if features.get("soft_dirty") else PAGE_DELTA
 
 
 @dataclass(frozen=True)
@@ -83,17 +66,21 @@ class ConvergencePolicy:
     it counts only where it takes longer (`RoundFigures.fs_ms` of the last round).
 
     Stops (first that holds): the prediction is within `max_downtime_ms`
-    ("downtime-target"); what is left to copy adds less than `negligible` of the
+    ("downtime-target"); another round could only bring the container's summed
+    pauses (every round's freeze, and the final one at its least: the dump and
+    the restore) beyond `pause_budget_ms`, what a single stop-and-copy is
+    predicted to cost ("pause-budget"); what is left to copy adds less than `negligible` of the
     prediction, or less than the freeze one more round would cost the
     container, so no further round can pay off ("converged"); the remaining work failed to shrink by `shrink` in
     `max_stalls` rounds ("no-progress": the dirty rate keeps up with the
     transfer); `max_rounds` rounds ran ("max-rounds").
     """
 
-    REASONS = ("downtime-target", "converged", "no-progress", "max-rounds")
+    REASONS = ("downtime-target", "pause-budget", "converged", "no-progress", "max-rounds")
 
     max_downtime_ms: float = MigrationOptions.max_downtime_ms
     max_rounds: int = MigrationOptions.max_rounds
+    pause_budget_ms: float = 0.0  # 0: none
     shrink: float = 0.10
     max_stalls: int = 2
     negligible: float = 0.10
@@ -130,6 +117,15 @@ class ConvergencePolicy:
         def decide(stop: bool, reason: str = "", detail: str = "") -> Decision:
             return Decision(stop, reason, detail, predicted, dirty_rate, remaining, rate)
 
+        paused = sum(f.frozen_ms for f in self.history)
+        least_final = dump_ms + fig.restore_ms
+        if self.pause_budget_ms and fig.round < self.max_rounds and paused + fig.frozen_ms + least_final > self.pause_budget_ms:
+            if prev is None or predicted > self.max_downtime_ms:
+                return decide(
+                    True, "pause-budget",
+                    f"another round would bring the pauses to at least {paused + fig.frozen_ms + least_final:.0f} ms in all, "
+                    f"more than a single stop-and-copy's predicted {self.pause_budget_ms:.0f} ms",
+                )
         if prev is not None:
             if predicted <= self.max_downtime_ms:
                 return decide(
@@ -172,14 +168,16 @@ class ConvergencePolicy:
         return max(0, fig.bytes_sent - fig.pages * PAGE)
 
 
-# -- the restore cost, measured -----------------------------------------------------
+# -- costs, measured -------------------------------------------------------------
 
 
 @dataclass
 class RestoreCosts:
-    """Restore + commit + resume times this source measured per destination,
-    kept in a small JSON file. `estimate` scales the recent ones to a memory
-    size (a line through them); without any it uses a default model."""
+    """Times this source measured per destination for a number of pages, kept in a
+    small JSON file: restore + commit + resume (the defaults' model), and with other
+    defaults a pre-copy round's freeze or a transfer (`dump_costs`, `send_costs`).
+    `estimate` scales the recent ones to a memory size (a line through them);
+    without any it uses the default model."""
 
     path: Path
     default_ms: float = 250.0
@@ -207,7 +205,7 @@ class RestoreCosts:
         try:
             write_atomic(self.path, json.dumps(data))
         except OSError as e:
-            log.warning("cannot keep restore costs in %s: %s", self.path, e)
+            log.warning("cannot keep measured costs in %s: %s", self.path, e)
 
     def _load(self) -> dict[str, list[list[float]]]:
         try:
@@ -215,3 +213,13 @@ class RestoreCosts:
             return {str(k): [[int(p), float(m)] for p, m in v] for k, v in data.items()}
         except (OSError, ValueError, TypeError):
             return {}
+
+
+def dump_costs(path: Path) -> RestoreCosts:
+    """A pre-copy round's freeze (the lab: about 100 ms + 0.6 ms/MiB, more on a busy host)."""
+    return RestoreCosts(path, default_ms=100.0, ms_per_mib=0.6)
+
+
+def send_costs(path: Path) -> RestoreCosts:
+    """A transfer of pages to the destination (the lab: about 250 MB/s, 30 ms to start)."""
+    return RestoreCosts(path, default_ms=30.0, ms_per_mib=1000 * MiB / 250e6)

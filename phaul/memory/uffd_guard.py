@@ -74,9 +74,13 @@ def available() -> tuple[bool, str]:
 class UffdGuard:
     """Duplicates of daemon `pid`'s userfaultfds, held until `finish()` or its loss."""
 
-    def __init__(self, pid: int, on_loss: Callable[[], None], proc: Path = Path("/proc")) -> None:
+    def __init__(
+        self, pid: int, on_loss: Callable[[], None], proc: Path = Path("/proc"),
+        completed: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.pid = pid
         self.on_loss = on_loss
+        self.completed = completed  # asked when the daemon has ended: did it finish (its parent knows)?
         self.proc = proc
         self.pidfd = os.pidfd_open(pid)
         self.held: list[int] = []  # our duplicates
@@ -111,13 +115,18 @@ class UffdGuard:
         """Every page arrived: the daemon may end, the duplicates go."""
         with self._lock:
             self.finished = True
-        os.write(self._stop_w, b"x")
+            if self.held or self._thread.is_alive():
+                os.write(self._stop_w, b"x")
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Until the guard has ended (after the daemon's end: the loss handled, the duplicates gone)."""
         self._thread.join()
 
     def _watch(self) -> None:
         ready, _, _ = select.select([self.pidfd, self._stop_r], [], [])
         with self._lock:
-            if self.pidfd in ready and not self.finished:
+            if self.pidfd in ready and not self.finished and not self.completed():
                 self.lost = True
                 log.error("lazy-pages daemon %d ended before every page arrived: the container is killed", self.pid)
                 try:

@@ -42,6 +42,8 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -50,13 +52,13 @@ from pathlib import Path
 
 from phaul.agent.host import Host
 from phaul.channels.fs_sync import AREAS, RsyncReceiver
-from phaul.channels.transport import TlsEndpoint, new_secret, write_secret
+from phaul.channels.transport import TlsEndpoint, new_secret, parse_endpoint, rsh_env, write_secret
 from phaul.containers import ContainerConfig, inbound
-from phaul.errors import Busy, Conflict, NotFound, ToolFailed
+from phaul.errors import Busy, Conflict, NotFound, Refused, ToolFailed
 from phaul.linux import criu, criu_images, network
 from phaul.linux.datatree import check_data_tree
 from phaul.linux.doctor import criu_path, criu_version
-from phaul.memory import page_delta
+from phaul.memory import lazy_link, page_delta
 from phaul.migration import quota
 from phaul.migration.journal import JournalEntry
 from phaul.migration.report import Result
@@ -64,6 +66,8 @@ from phaul.migration.steps import Step, StepPoint
 from phaul.validate import check_id
 
 log = logging.getLogger(__name__)
+
+KEEPER_READY_S = 30.0  # s: the post-copy keeper listens, and then holds every task's userfaultfd, within this
 
 
 @dataclass
@@ -87,6 +91,14 @@ class Incoming:
     config: ContainerConfig | None = None  # the validated configuration from Prepare (None once reloaded)
     watch: quota.QuotaWatch | None = None  # measures recv/ while the data channel is open
     cut: quota.QuotaExceeded | None = None  # why it was cut off (over quota): every later call says so
+    source_address: str = ""  # the source agent's ADDR:PORT, from Prepare
+    page_link: str = ""  # post-copy: where the source serves the pages (Prepare, checked)
+    keeper: subprocess.Popen[bytes] | None = None  # post-copy: phaul.memory.lazy_link's keeper, until every page is here
+
+    @property
+    def lazy_status(self) -> Path:
+        """The keeper's status file (phaul.memory.lazy_link)."""
+        return self.work_dir / "lazy.status"
 
     @property
     def recv_dir(self) -> Path:
@@ -140,11 +152,13 @@ class Destination:
 
     def prepare(
         self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, need_bytes: int,
-        tcp_close: bool = False, source_address: str = "",
+        tcp_close: bool = False, source_address: str = "", page_link: str = "",
     ) -> tuple[str, str]:
         """Check this host can take the container (`need_bytes`: what the source will
         write here, phaul.migration.quota) and open the data channel; returns the
-        channel's ADDR:PORT and the migration's secret."""
+        channel's ADDR:PORT and the migration's secret. `page_link`: post-copy; the
+        source will serve the container's memory there (ADDR:PORT on the source agent's
+        address), fetched after the restore by a keeper (phaul.memory.lazy_link)."""
         check_id(migration_id, "migration ID")
         check_id(source, "source host name")
         ct_id = check_id(config.id)
@@ -159,6 +173,8 @@ class Destination:
                 f"{self.host.name}'s CRIU {'.'.join(map(str, mine))} is older than {source}'s {source_criu}",
                 f"upgrade CRIU on {self.host.name} (`make setup`)",
             )
+        if page_link:
+            _check_page_link(page_link, source, source_address)
         ident = network.Identity.of(config)
         if ident is not None:  # a container with an address needs the bridge (preflight checks the address)
             network.check_bridge(self.host.bridge, self.host.name)
@@ -177,7 +193,8 @@ class Destination:
             if mdir.exists():
                 raise Conflict(f"migration {migration_id} already exists on {self.host.name}")
             self.journal.begin(migration_id, "destination", ct_id, source, source_address)
-            m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config)
+            m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config, source_address=source_address,
+                         page_link=page_link)
             secret = new_secret()
             receiver = m.receiver = _receiver(self.host, m)
             try:
@@ -296,8 +313,11 @@ class Destination:
         return stats
 
     def restore(self, migration_id: str) -> dict[str, float]:
-        """Restore the pushed container, held stopped. Returns CRIU's restore timings."""
+        """Restore the pushed container, held stopped. Returns CRIU's restore timings.
+        Post-copy: without its private memory, which a keeper (phaul.memory.lazy_link)
+        fetches; it holds every task's userfaultfd before this returns."""
         m = self._get(migration_id)
+        page_link = m.page_link
         with m.lock:
             if m.state != "prepared":
                 raise Conflict(f"migration {migration_id} is {m.state}, not ready to restore")
@@ -326,7 +346,16 @@ class Destination:
                 self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, m.images_dir, target))
                 checked = criu_images.validate_for_bundle(m.images_dir, target / "bundle" / "config.json")  # as placed here
                 m.stopped = checked.stopped
-                m.pid = ct.restore(m.ct_id, m.images_dir, m.work_dir, timeout=self.host.timeouts.restore).pid
+                if page_link:
+                    self._start_keeper(m, page_link)
+                m.pid = ct.restore(
+                    m.ct_id, m.images_dir, m.work_dir, timeout=self.host.timeouts.restore, lazy_pages=bool(page_link),
+                ).pid
+                if page_link:
+                    self._wait_keeper(m, "held", KEEPER_READY_S)
+            except BaseException:
+                _stop_keeper(m)
+                raise
             finally:
                 with contextlib.suppress(OSError):  # best effort (a full disk): the next step writes its own
                     ct.set_criu_options(m.ct_id)
@@ -338,6 +367,46 @@ class Destination:
         stats["image_check"] = checked.ms
         log.info("migration %s: %s restored and held stopped in %.0f ms", migration_id, m.ct_id, took)
         return stats
+
+    def _start_keeper(self, m: Incoming, page_link: str) -> None:
+        """Post-copy: start the keeper (lazy-pages daemon, uffd guard, page link) and wait
+        until the daemon listens for the restore."""
+        ct = self.host.containers
+        criu_bin = criu_path()
+        if criu_bin is None:
+            raise ToolFailed(f"{self.host.name} has no usable CRIU", f"run `make setup` on {self.host.name}")
+        cmd = [
+            sys.executable, "-m", "phaul.memory.lazy_link", "keep", "--criu", criu_bin, "--images", str(m.images_dir),
+            "--work", str(m.work_dir), "--status", str(m.lazy_status), "--secret-file", str(m.secret_file),
+        ]
+        for procs in ct.cgroup_procs(m.ct_id):
+            cmd += ["--procs", str(procs)]
+        env = {**os.environ, **rsh_env(self.host.creds, page_link, m.source, self.host.timeouts.link)}
+        m.lazy_status.unlink(missing_ok=True)
+        with open(m.work_dir / "lazy-link.log", "ab") as out:
+            m.keeper = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
+            )
+        self._wait_keeper(m, "listening", KEEPER_READY_S)
+        deadline = time.monotonic() + KEEPER_READY_S
+        while not (m.work_dir / "lazy-pages.socket").exists():
+            if m.keeper.poll() is not None or time.monotonic() > deadline:
+                raise ToolFailed(
+                    f"CRIU's lazy-pages daemon did not start on {self.host.name}", f"see {m.work_dir / 'lazy-pages.log'}"
+                )
+            time.sleep(0.002)
+
+    def _wait_keeper(self, m: Incoming, key: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while key not in lazy_link.read_status(m.lazy_status):
+            assert m.keeper is not None
+            if m.keeper.poll() is not None or time.monotonic() > deadline:
+                status = lazy_link.read_status(m.lazy_status)
+                raise ToolFailed(
+                    f"the post-copy keeper on {self.host.name} did not get to '{key}': {status.get('error', status)}",
+                    f"see {m.work_dir / 'lazy-link.log'} and {m.work_dir / 'lazy-pages.log'}",
+                )
+            time.sleep(0.002)
 
     def resume(self, migration_id: str) -> None:
         """Let the held copy run. Idempotent, across agent restarts too."""
@@ -378,6 +447,7 @@ class Destination:
                 m.net.close()
             if m.placed:
                 self.host.containers.destroy(m.ct_id, timeout=0)  # held stopped: it never ran here
+            _stop_keeper(m)  # after the copy is gone: it never reads a page that did not come
             shutil.rmtree(m.dir, ignore_errors=True)
             m.state = "aborted"
             self._settle_quietly(migration_id, Result.ROLLED_BACK)
@@ -386,7 +456,21 @@ class Destination:
         log.info("migration %s: aborted, %s removed from %s", migration_id, m.ct_id, self.host.name)
 
     def finish(self, migration_id: str) -> None:
-        """Close the data channel and drop the migration's temporary files."""
+        """Close the data channel and drop the migration's temporary files. Post-copy:
+        once the keeper has ended; ToolFailed when it lost the container."""
+        with self._lock:
+            m = self._incoming.get(migration_id)
+        if m is not None and m.keeper is not None:
+            try:
+                m.keeper.wait(timeout=self.host.timeouts.link * 2)
+            except subprocess.TimeoutExpired:
+                raise ToolFailed(
+                    f"migration {migration_id}: pages of {m.ct_id} are still arriving on {self.host.name}",
+                    "ask again later",
+                ) from None
+            status = lazy_link.read_status(m.lazy_status)
+            if status.get("done") != "ok":
+                self._lost(m, str(status.get("error", "the post-copy keeper ended")))
         with self._lock:
             m = self._incoming.pop(migration_id, None)
         if m is None:
@@ -398,6 +482,32 @@ class Destination:
             m.net.close()
         shutil.rmtree(m.dir, ignore_errors=True)
         self._settle_quietly(migration_id, Result.OK)
+
+    def _lost(self, m: Incoming, why: str) -> None:
+        """Post-copy ended without every page: the copy here was killed (by the keeper, before
+        any task could read a missing page). Keep its logs in the reports directory, drop the rest."""
+        with self._lock:
+            self._incoming.pop(m.migration_id, None)
+        _close_channels(m)
+        if m.net is not None:
+            m.net.close()
+        logs = self.host.state_dir / "reports"
+        with contextlib.suppress(OSError):
+            logs.mkdir(exist_ok=True)
+        for name in ("lazy-pages.log", "lazy-link.log", "restore.log"):
+            with contextlib.suppress(OSError):
+                shutil.copy(m.work_dir / name, logs / f"{m.migration_id}-{name}")
+        shutil.rmtree(m.dir, ignore_errors=True)
+        error = (
+            f"{m.ct_id} was lost on {self.host.name} during post-copy: {why}; "
+            "its tasks were killed before any could read a page that never arrived"
+        )
+        self._settle_quietly(m.migration_id, Result.FAILED, error)
+        raise ToolFailed(
+            error,
+            f"its file system is on {self.host.name}: start it afresh (`phaul --host {self.host.name} ct start {m.ct_id}`) "
+            f"or restore it from a backup; CRIU's account: {logs / (m.migration_id + '-lazy-pages.log')}",
+        )
 
     def close_all(self) -> None:
         """Agent shutdown: abort what was not restored yet. A restored copy held
@@ -543,6 +653,28 @@ class Destination:
             except Exception as e:  # keep serving
                 log.warning("migration %s: %s", mid, e)
         return idle
+
+
+def _check_page_link(page_link: str, source: str, source_address: str) -> None:
+    """A post-copy page link must be on the source agent's own address, and this host must run post-copy."""
+    link_ip, _ = parse_endpoint(page_link)
+    if not source_address or link_ip != parse_endpoint(source_address)[0]:
+        raise Refused(
+            f"the page link {page_link} is not on {source}'s agent address {source_address or '(none given)'}",
+            "the source serves pages on its own agent's address only",
+        )
+    ok, why = lazy_link.available()
+    if not ok:
+        raise Conflict(f"this host cannot take a post-copy migration: {why}", "use --method precopy or stop-and-copy")
+
+
+def _stop_keeper(m: Incoming) -> None:
+    """End a keeper (a failed restore: the source still holds the container)."""
+    if m.keeper is not None and m.keeper.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(m.keeper.pid, signal.SIGKILL)
+        m.keeper.wait()
+    m.keeper = None
 
 
 def _announce(pid: int, ident: network.Identity) -> None:

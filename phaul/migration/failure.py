@@ -8,10 +8,16 @@
 - After the commit the source copy is gone: get the destination's copy
   running (`ok`), or, when the destination cannot be reached, `in_doubt`: the
   final images stay until `phaul recover` (or the agents' resolvers) settle it.
+- Post-copy, after the resume: the only complete state is split between the
+  destination's memory and the source's frozen tree. If the pages stop coming
+  for good the destination's keeper kills its copy before any task can read a
+  missing page (phaul.memory.lazy_link), the source kills its stale tree, and
+  the result is `failed`: the container is lost, and the report says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -44,6 +50,15 @@ def undo_preflight(m: SourceMigration) -> None:
 def settle(m: SourceMigration) -> Result:
     """Settle after a failure; returns the migration's result."""
     held, link = m.held, m.host.timeouts.call
+    if held.lost:  # post-copy: the destination's copy was killed for pages that never came, the source's too
+        m.remove_source()
+        _cleanup_method(m)
+        reports = m.host.state_dir / "reports"
+        with contextlib.suppress(OSError):  # CRIU's account of the page server, beside the report
+            reports.mkdir(exist_ok=True)
+            shutil.copy(m.dir / "work" / "dump.log", reports / f"{m.id}-dump.log")
+        shutil.rmtree(m.dir, ignore_errors=True)
+        return Result.FAILED
     if held.committed:
         m.remove_source()
         if not _resume_dest(m, deadline=time.monotonic() + 3 * link):
@@ -115,6 +130,8 @@ def _dest_state(m: SourceMigration, timeout: float) -> str | None:
 def _resume_source(m: SourceMigration) -> bool:
     """Make sure the source copy runs again; True if it does."""
     gate, dump = m.held.gate, m.held.dump
+    if m.held.method is not None and m.held.method.lazy:
+        m.end_lazy_dump()
     if gate is not None and dump is not None and dump.poll() is None:
         gate.release(commit=False)
         try:

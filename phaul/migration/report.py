@@ -64,6 +64,8 @@ class Report:
     criu_ms: dict[str, float] = field(default_factory=dict)
     error: str = ""
     stop_reason: str = ""
+    method_reason: str = ""  # why memory_method ran (phaul.memory.choice)
+    postcopy_ms: float = 0.0  # post-copy: from the resume until every page was on the destination
     started_at: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
 
@@ -93,9 +95,12 @@ class Report:
             ("memory method", self.memory_method),
             ("frozen", f"{self.frozen_ms:.0f} ms"),
             ("pauses", _pauses(self.pauses_ms)),
+            *([("post-copy", f"{self.postcopy_ms:.0f} ms from the resume to the last page")] if self.postcopy_ms else []),
             ("total", f"{self.total_ms:.0f} ms"),
             ("sent", f"{_size(self.bytes_sent)} ({_size(self.fs_bytes_sent)} file system)"),
         ]
+        if self.method_reason:
+            rows.append(("method chosen", self.method_reason))
         if self.stop_reason:
             rows.append(("rounds stopped", self.stop_reason))
         for label, timings in zip(("CRIU", "while frozen"), self._timings(), strict=True):

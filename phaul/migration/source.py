@@ -2,7 +2,7 @@
 
 preflight -> pre-copy rounds of memory and files while the container runs
 (phaul.memory.rounds under phaul.memory.policy, with a phaul.memory.methods
-method; with --precopy=off a file system pre-sync only) -> freeze and final
+method; with stop-and-copy a file system pre-sync only) -> freeze and final
 dump (held at the commit gate) -> final sync and memory transfer -> restore
 held stopped on the destination -> commit (the source copy is killed) ->
 resume on the destination -> clean-up.
@@ -13,15 +13,28 @@ destroyed only after the destination holds its copy; the destination copy runs
 only after the source copy is gone. What a failure does at each point is
 phaul.migration.failure's; this module only runs the steps and records what it
 holds (`Held`) as it goes.
+
+Post-copy (phaul.memory.lazy_link) changes the last two steps: CRIU leaves the
+private memory in the dumped tree and serves it once the dump is complete (the
+tree frozen by phaul, its segment port down); the destination restores without
+it, its keeper holding every task's userfaultfd; the commit then only marks the
+source tree as never to run again, and after the resume the only complete state
+is split between the destination's memory and the frozen source tree, until the
+last page has left (`postcopy`, the report's `postcopy_ms`); then the tree is
+killed. If the pages stop for good in that window the destination's copy is
+killed before any task could read a missing page: `failed`, the container lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -33,13 +46,14 @@ from phaul.agent.host import Host
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
 from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
-from phaul.channels.transport import parse_endpoint, rsh_env
+from phaul.channels.transport import TlsEndpoint, parse_endpoint, rsh_env, write_secret
 from phaul.checks import CheckState
 from phaul.config import MigrationOptions
 from phaul.errors import Conflict, PhaulError, Refused, ToolFailed
 from phaul.linux import criu, freezer, network, procfs
 from phaul.linux.doctor import criu_path, criu_version, features
-from phaul.memory import methods, policy
+from phaul.memory import choice, lazy_link, methods, policy
+from phaul.memory.choice import MiB
 from phaul.memory.page_stream import PageStream
 from phaul.memory.rounds import run_rounds
 from phaul.migration import failure, preflight
@@ -54,6 +68,11 @@ log = logging.getLogger(__name__)
 
 CT_EXCLUDES = ("criu.conf",)
 RESTORE_COSTS = "restore-costs.json"  # policy.RestoreCosts, per destination
+DUMP_COSTS = "dump-costs.json"  # policy.dump_costs, per destination
+SEND_COSTS = "send-costs.json"  # policy.send_costs, per destination
+LOST_MARK = "was lost on"  # in the destination's Finish error when its keeper killed the copy (phaul.migration.dest)
+POSTCOPY_MIN_RATE = 1 << 20  # bytes/s: a post-copy that moves slower than this for its whole memory has failed
+DIRTY_RATE_GUESS = 16 * MiB  # bytes/s a container rewrites, for auto's prediction before any round measured it
 
 
 Emit = Callable[[pb.Progress], None]
@@ -70,6 +89,9 @@ class Held:
     committed: bool = False  # the source copy is destroyed: the destination's copy is the one
     method: methods.MemoryMethod | None = None
     freeze: network.FreezeSignal | None = None  # addressed containers: when the final dump begins
+    page_link: TlsEndpoint | None = None  # post-copy: where the destination fetches pages (phaul.memory.lazy_link)
+    lazy_port: int = 0  # post-copy: the port of 127.0.0.1 CRIU serves the pages on
+    lost: bool = False  # post-copy failed after the resume: no copy of the container is left
 
 
 class SourceMigration:
@@ -95,6 +117,9 @@ class SourceMigration:
         self.held = Held()
         self._sender: RsyncSender
         self._secret = ""  # the destination's data-channel secret (Prepare's reply)
+        self._memory_bytes = 0  # the container's memory, as preflight measured it
+        self._choice = choice.Choice(choice.STOP_AND_COPY, "")  # preflight chooses
+        self._cost_inputs = choice.CostInputs(0, 0.0)  # ... from these figures
         self._t0 = time.monotonic()
         self.journal = host.journal
         self._journaled = ""  # the last step journaled
@@ -115,6 +140,7 @@ class SourceMigration:
         try:
             self._preflight()
         except BaseException as e:
+            self.close_page_link()
             failure.undo_preflight(self)
             self.journal.settle(self.id, "source", Result.REFUSED, str(e))
             raise
@@ -131,6 +157,7 @@ class SourceMigration:
             self.report.result = failure.settle(self)
         finally:
             self.stop_network_watch()
+            self.close_page_link()
             self._journal_result()
             self._clear_criu_config()
             if self.held.dest is not None:
@@ -156,13 +183,16 @@ class SourceMigration:
         dest = self.held.dest = connect(self.dest_address, self.dest_name, self.host.creds)
         dest.call("Info", pb.Empty(), timeout=10)
         checks, needs = preflight.run(self.host, self.ct_id, dest, self.dest_name)
+        self._memory_bytes = needs.memory if needs is not None else 0
         for c in checks:
             if c.status != CheckState.PASS:
                 self.log.warning("preflight %s on %s: %s: %s", c.name, c.host, c.status, c.message)
         refused = preflight.refusal(checks, self.options.force)
         if refused is not None:
             raise refused
+        self._choice = self._choose_method()
         self.dir.mkdir(parents=True)
+        page_link = self._open_page_link() if self._choice.method == choice.POSTCOPY else ""
         reply = dest.call(
             "Prepare",
             pb.PrepareRequest(
@@ -170,7 +200,7 @@ class SourceMigration:
                 criu_version=".".join(map(str, my_criu)),
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
-                source_address=self.host.listen,
+                source_address=self.host.listen, page_link=page_link,
             ),
             timeout=30,
         )
@@ -180,6 +210,8 @@ class SourceMigration:
         if not reply.secret:
             raise Refused(f"{self.dest_name} gave no data-channel secret", f"upgrade phaul on {self.dest_name}")
         self._secret = reply.secret  # in memory and in the environment of rsync and the page stream only
+        if page_link:  # and for post-copy's page link, in a 0600 file its endpoint's command reads
+            write_secret(self.dir / "page-link.secret", self._secret)
         self._sender = RsyncSender(
             self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.host.timeouts.link, self._secret,
             self.options.bandwidth,
@@ -204,7 +236,6 @@ class SourceMigration:
             self._phase("fs-presync", "copying the root file system while the container runs")
             presync = fs.sync(live=True).bytes_sent
             self.report.fs_bytes_sent += presync
-            self.report.stop_reason = "pre-copy off: a single stop-and-copy" if self.options.precopy == "off" else ""
             self._phase("fs-presync", f"root file system copied ({presync} bytes)", presync)
 
         method.prepare_final()
@@ -237,6 +268,8 @@ class SourceMigration:
             final = self._final_dump(parent=method.final_parent(), on_frozen=start_fs_sync)
             gate = self.held.gate
             assert gate is not None
+            if method.lazy:
+                self._start_page_server()
             frozen_at = gate.frozen_at_ns()
             report.phases_ms["dump"] = (_mtime_ns(gate.dir / "reached", time.time_ns()) - frozen_at) / 1e6
 
@@ -270,18 +303,56 @@ class SourceMigration:
         with report.timed("resume"):
             self.dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=60)
         final.frozen_ms = final.duration_ms = (time.time_ns() - frozen_at) / 1e6
+        if method.lazy:
+            self._await_pages()
         self.remove_source()
         stats = criu.read_stats(self.dir / "work", "dump")  # written once the dump has ended
-        report.take_criu_ms(stats, ("freezing", "frozen", "memdump", "memwrite"))
+        # CRIU's own "frozen" of a lazy dump runs until its last page left: not a pause of the container
+        keys = ("freezing", "memdump", "memwrite") if method.lazy else ("freezing", "frozen", "memdump", "memwrite")
+        report.take_criu_ms(stats, keys)
         final.pages_dumped = int(stats.get("pages_written", 0))
         report.add_final_round(final)
-        policy.RestoreCosts(self.host.state_dir / RESTORE_COSTS).record(
+        self._costs()[0].record(
             self.dest_name, final.pages_dumped, (time.monotonic() - t_restore) * 1000
         )
 
+    def _choose_method(self) -> choice.Choice:
+        """The memory method for the options and these hosts (phaul.memory.choice)."""
+        pages, mib = self._memory_bytes // methods.PAGE, max(1.0, self._memory_bytes / MiB)
+
+        def line(costs: policy.RestoreCosts) -> tuple[float, float]:  # (fixed ms, ms per MiB) at this size
+            fixed = costs.estimate(self.dest_name, 0)
+            return fixed, max(0.0, costs.estimate(self.dest_name, pages) - fixed) / mib
+
+        (restore_fixed, restore_per), (dump_fixed, dump_per), (_, send_per) = map(line, self._costs())
+        costs = self._cost_inputs = choice.CostInputs(
+            memory_bytes=self._memory_bytes, dirty_rate=DIRTY_RATE_GUESS, dump_fixed_ms=dump_fixed,
+            dump_ms_per_mib=dump_per, rate=MiB / (send_per / 1000) if send_per > 0 else 250e6,
+            restore_fixed_ms=restore_fixed, restore_ms_per_mib=restore_per,
+        )
+        unavailable = {}
+        if self.options.method == "postcopy" or (self.options.method == "auto" and choice.AUTO_POSTCOPY):
+            lazy_ok, lazy_why = lazy_link.available()  # may raise fs.pipe-max-size: only when post-copy may run
+            if not lazy_ok:
+                unavailable[choice.POSTCOPY] = f"{self.host.name}: {lazy_why}"
+        try:
+            picked = choice.choose(self.options.method, features(), costs, self.options.max_downtime_ms, unavailable)
+        except choice.MethodUnavailable as e:
+            raise Conflict(str(e), "use --method precopy or stop-and-copy") from None
+        self.report.method_reason = picked.reason
+        return picked
+
+    def _costs(self) -> tuple[policy.RestoreCosts, policy.RestoreCosts, policy.RestoreCosts]:
+        """What this host measured per destination: restores, pre-copy rounds' freezes, transfers."""
+        state = self.host.state_dir
+        return (
+            policy.RestoreCosts(state / RESTORE_COSTS), policy.dump_costs(state / DUMP_COSTS),
+            policy.send_costs(state / SEND_COSTS),
+        )
+
     def _memory_method(self) -> methods.MemoryMethod:
-        """The memory method for this host and the options (policy.choose_method)."""
-        name = policy.choose_method(self.options.precopy, features())
+        """The memory method `preflight` chose, ready to run."""
+        name = self._choice.method
         ct = self.host.containers
         ctx = methods.Context(
             ct=ct, ct_id=self.ct_id, dir=self.dir, sender=self._sender, apply_pages=self._apply_pages,
@@ -293,11 +364,18 @@ class SourceMigration:
 
     def _precopy(self, method: methods.MemoryMethod, fs: FsSync) -> None:
         """Pre-copy rounds until the convergence policy stops them."""
-        rules = policy.ConvergencePolicy(max_downtime_ms=self.options.max_downtime_ms, max_rounds=self.options.max_rounds)
-        costs = policy.RestoreCosts(self.host.state_dir / RESTORE_COSTS)
+        # auto chose pre-copy for a shorter longest pause within stop-and-copy's sum: the rounds keep to it
+        budget = choice.predict(choice.STOP_AND_COPY, self._cost_inputs).sum_ms if self.options.method == "auto" else 0.0
+        rules = policy.ConvergencePolicy(
+            max_downtime_ms=self.options.max_downtime_ms, max_rounds=self.options.max_rounds, pause_budget_ms=budget,
+        )
+        costs, dumps, sends = self._costs()
 
         def progress(fig: policy.RoundFigures, row: Round, d: policy.Decision) -> None:
             k = fig.round
+            dumps.record(self.dest_name, fig.pages, fig.frozen_ms)
+            if fig.bytes_sent >= MiB:
+                sends.record(self.dest_name, fig.bytes_sent // methods.PAGE, fig.send_ms)
             rate = fig.bytes_sent / (fig.send_ms / 1000) if fig.send_ms > 0 else 0.0  # the memory transfer's own rate
             self.emit(pb.Progress(
                 phase="precopy", round=k, bytes_sent=row.bytes_sent + row.fs_bytes_sent, rate=rate,
@@ -313,6 +391,26 @@ class SourceMigration:
         self.report.rounds.extend(result.rounds)
         self.report.fs_bytes_sent += result.fs_bytes_sent
         self.report.stop_reason = result.stop_reason
+
+    def _open_page_link(self) -> str:
+        """Post-copy: the endpoint the destination fetches pages from (its certificate
+        only, then the secret; phaul.memory.lazy_link.serve relays to CRIU's page server
+        on 127.0.0.1). Returns its ADDR:PORT on this agent's address."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.held.lazy_port = int(s.getsockname()[1])
+        endpoint = self.held.page_link = TlsEndpoint(
+            self.host.creds, self.host.address, self.dest_name,
+            [sys.executable, "-m", "phaul.memory.lazy_link", "serve", str(self.dir / "page-link.secret"),
+             str(self.held.lazy_port)],
+            self.host.timeouts.link, self.dir / "page-link.sealed",
+        )
+        return endpoint.open(self.dir / "page-link.log")
+
+    def close_page_link(self) -> None:
+        if self.held.page_link is not None:
+            self.held.page_link.close()
+            self.held.page_link = None
 
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
@@ -336,9 +434,16 @@ class SourceMigration:
         images.mkdir()
         work.mkdir()
         gate = self.held.gate = criu.CommitGate(self.dir / "gate", self.host.timeouts.gate, freezer=ct.freezer_state(self.ct_id))
-        ct.set_criu_options(self.ct_id, gate.criu_options() + self._watch_freeze())
+        lazy = self.held.lazy_port if self.held.method is not None and self.held.method.lazy else 0
+        ct.set_criu_options(
+            self.ct_id, gate.criu_options() + self._watch_freeze() + (lazy_link.SOURCE_CRIU_OPTIONS if lazy else "")
+        )
         # Connections always travel; with --tcp=close the destination ends them cleanly (FIN) before it runs.
-        args = ct.checkpoint_cmd(self.ct_id, images, work, tcp_established=True, parent_path=parent)
+        # Post-copy leaves the tree running as far as CRIU is concerned (phaul's freezer holds it
+        # still): a restore that fails can then still roll back, the network lock lifted by CRIU.
+        args = ct.checkpoint_cmd(
+            self.ct_id, images, work, tcp_established=True, parent_path=parent, lazy_port=lazy, leave_running=bool(lazy),
+        )
         with open(work / "runc-checkpoint.log", "wb") as out:
             dump = self.held.dump = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         timeout = self.host.timeouts.dump
@@ -365,6 +470,14 @@ class SourceMigration:
         removal (`remove_source`) waits until the destination's copy runs."""
         gate, dump = self.held.gate, self.held.dump
         assert gate is not None and dump is not None
+        if self.held.method is not None and self.held.method.lazy:
+            # Post-copy: the destination holds its copy and every task's userfaultfd; the
+            # frozen source tree (serving pages) never runs again. _await_pages ends it.
+            self.held.committed = True
+            if self.host.containers.config(self.ct_id).ip:
+                network.unplug(self.ct_id)
+            self._journal_step("source-destroyed")
+            return
         if not gate.release(commit=True):
             raise ToolFailed("the dumped container was not waiting at the commit gate (its CRIU or the gate ended)")
         # The gate script acknowledges what it read; only then is the commit certain
@@ -390,6 +503,58 @@ class SourceMigration:
         if self.host.containers.config(self.ct_id).ip:
             network.unplug(self.ct_id)  # before the destination plugs the same address in
         self._journal_step("source-destroyed")
+
+    def _start_page_server(self) -> None:
+        """Post-copy, the dump complete: let CRIU go on to serve the pages. It lifts its
+        network lock then, so an addressed container's port on the segment goes down first
+        (nothing reaches or leaves the frozen tree); phaul's freezer keeps the tree still."""
+        if self.host.containers.config(self.ct_id).ip:
+            network.isolate(self.ct_id)
+        gate = self.held.gate
+        assert gate is not None
+        if not gate.release(commit=True):
+            raise ToolFailed("the dumped container was not waiting at the commit gate (its CRIU or the gate ended)")
+
+    def end_lazy_dump(self) -> None:
+        """Post-copy, before the commit: make CRIU give up serving pages and put the source
+        back on its segment; the caller thaws the tree (failure rules). Idempotent."""
+        self.close_page_link()  # ends a relayed connection: CRIU's transfer fails
+        dump = self.held.dump
+        if dump is not None and dump.poll() is None:
+            with contextlib.suppress(OSError):  # nobody connected yet: CRIU waits in accept()
+                socket.create_connection(("127.0.0.1", self.held.lazy_port), timeout=1).close()
+            try:
+                dump.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                dump.kill()  # its network lock is lifted already; the freezer holds the tree
+                dump.wait()
+        if self.host.containers.config(self.ct_id).ip:
+            network.rejoin(self.ct_id)
+
+    def _await_pages(self) -> None:
+        """Post-copy, the destination running: wait until CRIU has served the last page
+        (its dump ends), then ask the destination whether every page arrived. Raises
+        ToolFailed when the container was lost (`Held.lost`)."""
+        dump = self.held.dump
+        assert dump is not None
+        t0 = time.monotonic()
+        self._phase("postcopy", f"{self.ct_id} runs on {self.dest_name}; its memory follows")
+        limit = max(self.host.timeouts.dump, self._memory_bytes / POSTCOPY_MIN_RATE)
+        try:
+            rc = dump.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.log.error("post-copy did not end within %.0f s: ending the source's page server", limit)
+            dump.kill()
+            rc = dump.wait()
+        self.report.postcopy_ms = (time.monotonic() - t0) * 1000
+        self.close_page_link()
+        self.host.containers.kill(self.ct_id)  # the frozen tree: it dies before it could run
+        try:
+            self.dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.link * 2 + 30)
+        except PhaulError as e:
+            self.held.lost = LOST_MARK in e.message  # else the destination could not say (it restarted, or is unreachable)
+            why = "" if rc == 0 else f" (the source's page server ended with {rc}; see {self.dir / 'work' / 'dump.log'})"
+            raise ToolFailed(f"post-copy failed: {e.message}{why}", e.hint) from None
 
     def _source_dead(self) -> bool:
         """True once no process of the source copy can run again (all gone or

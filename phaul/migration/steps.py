@@ -32,6 +32,7 @@ class Step(StrEnum):
     RESTORE = "restore"
     COMMIT = "commit"
     RESUME = "resume"
+    POSTCOPY = "postcopy"  # source, post-copy only: the destination runs, its pages still arriving
     CLEANUP = "cleanup"
 
 

@@ -1,0 +1,346 @@
+"""Post-copy's page link: CRIU's lazy pages between the two hosts, over TLS, guarded.
+
+Source: the final dump (`runc checkpoint --lazy-pages`) leaves private
+memory in the frozen tree and, once the commit gate lets it go on, serves
+pages on 127.0.0.1:PORT (CRIU's page server; `address 127.0.0.1` in its
+configuration keeps it off every other address). A per-migration
+`phaul.channels.transport.TlsEndpoint` that accepts only the destination's
+certificate runs `serve` for the connection: the first line must be the
+migration's secret, then bytes are relayed to and from CRIU's page server
+(dialled until it listens: CRIU opens it only after the commit).
+
+Destination: `keep` runs, in its own session (it outlives an agent restart),
+for the whole post-copy:
+- CRIU's lazy-pages daemon, its child, told to fetch pages from a relay on
+  127.0.0.1 that this process listens on; the restore (`runc restore
+  --lazy-pages`) hands the daemon one userfaultfd per task;
+- the uffd guard (`phaul.memory.uffd_guard`): once the daemon has every
+  task's userfaultfd (it connects to the relay only then) this process holds
+  a duplicate of each, and takes those of forked tasks as they appear;
+- the relay: the daemon's connection <-> the TLS link to the source
+  (`TLS_RSH`, the secret first).
+It reports on its status file, one JSON object a line: `{"listening": PORT}`,
+`{"held": N}` (the restore may resume the copy only after this), `{"done":
+"ok"}` when the daemon ended with every page in place, `{"done": "lost",
+"error": ...}` when it did not: the container's tasks were killed first,
+while the guard still held their userfaultfds, so no task ever read a page
+that had not arrived (a zero-filled page is silent corruption; a dead
+container is stated plainly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from phaul.linux import freezer
+from phaul.linux.doctor import PIPE_MAX_WANTED  # CRIU splices page runs through pipes this large
+from phaul.memory import uffd_guard
+from phaul.memory.uffd_guard import UffdGuard
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
+GRAB_INTERVAL = 0.01  # s between looks for the userfaultfds of newly forked tasks
+DIAL_TIMEOUT = 120.0  # s the source's relay waits for CRIU's page server (it opens at the commit)
+SOURCE_CRIU_OPTIONS = "address 127.0.0.1\n"  # CRIU's lazy page server listens on the loopback only
+PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+
+
+def available() -> tuple[bool, str]:
+    """Can this host take part in a post-copy migration? Raises fs.pipe-max-size to what
+    CRIU's lazy pages need when this process cannot exceed it (no CAP_SYS_RESOURCE)."""
+    from phaul.linux.doctor import features
+
+    if not features().get("uffd"):
+        return False, "CRIU finds no non-cooperative userfaultfd on this kernel (`criu check --feature uffd-noncoop`)"
+    ok, why = uffd_guard.available()
+    if not ok:
+        return False, f"the userfaultfd guard cannot work here: {why}"
+    try:
+        size = int(PIPE_MAX.read_text())
+        if size < PIPE_MAX_WANTED and not _has_sys_resource():
+            PIPE_MAX.write_text(f"{PIPE_MAX_WANTED}\n")
+            log.warning("raised fs.pipe-max-size from %d to %d for CRIU's lazy pages", size, PIPE_MAX_WANTED)
+    except (OSError, ValueError) as e:
+        return False, f"fs.pipe-max-size is below the {PIPE_MAX_WANTED} lazy pages need and cannot be raised: {e}"
+    return True, "userfaultfd, the uffd guard and fs.pipe-max-size are in place"
+
+
+def _has_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+# -- source ------------------------------------------------------------------------------
+
+
+def serve(secret: str, port: int, rx: BinaryIO, tx: BinaryIO, dial_timeout: float = DIAL_TIMEOUT) -> int:
+    """Check the secret on `rx`, then relay `rx`/`tx` to CRIU's page server on 127.0.0.1:`port`."""
+    given = _read_line(rx.fileno(), 256)
+    if not secret or not hmac.compare_digest(given, secret.encode()):
+        print("phaul lazy link: wrong or missing migration secret", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + dial_timeout
+    while True:
+        try:
+            sk = socket.create_connection(("127.0.0.1", port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                print(f"phaul lazy link: CRIU's page server on port {port} never listened", file=sys.stderr)
+                return 1
+            time.sleep(0.005)
+    sk.settimeout(None)
+    sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _relay(sk, rx.fileno(), tx.fileno())
+    return 0
+
+
+def _read_line(fd: int, limit: int) -> bytes:
+    """One line from `fd`, read a byte at a time: nothing after it is taken from the descriptor."""
+    line = b""
+    while len(line) < limit and not line.endswith(b"\n"):
+        c = os.read(fd, 1)
+        if not c:
+            break
+        line += c
+    return line.rstrip(b"\n")
+
+
+# -- destination -------------------------------------------------------------------------
+
+
+class Keeper:
+    """The destination's post-copy process (see the module's docstring)."""
+
+    def __init__(self, criu: str, images: Path, work: Path, status: Path, secret: str, procs: list[Path]) -> None:
+        self.criu, self.images, self.work, self.status = criu, images, work, status
+        self.secret = secret
+        self.procs = procs  # the container's cgroup.procs files (made by the restore, after this started)
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.guard: UffdGuard | None = None
+        self.link: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> int:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with open(self.work / "lazy-pages.out", "ab") as out:
+            self.daemon = subprocess.Popen(
+                [self.criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+                 "-D", str(self.images), "-W", str(self.work), "-o", "lazy-pages.log", "-v4"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            )
+        daemon = self.daemon
+        self.guard = UffdGuard(daemon.pid, self._kill_container, completed=lambda: daemon.wait() == 0)
+        link = self._dial()  # before the restore: its first faults must not wait for a handshake
+        self._say(listening=port, daemon=daemon.pid)
+        conn = self._accept(listener)
+        if conn is None:
+            return self._end()
+        # The daemon connects only once it holds every restored task's userfaultfd.
+        self._say(held=self.guard.grab())
+        threading.Thread(target=self._relay_link, args=(conn, link), name="lazy-link", daemon=True).start()
+        while daemon.poll() is None:
+            time.sleep(GRAB_INTERVAL)
+            try:
+                self.guard.grab()
+            except OSError:  # the daemon ended meanwhile
+                break
+        return self._end()
+
+    def _accept(self, listener: socket.socket) -> socket.socket | None:
+        assert self.daemon is not None
+        listener.settimeout(0.05)
+        while self.daemon.poll() is None:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(None)
+                return conn
+            except TimeoutError:
+                continue
+        return None
+
+    def _dial(self) -> subprocess.Popen[bytes]:
+        """The TLS link to the source (TLS_RSH, the environment set by the agent), the secret sent."""
+        link = self.link = subprocess.Popen(
+            ["sh", str(TLS_RSH)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+        )
+        assert link.stdin is not None
+        link.stdin.write(self.secret.encode() + b"\n")
+        link.stdin.flush()
+        return link
+
+    @staticmethod
+    def _relay_link(conn: socket.socket, link: subprocess.Popen[bytes]) -> None:
+        """Relay the daemon's connection over the link until either ends."""
+        assert link.stdin is not None and link.stdout is not None
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _relay(conn, link.stdout.fileno(), link.stdin.fileno())
+        log.info("the page link to the source ended")
+
+    def _end(self) -> int:
+        assert self.daemon is not None and self.guard is not None
+        rc = self.daemon.wait()
+        if rc == 0:
+            self.guard.finish()
+            self._say(done="ok")
+        else:
+            self.guard.wait()  # it kills the container, then lets go of the userfaultfds
+            self._say(done="lost", error=_daemon_error(self.work, rc))
+        if self.link is not None and self.link.poll() is None:
+            self.link.kill()
+        return 0 if rc == 0 else 1
+
+    def _kill_container(self) -> None:
+        """Every task of the container dies before the guard releases a userfaultfd: frozen
+        (no fork slips through), killed, thawed so that they die. Returns only once none
+        is left (the guard holds the userfaultfds meanwhile: a task that lives on waits)."""
+        states = [f.parent / "freezer.state" for f in self.procs if (f.parent / "freezer.state").is_file()]
+        for state in states:
+            try:
+                freezer.freeze(state)
+            except OSError as e:
+                log.warning("cannot freeze %s: %s", state, e)
+        if not any(f.is_file() for f in self.procs):
+            log.warning("none of the container's cgroups exists (%s): nothing to kill", ", ".join(map(str, self.procs)))
+        next_word = time.monotonic() + 30
+        while True:
+            pids = [p for f in self.procs for p in _read_pids(f)]
+            if not pids:
+                break
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for state in states:
+                try:
+                    freezer.thaw(state)  # killed tasks must run to die
+                except OSError:
+                    pass
+            if time.monotonic() > next_word:
+                log.error("tasks %s of the container do not die; their userfaultfds stay held", pids)
+                next_word = time.monotonic() + 30
+            time.sleep(0.01)
+
+    def _say(self, **what: object) -> None:
+        with open(self.status, "a") as f:
+            f.write(json.dumps(what) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _daemon_error(work: Path, rc: int) -> str:
+    try:
+        lines = (work / "lazy-pages.log").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [line for line in lines if "Error" in line or "FAILED" in line]
+    return f"CRIU's lazy-pages daemon ended with {rc}" + (f": {errors[-1].strip()}" if errors else "")
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def read_status(path: Path) -> dict[str, object]:
+    """Everything the keeper said so far, the later keys over the earlier."""
+    out: dict[str, object] = {}
+    try:
+        for line in path.read_text().splitlines():
+            try:
+                out.update(json.loads(line))
+            except ValueError:
+                continue
+    except OSError:
+        pass
+    return out
+
+
+# -- both --------------------------------------------------------------------------------
+
+
+def _relay(sk: socket.socket, rx: int, tx: int) -> None:
+    """Bytes from descriptor `rx` to `sk` and from `sk` to descriptor `tx` until either side ends."""
+    done = threading.Event()
+
+    def up() -> None:
+        try:
+            while chunk := os.read(rx, CHUNK):
+                sk.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            done.set()
+            try:
+                sk.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=up, daemon=True)
+    t.start()
+    try:
+        # CRIU writes a header, then the pages, on a socket without TCP_NODELAY: acknowledge at
+        # once, or its Nagle waits for our delayed ACK (40 ms a request on the loopback).
+        while chunk := sk.recv(CHUNK):
+            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(tx, view):]
+    except OSError:
+        pass
+    finally:
+        try:
+            os.close(tx)
+        except OSError:
+            pass
+    done.wait()
+    sk.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phaul.memory.lazy_link")
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("serve", help="source: one connection of the page link, on stdin/stdout")
+    s.add_argument("secret_file", type=Path)
+    s.add_argument("port", type=int)
+    k = sub.add_parser("keep", help="destination: the lazy-pages daemon, its guard and its link")
+    k.add_argument("--criu", required=True)
+    k.add_argument("--images", type=Path, required=True)
+    k.add_argument("--work", type=Path, required=True)
+    k.add_argument("--status", type=Path, required=True)
+    k.add_argument("--secret-file", type=Path, required=True)
+    k.add_argument("--procs", type=Path, action="append", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s lazy-link %(levelname)s %(message)s")
+    from phaul.channels.transport import read_secret
+
+    if args.role == "serve":
+        return serve(read_secret(args.secret_file), args.port, sys.stdin.buffer, sys.stdout.buffer)
+    keeper = Keeper(args.criu, args.images, args.work, args.status, read_secret(args.secret_file), args.procs)
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Post-copy in the lab (issue 12): CRIU's lazy pages through phaul's page link and uffd guard.
+
+A container holding memload's self-verifying memory and an echo server with a client
+connected moves with `--method postcopy`: one pause, the pages after the resume, every
+page verified on the destination, the connection intact. Then the failure rules: a
+restore that fails rolls back (the source, frozen by phaul while CRIU served pages,
+runs again with its memory intact), and a destination page handler killed after the
+resume kills the destination's copy instead of letting it read zeros; the result is
+`failed`, said plainly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import TEST_SUBNET, Lab, wait_for
+from faultlib import criu_pids, finish, leftovers, link, migrate_async, release, wait_paused
+from test_precopy import _start_memload, _verify_memory
+
+from phaul.linux import network
+from phaul.testing import lab as lab_mod
+from phaul.testing import probe as probes
+
+pytestmark = pytest.mark.lab
+ECHO_PORT = 7007
+
+
+def _lazy_daemons(lab: Lab, host: str) -> list[int]:
+    """PIDs of CRIU lazy-pages daemons working in `host`'s state directory."""
+    state = str(lab.state_dir(host))
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                args = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"lazy-pages" in args and any(a.startswith(state.encode()) for a in args):
+                found.append(int(d))
+    return found
+
+
+def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
+    lab = clean_lab
+    ip = lab_mod.container_address(TEST_SUBNET, 7)
+    lab.phaul("--host", "alpha", "ct", "create", "pc1", "--memory", "352M", "--ip", f"{ip}/24")
+    lab.phaul("--host", "alpha", "ct", "start", "pc1", "--", "/bin/sh", "-c",
+              f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & exec memload --size 256 --rate 8")
+    wait_for(lambda: lab.exec("alpha", "pc1", "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
+             timeout=60, what="memload in pc1")
+    wait_for(lambda: probes.short_probe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", seconds=0.05)[0] == 0,
+             timeout=30, what="the echo server in pc1")
+    probe = probes.LongProbe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", "--interval-ms", "10")
+    try:
+        time.sleep(0.5)
+        report = lab.migrate("pc1", "alpha", "beta", "--method", "postcopy")
+        assert report["result"] == "ok", report
+        assert report["memory_method"] == "postcopy", report
+        assert report["postcopy_ms"] > 0, report
+        [final] = report["rounds"]
+        assert final["pages_dumped"] < 256 * 256 // 4, final  # the memory stayed behind
+        assert len(report["pauses_ms"]) == 1, report
+        assert probe.proc.poll() is None, probe.stop()
+        time.sleep(0.5)
+        rc, result = probe.stop()
+        print(f"\npost-copy 256 MiB: frozen {report['frozen_ms']:.0f} ms, post-copy window {report['postcopy_ms']:.0f} ms, "
+              f"client pauses {result.get('pauses_ms')}, longest gap {result.get('max_gap_ms')} ms")
+        assert rc == 0, result
+        assert not result["reset"] and not result["eof"] and result["wrong"] == 0 and result["missing"] == 0, result
+    finally:
+        probe.kill()
+    assert _verify_memory(lab, "beta", "pc1").startswith("ok pages=65536")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    assert _lazy_daemons(lab, "beta") == []
+    assert leftovers(lab, "alpha") == []
+    veth = "link " + network.host_veth("pc1")  # the moved container's own port
+    assert [x for x in leftovers(lab, "beta", keep_ct="pc1") if x != veth] == []
+
+
+def test_postcopy_restore_failure_rolls_back(clean_lab: Lab) -> None:
+    """CRIU already serves the pages when the restore fails: the source gives up its page
+    server, its frozen tree runs again, and its memory is intact."""
+    lab = clean_lab
+    _start_memload(lab, "pcrb", 64, 4)
+    report = lab.migrate("pcrb", "alpha", "beta", "--method", "postcopy", fault="restore:damage-image", check=False)
+    assert report["result"] == "rolled_back", report
+    [info] = lab.ct_list("alpha")
+    assert info["state"] == "running", info
+    assert _verify_memory(lab, "alpha", "pcrb").startswith("ok pages=16384")
+    assert lab.ct_list("beta") == []
+    assert _lazy_daemons(lab, "beta") == []
+    assert leftovers(lab, "alpha", keep_ct="pcrb") == [] and leftovers(lab, "beta") == []
+
+
+@pytest.mark.parametrize("killed", ["destination page handler", "source page server"])
+def test_postcopy_page_source_killed_after_the_resume(clean_lab: Lab, killed: str) -> None:
+    """The destination runs, pages still arriving; its lazy-pages daemon, or the source's
+    CRIU serving the pages, is killed. The keeper, holding every userfaultfd, kills the
+    copy before any task can fault on a page that never came; the migration is `failed`,
+    the container lost, and the report says so."""
+    lab = clean_lab
+    ct = "pclost" if killed.startswith("destination") else "pcsrc"
+    _start_memload(lab, ct, 512, 4)
+    proc = migrate_async(lab, ct, "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        wait_paused(lab, "alpha", proc)
+        victims = _lazy_daemons(lab, "beta") if killed.startswith("destination") else criu_pids(lab, "alpha")
+        assert victims, f"no {killed} while pages are due"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        release(lab, "alpha")
+    report = finish(proc)
+    assert report["result"] == "failed", report
+    assert "lost" in report["error"] and "killed" in report["error"], report["error"]
+    print(f"\npost-copy, {killed} killed: {report['result']}: {report['error'][:300]}")
+    assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    assert _lazy_daemons(lab, "beta") == []
+    # the file system stays on beta, the copy stopped: `ct start` would boot it afresh
+    assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct=ct) == []
+
+
+def test_hybrid_is_refused_before_anything_moves(clean_lab: Lab) -> None:
+    lab = clean_lab
+    _start_memload(lab, "pchy", 16, 1)
+    proc = lab.phaul("--host", "alpha", "migrate", "pchy", "beta", "--method", "hybrid", check=False)
+    assert proc.returncode == 2 and "hybrid migration is not built yet" in proc.stderr and "hint:" in proc.stderr, proc.stderr
+    [info] = lab.ct_list("alpha")
+    assert info["state"] == "running" and lab.ct_list("beta") == []
+    assert leftovers(lab, "alpha", keep_ct="pchy") == [] and leftovers(lab, "beta") == []
+
+
+def test_postcopy_link_cut_for_5s_finishes(clean_lab: Lab) -> None:
+    """The link between the hosts cut for 5 s while pages are due: the faulting tasks wait
+    (nothing is filled in), the page link's TCP connection outlives the cut (it gives up
+    only after twice --link-timeout, 10 s in the lab), and the transfer finishes."""
+    lab = clean_lab
+    _start_memload(lab, "pccut", 512, 4)
+    proc = migrate_async(lab, "pccut", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        wait_paused(lab, "alpha", proc)
+        link("alpha", up=False)
+        release(lab, "alpha")
+        time.sleep(5)
+    finally:
+        link("alpha", up=True)
+        release(lab, "alpha")
+    report = finish(proc)
+    assert report["result"] == "ok", report
+    print(f"\npost-copy through a 5 s cut: window {report['postcopy_ms']:.0f} ms")
+    assert report["postcopy_ms"] > 4000, report
+    assert _verify_memory(lab, "beta", "pccut").startswith("ok pages=131072")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
