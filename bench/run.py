@@ -339,7 +339,7 @@ class Bench:
         final = rep["rounds"][-1]
         r.frozen_ms, r.total_ms, r.bytes_sent = rep["frozen_ms"], rep["total_ms"], rep["bytes_sent"]
         r.frozen_bytes_sent = final["bytes_sent"] + final["fs_bytes_sent"]
-        keep = ("freezing", "frozen", "memdump", "memwrite", "restore", "image_check")  # image_check: the destination's
+        keep = ("freezing", "frozen", "memdump", "memwrite", "restore", "image_check", "runc_restore", "lazy_start", "lazy_held")  # image_check: the destination's
         r.criu_ms = {k: v for k, v in rep["criu_ms"].items() if k in keep}
         r.resident_bytes = final["pages_dumped"] * 4096
         r.rounds = len(rep["rounds"])

@@ -181,12 +181,19 @@ def _init_seccomp(lab: Lab, host: str, ct: str) -> list[str]:
         ["runc", "--root", str(lab.state_dir(host) / "runc"), "ps", "--format", "json", ct],
         capture_output=True, text=True, check=True,
     ).stdout)
-    pids = sorted(set(state) | {info["pid"]})
-    fields = []
-    for pid in pids:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fields += [line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")]
+    fields = [_seccomp_field(info["pid"])]  # init: it must be there
+    for pid in sorted(set(state) - {info["pid"]}):
+        try:  # the counter's short-lived children (its sleep) may have ended since runc listed them
+            fields.append(_seccomp_field(pid))
+        except FileNotFoundError:
+            pass
     return fields
+
+
+def _seccomp_field(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    [field] = [line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")]
+    return field
 
 
 def _ping(lab: Lab, host: str, ct: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,10 @@ import time
 
 import pytest
 from conftest import TEST_SUBNET, Lab, wait_for
-from faultlib import criu_pids, finish, leftovers, link, migrate_async, release, wait_paused
+from faultlib import (
+    criu_pids, finish, kill_agent, leftovers, link, migrate_async, recover, release, restart_agents, runc_state, wait_paused,
+    where,
+)
 from test_precopy import _start_memload, _verify_memory
 
 from phaul.linux import network
@@ -60,6 +63,7 @@ def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
         assert report["result"] == "ok", report
         assert report["memory_method"] == "postcopy", report
         assert report["postcopy_ms"] > 0, report
+        assert report["postcopy_bytes"] >= 250 << 20, report  # the memory crossed after the resume
         [final] = report["rounds"]
         assert final["pages_dumped"] < 256 * 256 // 4, final  # the memory stayed behind
         assert len(report["pauses_ms"]) == 1, report
@@ -155,3 +159,25 @@ def test_postcopy_link_cut_for_5s_finishes(clean_lab: Lab) -> None:
     assert report["postcopy_ms"] > 4000, report
     assert _verify_memory(lab, "beta", "pccut").startswith("ok pages=131072")
     assert [c["id"] for c in lab.ct_list("alpha")] == []
+
+
+def test_postcopy_source_agent_killed(clean_lab: Lab) -> None:
+    """The source agent dies while pages are due. CRIU and the page link outlive it, so the
+    transfer goes on; the restarted agent never resumes the frozen source tree (it was
+    committed): it destroys it, and the container runs on beta with every page right."""
+    lab = clean_lab
+    _start_memload(lab, "pcagent", 256, 4)
+    proc = migrate_async(lab, "pcagent", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        mid, _ = wait_paused(lab, "alpha", proc)
+        kill_agent(lab, "alpha")
+    finally:
+        release(lab, "alpha")
+    finish(proc)
+    restart_agents(lab)
+    wait_for(lambda: where(lab, "pcagent").running == ["beta"] and runc_state(lab, "alpha", "pcagent") is None,
+             timeout=120, what="the source settled by its restarted agent")
+    outcomes = recover(lab, "alpha", mid)
+    assert all(o["result"] in ("ok", "in_progress") for o in outcomes), outcomes
+    assert _verify_memory(lab, "beta", "pcagent").startswith("ok pages=65536")
+    assert where(lab, "pcagent").running == ["beta"]

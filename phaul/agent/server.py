@@ -383,10 +383,9 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.Empty()
 
     @_rpc
-    def Finish(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+    def Finish(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.FinishReply:
         self._incoming(request.migration_id, _peer_name(context))
-        self.dest.finish(request.migration_id)
-        return pb.Empty()
+        return pb.FinishReply(postcopy_bytes=self.dest.finish(request.migration_id))
 
     # -- settling migrations (phaul.migration.recovery) -----------------------------------------
 

@@ -336,24 +336,22 @@ class RuncContainers(ContainerKind):
     def resume(self, ct_id: str, keep_stopped: tuple[int, ...] = ()) -> ContainerInfo:
         """Let the container run again: thaws a paused one and sends SIGCONT to a tree
         restored stopped (CRIU's leave-stopped), but to the tasks whose container PIDs are in
-        `keep_stopped`; a running one is left as it is."""
-        self.config(ct_id)  # NotFound
+        `keep_stopped`; a running one is left as it is. This ends a migration's freeze, so
+        it runs runc once (its state), twice for a paused one, and signals the tasks itself."""
+        config = self.config(ct_id)  # NotFound
         state = self._runc_state(ct_id)
         if state is None or state["status"] not in ("running", "paused"):
             raise Conflict(f"container {ct_id!r} has no processes to resume", f"start it: phaul ct start {ct_id}")
         if state["status"] == "paused":
             self._runc("resume", ct_id)
-        if not keep_stopped:
-            self._runc("kill", "--all", ct_id, "CONT")
-        else:
-            self._continue_all_but(ct_id, set(keep_stopped))
+        self._continue_all_but(ct_id, set(keep_stopped), int(state.get("pid") or 0))
         log.info("resumed container %s", ct_id)
-        return self.info(ct_id)
+        return ContainerInfo(id=ct_id, state="running", pid=state.get("pid") or None, memory_limit=config.memory, ip=config.ip)
 
-    def _continue_all_but(self, ct_id: str, keep: set[int]) -> None:
-        """SIGCONT to every process of the container whose PID in it is not in `keep`."""
+    def _continue_all_but(self, ct_id: str, keep: set[int], init: int) -> None:
+        """SIGCONT to every process of the container (init `init`) whose PID in it is not in `keep`."""
         state = self.freezer_state(ct_id)
-        pids = freezer.pids(state) if state is not None else procfs.tree(self.info(ct_id).pid or 0)
+        pids = freezer.pids(state) if state is not None else procfs.tree(init)
         for pid in pids:
             ns_pid = procfs.status(pid).get("NSpid", "").split()
             if ns_pid and int(ns_pid[-1]) in keep:

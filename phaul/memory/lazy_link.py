@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
 GRAB_INTERVAL = 0.01  # s between looks for the userfaultfds of newly forked tasks
+GO = b"go\n"  # what the agent writes to a waiting keeper's stdin to start it
 DIAL_TIMEOUT = 120.0  # s the source's relay waits for CRIU's page server (it opens at the commit)
 SOURCE_CRIU_OPTIONS = "address 127.0.0.1\n"  # CRIU's lazy page server listens on the loopback only
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
@@ -135,8 +136,13 @@ class Keeper:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.guard: UffdGuard | None = None
         self.link: subprocess.Popen[bytes] | None = None
+        self.relay: threading.Thread | None = None
+        self.received = 0  # bytes from the source (the pages after the resume, CRIU's headers)
 
-    def run(self) -> int:
+    def run(self, go: BinaryIO) -> int:
+        """Wait for GO on `go` (the agent, once the images are here), then keep the post-copy."""
+        if go.readline(16) != GO:
+            return 0  # the migration ended before its restore (or the agent died)
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
@@ -157,7 +163,8 @@ class Keeper:
             return self._end()
         # The daemon connects only once it holds every restored task's userfaultfd.
         self._say(held=self.guard.grab())
-        threading.Thread(target=self._relay_link, args=(conn, link), name="lazy-link", daemon=True).start()
+        self.relay = threading.Thread(target=self._relay_link, args=(conn, link), name="lazy-link", daemon=True)
+        self.relay.start()
         while daemon.poll() is None:
             time.sleep(GRAB_INTERVAL)
             try:
@@ -188,20 +195,21 @@ class Keeper:
         link.stdin.flush()
         return link
 
-    @staticmethod
-    def _relay_link(conn: socket.socket, link: subprocess.Popen[bytes]) -> None:
+    def _relay_link(self, conn: socket.socket, link: subprocess.Popen[bytes]) -> None:
         """Relay the daemon's connection over the link until either ends."""
         assert link.stdin is not None and link.stdout is not None
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _relay(conn, link.stdout.fileno(), link.stdin.fileno())
-        log.info("the page link to the source ended")
+        self.received = _relay(conn, link.stdout.fileno(), link.stdin.fileno())
+        log.info("the page link to the source ended after %d bytes", self.received)
 
     def _end(self) -> int:
         assert self.daemon is not None and self.guard is not None
         rc = self.daemon.wait()
         if rc == 0:
             self.guard.finish()
-            self._say(done="ok")
+            if self.relay is not None:
+                self.relay.join(timeout=5)  # the link's last bytes are counted
+            self._say(done="ok", received=self.received)
         else:
             self.guard.wait()  # it kills the container, then lets go of the userfaultfds
             self._say(done="lost", error=_daemon_error(self.work, rc))
@@ -242,10 +250,13 @@ class Keeper:
             time.sleep(0.01)
 
     def _say(self, **what: object) -> None:
-        with open(self.status, "a") as f:
-            f.write(json.dumps(what) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.status, "a") as f:
+                f.write(json.dumps(what) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # its directory removed (an agent that settled the migration): keep guarding
+            log.warning("cannot write %s: %s", self.status, e)
 
 
 def _daemon_error(work: Path, rc: int) -> str:
@@ -281,14 +292,18 @@ def read_status(path: Path) -> dict[str, object]:
 # -- both --------------------------------------------------------------------------------
 
 
-def _relay(sk: socket.socket, rx: int, tx: int) -> None:
-    """Bytes from descriptor `rx` to `sk` and from `sk` to descriptor `tx` until either side ends."""
+def _relay(sk: socket.socket, rx: int, tx: int) -> int:
+    """Bytes from descriptor `rx` to `sk` and from `sk` to descriptor `tx` until either side
+    ends. Returns how many went from `rx` to `sk`."""
     done = threading.Event()
+    sent = 0
 
     def up() -> None:
+        nonlocal sent
         try:
             while chunk := os.read(rx, CHUNK):
                 sk.sendall(chunk)
+                sent += len(chunk)
         except OSError:
             pass
         finally:
@@ -317,6 +332,7 @@ def _relay(sk: socket.socket, rx: int, tx: int) -> None:
             pass
     done.wait()
     sk.close()
+    return sent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "serve":
         return serve(read_secret(args.secret_file), args.port, sys.stdin.buffer, sys.stdout.buffer)
     keeper = Keeper(args.criu, args.images, args.work, args.status, read_secret(args.secret_file), args.procs)
-    return keeper.run()
+    return keeper.run(sys.stdin.buffer)
 
 
 if __name__ == "__main__":

@@ -204,10 +204,13 @@ class Destination:
                 for area in AREAS:
                     (m.recv_dir / area).mkdir(parents=True)
                 write_secret(m.secret_file, secret)
+                if page_link:
+                    self._spawn_keeper(m, page_link)
                 address = receiver.open()
                 (mdir / "data-channel.pid").write_text(f"{receiver.endpoint.pid}\n")
                 self._watch_quota(m, need_bytes)
             except BaseException as e:
+                _stop_keeper(m)
                 _close_channels(m)
                 receiver.close()
                 shutil.rmtree(mdir, ignore_errors=True)
@@ -346,13 +349,17 @@ class Destination:
                 self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, m.images_dir, target))
                 checked = criu_images.validate_for_bundle(m.images_dir, target / "bundle" / "config.json")  # as placed here
                 m.stopped = checked.stopped
+                t_keeper = time.monotonic()
                 if page_link:
-                    self._start_keeper(m, page_link)
+                    self._start_keeper(m)
+                lazy_ms = {"lazy_start": (time.monotonic() - t_keeper) * 1000} if page_link else {}
                 m.pid = ct.restore(
                     m.ct_id, m.images_dir, m.work_dir, timeout=self.host.timeouts.restore, lazy_pages=bool(page_link),
                 ).pid
                 if page_link:
+                    t_held = time.monotonic()
                     self._wait_keeper(m, "held", KEEPER_READY_S)
+                    lazy_ms["lazy_held"] = (time.monotonic() - t_held) * 1000
             except BaseException:
                 _stop_keeper(m)
                 raise
@@ -365,12 +372,14 @@ class Destination:
         stats = criu.read_stats(m.work_dir, "restore")
         stats["runc_restore"] = took
         stats["image_check"] = checked.ms
+        stats.update(lazy_ms)
         log.info("migration %s: %s restored and held stopped in %.0f ms", migration_id, m.ct_id, took)
         return stats
 
-    def _start_keeper(self, m: Incoming, page_link: str) -> None:
-        """Post-copy: start the keeper (lazy-pages daemon, uffd guard, page link) and wait
-        until the daemon listens for the restore."""
+    def _spawn_keeper(self, m: Incoming, page_link: str) -> None:
+        """Post-copy, at Prepare: the keeper (phaul.memory.lazy_link), waiting on its stdin
+        for the restore (its start-up is then out of the frozen time; it ends if this agent
+        dies before)."""
         ct = self.host.containers
         criu_bin = criu_path()
         if criu_bin is None:
@@ -385,8 +394,20 @@ class Destination:
         m.lazy_status.unlink(missing_ok=True)
         with open(m.work_dir / "lazy-link.log", "ab") as out:
             m.keeper = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
+                cmd, stdin=subprocess.PIPE, stdout=out, stderr=out, env=env, start_new_session=True,
             )
+
+    def _start_keeper(self, m: Incoming) -> None:
+        """Post-copy, the images here: let the keeper start the lazy-pages daemon and wait
+        until it listens for the restore."""
+        assert m.keeper is not None and m.keeper.stdin is not None
+        try:
+            m.keeper.stdin.write(lazy_link.GO)
+            m.keeper.stdin.close()
+        except OSError as e:
+            raise ToolFailed(
+                f"the post-copy keeper on {self.host.name} is gone: {e}", f"see {m.work_dir / 'lazy-link.log'}"
+            ) from None
         self._wait_keeper(m, "listening", KEEPER_READY_S)
         deadline = time.monotonic() + KEEPER_READY_S
         while not (m.work_dir / "lazy-pages.socket").exists():
@@ -455,9 +476,11 @@ class Destination:
             self._incoming.pop(migration_id, None)
         log.info("migration %s: aborted, %s removed from %s", migration_id, m.ct_id, self.host.name)
 
-    def finish(self, migration_id: str) -> None:
+    def finish(self, migration_id: str) -> int:
         """Close the data channel and drop the migration's temporary files. Post-copy:
-        once the keeper has ended; ToolFailed when it lost the container."""
+        once the keeper has ended; ToolFailed when it lost the container. Returns the
+        bytes of pages the keeper received after the resume (0 without post-copy)."""
+        received = 0
         with self._lock:
             m = self._incoming.get(migration_id)
         if m is not None and m.keeper is not None:
@@ -471,17 +494,19 @@ class Destination:
             status = lazy_link.read_status(m.lazy_status)
             if status.get("done") != "ok":
                 self._lost(m, str(status.get("error", "the post-copy keeper ended")))
+            received = int(str(status.get("received", 0)))
         with self._lock:
             m = self._incoming.pop(migration_id, None)
         if m is None:
             if self._journaled(migration_id, "ok"):
-                return  # finished already (the source and its resolver may both ask)
+                return received  # finished already (the source and its resolver may both ask)
             raise NotFound(f"no migration {migration_id} on {self.host.name}")
         _close_channels(m)
         if m.net is not None:
             m.net.close()
         shutil.rmtree(m.dir, ignore_errors=True)
         self._settle_quietly(migration_id, Result.OK)
+        return received
 
     def _lost(self, m: Incoming, why: str) -> None:
         """Post-copy ended without every page: the copy here was killed (by the keeper, before

@@ -29,6 +29,7 @@ from phaul.agent.host import Host
 from phaul.channels.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
 from phaul.linux import criu, network
+from phaul.memory import lazy_link
 from phaul.migration.copies import ensure_running, kill_data_channel, procs_using, source_copy, wait_until
 from phaul.migration.dest import Destination
 from phaul.migration.journal import Journal, JournalEntry
@@ -209,6 +210,8 @@ class Recovery:
                 return Decision.COMMIT, "committed"
             if e.result in (Result.ROLLED_BACK, Result.REFUSED):
                 return Decision.ABORT, f"the migration ended {e.result}"
+            if e.reached("source-destroyed"):  # post-copy: the tree may still be frozen, serving pages
+                return Decision.COMMIT, "committed: the source copy never runs again"
             # unsettled, or failed: what the source holds decides (a copy held by the
             # destination is never removed while the source has none)
             local = source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id))
@@ -233,6 +236,10 @@ class Recovery:
                 return Outcome(mid, "source", Result.IN_DOUBT, "a dump of the container is still under way; try again")
         peer_state, peer_error = self._peer_dest_state(e)
         log.info("migration %s: settling (source copy %s, destination %s)", mid, local, peer_state or peer_error)
+        if e.reached("source-destroyed") and local != "gone":
+            # Post-copy: after the commit the source tree stays frozen while CRIU serves its
+            # pages (done now: not dumping); it must never run again.
+            return self._finish_commit(e, mdir)
 
         if local == "gate":
             if e.reached("commit") and peer_state in (DestState.RESTORED, DestState.RUNNING):
@@ -409,6 +416,16 @@ class Recovery:
         except PhaulError as ex:
             log.info("migration %s: resuming %s: %s", mid, e.ct, ex.message)
         mdir = self.host.incoming_dir(mid)
+        status = mdir / "work" / "lazy.status"  # post-copy: its keeper outlives the agent (phaul.memory.lazy_link)
+        if any(_is_keeper(p) for p in procs_using(mdir)):
+            return Outcome(mid, "destination", Result.IN_PROGRESS, f"the pages of {e.ct} are still arriving")
+        if status.exists() and lazy_link.read_status(status).get("done") != "ok":
+            msg = f"{e.ct} was lost during post-copy: its keeper killed it for pages that never came"
+            kill_data_channel(mdir)
+            self.dest.forget(mid)
+            shutil.rmtree(mdir, ignore_errors=True)
+            self.journal.settle(mid, "destination", Result.FAILED, msg)
+            return Outcome(mid, "destination", Result.FAILED, msg)
         kill_data_channel(mdir)
         self.dest.forget(mid)
         shutil.rmtree(mdir, ignore_errors=True)
@@ -451,3 +468,11 @@ class Recovery:
         if held:
             self.journal.mark_in_doubt(mid, "destination", msg)
         return Outcome(mid, "destination", Result.IN_DOUBT if held else Result.IN_PROGRESS, msg)
+
+
+def _is_keeper(pid: int) -> bool:
+    """Is `pid` a post-copy keeper (phaul.memory.lazy_link)?"""
+    try:
+        return b"phaul.memory.lazy_link" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

@@ -25,7 +25,10 @@ class Result(StrEnum):
 
 RESULTS = (Result.OK, Result.ROLLED_BACK, Result.IN_DOUBT, Result.FAILED)  # a Report's
 # The timings in the order things happen (set in any order; protobuf maps keep none); others follow by name.
-CRIU_ORDER = ("freezing", "frozen", "memdump", "memwrite", "transfer", "image_check", "restore", "forking", "runc_restore")
+CRIU_ORDER = (
+    "freezing", "frozen", "memdump", "memwrite", "transfer", "image_check", "lazy_start", "restore", "forking", "runc_restore",
+    "lazy_held",
+)
 PHASE_ORDER = (
     "dump", "transfer", "transfer.fs", "transfer.memory", "transfer.delta", "transfer.delta.compare",
     "transfer.stream", "transfer.delta_transfer", "transfer.apply", "transfer.apply_dest", "restore", "commit", "resume",
@@ -66,6 +69,7 @@ class Report:
     stop_reason: str = ""
     method_reason: str = ""  # why memory_method ran (phaul.memory.choice)
     postcopy_ms: float = 0.0  # post-copy: from the resume until every page was on the destination
+    postcopy_bytes: int = 0  # post-copy: the pages that crossed after the resume (counted in bytes_sent)
     started_at: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
 
@@ -95,7 +99,8 @@ class Report:
             ("memory method", self.memory_method),
             ("frozen", f"{self.frozen_ms:.0f} ms"),
             ("pauses", _pauses(self.pauses_ms)),
-            *([("post-copy", f"{self.postcopy_ms:.0f} ms from the resume to the last page")] if self.postcopy_ms else []),
+            *([("post-copy", f"{_size(self.postcopy_bytes)} in {self.postcopy_ms:.0f} ms from the resume to the last page")]
+              if self.postcopy_ms else []),
             ("total", f"{self.total_ms:.0f} ms"),
             ("sent", f"{_size(self.bytes_sent)} ({_size(self.fs_bytes_sent)} file system)"),
         ]
@@ -142,7 +147,7 @@ class Report:
         """The final (frozen) round ended: it is the last round, and the totals follow."""
         self.frozen_ms = final.frozen_ms
         self.rounds.append(final)
-        self.bytes_sent = self.fs_bytes_sent + sum(r.bytes_sent for r in self.rounds)
+        self.bytes_sent = self.fs_bytes_sent + sum(r.bytes_sent for r in self.rounds) + self.postcopy_bytes
 
     def save(self, reports_dir: Path) -> None:
         """Keep the report as REPORTS_DIR/MIGRATION-ID.json."""

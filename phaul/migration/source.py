@@ -293,7 +293,7 @@ class SourceMigration:
             restored = self.dest.call(
                 "Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30
             )
-        report.take_criu_ms(restored.criu_ms, ("image_check", "restore", "forking", "runc_restore"))
+        report.take_criu_ms(restored.criu_ms, ("image_check", "restore", "forking", "runc_restore", "lazy_start", "lazy_held"))
 
         self._phase("commit", f"destroying the copy on {self.host.name}")
         with report.timed("commit"):
@@ -550,11 +550,14 @@ class SourceMigration:
         self.close_page_link()
         self.host.containers.kill(self.ct_id)  # the frozen tree: it dies before it could run
         try:
-            self.dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.link * 2 + 30)
+            finished = self.dest.call(
+                "Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.link * 2 + 30
+            )
         except PhaulError as e:
             self.held.lost = LOST_MARK in e.message  # else the destination could not say (it restarted, or is unreachable)
             why = "" if rc == 0 else f" (the source's page server ended with {rc}; see {self.dir / 'work' / 'dump.log'})"
             raise ToolFailed(f"post-copy failed: {e.message}{why}", e.hint) from None
+        self.report.postcopy_bytes = finished.postcopy_bytes
 
     def _source_dead(self) -> bool:
         """True once no process of the source copy can run again (all gone or
