@@ -82,6 +82,7 @@ def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
     assert leftovers(lab, "alpha") == []
     veth = "link " + network.host_veth("pc1")  # the moved container's own port
     assert [x for x in leftovers(lab, "beta", keep_ct="pc1") if x != veth] == []
+    _nothing_of_the_page_link_left(lab)
 
 
 def test_postcopy_restore_failure_rolls_back(clean_lab: Lab) -> None:
@@ -97,6 +98,7 @@ def test_postcopy_restore_failure_rolls_back(clean_lab: Lab) -> None:
     assert lab.ct_list("beta") == []
     assert _lazy_daemons(lab, "beta") == []
     assert leftovers(lab, "alpha", keep_ct="pcrb") == [] and leftovers(lab, "beta") == []
+    _nothing_of_the_page_link_left(lab)
 
 
 @pytest.mark.parametrize("killed", ["destination page handler", "source page server"])
@@ -126,6 +128,7 @@ def test_postcopy_page_source_killed_after_the_resume(clean_lab: Lab, killed: st
     assert _lazy_daemons(lab, "beta") == []
     # the file system stays on beta, the copy stopped: `ct start` would boot it afresh
     assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct=ct) == []
+    _nothing_of_the_page_link_left(lab)
 
 
 def test_hybrid_is_refused_before_anything_moves(clean_lab: Lab) -> None:
@@ -161,6 +164,32 @@ def test_postcopy_link_cut_for_5s_finishes(clean_lab: Lab) -> None:
     assert [c["id"] for c in lab.ct_list("alpha")] == []
 
 
+def test_postcopy_link_broken_is_dialled_again_and_finishes(clean_lab: Lab) -> None:
+    """The link cut for 15 s, longer than the page link's TCP connection survives (it gives
+    up after twice --link-timeout, 10 s in the lab): the destination dials the link again
+    and sends its unanswered requests again (post-copy recovery), the source's page hub
+    takes the new connection, and the transfer finishes with every page right."""
+    lab = clean_lab
+    _start_memload(lab, "pcredial", 512, 4)
+    proc = migrate_async(lab, "pcredial", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        wait_paused(lab, "alpha", proc)
+        link("alpha", up=False)
+        release(lab, "alpha")
+        time.sleep(15)
+    finally:
+        link("alpha", up=True)
+        release(lab, "alpha")
+    report = finish(proc)
+    assert report["result"] == "ok", report
+    print(f"\npost-copy through a 15 s cut, the link dialled again: window {report['postcopy_ms']:.0f} ms, "
+          f"{report['postcopy_bytes']} bytes after the resume")
+    assert report["postcopy_ms"] > 14000, report
+    assert _verify_memory(lab, "beta", "pcredial").startswith("ok pages=131072")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    _nothing_of_the_page_link_left(lab)
+
+
 def test_postcopy_source_agent_killed(clean_lab: Lab) -> None:
     """The source agent dies while pages are due. CRIU and the page link outlive it, so the
     transfer goes on; the restarted agent never resumes the frozen source tree (it was
@@ -181,3 +210,107 @@ def test_postcopy_source_agent_killed(clean_lab: Lab) -> None:
     assert all(o["result"] in ("ok", "in_progress") for o in outcomes), outcomes
     assert _verify_memory(lab, "beta", "pcagent").startswith("ok pages=65536")
     assert where(lab, "pcagent").running == ["beta"]
+    _nothing_of_the_page_link_left(lab)
+
+
+def _page_link_processes(lab: Lab, host: str) -> list[str]:
+    """Post-copy's processes still working in `host`'s state directory: the page link's
+    endpoint and connections, the page hub, the keeper, CRIU's lazy-pages daemon."""
+    state = str(lab.state_dir(host)).encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmdline = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            args = cmdline.split(b"\0")
+            ours = (b"phaul.memory.lazy_link" in args or args[1:2] == [b"lazy-pages"]
+                    or (os.path.basename(args[0]) == b"socat" and b"page-link" in cmdline))
+            if state in cmdline and ours:
+                found.append(cmdline.replace(b"\0", b" ").decode(errors="replace")[:200])
+    return found
+
+
+def _nothing_of_the_page_link_left(lab: Lab, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while left := _page_link_processes(lab, "alpha") + _page_link_processes(lab, "beta"):
+        assert time.monotonic() < deadline, f"post-copy's processes left behind: {left}"
+        time.sleep(0.2)
+
+
+def _keepers(lab: Lab, host: str) -> list[int]:
+    """PIDs of post-copy keepers (phaul.memory.lazy_link) working in `host`'s state directory."""
+    state = str(lab.state_dir(host)).encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                args = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"phaul.memory.lazy_link" in args and b"keep" in args and any(a.startswith(state) for a in args):
+                found.append(int(d))
+    return found
+
+
+def test_postcopy_destination_agent_killed(clean_lab: Lab) -> None:
+    """The destination agent dies while pages are due. Its keeper (lazy-pages daemon, uffd
+    guard, page link) outlives it, so the transfer goes on; the restarted agent takes the
+    migration up from its journal and settles it once the keeper is done: the container
+    runs on beta with every page right, and nothing is left on either host."""
+    lab = clean_lab
+    _start_memload(lab, "pcdest", 256, 4)
+    proc = migrate_async(lab, "pcdest", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        mid, _ = wait_paused(lab, "alpha", proc)
+        assert _keepers(lab, "beta"), "no keeper on beta while pages are due"
+        kill_agent(lab, "beta")
+    finally:
+        release(lab, "alpha")
+    report = finish(proc)
+    assert report["result"] in ("ok", "in_doubt"), report
+    restart_agents(lab)
+    wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to finish the transfer")
+    for host in ("beta", "alpha"):
+        outcomes = recover(lab, host, mid)
+        assert all(o["result"] in ("ok", "in_progress") for o in outcomes), (host, outcomes)
+    wait_for(lambda: where(lab, "pcdest").running == ["beta"] and runc_state(lab, "alpha", "pcdest") is None,
+             timeout=120, what="the migration settled")
+    assert _verify_memory(lab, "beta", "pcdest").startswith("ok pages=65536")
+    wait_for(lambda: leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcdest") == [],
+             timeout=60, what="nothing left of the migration")
+    _nothing_of_the_page_link_left(lab)
+
+
+def test_postcopy_link_cut_for_good_loses_the_container_plainly(clean_lab: Lab) -> None:
+    """The link cut for longer than the page link survives (twice --link-timeout): the
+    keeper, still holding every userfaultfd, kills beta's copy before any task reads a
+    page that never came; the source kills its frozen tree. No copy runs anywhere, none
+    ever ran on zeros, and once the link is back the migration settles as `failed`."""
+    lab = clean_lab
+    _start_memload(lab, "pcgone", 512, 4)
+    proc = migrate_async(lab, "pcgone", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+    try:
+        mid, _ = wait_paused(lab, "alpha", proc)
+        link("alpha", up=False)
+        release(lab, "alpha")
+        wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to give up")
+        assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
+    finally:
+        link("alpha", up=True)
+        release(lab, "alpha")
+    report = finish(proc)
+    print(f"\npost-copy, link cut for good: {report['result']}: {str(report.get('error'))[:300]}")
+    assert report["result"] in ("failed", "in_doubt", "no report"), report
+    if report["result"] == "failed":
+        assert "lost" in report["error"], report["error"]
+    for host in ("alpha", "beta"):
+        outcomes = recover(lab, host, mid)
+        assert all(o["result"] in ("failed", "ok") for o in outcomes), (host, outcomes)
+        assert any(o["result"] == "failed" for o in outcomes) or host == "alpha", (host, outcomes)
+    assert where(lab, "pcgone").running == [], where(lab, "pcgone")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    assert _lazy_daemons(lab, "beta") == []
+    assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcgone") == []
+    _nothing_of_the_page_link_left(lab)

@@ -3,11 +3,14 @@
 Source: the final dump (`runc checkpoint --lazy-pages`) leaves private
 memory in the frozen tree and, once the commit gate lets it go on, serves
 pages on 127.0.0.1:PORT (CRIU's page server; `address 127.0.0.1` in its
-configuration keeps it off every other address). A per-migration
+configuration keeps it off every other address). The `hub`, its own
+process (it outlives the agent), holds the one connection to it
+(`phaul.memory.page_relay.Hub`). A per-migration
 `phaul.channels.transport.TlsEndpoint` that accepts only the destination's
-certificate runs `serve` for the connection: the first line must be the
-migration's secret, then bytes are relayed to and from CRIU's page server
-(dialled until it listens: CRIU opens it only after the commit).
+certificate runs `serve` for each connection of the link: the first line
+must be the migration's secret; it then says `page_relay.HELLO` and relays
+bytes to and from the hub, which takes each new connection in place of a
+broken one.
 
 Destination: `keep` runs, in its own session (it outlives an agent restart),
 for the whole post-copy:
@@ -17,11 +20,14 @@ for the whole post-copy:
 - the uffd guard (`phaul.memory.uffd_guard`): once the daemon has every
   task's userfaultfd (it connects to the relay only then) this process holds
   a duplicate of each, and takes those of forked tasks as they appear;
-- the relay: the daemon's connection <-> the TLS link to the source
-  (`TLS_RSH`, the secret first).
+- the relay (`phaul.memory.page_relay.Replayer`): the daemon's connection
+  <-> the TLS link to the source (`TLS_RSH`, the secret first); a broken
+  link is dialled again for `--redial-s` seconds and the unanswered
+  requests are sent again (post-copy recovery), the faulting tasks waiting.
 It reports on its status file, one JSON object a line: `{"listening": PORT}`,
-`{"held": N}` (the restore may resume the copy only after this), `{"done":
-"ok"}` when the daemon ended with every page in place, `{"done": "lost",
+`{"held": N}` (the restore may resume the copy only after this), `{"link":
+"broken"}` and `{"link": "back"}` around a re-dial, `{"done": "ok",
+"received": BYTES, "redials": N}` when the daemon ended with every page in place, `{"done": "lost",
 "error": ...}` when it did not: the container's tasks were killed first,
 while the guard still held their userfaultfds, so no task ever read a page
 that had not arrived (a zero-filled page is silent corruption; a dead
@@ -46,7 +52,7 @@ from typing import BinaryIO
 
 from phaul.linux import freezer
 from phaul.linux.doctor import PIPE_MAX_WANTED  # CRIU splices page runs through pipes this large
-from phaul.memory import uffd_guard
+from phaul.memory import page_relay, uffd_guard
 from phaul.memory.uffd_guard import UffdGuard
 
 log = logging.getLogger(__name__)
@@ -55,7 +61,8 @@ CHUNK = 1 << 20
 TLS_RSH = Path(__file__).resolve().parents[1] / "data" / "tls-rsh"
 GRAB_INTERVAL = 0.01  # s between looks for the userfaultfds of newly forked tasks
 GO = b"go\n"  # what the agent writes to a waiting keeper's stdin to start it
-DIAL_TIMEOUT = 120.0  # s the source's relay waits for CRIU's page server (it opens at the commit)
+DIAL_TIMEOUT = 120.0  # s the source's hub waits for CRIU's page server (it opens once the dump is done)
+HUB_TIMEOUT = 10.0  # s a link connection waits for the hub's socket
 SOURCE_CRIU_OPTIONS = "address 127.0.0.1\n"  # CRIU's lazy page server listens on the loopback only
 PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
 
@@ -90,24 +97,26 @@ def _has_sys_resource() -> bool:
 # -- source ------------------------------------------------------------------------------
 
 
-def serve(secret: str, port: int, rx: BinaryIO, tx: BinaryIO, dial_timeout: float = DIAL_TIMEOUT) -> int:
-    """Check the secret on `rx`, then relay `rx`/`tx` to CRIU's page server on 127.0.0.1:`port`."""
+def serve(secret: str, hub: Path, rx: BinaryIO, tx: BinaryIO, dial_timeout: float = HUB_TIMEOUT) -> int:
+    """One connection of the page link: check the secret on `rx`, reach the hub (its unix
+    socket `hub`), say page_relay.HELLO on `tx`, then relay `rx`/`tx` to the hub."""
     given = _read_line(rx.fileno(), 256)
     if not secret or not hmac.compare_digest(given, secret.encode()):
         print("phaul lazy link: wrong or missing migration secret", file=sys.stderr)
         return 1
     deadline = time.monotonic() + dial_timeout
     while True:
+        sk = socket.socket(socket.AF_UNIX)
         try:
-            sk = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sk.connect(str(hub))
             break
         except OSError:
+            sk.close()
             if time.monotonic() > deadline:
-                print(f"phaul lazy link: CRIU's page server on port {port} never listened", file=sys.stderr)
+                print(f"phaul lazy link: no page hub at {hub}", file=sys.stderr)
                 return 1
             time.sleep(0.005)
-    sk.settimeout(None)
-    sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    os.write(tx.fileno(), page_relay.HELLO)
     _relay(sk, rx.fileno(), tx.fileno())
     return 0
 
@@ -129,15 +138,16 @@ def _read_line(fd: int, limit: int) -> bytes:
 class Keeper:
     """The destination's post-copy process (see the module's docstring)."""
 
-    def __init__(self, criu: str, images: Path, work: Path, status: Path, secret: str, procs: list[Path]) -> None:
+    def __init__(
+        self, criu: str, images: Path, work: Path, status: Path, secret: str, procs: list[Path], redial_s: float,
+    ) -> None:
         self.criu, self.images, self.work, self.status = criu, images, work, status
         self.secret = secret
         self.procs = procs  # the container's cgroup.procs files (made by the restore, after this started)
         self.daemon: subprocess.Popen[bytes] | None = None
         self.guard: UffdGuard | None = None
-        self.link: subprocess.Popen[bytes] | None = None
         self.relay: threading.Thread | None = None
-        self.received = 0  # bytes from the source (the pages after the resume, CRIU's headers)
+        self.replayer = page_relay.Replayer(self._dial, redial_s, self._say)
 
     def run(self, go: BinaryIO) -> int:
         """Wait for GO on `go` (the agent, once the images are here), then keep the post-copy."""
@@ -163,7 +173,7 @@ class Keeper:
             return self._end()
         # The daemon connects only once it holds every restored task's userfaultfd.
         self._say(held=self.guard.grab())
-        self.relay = threading.Thread(target=self._relay_link, args=(conn, link), name="lazy-link", daemon=True)
+        self.relay = threading.Thread(target=self.replayer.run, args=(conn, link), name="lazy-link", daemon=True)
         self.relay.start()
         while daemon.poll() is None:
             time.sleep(GRAB_INTERVAL)
@@ -187,20 +197,13 @@ class Keeper:
 
     def _dial(self) -> subprocess.Popen[bytes]:
         """The TLS link to the source (TLS_RSH, the environment set by the agent), the secret sent."""
-        link = self.link = subprocess.Popen(
+        link = subprocess.Popen(
             ["sh", str(TLS_RSH)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
         )
         assert link.stdin is not None
         link.stdin.write(self.secret.encode() + b"\n")
         link.stdin.flush()
         return link
-
-    def _relay_link(self, conn: socket.socket, link: subprocess.Popen[bytes]) -> None:
-        """Relay the daemon's connection over the link until either ends."""
-        assert link.stdin is not None and link.stdout is not None
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.received = _relay(conn, link.stdout.fileno(), link.stdin.fileno())
-        log.info("the page link to the source ended after %d bytes", self.received)
 
     def _end(self) -> int:
         assert self.daemon is not None and self.guard is not None
@@ -209,12 +212,10 @@ class Keeper:
             self.guard.finish()
             if self.relay is not None:
                 self.relay.join(timeout=5)  # the link's last bytes are counted
-            self._say(done="ok", received=self.received)
+            self._say(done="ok", received=self.replayer.received, redials=self.replayer.redials)
         else:
             self.guard.wait()  # it kills the container, then lets go of the userfaultfds
             self._say(done="lost", error=_daemon_error(self.work, rc))
-        if self.link is not None and self.link.poll() is None:
-            self.link.kill()
         return 0 if rc == 0 else 1
 
     def _kill_container(self) -> None:
@@ -316,10 +317,7 @@ def _relay(sk: socket.socket, rx: int, tx: int) -> int:
     t = threading.Thread(target=up, daemon=True)
     t.start()
     try:
-        # CRIU writes a header, then the pages, on a socket without TCP_NODELAY: acknowledge at
-        # once, or its Nagle waits for our delayed ACK (40 ms a request on the loopback).
         while chunk := sk.recv(CHUNK):
-            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             view = memoryview(chunk)
             while view:
                 view = view[os.write(tx, view):]
@@ -338,9 +336,13 @@ def _relay(sk: socket.socket, rx: int, tx: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m phaul.memory.lazy_link")
     sub = p.add_subparsers(dest="role", required=True)
-    s = sub.add_parser("serve", help="source: one connection of the page link, on stdin/stdout")
+    s = sub.add_parser("serve", help="source: one connection of the page link, on stdin/stdout, to the hub")
     s.add_argument("secret_file", type=Path)
-    s.add_argument("port", type=int)
+    s.add_argument("hub", type=Path, help="the hub's unix socket")
+    h = sub.add_parser("hub", help="source: holds CRIU's page-server connection for successive link connections")
+    h.add_argument("hub", type=Path, help="the unix socket to listen on")
+    h.add_argument("port", type=int, help="CRIU's page server on 127.0.0.1")
+    h.add_argument("--linger", type=float, required=True, help="s without a link connection before giving up")
     k = sub.add_parser("keep", help="destination: the lazy-pages daemon, its guard and its link")
     k.add_argument("--criu", required=True)
     k.add_argument("--images", type=Path, required=True)
@@ -348,13 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--status", type=Path, required=True)
     k.add_argument("--secret-file", type=Path, required=True)
     k.add_argument("--procs", type=Path, action="append", default=[])
+    k.add_argument("--redial-s", type=float, required=True, help="s to dial a broken page link again")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lazy-link %(levelname)s %(message)s")
     from phaul.channels.transport import read_secret
 
     if args.role == "serve":
-        return serve(read_secret(args.secret_file), args.port, sys.stdin.buffer, sys.stdout.buffer)
-    keeper = Keeper(args.criu, args.images, args.work, args.status, read_secret(args.secret_file), args.procs)
+        return serve(read_secret(args.secret_file), args.hub, sys.stdin.buffer, sys.stdout.buffer)
+    if args.role == "hub":
+        return page_relay.Hub(args.port, args.hub, args.linger, DIAL_TIMEOUT).run()
+    keeper = Keeper(
+        args.criu, args.images, args.work, args.status, read_secret(args.secret_file), args.procs, args.redial_s,
+    )
     return keeper.run(sys.stdin.buffer)
 
 

@@ -47,7 +47,9 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05)
 
 
 def kill_data_channel(mdir: Path) -> None:
-    """Stop the data channel a (possibly dead) agent opened for migration directory `mdir`."""
+    """Stop the data channel, and post-copy's page link and page hub, that a (possibly dead)
+    agent opened for migration directory `mdir`. (The destination's keeper is not one of
+    them: it lives until the last page has arrived.)"""
     try:
         pid = int((mdir / "data-channel.pid").read_text().strip())
     except (OSError, ValueError):
@@ -57,8 +59,11 @@ def kill_data_channel(mdir: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    for p in procs_using(mdir):  # rsync servers and socats the listener forked
-        if os.path.basename(_cmdline(p).split(b"\0")[0]).decode(errors="replace") in ("socat", "rsync"):
+    for p in procs_using(mdir):  # rsync servers and socats the listener forked, the page hub
+        args = _cmdline(p).split(b"\0")
+        if os.path.basename(args[0]).decode(errors="replace") in ("socat", "rsync") or args[2:4] == [
+            b"phaul.memory.lazy_link", b"hub",
+        ]:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:

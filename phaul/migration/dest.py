@@ -387,6 +387,7 @@ class Destination:
         cmd = [
             sys.executable, "-m", "phaul.memory.lazy_link", "keep", "--criu", criu_bin, "--images", str(m.images_dir),
             "--work", str(m.work_dir), "--status", str(m.lazy_status), "--secret-file", str(m.secret_file),
+            "--redial-s", str(self.host.timeouts.link * 2),
         ]
         for procs in ct.cgroup_procs(m.ct_id):
             cmd += ["--procs", str(procs)]
@@ -488,7 +489,7 @@ class Destination:
                 m.keeper.wait(timeout=self.host.timeouts.link * 2)
             except subprocess.TimeoutExpired:
                 raise ToolFailed(
-                    f"migration {migration_id}: pages of {m.ct_id} are still arriving on {self.host.name}",
+                    f"migration {migration_id}: pages of {m.ct_id} are still arriving on {self.host.name}",  # ARRIVING_MARK
                     "ask again later",
                 ) from None
             status = lazy_link.read_status(m.lazy_status)

@@ -63,6 +63,8 @@ def settle(m: SourceMigration) -> Result:
         m.remove_source()
         if not _resume_dest(m, deadline=time.monotonic() + 3 * link):
             return Result.IN_DOUBT  # the images stay until the migration settles (phaul recover)
+        if held.method is not None and held.method.lazy:
+            return _settle_postcopy(m)
         _finish_after_failure(m)
         return Result.OK
     m.stop_network_watch()
@@ -95,6 +97,22 @@ def _cleanup_method(m: SourceMigration) -> None:
             m.held.method.cleanup()
         except Exception as e:  # keep settling
             m.log.warning("memory method clean-up: %s", e)
+
+
+def _settle_postcopy(m: SourceMigration) -> Result:
+    """Post-copy after the resume: only the destination's keeper knows whether every page
+    came. `ok` when it says so, `failed` when it lost the copy, else `in_doubt` (its
+    resolver or `phaul recover` settles it once it can say)."""
+    try:
+        m.report.postcopy_bytes = m.finish_postcopy(patient=False)  # the migration asked patiently already
+    except PhaulError as e:
+        if m.held.lost:
+            return settle(m)
+        m.log.error("post-copy: the destination cannot say whether every page came: %s", e)
+        return Result.IN_DOUBT
+    _cleanup_method(m)
+    shutil.rmtree(m.dir, ignore_errors=True)
+    return Result.OK
 
 
 def _finish_after_failure(m: SourceMigration) -> None:

@@ -257,6 +257,7 @@ class Recovery:
             note = self._abort_dest(e, peer_state)
             network.reannounce(self.host.containers, ct)  # the destination may have held its traffic
             self.journal.settle(mid, "source", Result.ROLLED_BACK, note)
+            kill_data_channel(mdir)
             shutil.rmtree(mdir, ignore_errors=True)
             return Outcome(mid, "source", Result.ROLLED_BACK, f"{ct} runs on {self.host.name}" + (f"; {note}" if note else ""))
         # the source copy is gone
@@ -302,6 +303,7 @@ class Recovery:
     def _settled_ok(self, e: JournalEntry, mdir: Path) -> Outcome:
         self._finish_dest(e)
         self.journal.settle(e.migration_id, "source", Result.OK)
+        kill_data_channel(mdir)  # post-copy: the page link's endpoint (its CRIU, and so its hub, ended already)
         shutil.rmtree(mdir, ignore_errors=True)
         return Outcome(e.migration_id, "source", Result.OK, f"{e.ct} runs on {e.peer}")
 

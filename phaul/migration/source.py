@@ -71,7 +71,9 @@ RESTORE_COSTS = "restore-costs.json"  # policy.RestoreCosts, per destination
 DUMP_COSTS = "dump-costs.json"  # policy.dump_costs, per destination
 SEND_COSTS = "send-costs.json"  # policy.send_costs, per destination
 LOST_MARK = "was lost on"  # in the destination's Finish error when its keeper killed the copy (phaul.migration.dest)
+ARRIVING_MARK = "are still arriving"  # in its Finish error while its keeper works (phaul.migration.dest)
 POSTCOPY_MIN_RATE = 1 << 20  # bytes/s: a post-copy that moves slower than this for its whole memory has failed
+PAGE_HUB = "page-hub.sock"  # post-copy: the page hub's unix socket, in the migration's directory
 DIRTY_RATE_GUESS = 16 * MiB  # bytes/s a container rewrites, for auto's prediction before any round measured it
 
 
@@ -91,6 +93,7 @@ class Held:
     freeze: network.FreezeSignal | None = None  # addressed containers: when the final dump begins
     page_link: TlsEndpoint | None = None  # post-copy: where the destination fetches pages (phaul.memory.lazy_link)
     lazy_port: int = 0  # post-copy: the port of 127.0.0.1 CRIU serves the pages on
+    page_hub: subprocess.Popen[bytes] | None = None  # post-copy: holds CRIU's page-server connection (page_relay.Hub)
     lost: bool = False  # post-copy failed after the resume: no copy of the container is left
 
 
@@ -394,23 +397,31 @@ class SourceMigration:
 
     def _open_page_link(self) -> str:
         """Post-copy: the endpoint the destination fetches pages from (its certificate
-        only, then the secret; phaul.memory.lazy_link.serve relays to CRIU's page server
-        on 127.0.0.1). Returns its ADDR:PORT on this agent's address."""
+        only, then the secret; phaul.memory.lazy_link.serve relays each connection to the
+        page hub, which holds CRIU's page server on 127.0.0.1). Returns its ADDR:PORT on
+        this agent's address."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.held.lazy_port = int(s.getsockname()[1])
         endpoint = self.held.page_link = TlsEndpoint(
             self.host.creds, self.host.address, self.dest_name,
             [sys.executable, "-m", "phaul.memory.lazy_link", "serve", str(self.dir / "page-link.secret"),
-             str(self.held.lazy_port)],
+             str(self.dir / PAGE_HUB)],
             self.host.timeouts.link, self.dir / "page-link.sealed",
         )
         return endpoint.open(self.dir / "page-link.log")
 
     def close_page_link(self) -> None:
+        """Post-copy: end the page link and its hub (which ends CRIU's page server). Idempotent."""
         if self.held.page_link is not None:
             self.held.page_link.close()
             self.held.page_link = None
+        hub = self.held.page_hub
+        if hub is not None:
+            if hub.poll() is None:
+                hub.kill()
+            hub.wait()
+            self.held.page_hub = None
 
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
@@ -512,13 +523,19 @@ class SourceMigration:
             network.isolate(self.ct_id)
         gate = self.held.gate
         assert gate is not None
+        with open(self.dir / "page-hub.log", "ab") as out:  # its own session: it outlives this agent
+            self.held.page_hub = subprocess.Popen(
+                [sys.executable, "-m", "phaul.memory.lazy_link", "hub", str(self.dir / PAGE_HUB),
+                 str(self.held.lazy_port), "--linger", str(self.host.timeouts.link * 5)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            )
         if not gate.release(commit=True):
             raise ToolFailed("the dumped container was not waiting at the commit gate (its CRIU or the gate ended)")
 
     def end_lazy_dump(self) -> None:
         """Post-copy, before the commit: make CRIU give up serving pages and put the source
         back on its segment; the caller thaws the tree (failure rules). Idempotent."""
-        self.close_page_link()  # ends a relayed connection: CRIU's transfer fails
+        self.close_page_link()  # ends the hub's connection: CRIU's transfer fails
         dump = self.held.dump
         if dump is not None and dump.poll() is None:
             with contextlib.suppress(OSError):  # nobody connected yet: CRIU waits in accept()
@@ -550,14 +567,27 @@ class SourceMigration:
         self.close_page_link()
         self.host.containers.kill(self.ct_id)  # the frozen tree: it dies before it could run
         try:
-            finished = self.dest.call(
-                "Finish", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.link * 2 + 30
-            )
+            self.report.postcopy_bytes = self.finish_postcopy()
         except PhaulError as e:
-            self.held.lost = LOST_MARK in e.message  # else the destination could not say (it restarted, or is unreachable)
             why = "" if rc == 0 else f" (the source's page server ended with {rc}; see {self.dir / 'work' / 'dump.log'})"
             raise ToolFailed(f"post-copy failed: {e.message}{why}", e.hint) from None
-        self.report.postcopy_bytes = finished.postcopy_bytes
+
+    def finish_postcopy(self, patient: bool = True) -> int:
+        """Post-copy, the source's page server gone: ask the destination, `patient`ly until
+        its keeper has ended (a broken link may still be dialled again meanwhile, for twice
+        --link-timeout). Returns the bytes that came after the resume. Raises PhaulError
+        when the destination could not say, with `Held.lost` set when it lost the copy."""
+        link = self.host.timeouts.link
+        # the link's TCP give-up, the re-dial, the keeper's own end
+        deadline = time.monotonic() + (link * 6 + 30 if patient else 0)
+        while True:
+            try:
+                finished = self.dest.call("Finish", pb.MigrationRef(migration_id=self.id), timeout=link * 2 + 30)
+                return int(finished.postcopy_bytes)
+            except PhaulError as e:
+                self.held.lost = LOST_MARK in e.message  # else the destination could not say (yet)
+                if self.held.lost or ARRIVING_MARK not in e.message or time.monotonic() > deadline:
+                    raise
 
     def _source_dead(self) -> bool:
         """True once no process of the source copy can run again (all gone or
