@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--build-netns", type=Path, metavar="PATH",
                    help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
                         "(default: the agent's own)")
+    a.add_argument("--workload-dir", type=Path, metavar="DIR",
+                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
+                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
+                        "/usr/local/lib/phaul/workloads)")
     a.set_defaults(func=cmd_agent)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
@@ -306,7 +310,7 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
 
     config = AgentConfig(
         name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
-        cache_dir=args.cache_dir, build_netns=args.build_netns,
+        cache_dir=args.cache_dir, build_netns=args.build_netns, workload_dir=args.workload_dir,
         peers=names(args.peers), admins=names(args.admins),
         revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
