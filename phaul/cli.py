@@ -12,30 +12,31 @@ from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from phaul import __version__
+from phaul import __version__, output
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
 from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import InvalidInput, PhaulError
+from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, Unreachable
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
-from phaul.migration.report import Report
+from phaul.migration.report import Report, Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
 # Entry points that add subcommands: each is called with the subparsers action.
 COMMAND_PLUGINS = "phaul.commands"
 START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that exited at once
 LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
+CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
+IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
 
 DESCRIPTION = """\
 Live migration of Linux containers between hosts with CRIU.
@@ -68,8 +69,10 @@ memory methods (--method):
                  now); the report says which ran and why
 
 exit status: 0 the container runs on HOST; 1 the migration was rolled back
-(the container still runs here) or failed; 2 bad input, nothing changed;
-3 in doubt: run `phaul recover`.
+(the container still runs here) or failed (the report says where it is); 2 bad
+input or refused before anything changed; 3 in doubt (the migration started
+and its stream broke, or no report came): run `phaul recover`; 4 busy (this
+host already runs its most migrations at once): try again later.
 """
 
 
@@ -82,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not hasattr(args, "func"):
         parser.print_help()
-        return EXIT_ERROR
+        return ExitCode.REFUSED
     try:
         return int(args.func(args) or 0)
     except PhaulError as e:
-        print(f"phaul: error: {e}", file=sys.stderr)
-        return e.exit_code
+        print(output.error(e) if getattr(args, "json", False) else f"phaul: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
     except KeyboardInterrupt:
         print("phaul: interrupted", file=sys.stderr)
         return 130
@@ -316,14 +319,14 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
     serve(config, hook)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
     from phaul.channels import pki
 
     print(pki.init_ca(args.dir, force=args.force))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
@@ -334,7 +337,7 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
         hosts = {h.name: [h.ip] for h in _hosts(args).hosts.values()}
     cert, key = pki.issue(args.dir, args.name, args.ip, args.dns, hosts=hosts, force=args.force)
     print(f"{cert}\n{key}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_list(args: argparse.Namespace) -> int:
@@ -343,14 +346,14 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
     rows = pki.listing(args.dir)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"{'SERIAL':<42} {'NAME':<16} {'STATUS':<9} {'NOT AFTER':<17} {'DAYS':>5}  NAMES")
     for r in rows:
         print(
             f"{r['serial']:<42} {r['name']:<16} {r['status']:<9} {r['not_after'][:16].replace('T', ' '):<17} "
             f"{r['days_left']:>5}  {','.join([*r['dns'], *r['ips']])}"
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_revoke(args: argparse.Namespace) -> int:
@@ -358,7 +361,7 @@ def cmd_pki_revoke(args: argparse.Namespace) -> int:
 
     added = pki.revoke(args.dir, args.what)
     print("\n".join(added) if added else f"{args.what} is already revoked")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # -- containers ----------------------------------------------------------------------
@@ -386,7 +389,7 @@ def cmd_ct_create(args: argparse.Namespace) -> int:
         # a debian root is built on first use of a package set: minutes
         info = agent.call("CreateContainer", messages.config_to_proto(config), timeout=CREATE_TIMEOUT)
     print(f"{info.id} created on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_start(args: argparse.Namespace) -> int:
@@ -397,9 +400,9 @@ def cmd_ct_start(args: argparse.Namespace) -> int:
             status = info.exit_status or "exit status unknown"
             print(f"{info.id} exited at once on {args.host} ({status}); its output ends:", file=sys.stderr)
             sys.stderr.write(out.decode(errors="replace") or "(no output)\n")
-            return EXIT_OK if status == "exit 0" else EXIT_NOT_OK
+            return ExitCode.OK if status == "exit 0" else ExitCode.FAILED
     print(f"{info.id} {info.state} on {args.host}, init PID {info.pid}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_logs(args: argparse.Namespace) -> int:
@@ -410,7 +413,7 @@ def cmd_ct_logs(args: argparse.Namespace) -> int:
         if not args.follow:
             r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, tail=args.tail))
             sys.stdout.buffer.write(r.data)
-            return EXIT_OK
+            return ExitCode.OK
         # Following: the tail comes from the same positioned reads as what follows (a separate
         # tail request would lose what is written between it and the first follow request).
         now = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True))  # the current file
@@ -430,7 +433,7 @@ def cmd_ct_logs(args: argparse.Namespace) -> int:
                 if not r.data:
                     time.sleep(LOG_POLL)
         except KeyboardInterrupt:
-            return EXIT_OK
+            return ExitCode.OK
 
 
 def cmd_ct_exec(args: argparse.Namespace) -> int:
@@ -450,25 +453,25 @@ def cmd_ct_list(args: argparse.Namespace) -> int:
         infos = [messages.info_from_proto(i) for i in agent.call("ListContainers", pb.Empty()).containers]
     if args.json:
         print(json.dumps([asdict(i) for i in infos], indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"{'ID':<20} {'STATE':<9} {'PID':>7} {'MEMORY':>10} {'LIMIT':>10}  IP")
     for i in infos:
         print(f"{i.id:<20} {i.state:<9} {i.pid or '-':>7} {_mib(i.memory_used):>10} {_mib(i.memory_limit):>10}  {i.ip or '-'}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_stop(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.call("StopContainer", pb.ContainerRef(id=check_id(args.id)))
     print(f"{args.id} stopped on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_destroy(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.call("DestroyContainer", pb.ContainerRef(id=check_id(args.id)))
     print(f"{args.id} destroyed on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _mib(n: int | None) -> str:
@@ -506,15 +509,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     show_progress = not args.json and sys.stderr.isatty()
     report: Report | None = None
     with _agent(args) as agent:
-        for event in agent.stream("Migrate", request):
-            if event.HasField("progress") and show_progress:
-                print(progress_line(event.progress), file=sys.stderr, flush=True)
-            elif event.HasField("report"):
-                report = messages.report_from_proto(event.report)
+        agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
+        started = False
+        try:
+            for event in agent.stream("Migrate", request):
+                started = True  # the agent sends events only once the migration runs
+                if event.HasField("progress") and show_progress:
+                    print(progress_line(event.progress), file=sys.stderr, flush=True)
+                elif event.HasField("report"):
+                    report = messages.report_from_proto(event.report)
+        except PhaulError as e:
+            if started or not agent_decided(e):
+                raise InDoubt(f"the migration of {args.id} to {dest.name} may have started, and its stream broke: {e.message}",
+                              IN_DOUBT_HINT.format(host=args.host)) from e
+            raise  # the agent refused it before anything changed (or is busy)
     if report is None:
-        raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
+        raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
+                      IN_DOUBT_HINT.format(host=args.host))
     print(report.to_json() if args.json else report.to_table())
-    return {"ok": EXIT_OK, "in_doubt": EXIT_IN_DOUBT}.get(report.result, EXIT_NOT_OK)
+    return migration_exit_code(report)
+
+
+def agent_decided(err: PhaulError) -> bool:
+    """Whether `err` is the agent's own answer (it refused, or is busy) rather than a broken call."""
+    return not isinstance(err, LinkBroken | Unreachable) and type(err) is not PhaulError
+
+
+def migration_exit_code(report: Report) -> ExitCode:
+    """ok: 0; rolled back or failed (the report says where the container is): 1; in doubt: 3."""
+    return {Result.OK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
 
 
 def progress_line(p: pb.Progress) -> str:
@@ -537,7 +560,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
-    return EXIT_NOT_OK if any(c.status == CheckState.FAILURE for c in checks) else EXIT_OK
+    return ExitCode.FAILED if any(c.status == CheckState.FAILURE for c in checks) else ExitCode.OK
 
 
 # -- migrations, recover ------------------------------------------------------------------
@@ -553,14 +576,14 @@ def cmd_migrations(args: argparse.Namespace) -> int:
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     print(f"{'MIGRATION':<14} {'ROLE':<12} {'CT':<16} {'PEER':<10} {'STATE':<12} {'STEP':<17} STARTED")
     for r in rows:
         print(
             f"{r['migration_id']:<14} {r['role']:<12} {r['ct']:<16} {r['peer']:<10} {r['state']:<12} {r['step']:<17} "
             f"{r['started_at']}"
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -574,8 +597,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print(f"nothing to settle on {args.host}")
     for r in [] if args.json else rows:
         print(f"{r['migration_id']} ({r['role']}): {r['result']}: {r['message']}")
-    return EXIT_IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
-        EXIT_NOT_OK if any(r["result"] == "failed" for r in rows) else EXIT_OK
+    return ExitCode.IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
+        ExitCode.FAILED if any(r["result"] == "failed" for r in rows) else ExitCode.OK
     )
 
 
@@ -595,4 +618,4 @@ def cmd_check(args: argparse.Namespace) -> int:
         failed = sorted({r["name"] for r in rows if r["status"] == "failure"})
         print(f"{args.id} can move to {dest.name}" if not failed else
               f"{args.id} cannot move to {dest.name}: {', '.join(failed)} failed (`migrate --force CHECK` overrides one)")
-    return EXIT_NOT_OK if any(r["status"] == "failure" for r in rows) else EXIT_OK
+    return ExitCode.FAILED if any(r["status"] == "failure" for r in rows) else ExitCode.OK

@@ -11,7 +11,7 @@ from cryptography import x509
 from phaul.channels import pki
 from phaul.channels.revocation import RevocationList, parse_serial, read_serials
 from phaul.cli import main
-from phaul.errors import Conflict, InvalidInput, NotFound
+from phaul.errors import Conflict, ExitCode, InvalidInput, NotFound
 
 
 def _serial(path: Path) -> str:
@@ -57,7 +57,7 @@ def test_reissue_of_the_same_host_and_hosts_file(pki_dir: Path, tmp_path: Path, 
         "hosts": {"gamma": {"address": "10.213.7.13:7473"}},
     }))
     issue = ["--hosts-file", str(hosts), "pki", "issue", "--dir", str(pki_dir), "delta", "--ip", "10.213.7.13"]
-    assert main(issue) == Conflict.exit_code
+    assert main(issue) == ExitCode.REFUSED  # Conflict
     err = capsys.readouterr().err
     assert "IP 10.213.7.13 (held by host gamma in the hosts file)" in err and "--force" in err
     assert main([*issue, "--dns", "gamma", "--force"]) == 0

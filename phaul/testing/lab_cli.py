@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from phaul.cli import EXIT_NOT_OK, EXIT_OK, _command
+from phaul.cli import _command
+from phaul.errors import ExitCode
 
 
 def add_commands(sub: Any) -> None:
@@ -31,7 +32,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
     print(lab.up(args.subnet).to_text())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
 
     st = lab.status()
     print(st.to_json() if args.json else st.to_text())
-    return EXIT_OK if st.healthy else EXIT_NOT_OK
+    return ExitCode.OK if st.healthy else ExitCode.FAILED
 
 
 def cmd_lab_exec(args: argparse.Namespace) -> int:
@@ -53,4 +54,4 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 
     for line in lab.down():
         print(line)
-    return EXIT_OK
+    return ExitCode.OK
