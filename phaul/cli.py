@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, Unreachable
+from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, ToolFailed, Unreachable
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Report, Result
@@ -37,6 +39,15 @@ CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built du
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
 CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
 IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
+
+HOST_HELP = (
+    "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
+    "else the one host whose agent socket is on this machine, else alpha)"
+)
+HOST_ENV = "PHAUL_HOST"
+HOSTS_FILE_HELP = "hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)"
+PKI_DIR_HELP = "the CA's directory (default: /etc/phaul/pki)"
+CT_ID_HELP = "the container's ID"
 
 DESCRIPTION = """\
 Live migration of Linux containers between hosts with CRIU.
@@ -78,7 +89,7 @@ host already runs its most migrations at once): try again later.
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if args.command == "agent" else logging.WARNING),
         format="%(asctime)s %(name)s %(levelname)s %(message)s" if args.command == "agent" else "%(levelname)s: %(message)s",
@@ -99,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phaul", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"phaul {__version__}")
-    p.add_argument("--host", default="alpha", help="the agent to talk to: a name from the hosts file (default: alpha)")
-    p.add_argument("--hosts-file", type=Path, help="hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)")
+    p.add_argument("--host", default=None, help=HOST_HELP)
+    p.add_argument("--hosts-file", type=Path, help=HOSTS_FILE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. `phaul lab` (phaul.testing.lab_cli)
@@ -144,30 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("pki", help="make a CA and host certificates")
     ksub = k.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
     ki = ksub.add_parser("init", help="create a CA")
-    ki.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ki.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     ki.add_argument("--force", action="store_true", help="replace an existing CA")
     ki.set_defaults(func=cmd_pki_init)
     ks = ksub.add_parser("issue", help="issue a certificate for a host or client")
-    ks.add_argument("name")
-    ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ks.add_argument("name", help="the host's name (its agent's --name) or a client's (e.g. admin)")
+    ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
+    _connection_options(ks)
     ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
     ks.add_argument("--force", action="store_true",
                     help="issue even if a name or address is another host's (another certificate here, or --hosts-file)")
     ks.set_defaults(func=cmd_pki_issue)
     kl = ksub.add_parser("list", help="the certificates issued here: serial, names, expiry, status")
-    kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
-    kl.add_argument("--json", action="store_true")
+    kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
+    kl.add_argument("--json", action="store_true", help="print the certificates as JSON")
     kl.set_defaults(func=cmd_pki_list)
     kr = ksub.add_parser("revoke", help="add a certificate (or every one issued to a name) to revoked.txt")
-    kr.add_argument("what", metavar="SERIAL|NAME")
-    kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    kr.add_argument("what", metavar="SERIAL|NAME", help="a certificate's serial (hex), or a name: every certificate issued to it")
+    kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     kr.set_defaults(func=cmd_pki_revoke)
 
     ct = sub.add_parser("ct", help="containers on --host")
+    _connection_options(ct)
     csub = ct.add_subparsers(dest="ct_command", metavar="ACTION", required=True)
     cc = csub.add_parser("create", help="create a container (not started)")
-    cc.add_argument("id")
+    cc.add_argument("id", help=CT_ID_HELP)
     cc.add_argument("--template", choices=("busybox", "debian"),
                     help="root file system template: busybox (the default) or debian (bookworm, mmdebstrap)")
     cc.add_argument("--packages", action="append", default=[], metavar="PKG[,PKG]",
@@ -191,28 +204,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the Docker/Podman default seccomp profile (default), or none")
     cc.set_defaults(func=cmd_ct_create)
     cs = csub.add_parser("start", help="start a container, optionally with a command")
-    cs.add_argument("id")
-    cs.add_argument("cmd", nargs=argparse.REMAINDER, help="[-- CMD ARGS...]")
+    cs.add_argument("id", help=CT_ID_HELP)
+    cs.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command to run instead of the default (after `--`)")
     cs.set_defaults(func=cmd_ct_start)
     ce = csub.add_parser("exec", help="run a command in a running container; exits with its code")
-    ce.add_argument("id")
-    ce.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    ce.add_argument("--timeout", type=float, default=60.0)
+    ce.add_argument("id", help=CT_ID_HELP)
+    ce.add_argument("cmd", nargs="*", metavar="-- CMD ARGS",
+                    help="the command and its arguments, after `--` (phaul's own options go before it)")
+    ce.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="kill the command after S seconds (default 60)")
     ce.set_defaults(func=cmd_ct_exec)
     cg = csub.add_parser("logs", help="the container's stdout and stderr (kept in a bounded log that moves with it)")
-    cg.add_argument("id")
+    cg.add_argument("id", help=CT_ID_HELP)
     cg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines")
     cg.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes (Ctrl-C ends)")
     cg.set_defaults(func=cmd_ct_logs)
     cl = csub.add_parser("list", help="list containers: ID, state, init PID, memory used and limit")
-    cl.add_argument("--json", action="store_true")
+    cl.add_argument("--json", action="store_true", help="print the containers as JSON")
     cl.set_defaults(func=cmd_ct_list)
     for name, func, text in (
         ("stop", cmd_ct_stop, "stop a container (kept, startable)"), ("destroy", cmd_ct_destroy, "stop and remove a container"),
     ):
         c = csub.add_parser(name, help=text)
-        c.add_argument("id")
+        c.add_argument("id", help=CT_ID_HELP)
         c.set_defaults(func=func)
+
+    for action_parser in csub.choices.values():
+        _connection_options(action_parser)
 
     m = sub.add_parser(
         "migrate", help="live-migrate a container from --host to HOST", epilog=MIGRATE_EPILOG,
@@ -235,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
+    _connection_options(m)
     m.set_defaults(func=cmd_migrate)
 
     d = sub.add_parser("doctor", help="what this host has for migration, and what is missing")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the checks as JSON")
     d.set_defaults(func=cmd_doctor)
 
     ck = sub.add_parser(
@@ -250,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("id", help="the container")
     ck.add_argument("dest", metavar="HOST", help="the destination host's name")
     ck.add_argument("--json", action="store_true", help="print the checks as JSON")
+    _connection_options(ck)
     ck.set_defaults(func=cmd_check)
 
     ms = sub.add_parser(
@@ -259,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is settled by `phaul recover ID`.",
     )
     ms.add_argument("--json", action="store_true", help="print the list as JSON")
+    _connection_options(ms)
     ms.set_defaults(func=cmd_migrations)
     r = sub.add_parser(
         "recover", help="settle migrations left in doubt (all of --host's, or MIGRATION-ID)",
@@ -267,8 +288,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("migration_id", nargs="?", metavar="MIGRATION-ID", help="one migration (default: every unsettled one)")
     r.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    _connection_options(r)
     r.set_defaults(func=cmd_recover)
+
+    co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                        description="Print a completion script for phaul's commands and options. "
+                        "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
+                        "zsh: phaul completion zsh > \"${fpath[1]}/_phaul\"")
+    co.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    co.set_defaults(func=cmd_completion)
     return p
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    """--host and --hosts-file accepted after the subcommand too (the top-level parser holds the defaults)."""
+    parser.add_argument("--host", default=argparse.SUPPRESS, help=HOST_HELP)
+    parser.add_argument("--hosts-file", type=Path, default=argparse.SUPPRESS, help=HOSTS_FILE_HELP)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`; what follows the first `--` is the command of `ct start`, `ct exec` or `lab exec`
+    (never phaul's options: `ct exec web --timeout 5 -- ls` gives --timeout to phaul)."""
+    head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = parser.parse_args(head)
+            if tail is not None and not hasattr(args, "cmd"):
+                parser.error(f"`phaul {args.command or ''}` takes no command after `--`")
+    except SystemExit as e:
+        text, code = usage.getvalue(), e.code if isinstance(e.code, int) else int(ExitCode.REFUSED)
+        if code != 0 and "--json" in head:  # a script asked for JSON: the usage error as JSON too
+            message = text.strip().splitlines()[-1] if text.strip() else "invalid arguments"
+            text = output.usage_error(message.split(": error: ", 1)[-1], code) + "\n"
+        sys.stderr.write(text)
+        raise
+    sys.stderr.write(usage.getvalue())
+    if tail is not None:
+        args.cmd = [*args.cmd, *tail]
+    return args
 
 
 # -- connections -------------------------------------------------------------------
@@ -280,12 +338,37 @@ def _hosts(args: argparse.Namespace):  # -> HostsFile
     return read_hosts(args.hosts_file)
 
 
+def _host(args: argparse.Namespace) -> str:
+    """The agent --host names; without --host: $PHAUL_HOST, else the only host of the hosts file
+    whose agent socket is on this machine, else alpha (the lab's). Stored back in args.host."""
+    if args.host is None:
+        hosts = _hosts(args)
+        local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
+        args.host = os.environ.get(HOST_ENV) or (local[0] if len(local) == 1 else "alpha")
+        if args.host not in hosts.hosts:
+            raise InvalidInput(
+                f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
+                f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
+            )
+    return str(check_id(args.host, "host name"))
+
+
 def _agent(args: argparse.Namespace) -> Agent:
     hosts = _hosts(args)
-    entry = hosts.host(check_id(args.host, "host name"))
+    entry = hosts.host(_host(args))
+    for what, path in (("certificate", hosts.pki.cert), ("key", hosts.pki.key), ("CA certificate", hosts.pki.ca)):
+        if not path.is_file():
+            raise InvalidInput(
+                f"the CLI's {what} {path} (the \"pki\" section of {hosts.path}) does not exist",
+                "issue the CLI's certificate with `phaul pki issue admin` on the CA's host, copy admin.crt, admin.key and "
+                "ca.crt here and name them in the hosts file's \"pki\" section",
+            )
     creds = Credentials("admin", hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
     target = f"unix:{entry.socket}" if entry.socket and entry.socket.exists() else entry.address
-    return connect(target, entry.name, creds)
+    try:
+        return connect(target, entry.name, creds)
+    except OSError as e:
+        raise InvalidInput(f"cannot read the CLI's credentials: {e}", "check the files' owner and mode") from e
 
 
 def _command(rest: list[str], what: str) -> list[str]:
@@ -483,6 +566,7 @@ def _mib(n: int | None) -> str:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     hosts = _hosts(args)
+    _host(args)
     dest = hosts.host(check_id(args.dest, "destination host name"))
     if dest.name == args.host:
         raise InvalidInput(f"the destination {dest.name} is the source host (--host {args.host})",
@@ -561,6 +645,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
     return ExitCode.FAILED if any(c.status == CheckState.FAILURE for c in checks) else ExitCode.OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        import shtab
+    except ImportError as e:
+        raise ToolFailed(f"shell completion needs shtab ({e})", "pip install shtab (a dependency of phaul's package)") from e
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return ExitCode.OK
 
 
 # -- migrations, recover ------------------------------------------------------------------
