@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -428,7 +426,7 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
 
     rows = pki.listing(args.dir)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(output.certificates(rows)))
         return ExitCode.OK
     print(f"{'SERIAL':<42} {'NAME':<16} {'STATUS':<9} {'NOT AFTER':<17} {'DAYS':>5}  NAMES")
     for r in rows:
@@ -535,7 +533,7 @@ def cmd_ct_list(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         infos = [messages.info_from_proto(i) for i in agent.call("ListContainers", pb.Empty()).containers]
     if args.json:
-        print(json.dumps([asdict(i) for i in infos], indent=2))
+        print(output.dumps(output.containers(infos)))
         return ExitCode.OK
     print(f"{'ID':<20} {'STATE':<9} {'PID':>7} {'MEMORY':>10} {'LIMIT':>10}  IP")
     for i in infos:
@@ -610,7 +608,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if report is None:
         raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
                       IN_DOUBT_HINT.format(host=args.host))
-    print(report.to_json() if args.json else report.to_table())
+    print(output.dumps(output.report(report)) if args.json else report.to_table())
     return migration_exit_code(report)
 
 
@@ -640,7 +638,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = doctor.run_checks()
     if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
+        print(output.dumps(output.doctor(checks)))
     else:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
@@ -662,13 +660,10 @@ def cmd_completion(args: argparse.Namespace) -> int:
 def cmd_migrations(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         records = agent.call("ListMigrations", pb.Empty()).migrations
-    rows = [
-        {"migration_id": r.migration_id, "role": r.role, "ct": r.ct, "peer": r.peer, "state": r.state, "step": r.step,
-         "started_at": r.started_at, "updated_at": r.updated_at, "error": r.error, "steps": list(r.steps)}
-        for r in records
-    ]
+    doc = output.migrations(records)
+    rows = doc["migrations"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(doc))
         return ExitCode.OK
     print(f"{'MIGRATION':<14} {'ROLE':<12} {'CT':<16} {'PEER':<10} {'STATE':<12} {'STEP':<17} STARTED")
     for r in rows:
@@ -683,9 +678,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     mid = check_id(args.migration_id, "migration ID") if args.migration_id else ""
     with _agent(args) as agent:
         outcomes = agent.call("Recover", pb.RecoverRequest(migration_id=mid), timeout=600).outcomes
-    rows = [{"migration_id": o.migration_id, "role": o.role, "result": o.result, "message": o.message} for o in outcomes]
+    doc = output.outcomes(outcomes)
+    rows = doc["outcomes"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(doc))
     elif not rows:
         print(f"nothing to settle on {args.host}")
     for r in [] if args.json else rows:
@@ -701,9 +697,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     request = pb.CheckRequest(ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address)
     with _agent(args) as agent:
         checks = agent.call("Check", request, timeout=120).checks
-    rows = [{"name": c.name, "status": c.status, "message": c.message, "host": c.host} for c in checks]
+    doc = output.preflight(args.id, args.host, dest.name, checks)
+    rows = doc["checks"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(doc))
     else:
         print(f"{'CHECK':<10} {'HOST':<10} {'STATUS':<8} REASON")
         for r in rows:

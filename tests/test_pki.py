@@ -76,7 +76,7 @@ def test_list_and_revoke(pki_dir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "already revoked" in capsys.readouterr().out
 
     assert main(["pki", "list", "--dir", str(pki_dir), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["certificates"]
     assert [(r["name"], r["status"]) for r in rows] == [("alpha", "revoked"), ("beta", "replaced"), ("beta", "valid")]
     assert rows[1]["serial"] == old_beta and rows[1]["dns"] == ["beta", "beta.lab"] and rows[2]["ips"] == ["10.213.7.12"]
     assert all(364 <= r["days_left"] <= 365 and r["not_after"] > r["issued_at"] for r in rows)

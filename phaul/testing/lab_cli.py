@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from phaul import output
 from phaul.cli import _command
 from phaul.errors import ExitCode
 
@@ -39,7 +40,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
     st = lab.status()
-    print(st.to_json() if args.json else st.to_text())
+    print(output.dumps(output.lab_status(st.to_dict())) if args.json else st.to_text())
     return ExitCode.OK if st.healthy else ExitCode.FAILED
 
 
