@@ -38,10 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from phaul.testing import lab
-from phaul.testing import probe as probes
 from phaul.containers import workloads
 from phaul.errors import PhaulError
+from phaul.testing import lab
+from phaul.testing import probe as probes
 
 LAB_LOCK = Path("/run/lock/phaul-lab.lock")
 LAB_DIR = Path("/var/lib/phaul-lab-measure")

@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import COUNT_STEP
 
-from phaul.linux import freezer
-from phaul.linux import procfs
-from phaul.containers import ContainerConfig
+from phaul.containers import ContainerConfig, workloads
 from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
-from phaul.containers import workloads
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.linux import freezer, procfs
 
 COUNTER = ["sh", "-c", f"i=0; while :; do {COUNT_STEP}; sleep 0.1; done"]
 

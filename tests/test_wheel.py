@@ -20,8 +20,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from conftest import REPO
+
 from phaul import output
 
 PATH_WITHOUT_CRIU = "/usr/bin:/bin:/usr/sbin:/sbin"  # criu lives in /usr/local/sbin (scripts/build-criu.sh)
@@ -95,7 +95,8 @@ def test_doctor_reports_what_is_missing_without_a_traceback(installed: Path, tmp
     by = {c["name"]: c for c in doc["checks"]}
     assert by["criu"]["status"] == "failure" and "make setup" in by["criu"]["fix"]  # off PATH here
     assert by["pycriu"]["status"] == "failure" and "pip install" in by["pycriu"]["fix"]  # not on PyPI
-    assert by["workload programs"]["status"] == "warning" and "/usr/local/lib/phaul/workloads" in by["workload programs"]["detail"]
+    programs = by["workload programs"]
+    assert programs["status"] == "warning" and "/usr/local/lib/phaul/workloads" in programs["detail"]
     assert by["runc"]["status"] == "pass" and proc.returncode == 1 and doc["ok"] is False
     text = _run([str(installed / "phaul"), "doctor"], tmp_path, _env(installed), timeout=120)
     assert "pycriu" in text.stdout and "fix:" in text.stdout

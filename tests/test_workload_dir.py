@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from phaul.checks import CheckState
 from phaul.containers import workloads
 from phaul.containers.debian import RootfsCache
