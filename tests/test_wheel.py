@@ -145,3 +145,4 @@ def test_an_agent_starts_and_answers_over_mutual_tls(installed: Path, tmp_path: 
     text = log.read_text(errors="replace")
     assert agent.returncode == 0 and "Traceback" not in text and "agent h1 stopping" in text, text
     assert "no workload programs in /usr/local/lib/phaul/workloads" in text  # named, with the fix
+    assert "pycriu is missing" in text and "pip install CRIU_SRC/lib" in text

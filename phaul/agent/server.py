@@ -42,6 +42,7 @@ from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
+from phaul.linux import pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
@@ -465,6 +466,8 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
+    if why := pycriu_module.missing():
+        log.warning("pycriu is missing (%s): this agent cannot dump or restore a container; %s", why, pycriu_module.FIX)
     programs = workloads.find(config.workload_dir)
     if programs.present():
         log.info("workload programs from %s (%s): %s", programs.path, programs.origin, ", ".join(programs.present()))
