@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_FLAGS ?= -q -rfE
 
-.PHONY: setup lint demo test test-unit test-lab test-faults bench bench-quick clean lab-down
+.PHONY: setup proto lint demo test test-unit test-lab test-faults bench bench-quick clean lab-down
 
 setup:
 	@bash scripts/setup.sh
@@ -12,6 +12,11 @@ demo: setup
 
 # The fault matrix (tests/test_faults.py) runs in `make test` too; its table follows the results.
 FAULT_RESULTS := .pytest_cache/fault-matrix.jsonl
+
+# The agent protocol's Python code (committed; tests/test_packaging.py fails when it differs
+# from what proto/phaul.proto compiles to): run after editing proto/phaul.proto.
+proto: setup
+	@$(PY) scripts/gen_proto.py
 
 # mypy and ruff (configured in pyproject.toml) over the package; `make test` runs them first.
 lint: setup
@@ -45,4 +50,4 @@ lab-down:
 	@$(PY) -m phaul lab down
 
 clean: lab-down
-	rm -rf .venv workloads/bin phaul/rpc/phaul_pb2*.py phaul/rpc/phaul_pb2*.pyi
+	rm -rf .venv workloads/bin build dist

@@ -256,7 +256,7 @@ class Bench:
             return self._verify_service(ct, loop)
         if not w.memload_mib:
             running = self.phaul("--host", host, "ct", "list", "--json").stdout
-            return "running" if any(c["id"] == ct and c["state"] == "running" for c in json.loads(running)) else "NOT RUNNING"
+            return "running" if any(c["id"] == ct and c["state"] == "running" for c in json.loads(running)["containers"]) else "NOT RUNNING"
         self.exec(host, ct, "sh", "-c", "rm -f /memload.report; kill -USR1 $(cat /memload.pid)")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

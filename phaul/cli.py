@@ -3,39 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import io
 import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from phaul import __version__
+from phaul import __version__, output
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
 from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import InvalidInput, PhaulError
+from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, ToolFailed, Unreachable
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
-from phaul.migration.report import Report
+from phaul.migration.report import Report, Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_NOT_OK, EXIT_ERROR, EXIT_IN_DOUBT = 0, 1, 2, 3
 # Entry points that add subcommands: each is called with the subparsers action.
 COMMAND_PLUGINS = "phaul.commands"
 START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that exited at once
 LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
+CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
+IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
+
+HOST_HELP = (
+    "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
+    "else the one host whose agent socket is on this machine, else alpha)"
+)
+HOST_ENV = "PHAUL_HOST"
+HOSTS_FILE_HELP = "hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)"
+PKI_DIR_HELP = "the CA's directory (default: /etc/phaul/pki)"
+CT_ID_HELP = "the container's ID"
 
 DESCRIPTION = """\
 Live migration of Linux containers between hosts with CRIU.
@@ -68,26 +78,28 @@ memory methods (--method):
                  now); the report says which ran and why
 
 exit status: 0 the container runs on HOST; 1 the migration was rolled back
-(the container still runs here) or failed; 2 bad input, nothing changed;
-3 in doubt: run `phaul recover`.
+(the container still runs here) or failed (the report says where it is); 2 bad
+input or refused before anything changed; 3 in doubt (the migration started
+and its stream broke, or no report came): run `phaul recover`; 4 busy (this
+host already runs its most migrations at once): try again later.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.INFO if args.command == "agent" else logging.WARNING),
         format="%(asctime)s %(name)s %(levelname)s %(message)s" if args.command == "agent" else "%(levelname)s: %(message)s",
     )
     if not hasattr(args, "func"):
         parser.print_help()
-        return EXIT_ERROR
+        return ExitCode.REFUSED
     try:
         return int(args.func(args) or 0)
     except PhaulError as e:
-        print(f"phaul: error: {e}", file=sys.stderr)
-        return e.exit_code
+        print(output.error(e) if getattr(args, "json", False) else f"phaul: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
     except KeyboardInterrupt:
         print("phaul: interrupted", file=sys.stderr)
         return 130
@@ -96,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phaul", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"phaul {__version__}")
-    p.add_argument("--host", default="alpha", help="the agent to talk to: a name from the hosts file (default: alpha)")
-    p.add_argument("--hosts-file", type=Path, help="hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)")
+    p.add_argument("--host", default=None, help=HOST_HELP)
+    p.add_argument("--hosts-file", type=Path, help=HOSTS_FILE_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. `phaul lab` (phaul.testing.lab_cli)
@@ -132,35 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--build-netns", type=Path, metavar="PATH",
                    help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
                         "(default: the agent's own)")
+    a.add_argument("--workload-dir", type=Path, metavar="DIR",
+                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
+                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
+                        "/usr/local/lib/phaul/workloads)")
     a.set_defaults(func=cmd_agent)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
     ksub = k.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
     ki = ksub.add_parser("init", help="create a CA")
-    ki.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ki.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     ki.add_argument("--force", action="store_true", help="replace an existing CA")
     ki.set_defaults(func=cmd_pki_init)
     ks = ksub.add_parser("issue", help="issue a certificate for a host or client")
-    ks.add_argument("name")
-    ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    ks.add_argument("name", help="the host's name (its agent's --name) or a client's (e.g. admin)")
+    ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
+    _connection_options(ks)
     ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
     ks.add_argument("--force", action="store_true",
                     help="issue even if a name or address is another host's (another certificate here, or --hosts-file)")
     ks.set_defaults(func=cmd_pki_issue)
     kl = ksub.add_parser("list", help="the certificates issued here: serial, names, expiry, status")
-    kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
-    kl.add_argument("--json", action="store_true")
+    kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
+    kl.add_argument("--json", action="store_true", help="print the certificates as JSON")
     kl.set_defaults(func=cmd_pki_list)
     kr = ksub.add_parser("revoke", help="add a certificate (or every one issued to a name) to revoked.txt")
-    kr.add_argument("what", metavar="SERIAL|NAME")
-    kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"))
+    kr.add_argument("what", metavar="SERIAL|NAME", help="a certificate's serial (hex), or a name: every certificate issued to it")
+    kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     kr.set_defaults(func=cmd_pki_revoke)
 
     ct = sub.add_parser("ct", help="containers on --host")
+    _connection_options(ct)
     csub = ct.add_subparsers(dest="ct_command", metavar="ACTION", required=True)
     cc = csub.add_parser("create", help="create a container (not started)")
-    cc.add_argument("id")
+    cc.add_argument("id", help=CT_ID_HELP)
     cc.add_argument("--template", choices=("busybox", "debian"),
                     help="root file system template: busybox (the default) or debian (bookworm, mmdebstrap)")
     cc.add_argument("--packages", action="append", default=[], metavar="PKG[,PKG]",
@@ -184,28 +202,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the Docker/Podman default seccomp profile (default), or none")
     cc.set_defaults(func=cmd_ct_create)
     cs = csub.add_parser("start", help="start a container, optionally with a command")
-    cs.add_argument("id")
-    cs.add_argument("cmd", nargs=argparse.REMAINDER, help="[-- CMD ARGS...]")
+    cs.add_argument("id", help=CT_ID_HELP)
+    cs.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command to run instead of the default (after `--`)")
     cs.set_defaults(func=cmd_ct_start)
     ce = csub.add_parser("exec", help="run a command in a running container; exits with its code")
-    ce.add_argument("id")
-    ce.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
-    ce.add_argument("--timeout", type=float, default=60.0)
+    ce.add_argument("id", help=CT_ID_HELP)
+    ce.add_argument("cmd", nargs="*", metavar="-- CMD ARGS",
+                    help="the command and its arguments, after `--` (phaul's own options go before it)")
+    ce.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="kill the command after S seconds (default 60)")
     ce.set_defaults(func=cmd_ct_exec)
     cg = csub.add_parser("logs", help="the container's stdout and stderr (kept in a bounded log that moves with it)")
-    cg.add_argument("id")
+    cg.add_argument("id", help=CT_ID_HELP)
     cg.add_argument("--tail", type=int, default=0, metavar="N", help="only the last N lines")
     cg.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes (Ctrl-C ends)")
     cg.set_defaults(func=cmd_ct_logs)
     cl = csub.add_parser("list", help="list containers: ID, state, init PID, memory used and limit")
-    cl.add_argument("--json", action="store_true")
+    cl.add_argument("--json", action="store_true", help="print the containers as JSON")
     cl.set_defaults(func=cmd_ct_list)
     for name, func, text in (
         ("stop", cmd_ct_stop, "stop a container (kept, startable)"), ("destroy", cmd_ct_destroy, "stop and remove a container"),
     ):
         c = csub.add_parser(name, help=text)
-        c.add_argument("id")
+        c.add_argument("id", help=CT_ID_HELP)
         c.set_defaults(func=func)
+
+    for action_parser in csub.choices.values():
+        _connection_options(action_parser)
 
     m = sub.add_parser(
         "migrate", help="live-migrate a container from --host to HOST", epilog=MIGRATE_EPILOG,
@@ -228,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
+    _connection_options(m)
     m.set_defaults(func=cmd_migrate)
 
     d = sub.add_parser("doctor", help="what this host has for migration, and what is missing")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the checks as JSON")
     d.set_defaults(func=cmd_doctor)
 
     ck = sub.add_parser(
@@ -243,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("id", help="the container")
     ck.add_argument("dest", metavar="HOST", help="the destination host's name")
     ck.add_argument("--json", action="store_true", help="print the checks as JSON")
+    _connection_options(ck)
     ck.set_defaults(func=cmd_check)
 
     ms = sub.add_parser(
@@ -252,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is settled by `phaul recover ID`.",
     )
     ms.add_argument("--json", action="store_true", help="print the list as JSON")
+    _connection_options(ms)
     ms.set_defaults(func=cmd_migrations)
     r = sub.add_parser(
         "recover", help="settle migrations left in doubt (all of --host's, or MIGRATION-ID)",
@@ -260,8 +286,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("migration_id", nargs="?", metavar="MIGRATION-ID", help="one migration (default: every unsettled one)")
     r.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    _connection_options(r)
     r.set_defaults(func=cmd_recover)
+
+    co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                        description="Print a completion script for phaul's commands and options. "
+                        "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
+                        "zsh: phaul completion zsh > \"${fpath[1]}/_phaul\"")
+    co.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    co.set_defaults(func=cmd_completion)
     return p
+
+
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    """--host and --hosts-file accepted after the subcommand too (the top-level parser holds the defaults)."""
+    parser.add_argument("--host", default=argparse.SUPPRESS, help=HOST_HELP)
+    parser.add_argument("--hosts-file", type=Path, default=argparse.SUPPRESS, help=HOSTS_FILE_HELP)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`; what follows the first `--` is the command of `ct start`, `ct exec` or `lab exec`
+    (never phaul's options: `ct exec web --timeout 5 -- ls` gives --timeout to phaul)."""
+    head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, None)
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = parser.parse_args(head)
+            if tail is not None and not hasattr(args, "cmd"):
+                parser.error(f"`phaul {args.command or ''}` takes no command after `--`")
+    except SystemExit as e:
+        text, code = usage.getvalue(), e.code if isinstance(e.code, int) else int(ExitCode.REFUSED)
+        if code != 0 and "--json" in head:  # a script asked for JSON: the usage error as JSON too
+            message = text.strip().splitlines()[-1] if text.strip() else "invalid arguments"
+            text = output.usage_error(message.split(": error: ", 1)[-1], code) + "\n"
+        sys.stderr.write(text)
+        raise
+    sys.stderr.write(usage.getvalue())
+    if tail is not None:
+        args.cmd = [*args.cmd, *tail]
+    return args
 
 
 # -- connections -------------------------------------------------------------------
@@ -273,12 +336,37 @@ def _hosts(args: argparse.Namespace):  # -> HostsFile
     return read_hosts(args.hosts_file)
 
 
+def _host(args: argparse.Namespace) -> str:
+    """The agent --host names; without --host: $PHAUL_HOST, else the only host of the hosts file
+    whose agent socket is on this machine, else alpha (the lab's). Stored back in args.host."""
+    if args.host is None:
+        hosts = _hosts(args)
+        local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
+        args.host = os.environ.get(HOST_ENV) or (local[0] if len(local) == 1 else "alpha")
+        if args.host not in hosts.hosts:
+            raise InvalidInput(
+                f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
+                f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
+            )
+    return str(check_id(args.host, "host name"))
+
+
 def _agent(args: argparse.Namespace) -> Agent:
     hosts = _hosts(args)
-    entry = hosts.host(check_id(args.host, "host name"))
+    entry = hosts.host(_host(args))
+    for what, path in (("certificate", hosts.pki.cert), ("key", hosts.pki.key), ("CA certificate", hosts.pki.ca)):
+        if not path.is_file():
+            raise InvalidInput(
+                f"the CLI's {what} {path} (the \"pki\" section of {hosts.path}) does not exist",
+                "issue the CLI's certificate with `phaul pki issue admin` on the CA's host, copy admin.crt, admin.key and "
+                "ca.crt here and name them in the hosts file's \"pki\" section",
+            )
     creds = Credentials("admin", hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
     target = f"unix:{entry.socket}" if entry.socket and entry.socket.exists() else entry.address
-    return connect(target, entry.name, creds)
+    try:
+        return connect(target, entry.name, creds)
+    except OSError as e:
+        raise InvalidInput(f"cannot read the CLI's credentials: {e}", "check the files' owner and mode") from e
 
 
 def _command(rest: list[str], what: str) -> list[str]:
@@ -306,20 +394,20 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
 
     config = AgentConfig(
         name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
-        cache_dir=args.cache_dir, build_netns=args.build_netns,
+        cache_dir=args.cache_dir, build_netns=args.build_netns, workload_dir=args.workload_dir,
         peers=names(args.peers), admins=names(args.admins),
         revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),
         timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
     )
     serve(config, hook)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
     from phaul.channels import pki
 
     print(pki.init_ca(args.dir, force=args.force))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_issue(args: argparse.Namespace) -> int:
@@ -330,7 +418,7 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
         hosts = {h.name: [h.ip] for h in _hosts(args).hosts.values()}
     cert, key = pki.issue(args.dir, args.name, args.ip, args.dns, hosts=hosts, force=args.force)
     print(f"{cert}\n{key}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_list(args: argparse.Namespace) -> int:
@@ -338,15 +426,15 @@ def cmd_pki_list(args: argparse.Namespace) -> int:
 
     rows = pki.listing(args.dir)
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        print(output.dumps(output.certificates(rows)))
+        return ExitCode.OK
     print(f"{'SERIAL':<42} {'NAME':<16} {'STATUS':<9} {'NOT AFTER':<17} {'DAYS':>5}  NAMES")
     for r in rows:
         print(
             f"{r['serial']:<42} {r['name']:<16} {r['status']:<9} {r['not_after'][:16].replace('T', ' '):<17} "
             f"{r['days_left']:>5}  {','.join([*r['dns'], *r['ips']])}"
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_pki_revoke(args: argparse.Namespace) -> int:
@@ -354,7 +442,7 @@ def cmd_pki_revoke(args: argparse.Namespace) -> int:
 
     added = pki.revoke(args.dir, args.what)
     print("\n".join(added) if added else f"{args.what} is already revoked")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # -- containers ----------------------------------------------------------------------
@@ -382,7 +470,7 @@ def cmd_ct_create(args: argparse.Namespace) -> int:
         # a debian root is built on first use of a package set: minutes
         info = agent.call("CreateContainer", messages.config_to_proto(config), timeout=CREATE_TIMEOUT)
     print(f"{info.id} created on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_start(args: argparse.Namespace) -> int:
@@ -393,9 +481,9 @@ def cmd_ct_start(args: argparse.Namespace) -> int:
             status = info.exit_status or "exit status unknown"
             print(f"{info.id} exited at once on {args.host} ({status}); its output ends:", file=sys.stderr)
             sys.stderr.write(out.decode(errors="replace") or "(no output)\n")
-            return EXIT_OK if status == "exit 0" else EXIT_NOT_OK
+            return ExitCode.OK if status == "exit 0" else ExitCode.FAILED
     print(f"{info.id} {info.state} on {args.host}, init PID {info.pid}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_logs(args: argparse.Namespace) -> int:
@@ -406,7 +494,7 @@ def cmd_ct_logs(args: argparse.Namespace) -> int:
         if not args.follow:
             r = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, tail=args.tail))
             sys.stdout.buffer.write(r.data)
-            return EXIT_OK
+            return ExitCode.OK
         # Following: the tail comes from the same positioned reads as what follows (a separate
         # tail request would lose what is written between it and the first follow request).
         now = agent.call("ContainerLogs", pb.LogsRequest(id=ct_id, follow=True))  # the current file
@@ -426,7 +514,7 @@ def cmd_ct_logs(args: argparse.Namespace) -> int:
                 if not r.data:
                     time.sleep(LOG_POLL)
         except KeyboardInterrupt:
-            return EXIT_OK
+            return ExitCode.OK
 
 
 def cmd_ct_exec(args: argparse.Namespace) -> int:
@@ -445,26 +533,26 @@ def cmd_ct_list(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         infos = [messages.info_from_proto(i) for i in agent.call("ListContainers", pb.Empty()).containers]
     if args.json:
-        print(json.dumps([asdict(i) for i in infos], indent=2))
-        return EXIT_OK
+        print(output.dumps(output.containers(infos)))
+        return ExitCode.OK
     print(f"{'ID':<20} {'STATE':<9} {'PID':>7} {'MEMORY':>10} {'LIMIT':>10}  IP")
     for i in infos:
         print(f"{i.id:<20} {i.state:<9} {i.pid or '-':>7} {_mib(i.memory_used):>10} {_mib(i.memory_limit):>10}  {i.ip or '-'}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_stop(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.call("StopContainer", pb.ContainerRef(id=check_id(args.id)))
     print(f"{args.id} stopped on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_ct_destroy(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         agent.call("DestroyContainer", pb.ContainerRef(id=check_id(args.id)))
     print(f"{args.id} destroyed on {args.host}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _mib(n: int | None) -> str:
@@ -476,6 +564,7 @@ def _mib(n: int | None) -> str:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     hosts = _hosts(args)
+    _host(args)
     dest = hosts.host(check_id(args.dest, "destination host name"))
     if dest.name == args.host:
         raise InvalidInput(f"the destination {dest.name} is the source host (--host {args.host})",
@@ -502,15 +591,35 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     show_progress = not args.json and sys.stderr.isatty()
     report: Report | None = None
     with _agent(args) as agent:
-        for event in agent.stream("Migrate", request):
-            if event.HasField("progress") and show_progress:
-                print(progress_line(event.progress), file=sys.stderr, flush=True)
-            elif event.HasField("report"):
-                report = messages.report_from_proto(event.report)
+        agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
+        started = False
+        try:
+            for event in agent.stream("Migrate", request):
+                started = True  # the agent sends events only once the migration runs
+                if event.HasField("progress") and show_progress:
+                    print(progress_line(event.progress), file=sys.stderr, flush=True)
+                elif event.HasField("report"):
+                    report = messages.report_from_proto(event.report)
+        except PhaulError as e:
+            if started or not agent_decided(e):
+                raise InDoubt(f"the migration of {args.id} to {dest.name} may have started, and its stream broke: {e.message}",
+                              IN_DOUBT_HINT.format(host=args.host)) from e
+            raise  # the agent refused it before anything changed (or is busy)
     if report is None:
-        raise PhaulError(f"the agent on {args.host} ended without a report", f"see `phaul --host {args.host} migrations`")
-    print(report.to_json() if args.json else report.to_table())
-    return {"ok": EXIT_OK, "in_doubt": EXIT_IN_DOUBT}.get(report.result, EXIT_NOT_OK)
+        raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
+                      IN_DOUBT_HINT.format(host=args.host))
+    print(output.dumps(output.report(report)) if args.json else report.to_table())
+    return migration_exit_code(report)
+
+
+def agent_decided(err: PhaulError) -> bool:
+    """Whether `err` is the agent's own answer (it refused, or is busy) rather than a broken call."""
+    return not isinstance(err, LinkBroken | Unreachable) and type(err) is not PhaulError
+
+
+def migration_exit_code(report: Report) -> ExitCode:
+    """ok: 0; rolled back or failed (the report says where the container is): 1; in doubt: 3."""
+    return {Result.OK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
 
 
 def progress_line(p: pb.Progress) -> str:
@@ -529,11 +638,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = doctor.run_checks()
     if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
+        print(output.dumps(output.doctor(checks)))
     else:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
-    return EXIT_NOT_OK if any(c.status == CheckState.FAILURE for c in checks) else EXIT_OK
+    return ExitCode.FAILED if any(c.status == CheckState.FAILURE for c in checks) else ExitCode.OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    try:
+        import shtab
+    except ImportError as e:
+        raise ToolFailed(f"shell completion needs shtab ({e})", "pip install shtab (a dependency of phaul's package)") from e
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return ExitCode.OK
 
 
 # -- migrations, recover ------------------------------------------------------------------
@@ -542,36 +660,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_migrations(args: argparse.Namespace) -> int:
     with _agent(args) as agent:
         records = agent.call("ListMigrations", pb.Empty()).migrations
-    rows = [
-        {"migration_id": r.migration_id, "role": r.role, "ct": r.ct, "peer": r.peer, "state": r.state, "step": r.step,
-         "started_at": r.started_at, "updated_at": r.updated_at, "error": r.error, "steps": list(r.steps)}
-        for r in records
-    ]
+    doc = output.migrations(records)
+    rows = doc["migrations"]
     if args.json:
-        print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        print(output.dumps(doc))
+        return ExitCode.OK
     print(f"{'MIGRATION':<14} {'ROLE':<12} {'CT':<16} {'PEER':<10} {'STATE':<12} {'STEP':<17} STARTED")
     for r in rows:
         print(
             f"{r['migration_id']:<14} {r['role']:<12} {r['ct']:<16} {r['peer']:<10} {r['state']:<12} {r['step']:<17} "
             f"{r['started_at']}"
         )
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     mid = check_id(args.migration_id, "migration ID") if args.migration_id else ""
     with _agent(args) as agent:
         outcomes = agent.call("Recover", pb.RecoverRequest(migration_id=mid), timeout=600).outcomes
-    rows = [{"migration_id": o.migration_id, "role": o.role, "result": o.result, "message": o.message} for o in outcomes]
+    doc = output.outcomes(outcomes)
+    rows = doc["outcomes"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(doc))
     elif not rows:
         print(f"nothing to settle on {args.host}")
     for r in [] if args.json else rows:
         print(f"{r['migration_id']} ({r['role']}): {r['result']}: {r['message']}")
-    return EXIT_IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
-        EXIT_NOT_OK if any(r["result"] == "failed" for r in rows) else EXIT_OK
+    return ExitCode.IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
+        ExitCode.FAILED if any(r["result"] == "failed" for r in rows) else ExitCode.OK
     )
 
 
@@ -581,9 +697,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     request = pb.CheckRequest(ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address)
     with _agent(args) as agent:
         checks = agent.call("Check", request, timeout=120).checks
-    rows = [{"name": c.name, "status": c.status, "message": c.message, "host": c.host} for c in checks]
+    doc = output.preflight(args.id, args.host, dest.name, checks)
+    rows = doc["checks"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(output.dumps(doc))
     else:
         print(f"{'CHECK':<10} {'HOST':<10} {'STATUS':<8} REASON")
         for r in rows:
@@ -591,4 +708,4 @@ def cmd_check(args: argparse.Namespace) -> int:
         failed = sorted({r["name"] for r in rows if r["status"] == "failure"})
         print(f"{args.id} can move to {dest.name}" if not failed else
               f"{args.id} cannot move to {dest.name}: {', '.join(failed)} failed (`migrate --force CHECK` overrides one)")
-    return EXIT_NOT_OK if any(r["status"] == "failure" for r in rows) else EXIT_OK
+    return ExitCode.FAILED if any(r["status"] == "failure" for r in rows) else ExitCode.OK

@@ -70,6 +70,7 @@ class AgentConfig:
     bridge: str | None = None  # the bridge addressed containers are plugged into
     cache_dir: Path = Path("/var/cache/phaul/rootfs")  # built root file systems (debian template), one tarball per package set
     build_netns: Path | None = None  # network namespace template builds download in (None: the agent's)
+    workload_dir: Path | None = None  # the workload programs templates add (None: phaul.containers.workloads.find())
     peers: frozenset[str] = frozenset()  # hosts this one migrates to and from
     admins: frozenset[str] = frozenset()  # clients that manage containers and migrations
     timeouts: Timeouts = field(default_factory=Timeouts)

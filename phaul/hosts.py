@@ -137,7 +137,7 @@ def _parse_hosts(path: Path) -> HostsFile:
     try:
         data = json.loads(path.read_text())
     except OSError as e:
-        raise PhaulError(f"cannot read hosts file {path}: {e.strerror}", "check its owner and mode") from e
+        raise InvalidInput(f"cannot read hosts file {path}: {e.strerror}", "check its owner and mode") from e
     except json.JSONDecodeError as e:
         raise InvalidInput(
             f"hosts file {path} is not valid JSON: {e}", "fix the file, or re-create it with `phaul lab up`"

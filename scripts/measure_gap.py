@@ -38,9 +38,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from phaul.containers import workloads
+from phaul.errors import PhaulError
 from phaul.testing import lab
 from phaul.testing import probe as probes
-from phaul.testing.probe import PROBE
 
 LAB_LOCK = Path("/run/lock/phaul-lab.lock")
 LAB_DIR = Path("/var/lib/phaul-lab-measure")
@@ -158,8 +159,10 @@ def main() -> int:
     parser.add_argument("--udp", action="store_true", help="probe the UDP echo instead of a TCP connection")
     parser.add_argument("--precopy", choices=("auto", "off"), default="auto", help="passed to `phaul migrate`")
     args = parser.parse_args()
-    if not PROBE.is_file():
-        raise SystemExit(f"measure_gap: {PROBE} is missing: run `make setup`")
+    try:
+        workloads.find().program("tcp-probe")
+    except PhaulError as e:
+        raise SystemExit(f"measure_gap: {e}") from None
     os.environ[lab.LAB_DIR_ENV] = str(LAB_DIR)
     with lab_lock():
         if any(ns in lab._netns_list() for ns in lab.LAB_NAMESPACES) and not LAB_DIR.exists():

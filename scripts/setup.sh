@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything phaul needs on a Debian bookworm host, idempotently:
 # Debian packages, CRIU >= 4.2 (built from Debian's source when needed),
-# the project's .venv with pycriu, the compiled agent protocol and the
-# static workload programs. Quick when nothing is missing.
+# the project's .venv with pycriu and the static workload programs (the
+# compiled agent protocol is committed: `make proto` regenerates it). Quick when nothing is missing.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -46,13 +46,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.phaul-stamp 2>/dev/null)" != "$s
     rm -rf "$wrap"
     .venv/bin/pip install -q --no-build-isolation "$criu_tree/lib" 2>>"$criu_tree/lib-build.log"
     echo "$stamp" > .venv/.phaul-stamp
-fi
-
-# The agent protocol, compiled into the package.
-if [ ! -f phaul/rpc/phaul_pb2.py ] || [ proto/phaul.proto -nt phaul/rpc/phaul_pb2.py ]; then
-    log "compiling proto/phaul.proto"
-    .venv/bin/python -m grpc_tools.protoc -Iphaul/rpc=proto --python_out=. --pyi_out=. \
-        --grpc_python_out=. proto/phaul.proto
 fi
 
 make -s -C workloads

@@ -44,7 +44,7 @@ class Lab:
         return json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {"exit": proc.returncode, "stderr": proc.stderr}
 
     def ct_list(self, host: str) -> list[dict]:
-        return json.loads(self.phaul("--host", host, "ct", "list", "--json").stdout)
+        return json.loads(self.phaul("--host", host, "ct", "list", "--json").stdout)["containers"]
 
     def exec(self, host: str, ct: str, *cmd: str) -> str:
         return self.phaul("--host", host, "ct", "exec", ct, "--", *cmd).stdout

@@ -228,14 +228,14 @@ def _tracer(pid: int) -> int:
 
 
 def migrations(lab: Lab, host: str) -> dict[str, dict]:
-    rows = json.loads(lab.phaul("--host", host, "migrations", "--json").stdout)
+    rows = json.loads(lab.phaul("--host", host, "migrations", "--json").stdout)["migrations"]
     return {r["migration_id"]: r for r in rows}
 
 
 def recover(lab: Lab, host: str, mid: str = "") -> list[dict]:
     proc = lab.phaul("--host", host, "recover", *([mid] if mid else []), "--json", check=False, timeout=600)
     assert proc.returncode in (0, 1, 3), proc
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout)["outcomes"]  # type: ignore[no-any-return]
 
 
 @dataclass

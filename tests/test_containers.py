@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import COUNT_STEP
 
-from phaul.linux import freezer
-from phaul.linux import procfs
-from phaul.containers import ContainerConfig
+from phaul.containers import ContainerConfig, workloads
 from phaul.containers.runc import DEFAULT_ARGS, RuncContainers, _cgroup_mounts
-from phaul.containers.template import WORKLOAD_DIR, WORKLOADS
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.linux import freezer, procfs
 
 COUNTER = ["sh", "-c", f"i=0; while :; do {COUNT_STEP}; sleep 0.1; done"]
 
@@ -81,9 +79,8 @@ def test_create_start_exec(kind: RuncContainers) -> None:
     assert (d / "phaul.json").is_file() and (d / "criu.conf").is_file()
     rootfs_bin = d / "bundle" / "rootfs" / "bin"
     assert (rootfs_bin / "busybox").is_file() and (rootfs_bin / "sh").resolve() == rootfs_bin / "busybox"
-    for name in WORKLOADS:  # the project's static programs, when built
-        if (WORKLOAD_DIR / name).is_file():
-            assert (rootfs_bin / name).is_file() and not (rootfs_bin / name).is_symlink()
+    for name in workloads.find().present():  # the project's static programs, when built
+        assert (rootfs_bin / name).is_file() and not (rootfs_bin / name).is_symlink()
     spec = json.loads((d / "bundle" / "config.json").read_text())
     assert spec["process"]["args"] == DEFAULT_ARGS
     assert spec["linux"]["cgroupsPath"] == f"/phaul-{kind.host}/web1"

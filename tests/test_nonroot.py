@@ -179,7 +179,7 @@ def test_tasks_of_several_users_keep_ids_groups_and_limits(clean_lab: Lab) -> No
         [text] = [t for t in before.values() if t.startswith(f"asuser {u} {g} {grp} ")]
         _check_task(text, u, g, grp, lim)  # the workload did what the test means
 
-    rows = json.loads(lab.phaul("--host", "alpha", "check", ct, "beta", "--json").stdout)
+    rows = json.loads(lab.phaul("--host", "alpha", "check", ct, "beta", "--json").stdout)["checks"]
     [users] = [r for r in rows if r["name"] == "users"]
     assert users["status"] == "pass" and "tasks of other users" in users["message"], users
     print(f"preflight users: {users['message']}")

@@ -11,7 +11,7 @@ from cryptography import x509
 from phaul.channels import pki
 from phaul.channels.revocation import RevocationList, parse_serial, read_serials
 from phaul.cli import main
-from phaul.errors import Conflict, InvalidInput, NotFound
+from phaul.errors import Conflict, ExitCode, InvalidInput, NotFound
 
 
 def _serial(path: Path) -> str:
@@ -57,7 +57,7 @@ def test_reissue_of_the_same_host_and_hosts_file(pki_dir: Path, tmp_path: Path, 
         "hosts": {"gamma": {"address": "10.213.7.13:7473"}},
     }))
     issue = ["--hosts-file", str(hosts), "pki", "issue", "--dir", str(pki_dir), "delta", "--ip", "10.213.7.13"]
-    assert main(issue) == Conflict.exit_code
+    assert main(issue) == ExitCode.REFUSED  # Conflict
     err = capsys.readouterr().err
     assert "IP 10.213.7.13 (held by host gamma in the hosts file)" in err and "--force" in err
     assert main([*issue, "--dns", "gamma", "--force"]) == 0
@@ -76,7 +76,7 @@ def test_list_and_revoke(pki_dir: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "already revoked" in capsys.readouterr().out
 
     assert main(["pki", "list", "--dir", str(pki_dir), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["certificates"]
     assert [(r["name"], r["status"]) for r in rows] == [("alpha", "revoked"), ("beta", "replaced"), ("beta", "valid")]
     assert rows[1]["serial"] == old_beta and rows[1]["dns"] == ["beta", "beta.lab"] and rows[2]["ips"] == ["10.213.7.12"]
     assert all(364 <= r["days_left"] <= 365 and r["not_after"] > r["issued_at"] for r in rows)

@@ -23,7 +23,7 @@ def test_check_reports_every_check_on_both_hosts(clean_lab: Lab) -> None:
     lab = clean_lab
     _start(lab, "pf1")
     proc = lab.phaul("--host", "alpha", "check", "pf1", "beta", "--json")
-    rows = json.loads(proc.stdout)
+    rows = json.loads(proc.stdout)["checks"]
     by = {(r["name"], r["host"]): r for r in rows}
     for name in ("container", "objects", "criu", "runc", "agent"):
         assert by[(name, "alpha")]["status"] == "pass", by[(name, "alpha")]
@@ -41,7 +41,7 @@ def test_failures_stop_migrate_unless_forced(clean_lab: Lab) -> None:
     lab.phaul("--host", "beta", "ct", "create", "pf2")
     proc = lab.phaul("--host", "alpha", "check", "pf2", "beta", "--json", check=False)
     assert proc.returncode == 1
-    [failed] = [r for r in json.loads(proc.stdout) if r["status"] == "failure"]
+    [failed] = [r for r in json.loads(proc.stdout)["checks"] if r["status"] == "failure"]
     assert (failed["name"], failed["host"]) == ("ct-id", "beta") and "already has a container pf2" in failed["message"]
     proc = lab.phaul("--host", "alpha", "migrate", "pf2", "beta", check=False)
     assert proc.returncode == 2 and "preflight failed: ct-id on beta" in proc.stderr and "--force ct-id" in proc.stderr

@@ -38,10 +38,11 @@ from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_cod
 from phaul.channels.revocation import RevocationList
 from phaul.channels.transport import parse_endpoint
 from phaul.config import AgentConfig, MigrationOptions
-from phaul.containers import ContainerConfig
+from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
+from phaul.linux import pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
@@ -465,7 +466,14 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    kind = RuncContainers(state_dir, name, config.bridge, RootfsCache(config.cache_dir, config.build_netns))
+    if why := pycriu_module.missing():
+        log.warning("pycriu is missing (%s): this agent cannot dump or restore a container; %s", why, pycriu_module.FIX)
+    programs = workloads.find(config.workload_dir)
+    if programs.present():
+        log.info("workload programs from %s (%s): %s", programs.path, programs.origin, ", ".join(programs.present()))
+    else:
+        log.warning("no workload programs in %s (%s): containers get none; %s", programs.path, programs.origin, workloads.FIX)
+    kind = RuncContainers(state_dir, name, config.bridge, RootfsCache(config.cache_dir, config.build_netns), programs)
     host = Host(
         name, state_dir, creds, listen, kind, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,

@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 
 from phaul.channels.transport import Credentials
-from phaul.errors import Busy, Conflict, InvalidInput, NotFound, PhaulError, Refused, ToolFailed
+from phaul.errors import Busy, Conflict, InvalidInput, LinkBroken, NotFound, PhaulError, Refused, ToolFailed, Unreachable
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 
+UNREACHABLE_HINT = "check that its agent runs (`phaul lab status`) and that both sides use certificates from the same CA"
 MAX_MESSAGE = 16 << 20
 KEEPALIVE_MS = 3000  # ping an idle connection this often; a peer silent as long again is dead
 
@@ -50,13 +51,10 @@ def error_from_rpc(err: grpc.RpcError, target: str) -> PhaulError:
     if code == grpc.StatusCode.UNKNOWN and details:
         return PhaulError(details)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return PhaulError(
-            f"agent {target} is unreachable: {details}",
-            "check that its agent runs (`phaul lab status`) and that both sides use certificates from the same CA",
-        )
+        return Unreachable(f"agent {target} is unreachable: {details}", UNREACHABLE_HINT)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return PhaulError(f"agent {target} did not answer in time", "check the agent's log and the link")
-    return PhaulError(f"call to agent {target} failed ({code.name}): {details}")
+        return LinkBroken(f"agent {target} did not answer in time", "check the agent's log and the link")
+    return LinkBroken(f"call to agent {target} failed ({code.name}): {details}", "check the agent's log and the link")
 
 
 @dataclass
@@ -80,6 +78,13 @@ class Agent:
             yield from fn(request, timeout=timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from None
+
+    def wait_ready(self, timeout: float) -> None:
+        """Connect (TLS included) within `timeout` s, or raise Unreachable: nothing was asked of the agent."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise Unreachable(f"agent {self.target} is unreachable (no connection in {timeout:g} s)", UNREACHABLE_HINT) from None
 
     def close(self) -> None:
         self.channel.close()

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from phaul.channels.revocation import REVOKED_FILE, format_serial, parse_serial, read_serials
-from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError
+from phaul.errors import Conflict, InvalidInput, NotFound
 from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
 
@@ -46,7 +46,7 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 _DNS = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$", re.I)
 
 
-class BadCredentials(PhaulError):
+class BadCredentials(InvalidInput):
     """A certificate or key exists but cannot be used (unreadable, expired, wrong CA or key)."""
 
 

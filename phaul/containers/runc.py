@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from phaul.containers import Argv, ContainerConfig, ContainerInfo, ContainerKind, ExecResult, console
+from phaul.containers import Argv, ContainerConfig, ContainerInfo, ContainerKind, ExecResult, console, workloads
 from phaul.containers.debian import RootfsCache, check_packages
 from phaul.containers.seccomp import oci_seccomp
 from phaul.containers.template import SOURCES, TEMPLATES, build_rootfs
@@ -98,12 +98,14 @@ class RuncContainers(ContainerKind):
     """
 
     def __init__(
-        self, state_dir: Path, host: str, bridge: str | None = None, cache: RootfsCache | None = None
+        self, state_dir: Path, host: str, bridge: str | None = None, cache: RootfsCache | None = None,
+        programs: workloads.WorkloadDir | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.host = check_id(host, "host name")
         self.bridge = bridge
         self.cache = cache or RootfsCache(DEFAULT_CACHE)
+        self.programs = programs or workloads.find()  # the workload programs templates add
         self.runc_root = self.state_dir / "runc"
         self.containers_dir = self.state_dir / "containers"
         runc = shutil.which("runc")
@@ -171,7 +173,7 @@ class RuncContainers(ContainerKind):
         tmp = Path(tempfile.mkdtemp(prefix=f".{config.id}.", dir=self.containers_dir))
         try:
             (tmp / "bundle").mkdir()
-            defaults = build_rootfs(config, tmp / "bundle" / "rootfs", self.cache)
+            defaults = build_rootfs(config, tmp / "bundle" / "rootfs", self.cache, self.programs)
             if defaults is not None:  # the image's command, environment, user, working directory
                 config.args = config.args or defaults.args
                 config.env, config.cwd = config.env or defaults.env, defaults.cwd

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from phaul.containers import ContainerConfig
+from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache, debian_tarball, unpack_tarball
 from phaul.containers.imports import ImageDefaults, copy_rootfs, unpack_image
 from phaul.errors import InvalidInput, ToolFailed
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = ("busybox", "debian")
 SOURCES = ("rootfs", "image")  # ct create --rootfs, --image
-WORKLOAD_DIR = Path(__file__).resolve().parents[2] / "workloads" / "bin"
-WORKLOADS = ("memload", "echo-server", "tcp-probe", "syscall-probe", "objects", "asuser")
 
 _DIRS = {  # path in the rootfs -> mode
     "bin": 0o755,
@@ -44,11 +42,15 @@ _PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexiste
 _GROUP = "root:x:0:\nnogroup:x:65534:\n"
 
 
-def build_rootfs(config: ContainerConfig, rootfs: Path, cache: RootfsCache) -> ImageDefaults | None:
+def build_rootfs(
+    config: ContainerConfig, rootfs: Path, cache: RootfsCache, programs: workloads.WorkloadDir | None = None
+) -> ImageDefaults | None:
     """Fill `rootfs` (must not exist) as `config.template` says: a template, a copy of
     `config.rootfs` ("rootfs") or the unpacked `config.image` ("image", whose process
-    defaults are returned)."""
+    defaults are returned). Templates get the workload programs in `programs`
+    (default: phaul.containers.workloads.find())."""
     template, rootfs = config.template, Path(rootfs)
+    programs = programs or workloads.find()
     if template not in TEMPLATES + SOURCES:
         raise InvalidInput(f"unknown template {template!r}", f"use one of: {', '.join(TEMPLATES)}")
     if config.packages and template != "debian":
@@ -59,27 +61,27 @@ def build_rootfs(config: ContainerConfig, rootfs: Path, cache: RootfsCache) -> I
         copy_rootfs(config.rootfs, rootfs)
     elif template == "debian":
         unpack_tarball(debian_tarball(cache, config.packages), rootfs)
-        add_workloads(rootfs / "usr" / "local" / "bin")
+        add_workloads(programs, rootfs / "usr" / "local" / "bin")
     else:
-        _build_busybox(rootfs)
+        _build_busybox(rootfs, programs)
     return None
 
 
-def add_workloads(bin_dir: Path) -> None:
-    """Copy the project's static workload programs (those built) into `bin_dir`."""
+def add_workloads(programs: workloads.WorkloadDir, bin_dir: Path) -> None:
+    """Copy the project's static workload programs (those present in `programs`) into `bin_dir`."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name in WORKLOADS:
-        src = WORKLOAD_DIR / name
-        if not src.is_file():
-            log.debug("workload %s not built (%s missing); skipped", name, src)
-            continue
+    present = programs.present()
+    if not present:
+        log.debug("no workload programs in %s (%s); the root gets none", programs.path, programs.origin)
+    for name in present:
+        src = programs.path / name
         dst = bin_dir / name
         dst.unlink(missing_ok=True)  # an applet of the same name must not be overwritten through its link
         shutil.copy2(src, dst)
         dst.chmod(0o755)
 
 
-def _build_busybox(rootfs: Path) -> None:
+def _build_busybox(rootfs: Path, programs: workloads.WorkloadDir) -> None:
     busybox = _static_busybox()
     rootfs.mkdir(parents=True, exist_ok=True)
     for name, mode in _DIRS.items():
@@ -94,7 +96,7 @@ def _build_busybox(rootfs: Path) -> None:
             link.symlink_to("busybox")
     (rootfs / "etc" / "passwd").write_text(_PASSWD)
     (rootfs / "etc" / "group").write_text(_GROUP)
-    add_workloads(bin_dir)
+    add_workloads(programs, bin_dir)
 
 
 def _static_busybox() -> Path:

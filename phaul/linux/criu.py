@@ -135,8 +135,9 @@ class CommitGate:
 def read_stats(work_dir: Path, which: str) -> dict[str, float]:
     """CRIU's own timings (ms) and page counts from `stats-dump` or `stats-restore`
     (CRIU writes them into its work directory)."""
-    import pycriu  # here, not at the top: `phaul doctor` imports this module and runs without pycriu
+    from phaul.linux import pycriu_module  # `phaul doctor` imports this module and runs without pycriu
 
+    pycriu = pycriu_module.load("read CRIU's statistics")
     path = work_dir / f"stats-{which}"
     try:
         with open(path, "rb") as f:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from phaul.errors import InvalidInput, ToolFailed
+from phaul.linux import pycriu_module
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def validate_images(image_dir: Path, expect: ImageExpectation) -> ImageReport:
     if _PYCRIU_ERROR:
         raise ToolFailed(
             f"pycriu is missing ({_PYCRIU_ERROR}): CRIU images from a peer cannot be checked, so they are not restored",
-            "install it from the CRIU source tree: `make setup` (scripts/setup.sh)",
+            pycriu_module.FIX,
         )
     t0 = time.perf_counter()
     return _Check(image_dir, expect).run(t0)

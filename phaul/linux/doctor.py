@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.checks import CheckState
-from phaul.errors import ToolFailed
+from phaul.containers import workloads
+from phaul.errors import PhaulError, ToolFailed
+from phaul.linux import pycriu_module
 from phaul.linux.criu import error_lines
 from phaul.linux.fsutil import is_static_elf
 from phaul.linux.run import run
@@ -401,6 +403,31 @@ def _check_cgroups() -> Check:
     )
 
 
+def _check_pycriu() -> Check:
+    why = pycriu_module.missing()
+    if why:
+        return Check("pycriu", CheckState.FAILURE, f"cannot import pycriu ({why}): no CRIU image can be read, "
+                     "so migrations fail", pycriu_module.FIX)
+    return Check("pycriu", CheckState.PASS, "CRIU's Python bindings import")
+
+
+def _check_workloads() -> Check:
+    name = "workload programs"
+    try:
+        programs = workloads.find()
+    except PhaulError as e:
+        return Check(name, CheckState.WARNING, e.message, e.hint)
+    present = programs.present()
+    where = f"{programs.path} ({programs.origin})"
+    if not present:
+        return Check(name, CheckState.WARNING, f"none in {where}: new containers get none (tests and the bench need them)",
+                     workloads.FIX)
+    missing = [n for n in workloads.NAMES if n not in present]
+    if missing:
+        return Check(name, CheckState.WARNING, f"{where} lacks {', '.join(missing)}", workloads.FIX)
+    return Check(name, CheckState.PASS, f"{where}: all {len(present)}")
+
+
 _CAPS_NEEDED = {21: "CAP_SYS_ADMIN", 19: "CAP_SYS_PTRACE", 12: "CAP_NET_ADMIN"}
 
 
@@ -448,6 +475,8 @@ def run_checks() -> list[Check]:
     for tool in ("skopeo", "umoci"):
         checks.append(_check_optional(tool, tool, ["--version"], tool + r" version (\S+)",
                                       "`ct create --image` unpacks OCI images and docker archives with skopeo and umoci"))
+    checks.append(_check_pycriu())
+    checks.append(_check_workloads())
     checks.append(_check_cgroups())
     checks.append(_check_root())
     for c in checks:

@@ -159,7 +159,10 @@ _INDEX: dict[tuple[str, int, int], dict[str, PagesFile]] = {}
 
 def _read_pages_files(image_dir: Path) -> dict[str, PagesFile]:
     import numpy as np
-    import pycriu
+
+    from phaul.linux import pycriu_module
+
+    pycriu = pycriu_module.load("read CRIU's page maps")
 
     found: dict[str, PagesFile] = {}
     for pm in sorted(image_dir.glob("pagemap*.img")):

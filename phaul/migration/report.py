@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 
 class Result(StrEnum):
@@ -79,12 +80,16 @@ class Report:
         leaves it running still holds it still while CRIU dumps) and the final one."""
         return [r.frozen_ms for r in self.rounds if r.frozen_ms > 0]
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
+        """The report as its JSON shows it (phaul/schemas/report.json, with phaul.output's schema_version)."""
         d = asdict(self)
         d["criu_ms"], d["phases_ms"] = self._timings()
         pauses = self.pauses_ms
         d.update(pauses_ms=pauses, pause_longest_ms=max(pauses, default=0.0), pause_total_ms=sum(pauses))
-        return json.dumps(d, indent=2)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
     def _timings(self) -> tuple[dict[str, float], dict[str, float]]:
         """criu_ms and phases_ms in the order things happen, whatever order they were set in."""

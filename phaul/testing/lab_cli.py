@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from phaul.cli import EXIT_NOT_OK, EXIT_OK, _command
+from phaul import output
+from phaul.cli import _command
+from phaul.errors import ExitCode
 
 
 def add_commands(sub: Any) -> None:
@@ -17,11 +19,11 @@ def add_commands(sub: Any) -> None:
     lu.add_argument("--subnet", help="IPv4 CIDR used inside the lab (default 10.213.0.0/24)")
     lu.set_defaults(func=cmd_lab_up)
     ls = lsub.add_parser("status", help="show the lab")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print the lab's state as JSON")
     ls.set_defaults(func=cmd_lab_status)
     le = lsub.add_parser("exec", help="run a command in a lab namespace (alpha, beta, client, sw)")
-    le.add_argument("name")
-    le.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    le.add_argument("name", help="the namespace: alpha, beta, client or sw")
+    le.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command and its arguments, after `--`")
     le.set_defaults(func=cmd_lab_exec)
     ld = lsub.add_parser("down", help="remove everything the lab made")
     ld.set_defaults(func=cmd_lab_down)
@@ -31,15 +33,15 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
     print(lab.up(args.subnet).to_text())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
     st = lab.status()
-    print(st.to_json() if args.json else st.to_text())
-    return EXIT_OK if st.healthy else EXIT_NOT_OK
+    print(output.dumps(output.lab_status(st.to_dict())) if args.json else st.to_text())
+    return ExitCode.OK if st.healthy else ExitCode.FAILED
 
 
 def cmd_lab_exec(args: argparse.Namespace) -> int:
@@ -53,4 +55,4 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 
     for line in lab.down():
         print(line)
-    return EXIT_OK
+    return ExitCode.OK

@@ -1,4 +1,4 @@
-"""The repository's TCP/UDP probe (workloads/bin/tcp-probe) run from a lab namespace against
+"""The project's TCP/UDP probe (workloads/tcp-probe.c, found by phaul.containers.workloads) run from a lab namespace against
 a container's echo server: a short one that opens a fresh connection, or a long one that
 holds one connection through migrations until `stop()`. Results are tcp-probe's JSON."""
 
@@ -9,14 +9,13 @@ import signal
 import subprocess
 from typing import Any
 
-from phaul.containers.template import WORKLOAD_DIR
-
-PROBE = WORKLOAD_DIR / "tcp-probe"
+from phaul.containers import workloads
 
 
 def probe_cmd(ns: str, address: str, *args: str) -> list[str]:
     """tcp-probe from network namespace `ns` (a /run/netns name) to `address` (IP:PORT), JSON out."""
-    return ["nsenter", f"--net=/run/netns/{ns}", "--", str(PROBE), "--connect", address, "--json", *args]
+    probe = workloads.find().program("tcp-probe")
+    return ["nsenter", f"--net=/run/netns/{ns}", "--", str(probe), "--connect", address, "--json", *args]
 
 
 def _result(returncode: int, out: str, err: str) -> tuple[int, dict[str, Any]]:
