@@ -13,8 +13,8 @@ included) from recorded figures (`CostInputs`), and picks:
    not exceed stop-and-copy's (so never a method predicted to cost the
    client more in all than a single stop-and-copy); a less safe method only
    when it shortens the longest pause by `MARGIN` or more. Post-copy is among
-   them only with `auto_postcopy` (`AUTO_POSTCOPY`, off until post-copy
-   survives a link cut).
+   them only with `auto_postcopy` (`AUTO_POSTCOPY`, off: a link lost for
+   longer than post-copy recovery bridges loses the container).
 
 The model, per method, for M bytes of memory dirtied at d bytes/s:
 - stop-and-copy: one pause: a full dump D(M) + sending M + restore R(M).
@@ -41,7 +41,7 @@ POSTCOPY = "postcopy"
 REQUESTS = ("auto", "precopy", "postcopy", "hybrid", "stop-and-copy")
 ALIASES = {"off": "stop-and-copy"}  # `--precopy=off`
 MARGIN = 0.10  # auto takes a less safe method only for a longest pause this much shorter
-# Post-copy does not yet bridge a link cut (the container is lost): until it does, auto leaves it out.
+# A link lost for longer than post-copy recovery bridges loses the container: auto leaves post-copy out.
 AUTO_POSTCOPY = False
 
 
