@@ -290,21 +290,17 @@ def read_status(path: Path) -> dict[str, object]:
     return out
 
 
-# -- both --------------------------------------------------------------------------------
+# -- relaying a link connection (serve) -----------------------------------------------
 
 
-def _relay(sk: socket.socket, rx: int, tx: int) -> int:
-    """Bytes from descriptor `rx` to `sk` and from `sk` to descriptor `tx` until either side
-    ends. Returns how many went from `rx` to `sk`."""
+def _relay(sk: socket.socket, rx: int, tx: int) -> None:
+    """Bytes from descriptor `rx` to `sk` and from `sk` to descriptor `tx` until either side ends."""
     done = threading.Event()
-    sent = 0
 
     def up() -> None:
-        nonlocal sent
         try:
             while chunk := os.read(rx, CHUNK):
                 sk.sendall(chunk)
-                sent += len(chunk)
         except OSError:
             pass
         finally:
@@ -330,7 +326,6 @@ def _relay(sk: socket.socket, rx: int, tx: int) -> int:
             pass
     done.wait()
     sk.close()
-    return sent
 
 
 def main(argv: list[str] | None = None) -> int:
