@@ -18,6 +18,8 @@ from phaul.channels.transport import write_secret
 from phaul.memory import page_relay
 from phaul.memory.page_relay import IOV, PAGE, PS_IOV_CLOSE, Hub, Replayer, read_exact
 
+# A relay thread that dies of an exception would leave requests unread: fail the test.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 PS_IOV_GET, PS_IOV_ADD_F = 7, 6
 SECRET = "s3cret"
 

@@ -267,7 +267,7 @@ class Replayer:
         try:
             self.link.stdin.write(request)
             self.link.stdin.flush()
-        except OSError:
+        except (OSError, ValueError):  # broken, or already ended by _redial: the request is sent again
             pass
 
     def _answers(self, daemon: socket.socket) -> None:
