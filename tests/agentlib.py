@@ -68,6 +68,16 @@ def make_pki(d: Path, names: list[str]) -> dict[str, Credentials]:
     return creds
 
 
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    """Stop an agent as its service manager would (SIGTERM), killing it after 15 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,12 +111,7 @@ def running_agent(
             time.sleep(0.05)
         yield RunningAgent(name, d, state, canary, cwd, proc, sock, port, creds, me.ca.parent)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_agent(proc)
         log.close()
         remove_containers(state, name)
 

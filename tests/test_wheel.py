@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from agentlib import stop_agent
 from conftest import REPO
 
 from phaul import output
@@ -136,12 +136,7 @@ def test_an_agent_starts_and_answers_over_mutual_tls(installed: Path, tmp_path: 
         gone = _run([phaul, "--hosts-file", str(hosts), "--host", "nosuch", "migrations", "--json"], tmp_path, env)
         assert gone.returncode == 2 and json.loads(gone.stderr)["kind"] == "NotFound"
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(15)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_agent(agent)
     text = log.read_text(errors="replace")
     assert agent.returncode == 0 and "Traceback" not in text and "agent h1 stopping" in text, text
     assert "no workload programs in /usr/local/lib/phaul/workloads" in text  # named, with the fix
