@@ -366,7 +366,7 @@ class Servicer(pb_grpc.AgentServicer):
             return NotFound(f"no migration {migration_id} on {host}",
                             f"check the ID with `phaul --host {host} migrations` (or ask its source host with --host)")
         if e.role == "destination":
-            return Refused(f"{host} is the destination of migration {migration_id}; its source {e.peer} runs it",
+            return Conflict(f"{host} is the destination of migration {migration_id}; its source {e.peer} runs it",
                            f"phaul --host {e.peer} abort {migration_id}")
         if not e.settled:
             return Conflict(f"migration {migration_id} is in doubt on {host} (not running)",

@@ -656,11 +656,17 @@ class SourceMigration:
     # -- helpers ------------------------------------------------------------------
 
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
-        self.cancel.check()  # a step boundary: an abort asked meanwhile rolls back from here
+        # A step boundary: an abort asked before it (or while the step's hook held it) rolls
+        # back from here; one asked during preflight at the first step after it, so that it
+        # rolls back like any other (preflight's own failures are refusals).
+        boundary = phase != "preflight"
+        if boundary:
+            self.cancel.check()
         self.log.info("%s: %s", phase, message)
         self._journal_step(phase)
         self._hook(phase)
-        self.cancel.check()  # ... or asked while the step's hook held it
+        if boundary:
+            self.cancel.check()
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
 
     def _round_boundaries(self, emit: Emit) -> Emit:
