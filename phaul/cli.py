@@ -19,8 +19,10 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.controls import LeftRunning, follow_events, migrate_events, source_of
-from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, ToolFailed, Unreachable
+from phaul.controls import follow_events, source_of
+from phaul.errors import ExitCode, InDoubt, InvalidInput, PhaulError, ToolFailed
+from phaul.fleet import migrate_call
+from phaul.hosts import HostEntry, HostsFile, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Report, Result
@@ -36,8 +38,6 @@ START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that e
 LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
-CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
-IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
 
 HOST_HELP = (
     "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(r)
     r.set_defaults(func=cmd_recover)
 
+    _evacuate_parser(sub)
     co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print a completion script for phaul's commands and options. "
                         "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
@@ -313,6 +314,31 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     co.set_defaults(func=cmd_completion)
     return p
+
+
+def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "evacuate", help="move every container off HOST (maintenance)",
+        description="Move every running container off HOST to the other hosts of the hosts file (or --to). "
+        "Unsettled migrations of HOST are settled first (`phaul recover`). Each container goes where its "
+        "preflight passes, to the destination with the most memory left after the containers' declared "
+        "limits; smallest first. A container that cannot move stays running where it is and is named with "
+        "the reason. Interrupted (Ctrl-C), no more migrations start and those under way finish; run it "
+        "again to move what is left.",
+        epilog="exit status: 0 every container moved (--dry-run: every one has a destination); 1 some did "
+        "not move (they still run on HOST); 2 bad input; 3 some are in doubt: run `phaul recover`.",
+    )
+    e.add_argument("source", metavar="HOST", help="the host to empty")
+    e.add_argument("--to", default="", metavar="HOST[,HOST]",
+                   help="the destinations to use (default: every other host in the hosts file)")
+    e.add_argument("--parallel", type=int, metavar="N",
+                   help="migrations at once (default: one per destination in the plan, so that no destination "
+                   "restores two containers at once)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan (container, destination, why) and change nothing")
+    e.add_argument("--method", choices=choice.REQUESTS, default="auto", help="the memory method of every migration")
+    e.add_argument("--json", action="store_true", help="print only the outcome, as JSON")
+    _connection_options(e)
+    e.set_defaults(func=cmd_evacuate)
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -347,9 +373,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 # -- connections -------------------------------------------------------------------
 
 
-def _hosts(args: argparse.Namespace):  # -> HostsFile
-    from phaul.hosts import read_hosts
-
+def _hosts(args: argparse.Namespace) -> HostsFile:
     return read_hosts(args.hosts_file)
 
 
@@ -370,7 +394,11 @@ def _host(args: argparse.Namespace) -> str:
 
 def _agent(args: argparse.Namespace) -> Agent:
     hosts = _hosts(args)
-    entry = hosts.host(_host(args))
+    return _connect(hosts, hosts.host(_host(args)))
+
+
+def _connect(hosts: HostsFile, entry: HostEntry) -> Agent:
+    """A connection to `entry`'s agent with the hosts file's credentials (its local socket when here)."""
     for what, path in (("certificate", hosts.pki.cert), ("key", hosts.pki.key), ("CA certificate", hosts.pki.ca)):
         if not path.is_file():
             raise InvalidInput(
@@ -606,50 +634,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         force=list(check_force(args.force)),
     )
     show_progress = not args.json and sys.stderr.isatty()
-    report: Report | None = None
     with _agent(args) as agent:
-        agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
-        started = False
-        try:
-            for event in migrate_events(agent, request, args.host):  # Ctrl-C aborts (controls.migrate_events)
-                started = True  # the agent sends events only once the migration runs
-                if event.HasField("progress") and show_progress:
-                    print(progress_line(event.progress), file=sys.stderr, flush=True)
-                elif event.HasField("report"):
-                    report = messages.report_from_proto(event.report)
-        except LeftRunning:
-            raise
-        except PhaulError as e:
-            if started or not agent_decided(e):
-                raise InDoubt(f"the migration of {args.id} to {dest.name} may have started, and its stream broke: {e.message}",
-                              IN_DOUBT_HINT.format(host=args.host)) from e
-            raise  # the agent refused it before anything changed (or is busy)
-    if report is None:
-        raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
-                      IN_DOUBT_HINT.format(host=args.host))
+        report = migrate_call.run(agent, request, args.host, _print_progress if show_progress else None, ctrl_c_aborts=True)
     print(output.dumps(output.report(report)) if args.json else report.to_table())
-    return migration_exit_code(report)
+    return migrate_call.exit_code(report)
 
 
-def agent_decided(err: PhaulError) -> bool:
-    """Whether `err` is the agent's own answer (it refused, or is busy) rather than a broken call."""
-    return not isinstance(err, LinkBroken | Unreachable) and type(err) is not PhaulError
+def _print_progress(p: pb.Progress) -> None:
+    print(migrate_call.progress_line(p), file=sys.stderr, flush=True)
 
 
-def migration_exit_code(report: Report) -> ExitCode:
-    """ok: 0; rolled back or failed (the report says where the container is): 1; in doubt: 3."""
-    return {Result.OK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
-
-
-def progress_line(p: pb.Progress) -> str:
-    """One line of live progress; pre-copy rounds show their figures."""
-    if p.phase == "precopy" and p.round:
-        dirty = f"{p.dirty_rate / (1 << 20):6.1f} MiB/s" if p.dirty_rate else f"{'-':>11}"
-        return (
-            f"  round {p.round:<3} sent {p.bytes_sent / (1 << 20):8.1f} MiB at {p.rate / (1 << 20):6.1f} MiB/s"
-            f"  dirty {dirty}  predicted freeze {p.predicted_frozen_ms:6.0f} ms  {p.message}"
-        )
-    return f"  {p.phase:<11} {p.message}"
+def _print_ct_progress(ct: str, p: pb.Progress) -> None:
+    print(f"{ct}: {migrate_call.progress_line(p).strip()}", file=sys.stderr, flush=True)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -711,8 +707,8 @@ def cmd_follow(args: argparse.Namespace) -> int:
             return ExitCode.OK  # stops following; the migration goes on
     if report is None:
         raise InDoubt(f"the agent on {args.host} stopped the progress of {mid or 'its migration'} before its end",
-                      IN_DOUBT_HINT.format(host=args.host))
-    return migration_exit_code(report)
+                      migrate_call.IN_DOUBT_HINT.format(host=args.host))
+    return migrate_call.exit_code(report)
 
 
 def follow_line(e: pb.FollowEvent) -> str:
@@ -722,7 +718,7 @@ def follow_line(e: pb.FollowEvent) -> str:
         r = e.report
         why = f" (aborted by {r.aborted_by})" if r.aborted_by else (f": {r.error}" if r.error else "")
         return f"{head}: {r.result.upper()}{why}"
-    return f"{head} {progress_line(e.progress).strip()}  [{e.total_bytes / (1 << 20):.1f} MiB sent in all]"
+    return f"{head} {migrate_call.progress_line(e.progress).strip()}  [{e.total_bytes / (1 << 20):.1f} MiB sent in all]"
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
@@ -739,7 +735,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
                 if event.HasField("report"):
                     report = messages.report_from_proto(event.report)
     if report is None and not args.no_wait:
-        raise InDoubt(f"the progress of migration {mid} stopped before its end", IN_DOUBT_HINT.format(host=args.host))
+        raise InDoubt(f"the progress of migration {mid} stopped before its end",
+                      migrate_call.IN_DOUBT_HINT.format(host=args.host))
     if args.json:
         print(output.dumps(output.abort(asked, report.result if report is not None else "aborting", report)))
     elif report is not None:
@@ -780,6 +777,30 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return ExitCode.IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
         ExitCode.FAILED if any(r["result"] == "failed" for r in rows) else ExitCode.OK
     )
+
+
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    from phaul.fleet.evacuate import EvacuationOptions, Evacuator
+    from phaul.fleet.inventory import HostsFileInventory
+
+    hosts = _hosts(args)
+    if args.parallel is not None and args.parallel < 1:
+        raise InvalidInput(f"--parallel {args.parallel} is below 1", "give 1 or more migrations at once")
+    opts = EvacuationOptions(
+        source=check_id(args.source, "host name"),
+        to=tuple(check_id(n.strip(), "host name") for n in args.to.split(",") if n.strip()),
+        parallel=args.parallel, dry_run=args.dry_run, request=pb.MigrateRequest(
+            method=args.method, max_rounds=MIGRATION.max_rounds, max_downtime_ms=MIGRATION.max_downtime_ms
+        ),
+    )
+    evacuator = Evacuator(HostsFileInventory(hosts), lambda entry: _connect(hosts, entry),
+                          lambda line: print(line, file=sys.stderr, flush=True))
+    evacuation = evacuator.plan(opts)
+    if not args.dry_run:
+        tty = sys.stderr.isatty() and not args.json
+        evacuator.run(evacuation, opts, _print_ct_progress if tty else None)
+    print(output.dumps(output.evacuation(evacuation)) if args.json else evacuation.to_table())
+    return evacuation.exit_code()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
