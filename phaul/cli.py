@@ -88,10 +88,7 @@ host already runs its most migrations at once): try again later.
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else (logging.INFO if args.command == "agent" else logging.WARNING),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s" if args.command == "agent" else "%(levelname)s: %(message)s",
-    )
+    _setup_logging(args)
     if not hasattr(args, "func"):
         parser.print_help()
         return ExitCode.REFUSED
@@ -103,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("phaul: interrupted", file=sys.stderr)
         return 130
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    """The agent logs at INFO, with timestamps or journald's priorities (phaul.agent.journald); the rest warnings."""
+    if args.command != "agent":
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+        return
+    from phaul.agent import journald
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(journald.formatter(sys.stderr))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,7 +429,7 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
     """Run the agent; `hook` is called at its migrations' step boundaries (a test agent plugs one in)."""
     from phaul.agent.server import serve
 
-    serve(agent_config(args), hook)
+    serve(agent_config(args), hook, reread=lambda: agent_config(args))  # SIGHUP reads the file (and flags) again
     return ExitCode.OK
 
 

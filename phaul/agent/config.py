@@ -55,7 +55,7 @@ from phaul.config import AgentConfig, Limits, Timeouts
 from phaul.errors import InvalidInput
 from phaul.validate import check_id
 
-__all__ = ["AgentConfig", "DEFAULT_CONFIG", "DEFAULT_SOCKET", "load_config", "render_config", "config_from"]
+__all__ = ["AgentConfig", "DEFAULT_CONFIG", "DEFAULT_SOCKET", "load_config", "render_config", "config_from", "restart_needed"]
 
 DEFAULT_CONFIG = Path("/etc/phaul/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/phaul")
@@ -148,6 +148,15 @@ def render_config(cfg: AgentConfig) -> str:
     for table, values in tables.items():
         lines += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
     return "\n".join(lines) + "\n"
+
+
+RELOADED = ("peers", "admins", "revoked")  # what SIGHUP changes (phaul.agent.host.Host.reload)
+
+
+def restart_needed(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The settings that differ between `old` and `new` and that only a restart applies."""
+    return [f.name for f in dataclasses.fields(AgentConfig)
+            if f.name not in RELOADED and getattr(old, f.name) != getattr(new, f.name)]
 
 
 # -- checking ------------------------------------------------------------------------
