@@ -19,7 +19,7 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, ToolFailed, Unreachable
+from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, NotFound, PhaulError, ToolFailed, Unreachable
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Report, Result
@@ -36,11 +36,12 @@ LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
 CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
-IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
+IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover{id}`"
 
 HOST_HELP = (
     "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
-    "else the one host whose agent socket is on this machine, else alpha)"
+    "else the agent serving /run/phaul/agent.sock ($PHAUL_AGENT_SOCKET) here, else the one host of the hosts file "
+    "whose agent socket is on this machine, else alpha)"
 )
 HOST_ENV = "PHAUL_HOST"
 HOSTS_FILE_HELP = "hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)"
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ck = sub.add_parser(
         "check", help="preflight: could --host move container ID to HOST? (pass, warning, failure)",
-        description="Run every check `migrate` runs first, without migrating, and print each as PASS, WARNING "
-        "or FAILURE with its reason. Checks: " + ", ".join(CHECKS) + ". `migrate` refuses on a FAILURE unless "
+        description="Run every check `migrate` runs first, without migrating, and print each as pass, warning "
+        "or failure (the words of `phaul doctor`) with its reason. Checks: " + ", ".join(CHECKS) + ". `migrate` "
+        "refuses on a failure unless "
         "given `--force CHECK` for that check. Exit status: 0 no failure, 1 a failure, 2 bad input.",
     )
     ck.add_argument("id", help="the container")
@@ -381,32 +383,65 @@ def _hosts(args: argparse.Namespace):  # -> HostsFile
     return read_hosts(args.hosts_file)
 
 
+def _hosts_if_any(args: argparse.Namespace):  # -> HostsFile | None
+    """The hosts file; None when none was named and none exists (a host with only its local agent)."""
+    from phaul.hosts import HOSTS_FILE_ENV
+
+    try:
+        return _hosts(args)
+    except NotFound:
+        if args.hosts_file is not None or os.environ.get(HOSTS_FILE_ENV):
+            raise
+        return None
+
+
 def _host(args: argparse.Namespace) -> str:
-    """The agent --host names; without --host: $PHAUL_HOST, else the only host of the hosts file
-    whose agent socket is on this machine, else alpha (the lab's). Stored back in args.host."""
+    """The agent --host names; without --host: $PHAUL_HOST, else the local agent (its socket,
+    phaul.local_agent), else the only host of the hosts file whose agent socket is on this
+    machine, else alpha (the lab's). Stored back in args.host."""
     if args.host is None:
-        hosts = _hosts(args)
-        local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
-        args.host = os.environ.get(HOST_ENV) or (local[0] if len(local) == 1 else "alpha")
-        if args.host not in hosts.hosts:
-            raise InvalidInput(
-                f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
-                f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
-            )
+        args.host = os.environ.get(HOST_ENV) or _default_host(args)
     return str(check_id(args.host, "host name"))
 
 
+def _default_host(args: argparse.Namespace) -> str:
+    from phaul.local_agent import find_local_agent
+
+    hosts = _hosts_if_any(args)
+    local_agent = find_local_agent(hosts)
+    if local_agent is not None:
+        return local_agent.name
+    if hosts is None:
+        hosts = _hosts(args)  # no local agent and no hosts file: say so
+    local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
+    name = local[0] if len(local) == 1 else "alpha"
+    if name not in hosts.hosts:
+        raise InvalidInput(
+            f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
+            f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
+        )
+    return name
+
+
 def _agent(args: argparse.Namespace) -> Agent:
-    hosts = _hosts(args)
-    entry = hosts.host(_host(args))
-    for what, path in (("certificate", hosts.pki.cert), ("key", hosts.pki.key), ("CA certificate", hosts.pki.ca)):
+    from phaul.local_agent import DEFAULT_PKI, find_local_agent
+
+    hosts = _hosts_if_any(args)
+    name = _host(args)
+    entry = hosts.hosts.get(name) if hosts is not None else None
+    if entry is None:
+        local_agent = find_local_agent(hosts)
+        entry = local_agent if local_agent is not None and local_agent.name == name else _hosts(args).host(name)
+    files = hosts.pki if hosts is not None else DEFAULT_PKI
+    where = f"the \"pki\" section of {hosts.path}" if hosts is not None else "the default without a hosts file"
+    for what, path in (("certificate", files.cert), ("key", files.key), ("CA certificate", files.ca)):
         if not path.is_file():
             raise InvalidInput(
-                f"the CLI's {what} {path} (the \"pki\" section of {hosts.path}) does not exist",
+                f"the CLI's {what} {path} ({where}) does not exist",
                 "issue the CLI's certificate with `phaul pki issue admin` on the CA's host, copy admin.crt, admin.key and "
                 "ca.crt here and name them in the hosts file's \"pki\" section",
             )
-    creds = Credentials("admin", hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
+    creds = Credentials("admin", files.cert, files.key, files.ca)
     target = f"unix:{entry.socket}" if entry.socket and entry.socket.exists() else entry.address
     try:
         return connect(target, entry.name, creds)
@@ -668,26 +703,36 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     )
     show_progress = not args.json and sys.stderr.isatty()
     report: Report | None = None
+    mid = ""
     with _agent(args) as agent:
         agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
         started = False
         try:
             for event in agent.stream("Migrate", request):
                 started = True  # the agent sends events only once the migration runs
-                if event.HasField("progress") and show_progress:
+                if event.HasField("started"):
+                    mid = event.started.migration_id
+                    if not args.json:  # --json: the report carries it (and an in-doubt error's hint)
+                        print(f"migration {mid}", flush=True)
+                elif event.HasField("progress") and show_progress:
                     print(progress_line(event.progress), file=sys.stderr, flush=True)
                 elif event.HasField("report"):
                     report = messages.report_from_proto(event.report)
         except PhaulError as e:
             if started or not agent_decided(e):
-                raise InDoubt(f"the migration of {args.id} to {dest.name} may have started, and its stream broke: {e.message}",
-                              IN_DOUBT_HINT.format(host=args.host)) from e
+                raise InDoubt(f"the migration {mid or 'of ' + args.id} to {dest.name} may have started, and its stream "
+                              f"broke: {e.message}", in_doubt_hint(args.host, mid)) from e
             raise  # the agent refused it before anything changed (or is busy)
     if report is None:
-        raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
-                      IN_DOUBT_HINT.format(host=args.host))
+        raise InDoubt(f"the agent on {args.host} ended the migration {mid or 'of ' + args.id} without a report",
+                      in_doubt_hint(args.host, mid))
     print(output.dumps(output.report(report)) if args.json else report.to_table())
     return migration_exit_code(report)
+
+
+def in_doubt_hint(host: str, migration_id: str) -> str:
+    """What to run when a migration's outcome is unknown (its ID, once the agent said it)."""
+    return IN_DOUBT_HINT.format(host=host, id=f" {migration_id}" if migration_id else "")
 
 
 def agent_decided(err: PhaulError) -> bool:
@@ -782,7 +827,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{'CHECK':<10} {'HOST':<10} {'STATUS':<8} REASON")
         for r in rows:
-            print(f"{r['name']:<10} {r['host']:<10} {r['status'].upper():<8} {r['message']}")
+            print(f"{r['name']:<10} {r['host']:<10} {r['status']:<8} {r['message']}")
         failed = sorted({r["name"] for r in rows if r["status"] == "failure"})
         print(f"{args.id} can move to {dest.name}" if not failed else
               f"{args.id} cannot move to {dest.name}: {', '.join(failed)} failed (`migrate --force CHECK` overrides one)")

@@ -5,6 +5,7 @@ from agent.toml without dropping a running call, and journald's log format."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -218,3 +219,38 @@ def test_an_agent_on_the_journal_stream_logs_with_priorities(tmp_path: Path) -> 
         lines = agent.log().splitlines()
     assert any(line.startswith("<6>phaul.agent.server: agent alpha listening") for line in lines), lines
     assert all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines
+
+
+# -- the CLI's default agent --------------------------------------------------------------------
+
+
+def test_the_cli_talks_to_the_local_agent_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from phaul import cli, local_agent
+    from phaul.hosts import PkiFiles
+
+    creds = make_pki(tmp_path, ["alpha", "admin"])
+    sock = tmp_path / "a" / "agent.sock"
+    path = _write(tmp_path / "agent.toml", _config(tmp_path, creds, [], ["admin"], socket=sock))
+    admin = creds["admin"]
+    for var in ("PHAUL_HOST", "PHAUL_HOSTS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PHAUL_LAB_DIR", str(tmp_path / "no-lab"))  # no hosts file at all
+    monkeypatch.setenv(local_agent.SOCKET_ENV, str(sock))
+    monkeypatch.setattr(local_agent, "DEFAULT_PKI", PkiFiles(ca=admin.ca, cert=admin.cert, key=admin.key))
+    monkeypatch.setattr(local_agent, "DEFAULT_CONFIG", tmp_path / "elsewhere.toml")
+    assert cli.main(["ct", "list"]) == 2  # no socket yet: the lab's default, and no hosts file says where
+    assert "no hosts file" in capsys.readouterr().err
+    with running_agent(tmp_path / "a", "alpha", creds, [], [], config=path):
+        assert cli.main(["ct", "list"]) == 2  # a socket, but whose?
+        assert "neither the hosts file nor" in capsys.readouterr().err
+        monkeypatch.setattr(local_agent, "DEFAULT_CONFIG", path)  # the agent's own file names it
+        assert cli.main(["ct", "list", "--json"]) == 0
+        assert '"containers": []' in capsys.readouterr().out
+        hosts = tmp_path / "hosts.json"  # or the hosts file's entry with that socket
+        hosts.write_text(json.dumps({"pki": {"ca": str(admin.ca), "cert": str(admin.cert), "key": str(admin.key)},
+                                     "hosts": {"alpha": {"address": "127.0.0.1:1", "socket": str(sock)},
+                                               "beta": {"address": "127.0.0.1:2"}}}))
+        monkeypatch.setattr(local_agent, "DEFAULT_CONFIG", tmp_path / "elsewhere.toml")
+        assert cli.main(["--hosts-file", str(hosts), "ct", "list"]) == 0
+        assert capsys.readouterr().out.startswith("ID ")

@@ -319,6 +319,7 @@ class Servicer(pb_grpc.AgentServicer):
                 self.active.discard(running.id)
                 self._migrations.release()
 
+        events.put(pb.MigrateEvent(started=pb.Started(migration_id=running.id)))  # the client's first line
         threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
