@@ -12,14 +12,15 @@ from phaul.migration.report import Report, Result
 from phaul.rpc import phaul_pb2 as pb
 
 CONNECT_TIMEOUT = 20.0  # s: connect before asking, so that unreachable means "nothing started"
-IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
+IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover{id}`"
 
 ProgressSink = Callable[[pb.Progress], None]
+StartedSink = Callable[[str], None]  # gets the migration's ID, before anything else
 
 
 def run(
     agent: Agent, request: pb.MigrateRequest, source: str, on_progress: ProgressSink | None = None,
-    ctrl_c_aborts: bool = False,
+    on_started: StartedSink | None = None, ctrl_c_aborts: bool = False,
 ) -> Report:
     """Ask the source agent `agent` (host `source`) to run `request` and return its report.
     `ctrl_c_aborts`: Ctrl-C asks the agent to abort it and the report still comes; a second
@@ -30,12 +31,17 @@ def run(
     and its stream broke or ended without a report."""
     agent.wait_ready(CONNECT_TIMEOUT)
     started = False
+    mid = ""
     report: Report | None = None
     events = migrate_events(agent, request, source) if ctrl_c_aborts else agent.stream("Migrate", request)
     try:
         for event in events:
             started = True  # the agent sends events only once the migration runs
-            if event.HasField("progress") and on_progress is not None:
+            if event.HasField("started"):
+                mid = event.started.migration_id
+                if on_started is not None:
+                    on_started(mid)
+            elif event.HasField("progress") and on_progress is not None:
                 on_progress(event.progress)
             elif event.HasField("report"):
                 report = messages.report_from_proto(event.report)
@@ -44,14 +50,19 @@ def run(
     except PhaulError as e:
         if started or not agent_decided(e):
             raise InDoubt(
-                f"the migration of {request.ct_id} to {request.dest_name} may have started, and its stream broke: {e.message}",
-                IN_DOUBT_HINT.format(host=source),
+                f"the migration {mid or 'of ' + request.ct_id} to {request.dest_name} may have started, and its stream "
+                f"broke: {e.message}", in_doubt_hint(source, mid),
             ) from e
         raise  # the agent refused it before anything changed (or is busy)
     if report is None:
-        raise InDoubt(f"the agent on {source} ended the migration of {request.ct_id} without a report",
-                      IN_DOUBT_HINT.format(host=source))
+        raise InDoubt(f"the agent on {source} ended the migration {mid or 'of ' + request.ct_id} without a report",
+                      in_doubt_hint(source, mid))
     return report
+
+
+def in_doubt_hint(host: str, migration_id: str) -> str:
+    """What to run when a migration's outcome is unknown (its ID, once the agent said it)."""
+    return IN_DOUBT_HINT.format(host=host, id=f" {migration_id}" if migration_id else "")
 
 
 def agent_decided(err: PhaulError) -> bool:

@@ -286,13 +286,21 @@ class Progress(_message.Message):
     message: str
     def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., rate: _Optional[float] = ..., dirty_rate: _Optional[float] = ..., predicted_frozen_ms: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
+class Started(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
 class MigrateEvent(_message.Message):
-    __slots__ = ("progress", "report")
+    __slots__ = ("progress", "report", "started")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     report: Report
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+    started: Started
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link")
