@@ -19,13 +19,13 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.controls import follow_events, source_of
+from phaul.controls import follow, source_of
 from phaul.errors import ExitCode, InDoubt, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.fleet import migrate_call
 from phaul.hosts import HostEntry, HostsFile, PkiFiles, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
-from phaul.migration.report import Report, Result
+from phaul.migration.report import Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
@@ -817,13 +817,12 @@ def cmd_follow(args: argparse.Namespace) -> int:
     mid = check_id(args.follow, "migration ID") if args.follow else ""
     if mid:
         _find_source(args, mid)
-    report: Report | None = None
+    def show(event: pb.FollowEvent) -> None:
+        print(output.dumps_line(output.follow_event(event)) if args.json else follow_line(event), flush=True)
+
     with _agent(args) as agent:
         try:
-            for event in follow_events(agent, mid):
-                print(output.dumps_line(output.follow_event(event)) if args.json else follow_line(event), flush=True)
-                if event.HasField("report"):
-                    report = messages.report_from_proto(event.report)
+            report = follow(agent, mid, show)
         except KeyboardInterrupt:
             return ExitCode.OK  # stops following; the migration goes on
     if report is None:
@@ -846,15 +845,11 @@ def cmd_abort(args: argparse.Namespace) -> int:
     """`phaul abort MIGRATION-ID`: ask its source agent, then wait for the outcome."""
     mid = check_id(args.migration_id, "migration ID")
     _find_source(args, mid)
-    report: Report | None = None
     with _agent(args) as agent:
         asked = agent.call("AbortMigration", pb.AbortRequest(migration_id=mid), timeout=30)
         if not args.json:
             print(f"aborting migration {mid} ({asked.ct} to {asked.destination}) at step {asked.step}", file=sys.stderr)
-        if not args.no_wait:
-            for event in follow_events(agent, mid):
-                if event.HasField("report"):
-                    report = messages.report_from_proto(event.report)
+        report = None if args.no_wait else follow(agent, mid)
     if report is None and not args.no_wait:
         raise InDoubt(f"the progress of migration {mid} stopped before its end",
                       migrate_call.in_doubt_hint(args.host, mid))

@@ -14,11 +14,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
+from phaul.channels import messages
 from phaul.channels.client import Agent
 from phaul.errors import Conflict, InDoubt, NotFound, PhaulError
+from phaul.migration.report import Report
 from phaul.rpc import phaul_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -123,9 +125,16 @@ class _AbortAsker:
         )
 
 
-def follow_events(agent: Agent, migration_id: str) -> Iterator[pb.FollowEvent]:
-    """FollowMigration's events: progress, and last the report (how it ended)."""
-    yield from agent.stream("FollowMigration", pb.FollowRequest(migration_id=migration_id))
+def follow(agent: Agent, migration_id: str, show: Callable[[pb.FollowEvent], None] | None = None) -> Report | None:
+    """Follow a migration (the one running, when `migration_id` is ""), each event to `show`,
+    until its end; its report, or None when the stream ended without one."""
+    report = None
+    for event in agent.stream("FollowMigration", pb.FollowRequest(migration_id=migration_id)):
+        if show is not None:
+            show(event)
+        if event.HasField("report"):
+            report = messages.report_from_proto(event.report)
+    return report
 
 
 def source_of(agents: dict[str, Agent], migration_id: str) -> str | None:
