@@ -62,6 +62,8 @@ RestartSec=5
 # the agent's helpers (console keepers: the containers' subreapers, post-copy
 # keepers, data channels) outlive a stop or restart: only the agent is signalled
 KillMode=process
+# start-up settles the migrations the journal left unfinished (asking their peers) before READY=1
+TimeoutStartSec=600
 TimeoutStopSec=30
 LimitCORE=0
 LimitNOFILE=65536
