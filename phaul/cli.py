@@ -19,10 +19,11 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, NotFound, PhaulError, ToolFailed, Unreachable
+from phaul.errors import ExitCode, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.fleet import migrate_call
+from phaul.hosts import HostEntry, HostsFile, PkiFiles, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
-from phaul.migration.report import Report, Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
@@ -35,8 +36,6 @@ START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that e
 LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
-CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
-IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover{id}`"
 
 HOST_HELP = (
     "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
@@ -267,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(r)
     r.set_defaults(func=cmd_recover)
 
+    _evacuate_parser(sub)
     co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print a completion script for phaul's commands and options. "
                         "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
@@ -274,6 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     co.set_defaults(func=cmd_completion)
     return p
+
+
+def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "evacuate", help="move every container off HOST (maintenance)",
+        description="Move every running container off HOST to the other hosts of the hosts file (or --to). "
+        "Unsettled migrations of HOST are settled first (`phaul recover`). Each container goes where its "
+        "preflight passes, to the destination with the most memory left after the containers' declared "
+        "limits; smallest first. A container that cannot move stays running where it is and is named with "
+        "the reason. Interrupted (Ctrl-C), no more migrations start and those under way finish; run it "
+        "again to move what is left.",
+        epilog="exit status: 0 every container moved (--dry-run: every one has a destination); 1 some did "
+        "not move (they still run on HOST); 2 bad input; 3 some are in doubt: run `phaul recover`.",
+    )
+    e.add_argument("source", metavar="HOST", help="the host to empty")
+    e.add_argument("--to", default="", metavar="HOST[,HOST]",
+                   help="the destinations to use (default: every other host in the hosts file)")
+    e.add_argument("--parallel", type=int, metavar="N",
+                   help="migrations at once (default: one per destination in the plan, so that no destination "
+                   "restores two containers at once)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan (container, destination, why) and change nothing")
+    e.add_argument("--method", choices=choice.REQUESTS, default="auto", help="the memory method of every migration")
+    e.add_argument("--json", action="store_true", help="print only the outcome, as JSON")
+    _connection_options(e)
+    e.set_defaults(func=cmd_evacuate)
 
 
 AGENT_DESCRIPTION = """\
@@ -377,9 +402,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 # -- connections -------------------------------------------------------------------
 
 
-def _hosts(args: argparse.Namespace):  # -> HostsFile
-    from phaul.hosts import read_hosts
-
+def _hosts(args: argparse.Namespace) -> HostsFile:
     return read_hosts(args.hosts_file)
 
 
@@ -432,8 +455,14 @@ def _agent(args: argparse.Namespace) -> Agent:
     if entry is None:
         local_agent = find_local_agent(hosts)
         entry = local_agent if local_agent is not None and local_agent.name == name else _hosts(args).host(name)
-    files = hosts.pki if hosts is not None else DEFAULT_PKI
-    where = f"the \"pki\" section of {hosts.path}" if hosts is not None else "the default without a hosts file"
+    if hosts is None:
+        return _connect(DEFAULT_PKI, entry, "the default without a hosts file")
+    return _connect(hosts.pki, entry, f"the \"pki\" section of {hosts.path}")
+
+
+def _connect(files: PkiFiles, entry: HostEntry, where: str) -> Agent:
+    """A connection to `entry`'s agent (its local socket when here) with the CLI's credentials
+    `files` (`where` says where they were named)."""
     for what, path in (("certificate", files.cert), ("key", files.key), ("CA certificate", files.ca)):
         if not path.is_file():
             raise InvalidInput(
@@ -702,58 +731,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         force=list(check_force(args.force)),
     )
     show_progress = not args.json and sys.stderr.isatty()
-    report: Report | None = None
-    mid = ""
     with _agent(args) as agent:
-        agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
-        started = False
-        try:
-            for event in agent.stream("Migrate", request):
-                started = True  # the agent sends events only once the migration runs
-                if event.HasField("started"):
-                    mid = event.started.migration_id
-                    if not args.json:  # --json: the report carries it (and an in-doubt error's hint)
-                        print(f"migration {mid}", flush=True)
-                elif event.HasField("progress") and show_progress:
-                    print(progress_line(event.progress), file=sys.stderr, flush=True)
-                elif event.HasField("report"):
-                    report = messages.report_from_proto(event.report)
-        except PhaulError as e:
-            if started or not agent_decided(e):
-                raise InDoubt(f"the migration {mid or 'of ' + args.id} to {dest.name} may have started, and its stream "
-                              f"broke: {e.message}", in_doubt_hint(args.host, mid)) from e
-            raise  # the agent refused it before anything changed (or is busy)
-    if report is None:
-        raise InDoubt(f"the agent on {args.host} ended the migration {mid or 'of ' + args.id} without a report",
-                      in_doubt_hint(args.host, mid))
+        report = migrate_call.run(agent, request, args.host, _print_progress if show_progress else None,
+                                  None if args.json else _print_started)  # --json: the report carries the ID
     print(output.dumps(output.report(report)) if args.json else report.to_table())
-    return migration_exit_code(report)
+    return migrate_call.exit_code(report)
 
 
-def in_doubt_hint(host: str, migration_id: str) -> str:
-    """What to run when a migration's outcome is unknown (its ID, once the agent said it)."""
-    return IN_DOUBT_HINT.format(host=host, id=f" {migration_id}" if migration_id else "")
+def _print_progress(p: pb.Progress) -> None:
+    print(migrate_call.progress_line(p), file=sys.stderr, flush=True)
 
 
-def agent_decided(err: PhaulError) -> bool:
-    """Whether `err` is the agent's own answer (it refused, or is busy) rather than a broken call."""
-    return not isinstance(err, LinkBroken | Unreachable) and type(err) is not PhaulError
+def _print_started(migration_id: str) -> None:
+    print(f"migration {migration_id}", flush=True)
 
 
-def migration_exit_code(report: Report) -> ExitCode:
-    """ok: 0; rolled back or failed (the report says where the container is): 1; in doubt: 3."""
-    return {Result.OK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
-
-
-def progress_line(p: pb.Progress) -> str:
-    """One line of live progress; pre-copy rounds show their figures."""
-    if p.phase == "precopy" and p.round:
-        dirty = f"{p.dirty_rate / (1 << 20):6.1f} MiB/s" if p.dirty_rate else f"{'-':>11}"
-        return (
-            f"  round {p.round:<3} sent {p.bytes_sent / (1 << 20):8.1f} MiB at {p.rate / (1 << 20):6.1f} MiB/s"
-            f"  dirty {dirty}  predicted freeze {p.predicted_frozen_ms:6.0f} ms  {p.message}"
-        )
-    return f"  {p.phase:<11} {p.message}"
+def _print_ct_progress(ct: str, p: pb.Progress) -> None:
+    print(f"{ct}: {migrate_call.progress_line(p).strip()}", file=sys.stderr, flush=True)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -812,6 +806,31 @@ def cmd_recover(args: argparse.Namespace) -> int:
     return ExitCode.IN_DOUBT if any(r["result"] in ("in_doubt", "in_progress") for r in rows) else (
         ExitCode.FAILED if any(r["result"] == "failed" for r in rows) else ExitCode.OK
     )
+
+
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    from phaul.fleet.evacuate import EvacuationOptions, Evacuator
+    from phaul.fleet.inventory import HostsFileInventory
+
+    hosts = _hosts(args)
+    if args.parallel is not None and args.parallel < 1:
+        raise InvalidInput(f"--parallel {args.parallel} is below 1", "give 1 or more migrations at once")
+    opts = EvacuationOptions(
+        source=check_id(args.source, "host name"),
+        to=tuple(check_id(n.strip(), "host name") for n in args.to.split(",") if n.strip()),
+        parallel=args.parallel, dry_run=args.dry_run, request=pb.MigrateRequest(
+            method=args.method, max_rounds=MIGRATION.max_rounds, max_downtime_ms=MIGRATION.max_downtime_ms
+        ),
+    )
+    where = f"the \"pki\" section of {hosts.path}"
+    evacuator = Evacuator(HostsFileInventory(hosts), lambda entry: _connect(hosts.pki, entry, where),
+                          lambda line: print(line, file=sys.stderr, flush=True))
+    evacuation = evacuator.plan(opts)
+    if not args.dry_run:
+        tty = sys.stderr.isatty() and not args.json
+        evacuator.run(evacuation, opts, _print_ct_progress if tty else None)
+    print(output.dumps(output.evacuation(evacuation)) if args.json else evacuation.to_table())
+    return evacuation.exit_code()
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
-from phaul.linux import pycriu_module
+from phaul.linux import procfs, pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
@@ -203,10 +203,12 @@ class Servicer(pb_grpc.AgentServicer):
     @_rpc
     def Info(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HostInfo:
         v = criu_version(criu_path() or "")
+        committed = [c.memory_limit or c.memory_used or 0 for c in self.host.containers.list()]
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
             criu_version=".".join(map(str, v)) if v else "", address=self.host.listen,
             bridge=self.host.bridge or "",
+            memory_available=procfs.mem_available() or 0, memory_committed=sum(committed), containers=len(committed),
         )
 
     # -- containers -------------------------------------------------------------

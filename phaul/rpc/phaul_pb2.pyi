@@ -11,20 +11,26 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class HostInfo(_message.Message):
-    __slots__ = ("protocol_version", "name", "criu_version", "phaul_version", "address", "bridge")
+    __slots__ = ("protocol_version", "name", "criu_version", "phaul_version", "address", "bridge", "memory_available", "memory_committed", "containers")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
     PHAUL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     name: str
     criu_version: str
     phaul_version: str
     address: str
     bridge: str
-    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., criu_version: _Optional[str] = ..., phaul_version: _Optional[str] = ..., address: _Optional[str] = ..., bridge: _Optional[str] = ...) -> None: ...
+    memory_available: int
+    memory_committed: int
+    containers: int
+    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., criu_version: _Optional[str] = ..., phaul_version: _Optional[str] = ..., address: _Optional[str] = ..., bridge: _Optional[str] = ..., memory_available: _Optional[int] = ..., memory_committed: _Optional[int] = ..., containers: _Optional[int] = ...) -> None: ...
 
 class ContainerConfig(_message.Message):
     __slots__ = ("id", "template", "memory", "cpus", "pids", "ip", "gateway", "mac", "args", "cap_add", "seccomp", "packages", "init", "rootfs", "image", "env", "uid", "gid", "groups", "cwd", "image_ref")
