@@ -373,7 +373,8 @@ def _agent_parser(sub: argparse._SubParsersAction) -> None:
                         "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
                         "/usr/local/lib/phaul/workloads)")
     a.set_defaults(func=cmd_agent)
-    asub = a.add_subparsers(dest="agent_command", metavar="ACTION")
+    asub = a.add_subparsers(dest="agent_command", metavar="[install-unit]",
+                            help="install-unit: write the agent's systemd unit; without it, the agent runs")
     iu = asub.add_parser(
         "install-unit", help="write the systemd unit that runs this agent (phaul-agent.service)",
         description="Write a systemd unit (Type=notify, restart on failure, reload by SIGHUP) whose ExecStart is "

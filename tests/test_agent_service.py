@@ -254,3 +254,22 @@ def test_the_cli_talks_to_the_local_agent_by_default(tmp_path: Path, monkeypatch
         monkeypatch.setattr(local_agent, "DEFAULT_CONFIG", tmp_path / "elsewhere.toml")
         assert cli.main(["--hosts-file", str(hosts), "ct", "list"]) == 0
         assert capsys.readouterr().out.startswith("ID ")
+
+
+def test_containers_and_their_keepers_outlive_the_agent(tmp_path: Path) -> None:
+    """What the unit's KillMode=process keeps: systemd signals only the agent, and the container's
+    tasks and its console keeper (its subreaper and log) go on without it."""
+    from agentlib import stop_agent
+
+    creds = make_pki(tmp_path, ["alpha", "admin"])
+    path = _write(tmp_path / "agent.toml", _config(tmp_path, creds, [], ["admin"]))
+    with running_agent(tmp_path / "a", "alpha", creds, [], [], config=path) as agent:
+        with agent.stub("admin") as admin:
+            admin.call("CreateContainer", pb.ContainerConfig(id="kept", memory=64 << 20), timeout=WAIT)
+            info = admin.call("StartContainer", pb.StartRequest(id="kept", args=["/bin/sleep", "3600"]), timeout=WAIT)
+        [keeper_file] = agent.state.rglob("keeper.pid")
+        keeper = int(keeper_file.read_text())
+        stop_agent(agent.proc)
+        assert agent.proc.returncode == 0
+        for pid in (info.pid, keeper):
+            assert Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()

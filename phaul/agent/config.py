@@ -71,9 +71,11 @@ _TOP: dict[str, tuple[str, str]] = {
 }
 _TLS: dict[str, tuple[str, str]] = {"cert": ("path", "--cert"), "key": ("path", "--key"), "ca": ("path", "--ca")}
 _TIMEOUTS: dict[str, tuple[str, str]] = {f.name: ("seconds", "") for f in dataclasses.fields(Timeouts)}
+_BYTES = {"quota_extra", "disk_reserve"}  # limits in bytes, where 0 is meaningful
 _LIMITS: dict[str, tuple[str, str]] = {
     "max_migrations": ("count", ""),
-    **{f.name: ("count" if f.type in ("int", int) else "number", "") for f in dataclasses.fields(Limits)},
+    **{f.name: ("number" if f.type in ("float", float) else "bytes" if f.name in _BYTES else "count", "")
+       for f in dataclasses.fields(Limits)},
 }
 _TABLES: dict[str, dict[str, tuple[str, str]]] = {"tls": _TLS, "timeouts": _TIMEOUTS, "limits": _LIMITS}
 
@@ -247,8 +249,14 @@ def _count(source: str, key: str, value: Any, base: Path) -> int:
     return value
 
 
+def _bytes(source: str, key: str, value: Any, base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _wrong(source, key, "a whole number of bytes, 0 or more", value)
+    return value
+
+
 _CHECKS: dict[str, Callable[[str, str, Any, Path], Any]] = {
-    "str": _str, "path": _path, "names": _names, "seconds": _number, "number": _number, "count": _count,
+    "str": _str, "path": _path, "names": _names, "seconds": _number, "number": _number, "count": _count, "bytes": _bytes,
 }
 
 

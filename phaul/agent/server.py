@@ -627,9 +627,11 @@ def _reload(host: Host, config: AgentConfig, reread: Callable[[], AgentConfig], 
     try:
         fresh = reread()
         summary = host.reload(fresh)
-    except PhaulError as e:
-        log.error("reload refused, the previous peers, admins and revocation list stay: %s", e)
-        notifier.ready(f"reload refused (previous configuration kept): {e.message}")
+    except Exception as e:  # whatever the file holds, the agent goes on serving
+        message = e.message if isinstance(e, PhaulError) else f"{type(e).__name__}: {e}"
+        log.error("reload refused, the previous peers, admins and revocation list stay: %s", e,
+                  exc_info=not isinstance(e, PhaulError))
+        notifier.ready(f"reload refused (previous configuration kept): {message}")
         return
     later = restart_needed(config, fresh)
     log.info("reloaded: %s%s", summary, f"; a restart applies the changed {', '.join(later)}" if later else "")
