@@ -329,7 +329,11 @@ class Servicer(pb_grpc.AgentServicer):
                 self.active.discard(running.id)
                 self._migrations.release()
 
-        events.put(pb.MigrateEvent(started=pb.Started(migration_id=running.id)))  # the client's first line
+        # The ID goes first, before preflight's progress (sent only now: a refused preflight sends no event,
+        # so the client knows nothing started). Nothing else puts events until the thread below starts.
+        early = [events.get_nowait() for _ in range(events.qsize())]
+        for event in (pb.MigrateEvent(started=pb.Started(migration_id=running.id)), *early):
+            events.put(event)
         threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
