@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import COUNT_STEP, TEST_SUBNET, Lab, wait_for
-from faultlib import counter_file, leftovers, where
+from faultlib import counter_file, ensure_agents, leftovers, migrations, recover, where
 
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import _check_config
@@ -130,6 +130,25 @@ def test_a_failure_before_the_start_rolls_back(clean_lab: Lab) -> None:
     assert len(starts) == 2 and starts[1] >= 5, starts  # stopped, then started again
     wait_for(lambda: counter_file(lab_, "alpha", "off-fail") > starts[1] + 3, what="the counter to go on on alpha")
     assert leftovers(lab_, "beta") == []
+
+
+@lab
+def test_a_source_agent_killed_after_the_stop_is_settled_by_recover(clean_lab: Lab) -> None:
+    """The source agent dies (injected) with the container stopped and its files on beta:
+    restarted, `phaul recover` removes beta's copy and starts the container on alpha again."""
+    lab_ = clean_lab
+    _start_counter(lab_, "off-kill", 5)
+    lab_.arm_fault("alpha", "beta", "restore:kill-agent")
+    proc = lab_.phaul("--host", "alpha", "migrate", "off-kill", "beta", "--offline", "--json", check=False)
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)  # the stream broke: in doubt
+    assert where(lab_, "off-kill").running == []  # stopped, and never started on beta
+    assert ensure_agents(lab_) == ["alpha"]
+    (mid,) = [m for m, row in migrations(lab_, "alpha").items() if row["ct"] == "off-kill"]
+    outcomes = recover(lab_, "alpha", mid)
+    assert [o["result"] for o in outcomes if o["role"] == "source"] == ["rolled_back"], outcomes
+    assert where(lab_, "off-kill").states == {"alpha": "running", "beta": None}
+    assert len(_starts(lab_.rootfs("alpha", "off-kill"))) == 2
+    wait_for(lambda: not leftovers(lab_, "beta"), what="beta to drop what it was sent")
 
 
 @lab
