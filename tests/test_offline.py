@@ -108,7 +108,7 @@ def test_migrating_a_stopped_container_moves_it_offline(clean_lab: Lab) -> None:
     wait_for(lambda: _states(lab_, "alpha")["off-stopped"] == "stopped", what="its command to end")
     report = lab_.migrate("off-stopped", "alpha", "beta")
     assert report["result"] == "ok" and report["memory_method"] == "offline", report
-    assert "stopped" in report["method_reason"] and report["frozen_ms"] == 0, report
+    assert "is stopped" in report["method_reason"] and report["frozen_ms"] == 0, report
     assert _states(lab_, "beta") == {"off-stopped": "created"} and "off-stopped" not in _states(lab_, "alpha")
     assert (lab_.rootfs("beta", "off-stopped") / "data").read_text() == "kept\n"
     left = leftovers(lab_, "alpha")

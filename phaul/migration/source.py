@@ -137,7 +137,6 @@ class SourceMigration:
         self._journaled = ""  # the last step journaled
         self.dest_config: ContainerConfig | None = None  # what the destination creates (a copy's own ID and address)
         self.start_dest = False  # offline: the destination runs the command (the source copy ran)
-        self.source_state = ""  # the source copy's state at preflight
 
     @property
     def offline(self) -> bool:
@@ -194,9 +193,9 @@ class SourceMigration:
         ct = self.host.containers
         self._phase("preflight", f"checking {self.ct_id} on {self.host.name} and {self.dest_name}")
         info = ct.info(self.ct_id)
-        self.source_state = info.state
         config = self.dest_config = ct.config(self.ct_id)
-        cold = self.options.offline or bool(self.options.copy_as) or info.state != "running"
+        # A paused container is not moved offline unasked: its memory would be lost (preflight refuses it).
+        cold = self.options.offline or bool(self.options.copy_as) or info.state not in ("running", "paused")
         if cold:
             self.start_dest = info.state in ("running", "paused")
             self.journal.record(self.id, "source", offline.COPY_MARK if self.options.copy_as else offline.OFFLINE_MARK)
@@ -386,7 +385,7 @@ class SourceMigration:
         if self.options.copy_as:
             why = self.report.method_reason
         elif state != "running":
-            why = f"{self.ct_id} is {state}: moved offline (its files; it stays {state} on {self.dest_name})"
+            why = f"{self.ct_id} is {state}: moved offline (its files; its command is not started on {self.dest_name})"
         else:
             why = "asked for: --offline (stop, sync, start: the command starts afresh on the destination)"
         self.report.method_reason = why
