@@ -1,7 +1,8 @@
-"""Offline moves and cold copies (the `offline` memory method): what they are, and a copy's configuration.
+"""Offline moves and cold copies (the `offline` memory method): what they are, and
+a copy's configuration.
 
 Nothing of the container's memory travels. A move (`phaul migrate --offline`, and
-any `phaul migrate` of a container that is not running) runs, through the source's
+any `phaul migrate` of a container that is created or stopped) runs, through the source's
 state machine (phaul.migration.source) and its journal:
 
     preflight -> fs-presync (rsync while it runs) -> dump (stop: SIGTERM, SIGKILL
@@ -13,7 +14,7 @@ state machine (phaul.migration.source) and its journal:
 The invariant holds by the order: the source copy is stopped before the
 destination's starts, and destroyed only after the destination's runs. A failure
 before the destination's start aborts the destination and starts the source copy
-again if it ran (`settle`); a start whose outcome is unknown is `in_doubt` (never
+again if it ran (`settle_offline`); a start whose outcome is unknown is `in_doubt` (never
 restart a copy that may run elsewhere).
 
 The steps are `SourceMigration._offline_phase` (phaul.migration.source), the
