@@ -80,7 +80,7 @@ memory methods (--method):
                  now); the report says which ran and why
   --offline      no memory moves: the container is stopped (SIGTERM, SIGKILL
                  after 10 s), its files synced, and its command started afresh
-                 on HOST; a container that is not running always moves so and
+                 on HOST; a created or stopped container always moves so and
                  stays created there (the report's memory_method: offline)
 
 exit status: 0 the container runs on HOST; 1 the migration was rolled back
