@@ -292,7 +292,11 @@ class Servicer(pb_grpc.AgentServicer):
                 max_downtime_ms=request.max_downtime_ms or defaults.max_downtime_ms,
                 bandwidth=request.bandwidth,
                 force=preflight.check_force(list(request.force)),
+                offline=request.offline, copy_as=check_id(request.copy_as, "copy ID (--as)") if request.copy_as else "",
+                copy_ip=request.copy_ip,
             )
+            if request.copy_ip and not request.copy_as:
+                raise InvalidInput("an address (--ip) is for a copy only", "give the copy's ID with --as, or leave out --ip")
             if options.method not in choice.REQUESTS:
                 raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
             migration = SourceMigration(
@@ -427,6 +431,7 @@ class Servicer(pb_grpc.AgentServicer):
         address, secret = self.dest.prepare(
             request.migration_id, request.source_name, config, request.criu_version, request.need_bytes,
             tcp_close=request.tcp_close, source_address=request.source_address, page_link=request.page_link,
+            offline=request.offline, start=request.start,
         )
         v = criu_version(criu_path() or "")
         return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)
