@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evacuate", help="move every container off HOST (maintenance)",
-        description="Move every running container off HOST to the other hosts of the hosts file (or --to). "
+        description="Move every container off HOST to the other hosts of the hosts file (or --to): running ones "
+        "live, created and stopped ones offline (their files), as `phaul migrate` moves them; a paused one stays. "
         "Unsettled migrations of HOST are settled first (`phaul recover`). Each container goes where its "
         "preflight passes, to the destination with the most memory left after the containers' declared "
         "limits; smallest first. A container that cannot move stays running where it is and is named with "

@@ -507,8 +507,13 @@ class Servicer(pb_grpc.AgentServicer):
         if request.dest_name not in self.host.peers:
             raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
         parse_endpoint(request.dest_address)
+        try:  # a container that is not running moves offline, as `phaul migrate` would move it
+            cold = self.host.containers.info(ct_id).state not in ("running", "paused")
+        except NotFound:
+            cold = False  # preflight says so
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
-            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name)
+            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name,
+                                       self.host.containers.config(ct_id) if cold else None)
         return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc
