@@ -115,40 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. `phaul lab` (phaul.testing.lab_cli)
         plugin.load()(sub)
 
-    a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)")
-    a.add_argument("--name", required=True, help="this host's name, as in its certificate")
-    a.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address to serve on")
-    a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
-    a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"),
-                   help="containers, images, reports (default: /var/lib/phaul)")
-    a.add_argument("--cert", type=Path, required=True, help="this host's certificate")
-    a.add_argument("--key", type=Path, required=True, help="its private key")
-    a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
-    a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
-    a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
-    a.add_argument("--gate-timeout", type=float, default=TIMEOUTS.gate, metavar="S",
-                   help="longest time a dumped container is held frozen without a decision before it resumes "
-                   f"(default {TIMEOUTS.gate:g})")
-    a.add_argument("--link-timeout", type=float, default=TIMEOUTS.link, metavar="S",
-                   help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
-    a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
-                   help="retry settling unfinished migrations this often; 0: only at start-up "
-                   f"(default {TIMEOUTS.resolve_interval:g})")
-    a.add_argument("--revoked", type=Path, metavar="FILE",
-                   help="the revocation list of certificate serials to refuse, re-read when it changes "
-                        "(default: revoked.txt beside --cert when the certificate lives beside --ca)")
-    a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
-    a.add_argument("--cache-dir", type=Path, default=Path("/var/cache/phaul/rootfs"),
-                   help="where built root file systems are kept, one tarball per package set "
-                        "(default: /var/cache/phaul/rootfs)")
-    a.add_argument("--build-netns", type=Path, metavar="PATH",
-                   help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
-                        "(default: the agent's own)")
-    a.add_argument("--workload-dir", type=Path, metavar="DIR",
-                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
-                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
-                        "/usr/local/lib/phaul/workloads)")
-    a.set_defaults(func=cmd_agent)
+    _agent_parser(sub)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
     ksub = k.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
@@ -298,6 +265,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+AGENT_DESCRIPTION = """\
+Run this host's agent (mutual TLS only).
+
+Configuration: --config FILE (TOML; the format is in phaul/agent/config.py); without
+--config, /etc/phaul/agent.toml when it exists and --name is not given; else the
+flags alone (--name, --listen, --cert, --key and --ca are then required). Every flag
+given overrides the file. An agent run from a file also serves the local CLI on
+/run/phaul/agent.sock unless the file says `socket = ""`.
+
+Under systemd (`phaul agent install-unit`), the agent reports ready, reloading and
+stopping (Type=notify), logs with journald's priorities, and on SIGHUP (`systemctl
+reload phaul-agent`) re-reads peers, admins and the revocation list from its file
+without dropping a connection or a migration.
+"""
+
+
+def _agent_parser(sub: argparse._SubParsersAction) -> None:
+    """`phaul agent [flags]` and `phaul agent install-unit`."""
+    a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)", description=AGENT_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--config", type=Path, metavar="FILE",
+                   help="the agent's TOML configuration (default: /etc/phaul/agent.toml when it exists and no --name)")
+    a.add_argument("--name", help="this host's name, as in its certificate")
+    a.add_argument("--listen", metavar="ADDR:PORT", help="TCP address to serve on")
+    a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
+    a.add_argument("--state-dir", type=Path, help="containers, images, reports (default: /var/lib/phaul)")
+    a.add_argument("--cert", type=Path, help="this host's certificate")
+    a.add_argument("--key", type=Path, help="its private key")
+    a.add_argument("--ca", type=Path, help="the CA that signs every host and client")
+    a.add_argument("--peers", help="comma-separated names of the hosts this one migrates to and from")
+    a.add_argument("--admins", help="comma-separated certificate names of the clients that manage this agent")
+    a.add_argument("--gate-timeout", type=float, metavar="S",
+                   help="longest time a dumped container is held frozen without a decision before it resumes "
+                   f"(default {TIMEOUTS.gate:g})")
+    a.add_argument("--link-timeout", type=float, metavar="S",
+                   help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
+    a.add_argument("--resolve-interval", type=float, metavar="S",
+                   help="retry settling unfinished migrations this often; 0: only at start-up "
+                   f"(default {TIMEOUTS.resolve_interval:g})")
+    a.add_argument("--revoked", type=Path, metavar="FILE",
+                   help="the revocation list of certificate serials to refuse, re-read when it changes "
+                        "(default: revoked.txt beside --cert when the certificate lives beside --ca)")
+    a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
+    a.add_argument("--cache-dir", type=Path,
+                   help="where built root file systems are kept, one tarball per package set "
+                        "(default: /var/cache/phaul/rootfs)")
+    a.add_argument("--build-netns", type=Path, metavar="PATH",
+                   help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
+                        "(default: the agent's own)")
+    a.add_argument("--workload-dir", type=Path, metavar="DIR",
+                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
+                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
+                        "/usr/local/lib/phaul/workloads)")
+    a.set_defaults(func=cmd_agent)
+    asub = a.add_subparsers(dest="agent_command", metavar="ACTION")
+    iu = asub.add_parser(
+        "install-unit", help="write the systemd unit that runs this agent (phaul-agent.service)",
+        description="Write a systemd unit (Type=notify, restart on failure, reload by SIGHUP) whose ExecStart is "
+        "this phaul with `agent --config FILE`. The agent's helpers outlive a restart (KillMode=process); "
+        "phaul/agent/unit.py says why each setting is so.",
+    )
+    iu.add_argument("--config", dest="unit_config", type=Path, metavar="FILE",
+                    help="the configuration the unit's agent reads (default: /etc/phaul/agent.toml)")
+    iu.add_argument("--output", type=Path, metavar="PATH",
+                    help="where to write the unit (default: /etc/systemd/system/phaul-agent.service)")
+    iu.add_argument("--enable", action="store_true", help="then `systemctl daemon-reload` and `enable --now` it")
+    iu.set_defaults(func=cmd_agent_install_unit)
+
+
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     """--host and --hosts-file accepted after the subcommand too (the top-level parser holds the defaults)."""
     parser.add_argument("--host", default=argparse.SUPPRESS, help=HOST_HELP)
@@ -383,23 +419,56 @@ def _command(rest: list[str], what: str) -> list[str]:
 def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
     """Run the agent; `hook` is called at its migrations' step boundaries (a test agent plugs one in)."""
     from phaul.agent.server import serve
-    from phaul.channels.revocation import default_list
 
-    creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
-    for path in (args.cert, args.key, args.ca):
-        if not path.is_file():
-            raise InvalidInput(f"{path} does not exist", "make certificates with `phaul pki init` and `phaul pki issue NAME`")
-    def names(text: str) -> frozenset[str]:
-        return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
+    serve(agent_config(args), hook)
+    return ExitCode.OK
 
-    config = AgentConfig(
-        name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
-        cache_dir=args.cache_dir, build_netns=args.build_netns, workload_dir=args.workload_dir,
-        peers=names(args.peers), admins=names(args.admins),
-        revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),
-        timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
-    )
-    serve(config, hook)
+
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's configuration: --config FILE, else /etc/phaul/agent.toml when it exists and
+    --name is not given, else the flags alone; the flags given override the file."""
+    from phaul.agent.config import DEFAULT_CONFIG, config_from, load_config
+
+    overrides = _agent_overrides(args)
+    path = args.config or (DEFAULT_CONFIG if args.name is None and DEFAULT_CONFIG.exists() else None)
+    config = load_config(path, overrides) if path is not None else config_from(overrides, "the command line")
+    for what, file in (("certificate", config.creds.cert), ("key", config.creds.key), ("CA certificate", config.creds.ca)):
+        if not file.is_file():
+            raise InvalidInput(f"the agent's {what} {file} does not exist",
+                               "make certificates with `phaul pki init` and `phaul pki issue NAME`")
+    return config
+
+
+def _agent_overrides(args: argparse.Namespace) -> dict:
+    """The `phaul agent` flags given, in the configuration file's shape (phaul.agent.config)."""
+    def names(text: str) -> list[str]:
+        return [check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip()]
+
+    top = {
+        "name": args.name, "listen": args.listen, "socket": args.socket, "state_dir": args.state_dir,
+        "cache_dir": args.cache_dir, "bridge": args.bridge, "build_netns": args.build_netns,
+        "workload_dir": args.workload_dir, "revoked": args.revoked,
+        "peers": names(args.peers) if args.peers is not None else None,
+        "admins": names(args.admins) if args.admins is not None else None,
+    }
+    tables = {
+        "tls": {"cert": args.cert, "key": args.key, "ca": args.ca},
+        "timeouts": {"gate": args.gate_timeout, "link": args.link_timeout, "resolve_interval": args.resolve_interval},
+    }
+    out: dict = {k: v for k, v in top.items() if v is not None}
+    out.update({t: {k: v for k, v in values.items() if v is not None} for t, values in tables.items()})
+    return out
+
+
+def cmd_agent_install_unit(args: argparse.Namespace) -> int:
+    from phaul.agent.config import DEFAULT_CONFIG, load_config
+    from phaul.agent.unit import DEFAULT_UNIT_PATH, install_unit, phaul_command, render_unit
+
+    config = (args.unit_config or DEFAULT_CONFIG).absolute()
+    load_config(config)  # a unit for a file the agent would refuse would only fail to start
+    output_path = args.output or DEFAULT_UNIT_PATH
+    install_unit(render_unit(phaul_command(), config), output_path, enable=args.enable)
+    print(f"{output_path}" + (" (enabled and started)" if args.enable else ""))
     return ExitCode.OK
 
 

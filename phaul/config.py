@@ -60,7 +60,8 @@ class MigrationOptions:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything `phaul agent` runs with."""
+    """Everything `phaul agent` runs with: from its flags, or from agent.toml
+    (phaul.agent.config) with the flags given overriding the file."""
 
     name: str  # this host's name, as in its certificate
     listen: str  # ADDR:PORT served (mutual TLS)
@@ -77,3 +78,4 @@ class AgentConfig:
     max_migrations: int = 4  # outgoing migrations at once
     revoked: Path | None = None  # revocation list (phaul.channels.revocation): callers with these serials are refused
     limits: Limits = field(default_factory=Limits)
+    advertise: str | None = None  # the address peers dial back (None: listen); phaul.agent.config reads it
