@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import grpc
 
 from phaul import __version__
+from phaul.agent import peers as peers_mod
 from phaul.agent.budget import Budget, CallBudgets
 from phaul.agent.host import Host
 from phaul.channels import messages
@@ -443,6 +444,13 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.MigrationList(migrations=records[-200:])
 
     @_rpc
+    def SetPeers(self, request: pb.SetPeersRequest, context: grpc.ServicerContext) -> pb.SetPeersReply:
+        """Admins only: replace this agent's peers and add serials to its revocation list (phaul.agent.peers)."""
+        update = peers_mod.PeersUpdate.parse(request.peers, request.revoked_serials, self.host.name)
+        added, path = peers_mod.apply(self.host, update)
+        return pb.SetPeersReply(peers=sorted(self.host.peers), revoked_added=added, revoked_list=str(path))
+
+    @_rpc
     def Recover(self, request: pb.RecoverRequest, context: grpc.ServicerContext) -> pb.RecoverReply:
         if request.migration_id:
             check_id(request.migration_id, "migration ID")
@@ -458,14 +466,15 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
-    peers, admins = config.peers, config.admins
+    state_dir = config.state_dir.resolve()
+    peers, admins = peers_mod.effective_peers(config.peers, state_dir), config.admins
     for n in peers | admins:
         check_id(n, "certificate name")
     if not (peers | admins):
         raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
-    state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
+    revoked = peers_mod.revocation_list(config.revoked, state_dir)
     if why := pycriu_module.missing():
         log.warning("pycriu is missing (%s): this agent cannot dump or restore a container; %s", why, pycriu_module.FIX)
     programs = workloads.find(config.workload_dir)
@@ -477,10 +486,10 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     host = Host(
         name, state_dir, creds, listen, kind, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,
-        revocations=RevocationList(config.revoked) if config.revoked is not None else None,
+        revocations=RevocationList(revoked) if revoked is not None else None,
     )
     if host.revocations is not None:
-        log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
+        log.info("revocation list %s (%d serials)", revoked, len(host.revocations.serials()))
     servicer = Servicer(host, config.max_migrations)
     for outcome in servicer.recovery.startup():
         log.info(

@@ -468,3 +468,21 @@ class CheckReply(_message.Message):
     CHECKS_FIELD_NUMBER: _ClassVar[int]
     checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
     def __init__(self, checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ...) -> None: ...
+
+class SetPeersRequest(_message.Message):
+    __slots__ = ("peers", "revoked_serials")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    revoked_serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetPeersReply(_message.Message):
+    __slots__ = ("peers", "revoked_added", "revoked_list")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_ADDED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_LIST_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    revoked_added: int
+    revoked_list: str
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revoked_added: _Optional[int] = ..., revoked_list: _Optional[str] = ...) -> None: ...

@@ -149,6 +149,11 @@ class AgentStub:
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.SerializeToString,
                 response_deserializer=phaul_dot_rpc_dot_phaul__pb2.CheckReply.FromString,
                 _registered_method=True)
+        self.SetPeers = channel.unary_unary(
+                '/phaul.v1.Agent/SetPeers',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -307,6 +312,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPeers(self, request, context):
+        """Fleet membership (phaul/agent/peers.py), CLI -> agent, admins only: `phaul host add/remove`
+        replace the agent's peers and add to its revocation list, kept across restarts, no restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +437,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.PeerCheck,
                     request_deserializer=phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.FromString,
                     response_serializer=phaul_dot_rpc_dot_phaul__pb2.CheckReply.SerializeToString,
+            ),
+            'SetPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeers,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1047,6 +1065,33 @@ class Agent:
             '/phaul.v1.Agent/PeerCheck',
             phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.SerializeToString,
             phaul_dot_rpc_dot_phaul__pb2.CheckReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/SetPeers',
+            phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,99 @@
+"""Fleet membership pushed to a running agent (the SetPeers RPC of `phaul host add/remove`).
+
+An update replaces the agent's peers and adds certificate serials to its revocation
+list, live and kept across restarts, without a restart:
+
+- the peers are written to `STATE_DIR/peers.json` ({"peers": [...]}); when that file
+  exists it takes the place of the configuration's `peers` (at start-up and on every
+  reload: `effective_peers`). Delete it to go back to the configuration's list.
+- the serials are added to the agent's revocation list file (the configured one, else
+  `STATE_DIR/revoked.txt`, which the agent then reads from start-up on), which
+  `RevocationList` re-reads on the next call. Serials are only ever added.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from phaul.agent.host import Host
+from phaul.channels.revocation import REVOKED_FILE, RevocationList, format_serial, parse_serial, read_serials
+from phaul.errors import InvalidInput
+from phaul.linux.fsutil import write_atomic
+from phaul.validate import check_id
+
+log = logging.getLogger(__name__)
+
+PEERS_FILE = "peers.json"
+MAX_PEERS = 1000
+MAX_SERIALS = 10000
+
+
+@dataclass(frozen=True)
+class PeersUpdate:
+    """A checked update: the complete new peer list and serials to refuse from now on."""
+
+    peers: frozenset[str]
+    revoked: frozenset[int]
+
+    @classmethod
+    def parse(cls, peers: Iterable[str], serials: Iterable[str], host_name: str) -> PeersUpdate:
+        """Check what an admin sent (names are certificate names, serials hex)."""
+        names, given = list(peers), list(serials)
+        if len(names) > MAX_PEERS or len(given) > MAX_SERIALS:
+            raise InvalidInput(f"too many peers ({len(names)}) or serials ({len(given)})",
+                               f"send at most {MAX_PEERS} peers and {MAX_SERIALS} serials")
+        checked = frozenset(check_id(n, "peer host name") for n in names)
+        if host_name in checked:
+            raise InvalidInput(f"{host_name} cannot be its own peer", f"leave {host_name} out of the peer list")
+        return cls(checked, frozenset(parse_serial(s) for s in given))
+
+
+def effective_peers(configured: frozenset[str], state_dir: Path) -> frozenset[str]:
+    """The peers an agent runs with: those last pushed (STATE_DIR/peers.json), else `configured`."""
+    path = Path(state_dir) / PEERS_FILE
+    try:
+        doc = json.loads(path.read_text())
+        peers = doc["peers"]
+        if not isinstance(peers, list):
+            raise TypeError("peers is not a list")
+        pushed = frozenset(check_id(str(n), "peer host name") for n in peers)
+    except FileNotFoundError:
+        return configured
+    except (OSError, ValueError, KeyError, TypeError, InvalidInput) as e:
+        raise InvalidInput(f"{path} is not a peer list: {e}", f"delete {path} (the configuration's peers apply again)") from e
+    if pushed != configured:
+        log.info("peers from %s (pushed by `phaul host add/remove`): %s", path, ", ".join(sorted(pushed)) or "none")
+    return pushed
+
+
+def revocation_list(configured: Path | None, state_dir: Path) -> Path | None:
+    """The revocation list an agent reads: the configured one, else STATE_DIR/revoked.txt once a push made it."""
+    if configured is not None:
+        return configured
+    pushed = Path(state_dir) / REVOKED_FILE
+    return pushed if pushed.exists() else None
+
+
+def apply(host: Host, update: PeersUpdate) -> tuple[int, Path]:
+    """Write `update` where it is kept and apply it to the running `host`; return
+    (serials new to the revocation list, the list's path)."""
+    write_atomic(host.state_dir / PEERS_FILE, json.dumps({"peers": sorted(update.peers)}) + "\n", 0o644)
+    if host.revocations is None:
+        host.revocations = RevocationList(host.state_dir / REVOKED_FILE)
+    path = host.revocations.path
+    new = sorted(update.revoked - read_serials(path))
+    if new:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+        text += "".join(f"{format_serial(s)}  pushed by an admin (SetPeers)\n" for s in new)
+        write_atomic(path, text, 0o644)
+    old, host.peers = host.peers, update.peers
+    log.info("peers now %s (were %s); %d serial(s) added to %s", ", ".join(sorted(update.peers)) or "none",
+             ", ".join(sorted(old)) or "none", len(new), path)
+    return len(new), path
