@@ -145,8 +145,12 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(bare_gamma: tuple[Lab,
     assert r.returncode == 2, r.stderr
     assert "unknown" in r.stderr and sshd.fingerprint() in r.stderr, r.stderr
     assert not etc.exists() and "gamma" not in json.loads(lab.hosts_file.read_text())["hosts"]
-    # the fingerprint, compared and given, is accepted (up to the first step that needs phaul there)
+    # the fingerprint, compared and given, is accepted: the next step runs (and fails here on purpose:
+    # no phaul at that path there, so nothing is changed)
     assert f"--fingerprint {sshd.fingerprint()}" in r.stderr
+    r = host_add(lab, sshd, etc, "--fingerprint", sshd.fingerprint(), "--remote-phaul", "/nonexistent/phaul", check=False)
+    assert r.returncode == 2 and "host key verified" in r.stdout and "gave no report" in r.stderr, r.stdout + r.stderr
+    assert not etc.exists()
 
 
 def test_wrong_host_key_is_refused(bare_gamma: tuple[Lab, Sshd, Path]) -> None:
