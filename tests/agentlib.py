@@ -87,8 +87,12 @@ def free_port() -> int:
 @contextmanager
 def running_agent(
     d: Path, name: str, creds: dict[str, Credentials], peers: list[str], admins: list[str], *extra: str,
+    config: Path | None = None, env: dict[str, str] | None = None,
 ) -> Iterator[RunningAgent]:
-    """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards."""
+    """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards.
+    With `config`, the agent reads its name, certificates, peers and admins from that file
+    (`peers` and `admins` are then unused) and gets only the test's addresses and directories
+    as flags. `env` is added to its environment."""
     state, canary, cwd = d / "state", d / "canary", d / "cwd"
     for p in (state, canary / "sub", cwd):
         p.mkdir(parents=True, exist_ok=True)
@@ -96,12 +100,13 @@ def running_agent(
     port = free_port()
     sock = d / "agent.sock"
     me = creds[name]
-    cmd = [
-        sys.executable, "-m", "phaul", "agent", "--name", name, "--listen", f"127.0.0.1:{port}", "--socket", str(sock),
-        "--state-dir", str(state), "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
-        "--peers", ",".join(peers), "--admins", ",".join(admins), "--resolve-interval", "0", *extra,
+    where = ["--listen", f"127.0.0.1:{port}", "--socket", str(sock), "--state-dir", str(state), "--resolve-interval", "0"]
+    who = ["--config", str(config)] if config is not None else [
+        "--name", name, "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
+        "--peers", ",".join(peers), "--admins", ",".join(admins),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "phaul", "agent", *who, *where, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     log = open(d / "agent.log", "wb")
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 20

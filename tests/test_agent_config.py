@@ -59,7 +59,7 @@ def test_render_then_load_gives_the_same_configuration(tmp_path: Path) -> None:
         socket=None, bridge="br-ct", cache_dir=Path("/var/cache/x"), build_netns=Path("/proc/1/ns/net"),
         workload_dir=Path('/opt/"w"'), peers=frozenset({"alpha", "beta"}), admins=frozenset({"admin"}),
         timeouts=Timeouts(gate=12.5, link=3.0, dump=100.0, restore=90.0, resolve_interval=0.0), max_migrations=2,
-        revoked=None, limits=Limits(incoming=3, incoming_per_peer=1, quota_factor=1.5),
+        revoked=None, limits=Limits(incoming=3, incoming_per_peer=1, quota_factor=1.5, quota_extra=0),
     )
     text = render_config(cfg)
     assert load_config(_write(tmp_path, text)) == cfg
@@ -73,6 +73,7 @@ def test_render_then_load_gives_the_same_configuration(tmp_path: Path) -> None:
     (MINIMAL + "[timeouts]\ngate = 'soon'\n", ["`timeouts.gate`", "a number", "not a string"]),
     (MINIMAL + "[limits]\nincoming = 2.5\n", ["`limits.incoming`", "whole number"]),
     (MINIMAL + "[limits]\nmax_migrations = 0\n", ["`limits.max_migrations`"]),
+    (MINIMAL + "[limits]\ndisk_reserve = -1\n", ["`limits.disk_reserve`", "bytes"]),
     (MINIMAL.replace('peers = ["beta"]', 'peers = "beta"'), ["`peers`", "an array of names"]),
     (MINIMAL.replace('peers = ["beta"]', 'peers = ["../x"]'), ["`peers`", "certificate name"]),
     (MINIMAL.replace('name = "alpha"', "name = 7"), ["`name`", "not an integer"]),

@@ -55,7 +55,7 @@ from phaul.config import AgentConfig, Limits, Timeouts
 from phaul.errors import InvalidInput
 from phaul.validate import check_id
 
-__all__ = ["AgentConfig", "DEFAULT_CONFIG", "DEFAULT_SOCKET", "load_config", "render_config", "config_from"]
+__all__ = ["AgentConfig", "DEFAULT_CONFIG", "DEFAULT_SOCKET", "load_config", "render_config", "config_from", "restart_needed"]
 
 DEFAULT_CONFIG = Path("/etc/phaul/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/phaul")
@@ -71,9 +71,11 @@ _TOP: dict[str, tuple[str, str]] = {
 }
 _TLS: dict[str, tuple[str, str]] = {"cert": ("path", "--cert"), "key": ("path", "--key"), "ca": ("path", "--ca")}
 _TIMEOUTS: dict[str, tuple[str, str]] = {f.name: ("seconds", "") for f in dataclasses.fields(Timeouts)}
+_BYTES = {"quota_extra", "disk_reserve"}  # limits in bytes, where 0 is meaningful
 _LIMITS: dict[str, tuple[str, str]] = {
     "max_migrations": ("count", ""),
-    **{f.name: ("count" if f.type in ("int", int) else "number", "") for f in dataclasses.fields(Limits)},
+    **{f.name: ("number" if f.type in ("float", float) else "bytes" if f.name in _BYTES else "count", "")
+       for f in dataclasses.fields(Limits)},
 }
 _TABLES: dict[str, dict[str, tuple[str, str]]] = {"tls": _TLS, "timeouts": _TIMEOUTS, "limits": _LIMITS}
 
@@ -148,6 +150,15 @@ def render_config(cfg: AgentConfig) -> str:
     for table, values in tables.items():
         lines += ["", f"[{table}]", *(f"{k} = {_toml(v)}" for k, v in values.items())]
     return "\n".join(lines) + "\n"
+
+
+RELOADED = ("peers", "admins", "revoked")  # what SIGHUP changes (phaul.agent.host.Host.reload)
+
+
+def restart_needed(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """The settings that differ between `old` and `new` and that only a restart applies."""
+    return [f.name for f in dataclasses.fields(AgentConfig)
+            if f.name not in RELOADED and getattr(old, f.name) != getattr(new, f.name)]
 
 
 # -- checking ------------------------------------------------------------------------
@@ -238,8 +249,14 @@ def _count(source: str, key: str, value: Any, base: Path) -> int:
     return value
 
 
+def _bytes(source: str, key: str, value: Any, base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _wrong(source, key, "a whole number of bytes, 0 or more", value)
+    return value
+
+
 _CHECKS: dict[str, Callable[[str, str, Any, Path], Any]] = {
-    "str": _str, "path": _path, "names": _names, "seconds": _number, "number": _number, "count": _count,
+    "str": _str, "path": _path, "names": _names, "seconds": _number, "number": _number, "count": _count, "bytes": _bytes,
 }
 
 

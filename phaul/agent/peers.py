@@ -5,14 +5,17 @@ list, live and kept across restarts, without a restart:
 
 - the peers are written to `STATE_DIR/peers.json` ({"peers": [...]}); when that file
   exists it takes the place of the configuration's `peers` (at start-up and on every
-  reload: `effective_peers`). Delete it to go back to the configuration's list.
+  SIGHUP reload: `effective`). Delete it to go back to the configuration's list.
 - the serials are added to the agent's revocation list file (the configured one, else
-  `STATE_DIR/revoked.txt`, which the agent then reads from start-up on), which
-  `RevocationList` re-reads on the next call. Serials are only ever added.
+  `STATE_DIR/revoked.txt`, which the agent then reads from start-up on). Serials are
+  only ever added.
+- both are applied through the SIGHUP path, `Host.reload`, so calls, streams and
+  migrations running go on, and a peer removed is refused at its next call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phaul.agent.host import Host
-from phaul.channels.revocation import REVOKED_FILE, RevocationList, format_serial, parse_serial, read_serials
+from phaul.channels.revocation import REVOKED_FILE, REVOKED_HEADER, format_serial, parse_serial, read_serials
+from phaul.config import AgentConfig
 from phaul.errors import InvalidInput
 from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
@@ -70,6 +74,12 @@ def effective_peers(configured: frozenset[str], state_dir: Path) -> frozenset[st
     return pushed
 
 
+def effective(config: AgentConfig, state_dir: Path) -> AgentConfig:
+    """`config` with what was pushed: its peers (`effective_peers`) and revocation list (`revocation_list`)."""
+    return dataclasses.replace(config, peers=effective_peers(config.peers, state_dir),
+                               revoked=revocation_list(config.revoked, state_dir))
+
+
 def revocation_list(configured: Path | None, state_dir: Path) -> Path | None:
     """The revocation list an agent reads: the configured one, else STATE_DIR/revoked.txt once a push made it."""
     if configured is not None:
@@ -78,22 +88,20 @@ def revocation_list(configured: Path | None, state_dir: Path) -> Path | None:
     return pushed if pushed.exists() else None
 
 
-def apply(host: Host, update: PeersUpdate) -> tuple[int, Path]:
-    """Write `update` where it is kept and apply it to the running `host`; return
-    (serials new to the revocation list, the list's path)."""
+def apply(host: Host, base: AgentConfig, update: PeersUpdate) -> tuple[int, Path]:
+    """Write `update` where it is kept and apply it to the running `host` through `Host.reload`
+    (`base`: the configuration it runs with); return (serials new to the revocation list, its path)."""
+    path = host.revocations.path if host.revocations is not None else host.state_dir / REVOKED_FILE
+    fresh = dataclasses.replace(base, peers=update.peers, admins=host.admins, revoked=path)
     write_atomic(host.state_dir / PEERS_FILE, json.dumps({"peers": sorted(update.peers)}) + "\n", 0o644)
-    if host.revocations is None:
-        host.revocations = RevocationList(host.state_dir / REVOKED_FILE)
-    path = host.revocations.path
     new = sorted(update.revoked - read_serials(path))
     if new:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            text = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+            text = REVOKED_HEADER
         text += "".join(f"{format_serial(s)}  pushed by an admin (SetPeers)\n" for s in new)
         write_atomic(path, text, 0o644)
-    old, host.peers = host.peers, update.peers
-    log.info("peers now %s (were %s); %d serial(s) added to %s", ", ".join(sorted(update.peers)) or "none",
-             ", ".join(sorted(old)) or "none", len(new), path)
+    summary = host.reload(fresh)
+    log.info("SetPeers: %d serial(s) added to %s; %s", len(new), path, summary)
     return len(new), path

@@ -21,7 +21,6 @@ import errno
 import logging
 import queue
 import re
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -33,7 +32,10 @@ import grpc
 from phaul import __version__
 from phaul.agent import peers as peers_mod
 from phaul.agent.budget import Budget, CallBudgets
-from phaul.agent.host import Host
+from phaul.agent.config import restart_needed
+from phaul.agent.host import Host, check_access
+from phaul.agent.notify import Notifier
+from phaul.agent.signals import Signal, Signals
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.channels.revocation import RevocationList
@@ -43,7 +45,7 @@ from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
-from phaul.linux import pycriu_module
+from phaul.linux import procfs, pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
@@ -156,14 +158,15 @@ def _rpc(fn: F) -> F:
 class Servicer(pb_grpc.AgentServicer):
     """The agent protocol on one host."""
 
-    def __init__(self, host: Host, max_migrations: int = AgentConfig.max_migrations) -> None:
+    def __init__(self, host: Host, config: AgentConfig) -> None:
         self.host = host
-        self.max_migrations = max_migrations
+        self.config = config  # what the agent started with (SetPeers changes peers and revoked from it)
+        self.max_migrations = config.max_migrations
         self.dest = Destination(host)
         self.journal = host.journal
         self.active = Active()
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
-        self._migrations = threading.BoundedSemaphore(max_migrations)
+        self._migrations = threading.BoundedSemaphore(self.max_migrations)
         limits = host.limits
         self.budgets = CallBudgets({
             "peer": Budget(limits.peer_calls, limits.peer_calls_each),
@@ -202,10 +205,12 @@ class Servicer(pb_grpc.AgentServicer):
     @_rpc
     def Info(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HostInfo:
         v = criu_version(criu_path() or "")
+        committed = [c.memory_limit or c.memory_used or 0 for c in self.host.containers.list()]
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
             criu_version=".".join(map(str, v)) if v else "", address=self.host.listen,
             bridge=self.host.bridge or "",
+            memory_available=procfs.mem_available() or 0, memory_committed=sum(committed), containers=len(committed),
         )
 
     # -- containers -------------------------------------------------------------
@@ -318,6 +323,7 @@ class Servicer(pb_grpc.AgentServicer):
                 self.active.discard(running.id)
                 self._migrations.release()
 
+        events.put(pb.MigrateEvent(started=pb.Started(migration_id=running.id)))  # the client's first line
         threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
@@ -447,7 +453,7 @@ class Servicer(pb_grpc.AgentServicer):
     def SetPeers(self, request: pb.SetPeersRequest, context: grpc.ServicerContext) -> pb.SetPeersReply:
         """Admins only: replace this agent's peers and add serials to its revocation list (phaul.agent.peers)."""
         update = peers_mod.PeersUpdate.parse(request.peers, request.revoked_serials, self.host.name)
-        added, path = peers_mod.apply(self.host, update)
+        added, path = peers_mod.apply(self.host, self.config, update)
         return pb.SetPeersReply(peers=sorted(self.host.peers), revoked_added=added, revoked_list=str(path))
 
     @_rpc
@@ -460,21 +466,22 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.RecoverReply(outcomes=[messages.outcome_to_proto(o) for o in outcomes])
 
 
-def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
-    """Run the agent with `config` until SIGTERM or SIGINT. `hook` is called at
-    each step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
+def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], AgentConfig] | None = None) -> None:
+    """Run the agent with `config` until SIGTERM or SIGINT; on SIGHUP, take the peers, admins
+    and revocation list of `reread()` (the configuration file read again). `hook` is called at
+    each step boundary of its migrations (phaul.migration.steps; tests plug one in). The
+    service manager is told of each (phaul.agent.notify)."""
+    notifier = Notifier.from_environment()  # before any child is started: they must not inherit it
+    signals = Signals()  # from now on SIGHUP reloads (its default would end the agent) and SIGTERM stops
     name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
     state_dir = config.state_dir.resolve()
-    peers, admins = peers_mod.effective_peers(config.peers, state_dir), config.admins
-    for n in peers | admins:
-        check_id(n, "certificate name")
-    if not (peers | admins):
-        raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
+    config = peers_mod.effective(config, state_dir)  # what `phaul host add/remove` pushed, if anything
+    peers, admins = config.peers, config.admins
+    check_access(peers, admins)
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
-    revoked = peers_mod.revocation_list(config.revoked, state_dir)
     if why := pycriu_module.missing():
         log.warning("pycriu is missing (%s): this agent cannot dump or restore a container; %s", why, pycriu_module.FIX)
     programs = workloads.find(config.workload_dir)
@@ -486,11 +493,12 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     host = Host(
         name, state_dir, creds, listen, kind, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,
-        revocations=RevocationList(revoked) if revoked is not None else None,
+        revocations=RevocationList(config.revoked) if config.revoked is not None else None,
     )
     if host.revocations is not None:
-        log.info("revocation list %s (%d serials)", revoked, len(host.revocations.serials()))
-    servicer = Servicer(host, config.max_migrations)
+        log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
+    servicer = Servicer(host, config)
+    notifier.status("settling the migrations the journal left unfinished")
     for outcome in servicer.recovery.startup():
         log.info(
             "start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message
@@ -521,6 +529,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     )
     server.add_secure_port(listen, tls)
     if socket is not None:
+        socket.parent.mkdir(parents=True, exist_ok=True)
         socket.unlink(missing_ok=True)
         server.add_secure_port(f"unix:{socket}", tls)
     server.start()
@@ -528,13 +537,31 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
         socket.chmod(0o600)
     log.info("agent %s listening on %s%s (mutual TLS), state in %s", name, listen, f" and {socket}" if socket else "", state_dir)
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    notifier.ready(f"serving on {listen}" + (f" and {socket}" if socket else ""))
+    while signals.next() is Signal.RELOAD:
+        _reload(host, config, lambda: peers_mod.effective(reread() if reread else config, state_dir), notifier)
     log.info("agent %s stopping", name)
+    notifier.stopping("stopping: running calls get 2 s")
     servicer.recovery.stop()
     server.stop(grace=2).wait()
     servicer.dest.close_all()
     if socket is not None:
         socket.unlink(missing_ok=True)
+
+
+def _reload(host: Host, config: AgentConfig, reread: Callable[[], AgentConfig], notifier: Notifier) -> None:
+    """SIGHUP: the peers, admins and revocation list of `reread()` for every call from now on; a
+    configuration that cannot be read or is wrong leaves everything as it was (and says why)."""
+    notifier.reloading("reloading peers, admins and the revocation list")
+    try:
+        fresh = reread()
+        summary = host.reload(fresh)
+    except Exception as e:  # whatever the file holds, the agent goes on serving
+        message = e.message if isinstance(e, PhaulError) else f"{type(e).__name__}: {e}"
+        log.error("reload refused, the previous peers, admins and revocation list stay: %s", e,
+                  exc_info=not isinstance(e, PhaulError))
+        notifier.ready(f"reload refused (previous configuration kept): {message}")
+        return
+    later = restart_needed(config, fresh)
+    log.info("reloaded: %s%s", summary, f"; a restart applies the changed {', '.join(later)}" if later else "")
+    notifier.ready(f"serving on {config.listen}; reloaded: {summary}")

@@ -62,6 +62,8 @@ RestartSec=5
 # the agent's helpers (console keepers: the containers' subreapers, post-copy
 # keepers, data channels) outlive a stop or restart: only the agent is signalled
 KillMode=process
+# start-up settles the migrations the journal left unfinished (asking their peers) before READY=1
+TimeoutStartSec=600
 TimeoutStopSec=30
 LimitCORE=0
 LimitNOFILE=65536
@@ -84,12 +86,17 @@ def phaul_command() -> list[str]:
     return [os.path.abspath(sys.executable), "-m", "phaul"]
 
 
-def render_unit(command: list[str], config: Path) -> str:
-    """The unit's text: `command` (absolute: phaul_command()) runs `agent --config config`."""
+def agent_argv(command: list[str], config: Path) -> list[str]:
+    """The unit's ExecStart as an argument list: `command` (absolute: phaul_command()) runs
+    `agent --config config` (what to run where there is no systemd, e.g. in the lab)."""
     if not command or not Path(command[0]).is_absolute():
         raise ValueError(f"the unit's command must start with an absolute path, not {command!r}")
-    argv = [*command, "agent", "--config", str(Path(config).absolute())]
-    return _UNIT.format(exec_start=" ".join(_systemd_quote(a) for a in argv))
+    return [*command, "agent", "--config", str(Path(config).absolute())]
+
+
+def render_unit(command: list[str], config: Path) -> str:
+    """The unit's text, whose ExecStart is agent_argv(command, config)."""
+    return _UNIT.format(exec_start=" ".join(_systemd_quote(a) for a in agent_argv(command, config)))
 
 
 def _systemd_quote(arg: str) -> str:

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from phaul.agent.config import render_config
-from phaul.agent.unit import UNIT_NAME, render_unit
+from phaul.agent.unit import UNIT_NAME, agent_argv, render_unit
 from phaul.bootstrap.ssh import Session, SshTarget
 from phaul.channels import pki
 from phaul.channels.client import connect
-from phaul.channels.revocation import REVOKED_FILE, format_serial, read_serials
+from phaul.channels.revocation import REVOKED_FILE, REVOKED_HEADER, format_serial, read_serials
 from phaul.channels.transport import Credentials
 from phaul.config import AgentConfig
 from phaul.errors import Conflict, InvalidInput, PhaulError, Refused, ToolFailed
@@ -184,11 +184,10 @@ def add_host(plan: AddPlan, say: Say = print) -> AddResult:
             revoked=Path(str(r.pki / REVOKED_FILE)),
         )
         ssh.put(str(r.config), render_config(config).encode(), 0o644)
-        command = list(r.phaul)
         ssh.mkdir(str(r.unit_dir), 0o755)
-        ssh.put(str(r.unit), render_unit(command, Path(str(r.config))).encode(), 0o644)
+        ssh.put(str(r.unit), render_unit(list(r.phaul), Path(str(r.config))).encode(), 0o644)
         say(f"{name}: wrote {r.config} and {r.unit}")
-        started = _start(ssh, plan, [*command, "agent", "--config", str(r.config)], say)
+        started = _start(ssh, plan, agent_argv(list(r.phaul), Path(str(r.config))), say)
     _wait_agent(plan, name)
     say(f"{name}: its agent answers on {plan.agent_address} with its new certificate")
     hosts = plan.hosts
@@ -337,4 +336,4 @@ def _revocation_text(ca_dir: Path) -> bytes:
     try:
         return (ca_dir / REVOKED_FILE).read_bytes()
     except FileNotFoundError:
-        return b"# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+        return REVOKED_HEADER.encode()

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from phaul.channels.revocation import REVOKED_FILE, format_serial, parse_serial, read_serials
+from phaul.channels.revocation import REVOKED_FILE, REVOKED_HEADER, format_serial, parse_serial, read_serials
 from phaul.errors import Conflict, InvalidInput, NotFound
 from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
@@ -349,7 +349,7 @@ def revoke(pki_dir: Path, what: str) -> list[str]:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            text = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+            text = REVOKED_HEADER
         stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
         text += "".join(f"{format_serial(s)}  {n} revoked {stamp}\n" for s, n in new.items())
         write_atomic(path, text, 0o644)
