@@ -54,10 +54,8 @@ def sshd_in(netns: str, address: str, workdir: Path, port: int = 22) -> Iterator
         _keygen(d / "ssh_host_ed25519_key", "phaul-test-host")
         _keygen(d / "id_ed25519", "phaul-test-client")
         shutil.copy(d / "id_ed25519.pub", d / "authorized_keys")
-        (d / "known_hosts").write_text(
-            f"{address if port == 22 else f'[{address}]:{port}'} {(d / 'ssh_host_ed25519_key.pub').read_text().split(' ', 2)[0]} "
-            f"{(d / 'ssh_host_ed25519_key.pub').read_text().split()[1]}\n"
-        )
+        kind, key = (d / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        (d / "known_hosts").write_text(f"{address if port == 22 else f'[{address}]:{port}'} {kind} {key}\n")
         (d / "sshd_config").write_text(
             f"Port {port}\nListenAddress {address}\nHostKey {d / 'ssh_host_ed25519_key'}\nPidFile {d / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"

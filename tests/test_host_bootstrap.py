@@ -10,6 +10,8 @@ ExecStart line, since there is no systemd inside a network namespace.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from conftest import COUNTER, REPO, TEST_LAB_DIR, TEST_SUBNET, Lab, wait_for
 from sshlib import Sshd, sshd_in
 
@@ -53,8 +54,9 @@ def bare_gamma(lab: Lab, tmp_path: Path) -> Iterator[tuple[Lab, Sshd, Path]]:
             yield lab, sshd, tmp_path / "gamma-etc"
     finally:
         lab_mod.up(TEST_SUBNET, lab_dir=TEST_LAB_DIR)  # removes gamma: every process in its namespace, its files
-        for host in lab_mod.HOSTS:  # the peers host add/remove pushed: back to the lab's own
+        for host in lab_mod.HOSTS:  # the peers host add/remove pushed: back to the lab's own (SIGHUP reloads)
             (lab.state_dir(host) / "peers.json").unlink(missing_ok=True)
+            os.kill(int((lab.state_dir(host) / "agent.pid").read_text()), signal.SIGHUP)
         restored = [h for h in lab_mod.HOSTS if (lab.state_dir(h) / "agent.pid").exists()]
         assert restored == list(lab_mod.HOSTS)
 
@@ -107,8 +109,13 @@ def test_host_add_migrate_remove(bare_gamma: tuple[Lab, Sshd, Path]) -> None:
 
     hosts = json.loads(lab.hosts_file.read_text())["hosts"]
     assert hosts["gamma"]["address"] == f"{GAMMA}:7473"
+    pids = {h: int((lab.state_dir(h) / "agent.pid").read_text()) for h in lab_mod.HOSTS}
     for host in lab_mod.HOSTS:  # told, live: no restart
         assert "gamma" in json.loads((lab.state_dir(host) / "peers.json").read_text())["peers"]
+    # what was pushed is kept by a reload from the configuration (SIGHUP: `systemctl reload`)
+    os.kill(pids["alpha"], signal.SIGHUP)
+    wait_for(lambda: "reloaded: peers beta, gamma" in (lab.state_dir("alpha") / "agent.log").read_text(),
+             what="alpha to reload")
 
     # a container moves alpha -> gamma, on the certificates only this procedure made
     lab.phaul("--host", "alpha", "ct", "create", "boot1")
@@ -135,6 +142,7 @@ def test_host_add_migrate_remove(bare_gamma: tuple[Lab, Sshd, Path]) -> None:
     assert "gamma" not in json.loads(lab.hosts_file.read_text())["hosts"]
     for host in lab_mod.HOSTS:
         assert json.loads((lab.state_dir(host) / "peers.json").read_text())["peers"] == [h for h in lab_mod.HOSTS if h != host]
+    assert pids == {h: int((lab.state_dir(h) / "agent.pid").read_text()) for h in lab_mod.HOSTS}  # never restarted
 
 
 def test_unknown_host_key_is_refused_with_its_fingerprint(bare_gamma: tuple[Lab, Sshd, Path]) -> None:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from agentlib import make_pki, running_agent
 
 from phaul.channels import pki

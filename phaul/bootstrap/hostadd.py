@@ -164,9 +164,9 @@ def add_host(plan: AddPlan, say: Say = print) -> AddResult:
         _doctor(ssh, r, say, name)
         for d, mode in ((r.etc, 0o755), (r.pki, 0o700), (r.state_dir, 0o700)):
             ssh.mkdir(str(d), mode)
-        out = ssh.check([*r.phaul, "pki", "csr", name, "--dir", str(r.pki), "--ip", plan.agent_ip,
-                         *(a for d in plan.dns for a in ("--dns", d))], "making the key and request")
-        csr_path = out.strip().splitlines()[0] if out.strip() else str(r.pki / f"{name}.csr")
+        ssh.check([*r.phaul, "pki", "csr", name, "--dir", str(r.pki), "--ip", plan.agent_ip,
+                   *(a for d in plan.dns for a in ("--dns", d))], "making the key and request")
+        csr_path = str(r.pki / f"{name}.csr")  # where we asked for it, not a path the host printed
         say(f"{name}: made its key and a certificate request there ({csr_path}); the key stays there")
         existing = {h.name: [h.ip] for h in plan.hosts.hosts.values()}
         _, cert_pem = pki.sign_csr(plan.ca_dir, ssh.get(csr_path), name=name, hosts=existing, admins=(ADMIN,))
@@ -224,7 +224,7 @@ def push_peers(hosts: HostsFile, ca_dir: Path, *, skip: str | None = None, say: 
     """Tell every agent of `hosts` (but `skip`) its peers (every other host) and the CA's
     revoked serials (SetPeers: kept, applied live, no restart)."""
     serials = [format_serial(s) for s in sorted(read_serials(ca_dir / REVOKED_FILE))]
-    creds = Credentials(ADMIN, hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
+    creds = _admin(hosts)
     results = []
     for entry in hosts.hosts.values():
         if entry.name == skip:
@@ -307,23 +307,28 @@ def _start(ssh: Session, plan: AddPlan, argv: list[str], say: Say) -> str:
 
 def _wait_agent(plan: AddPlan, name: str) -> None:
     """Wait until the new agent answers Info over mutual TLS as `name`."""
-    h = plan.hosts
-    creds = Credentials(ADMIN, h.pki.cert, h.pki.key, h.pki.ca)
+    creds = _admin(plan.hosts)
     deadline = time.monotonic() + AGENT_WAIT
     last: str = ""
     while time.monotonic() < deadline:
         try:
             with connect(plan.agent_address, name, creds) as agent:
                 info = agent.call("Info", pb.Empty(), timeout=5)
-            if info.name != name:
-                raise ToolFailed(f"the agent on {plan.agent_address} calls itself {info.name!r}, not {name!r}",
-                                 f"check {plan.remote.config} there")
-            return
         except PhaulError as e:
             last = e.message
-        time.sleep(0.5)
+            time.sleep(0.5)
+            continue
+        if info.name != name:
+            raise ToolFailed(f"the agent on {plan.agent_address} calls itself {info.name!r}, not {name!r}",
+                             f"check {plan.remote.config} there")
+        return
     raise ToolFailed(f"the agent on {name} did not answer on {plan.agent_address} within {AGENT_WAIT:.0f} s: {last}",
                      f"see {plan.remote.log} there (or `journalctl -u {UNIT_NAME}`)")
+
+
+def _admin(hosts: HostsFile) -> Credentials:
+    """The CLI's credentials, as the hosts file names them."""
+    return Credentials(ADMIN, hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
 
 
 def _serial(cert_pem: bytes) -> str:
