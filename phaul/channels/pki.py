@@ -171,6 +171,9 @@ def issue(
     return crt_path, key_path
 
 
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def _sign(
     pki_dir: Path, name: str, public_key: ec.EllipticCurvePublicKey, dns_names: list[str],
     ip_objs: list[_IP], ca_cert: x509.Certificate,
@@ -200,9 +203,6 @@ def _sign(
     log.info("issued certificate %s for %s (dns=%s ips=%s) in %s", format_serial(cert.serial_number), name,
              dns_names, [str(i) for i in ip_objs], pki_dir)
     return pem
-
-
-_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _host_names(name: str, ips: list[str] | None, dns: list[str] | None) -> tuple[list[str], list[_IP]]:
@@ -261,7 +261,8 @@ def sign_csr(
         raise InvalidInput(f"not a PEM certificate signing request: {e}", "make one with `phaul pki csr NAME` on the host") from e
     if not csr.is_signature_valid:
         raise InvalidInput("the certificate signing request's signature is invalid", "make a new one with `phaul pki csr NAME`")
-    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
         raise InvalidInput("the request's key is not an EC key", "make the request with `phaul pki csr NAME`")
     cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if len(cns) != 1:
@@ -291,14 +292,15 @@ def sign_csr(
         if low != cn.lower() and not low.startswith(cn.lower() + "."):
             raise InvalidInput(f"the request for {cn} also asks for the name {d!r}", f"a host gets its own name only; {remake}")
         dns_names.append(d)
-    ip_objs = [ip for ip in san.get_values_for_type(x509.IPAddress)
-               if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))]
+    ip_objs: list[_IP] = []
+    for ip in san.get_values_for_type(x509.IPAddress):
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise InvalidInput(f"the request asks for a whole network {ip}, not an address", remake)
+        ip_objs.append(ip)
     ca_cert, ca_key = _load_ca(pki_dir)
     clashes = _clashes(pki_dir, cn, dns_names, [str(i) for i in ip_objs], hosts or {})
     if clashes:
         raise InvalidInput(f"the request for {cn} names other hosts: {'; '.join(clashes)}", remake)
-    public = csr.public_key()
-    assert isinstance(public, ec.EllipticCurvePublicKey)
     return cn, _sign(pki_dir, cn, public, dns_names, ip_objs, ca_cert, ca_key)
 
 
