@@ -860,17 +860,17 @@ def cmd_host_add(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import PurePosixPath
 
-    from phaul.bootstrap.hostadd import AddPlan, RemotePaths, add_host
+    from phaul.bootstrap.hostadd import DEFAULT_PHAUL, INSTALLED_PHAUL, AddPlan, RemotePaths, add_host
     from phaul.bootstrap.ssh import SshTarget
 
+    target = SshTarget.parse(args.ssh, port=args.port, identity=args.identity, known_hosts=args.known_hosts,
+                             fingerprint=args.fingerprint)
     hosts = _hosts(args)
-    phaul_cmd = args.remote_phaul or ("/opt/phaul/src/.venv/bin/phaul" if args.install else "/usr/local/bin/phaul")
+    phaul_cmd = args.remote_phaul or (INSTALLED_PHAUL if args.install else DEFAULT_PHAUL)
     remote = RemotePaths(
         phaul=tuple(shlex.split(phaul_cmd)), etc=PurePosixPath(args.remote_etc), state_dir=PurePosixPath(args.remote_state_dir),
         unit_dir=PurePosixPath(args.remote_unit_dir), socket=PurePosixPath(args.remote_socket),
     )
-    target = SshTarget.parse(args.ssh, port=args.port, identity=args.identity, known_hosts=args.known_hosts,
-                             fingerprint=args.fingerprint)
     plan = AddPlan(
         name=args.name, ssh=target, hosts=hosts, ca_dir=args.ca_dir or hosts.pki.ca.parent, remote=remote,
         listen=args.listen, bridge=args.bridge, install=args.install, start=args.start, dns=tuple(args.dns),

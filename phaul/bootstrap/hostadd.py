@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 AGENT_PORT = 7473
 AGENT_WAIT = 60.0  # s: how long the new agent has to answer over mutual TLS
 INSTALL_DIR = "/opt/phaul"  # where --install puts the checkout there
+DEFAULT_PHAUL = "/usr/local/bin/phaul"  # phaul there, unless told
+INSTALLED_PHAUL = f"{INSTALL_DIR}/src/.venv/bin/phaul"  # phaul there after --install
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class RemotePaths:
     """Where things go on the new host (the defaults are a real host's; tests point them
     into a temporary directory, since the lab's hosts share one file system)."""
 
-    phaul: tuple[str, ...] = ("/usr/local/bin/phaul",)  # the command that runs phaul there, absolute
+    phaul: tuple[str, ...] = (DEFAULT_PHAUL,)  # the command that runs phaul there, absolute
     etc: PurePosixPath = PurePosixPath("/etc/phaul")  # agent.toml and pki/
     state_dir: PurePosixPath = PurePosixPath("/var/lib/phaul")
     unit_dir: PurePosixPath = PurePosixPath("/etc/systemd/system")

@@ -47,7 +47,10 @@ class SshTarget:
         user, at, address = login.rpartition("@")
         if not at or not user or not address:
             raise InvalidInput(f"--ssh {login!r} is not USER@ADDRESS", "write it as root@192.0.2.13 or root@host.example.org")
-        return cls(user, address.strip("[]"), **kw)  # type: ignore[arg-type]
+        target = cls(user, address.strip("[]"), **kw)  # type: ignore[arg-type]
+        if not 0 < target.port < 65536:
+            raise InvalidInput(f"SSH port {target.port} is out of range", "give --port from 1 to 65535 (default 22)")
+        return target
 
 
 @dataclass(frozen=True)
