@@ -9,7 +9,6 @@ connection is kept, and the container that could not move is named with the reas
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from conftest import REPO, TEST_SUBNET, Lab, wait_for
 from faultlib import read_memory_mark, start_counter
 
+from phaul.fleet.evacuate import Evacuation, Outcome, Row
 from phaul.testing import lab as lab_mod
 from phaul.testing import probe as probes
 from tests.test_json_schemas import check
@@ -114,6 +114,9 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
         rc, result = probe.stop()
         assert rc == 0 and not result["reset"] and not result["eof"], result
         assert result["wrong"] == 0 and result["missing"] == 0 and result["received"] > 50, result
-        print("evacuation:", json.dumps(first["containers"] + second["containers"], indent=1))
+        for doc in (first, second):
+            rows = [Row(r["ct"], r["destination"], Outcome(r["outcome"]), r["reason"], r["migration_id"],
+                        r["pause_longest_ms"], r["pause_total_ms"], r["bytes_sent"]) for r in doc["containers"]]
+            print(Evacuation("alpha", rows, doc["parallel"], False).to_table())
     finally:
         probe.kill()
