@@ -164,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     kl.add_argument("--json", action="store_true", help="print the certificates as JSON")
     kl.set_defaults(func=cmd_pki_list)
+    kc = ksub.add_parser("csr", help="on the host itself: make its private key (mode 0600) and a certificate signing request")
+    kc.add_argument("name", help="this host's name (its agent's name)")
+    kc.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"),
+                    help="where NAME.key and NAME.csr are written (default: /etc/phaul/pki)")
+    kc.add_argument("--ip", action="append", default=[], help="an IP address of this host for the certificate (repeatable)")
+    kc.add_argument("--dns", action="append", default=[],
+                    help="an extra DNS name of this host, e.g. NAME.example.org (repeatable)")
+    kc.set_defaults(func=cmd_pki_csr)
+    kg = ksub.add_parser("sign", help="on the CA's host: issue the certificate a host's request (`pki csr`) asks for")
+    kg.add_argument("csr", type=Path, help="the request file (NAME.csr)")
+    kg.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
+    kg.add_argument("--name", help="refuse the request unless it is for this host name")
+    kg.add_argument("--admins", default="admin", help="comma-separated admin names no host may get (default: admin)")
+    kg.add_argument("--out", type=Path, help="also write the certificate here (default: only NAME.crt in --dir)")
+    _connection_options(kg)
+    kg.set_defaults(func=cmd_pki_sign)
     kr = ksub.add_parser("revoke", help="add a certificate (or every one issued to a name) to revoked.txt")
     kr.add_argument("what", metavar="SERIAL|NAME", help="a certificate's serial (hex), or a name: every certificate issued to it")
     kr.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
@@ -320,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recover)
 
     _evacuate_parser(sub)
+    _host_commands(sub)
     co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print a completion script for phaul's commands and options. "
                         "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
@@ -423,6 +440,55 @@ def _agent_parser(sub: argparse._SubParsersAction) -> None:
                     help="where to write the unit (default: /etc/systemd/system/phaul-agent.service)")
     iu.add_argument("--enable", action="store_true", help="then `systemctl daemon-reload` and `enable --now` it")
     iu.set_defaults(func=cmd_agent_install_unit)
+
+
+def _host_commands(sub: argparse._SubParsersAction) -> None:
+    """`phaul host add|remove` (phaul.bootstrap.hostadd)."""
+    h = sub.add_parser("host", help="add a host to the fleet over SSH, or remove one")
+    hsub = h.add_subparsers(dest="host_command", metavar="ACTION", required=True)
+    ha = hsub.add_parser(
+        "add", help="bootstrap a host over SSH: its key and certificate, agent.toml, the unit, its agent; tell the others",
+        description="Bootstrap NAME over SSH: check it (`phaul doctor`), have it make its key and a certificate request "
+        "(the key never leaves it), sign the request with the local CA, copy the certificate and CA back, write "
+        "agent.toml and the systemd unit, start the agent, wait for it over mutual TLS, add it to the hosts file and "
+        "push the new peer list to the other agents (no restart). Exit 2 when refused before anything changed.",
+    )
+    ha.add_argument("name", help="the new host's name (its certificate's and agent's)")
+    ha.add_argument("--ssh", required=True, metavar="USER@ADDR",
+                    help="where to log in (root, or a user that may run phaul as root)")
+    ha.add_argument("--port", type=int, default=22, help="SSH port (default 22)")
+    ha.add_argument("--identity", type=Path, metavar="FILE", help="SSH private key file (default: the SSH agent's and ~/.ssh's)")
+    hk = ha.add_mutually_exclusive_group()
+    hk.add_argument("--known-hosts", type=Path, metavar="FILE",
+                    help="known_hosts file holding the host's key (default ~/.ssh/known_hosts)")
+    hk.add_argument("--fingerprint", metavar="SHA256:...",
+                    help="accept the host key with this fingerprint (`ssh-keygen -lf` of its key, read on its console)")
+    ha.add_argument("--install", action="store_true",
+                    help="first copy this checkout there (/opt/phaul/src) and run its scripts/setup.sh")
+    ha.add_argument("--remote-phaul", metavar="CMD",
+                    help="the absolute command that runs phaul there (default /usr/local/bin/phaul; "
+                    "with --install /opt/phaul/src/.venv/bin/phaul)")
+    ha.add_argument("--listen", metavar="ADDR:PORT", help="the new agent's address (default: the SSH address, port 7473)")
+    ha.add_argument("--dns", action="append", default=[], help="an extra DNS name for its certificate, e.g. NAME.example.org")
+    ha.add_argument("--bridge", help="the bridge containers with --ip are plugged into there")
+    ha.add_argument("--start", choices=("auto", "systemd", "command"), default="auto",
+                    help="how to start the agent: systemd (enable --now), command (the unit's ExecStart line detached "
+                    "with setsid nohup, for hosts without systemd as PID 1), auto (default: systemd when it is PID 1)")
+    ha.add_argument("--remote-etc", default="/etc/phaul", metavar="DIR", help="agent.toml and pki/ there (default /etc/phaul)")
+    ha.add_argument("--remote-state-dir", default="/var/lib/phaul", metavar="DIR",
+                    help="the agent's state there (default /var/lib/phaul)")
+    ha.add_argument("--remote-unit-dir", default="/etc/systemd/system", metavar="DIR",
+                    help="where the unit is written there (default /etc/systemd/system)")
+    ha.add_argument("--remote-socket", default="/run/phaul/agent.sock", metavar="PATH",
+                    help="the agent's local socket there (default /run/phaul/agent.sock)")
+    ha.add_argument("--ca-dir", type=Path, metavar="DIR", help="the local CA (default: the directory of the hosts file's CA)")
+    _connection_options(ha)
+    ha.set_defaults(func=cmd_host_add)
+    hr = hsub.add_parser("remove", help="revoke a host's certificate, tell the other agents, drop it from the hosts file")
+    hr.add_argument("name", help="the host to remove")
+    hr.add_argument("--ca-dir", type=Path, metavar="DIR", help="the local CA (default: the directory of the hosts file's CA)")
+    _connection_options(hr)
+    hr.set_defaults(func=cmd_host_remove)
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -615,6 +681,33 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
         hosts = {h.name: [h.ip] for h in _hosts(args).hosts.values()}
     cert, key = pki.issue(args.dir, args.name, args.ip, args.dns, hosts=hosts, force=args.force)
     print(f"{cert}\n{key}")
+    return ExitCode.OK
+
+
+def cmd_pki_csr(args: argparse.Namespace) -> int:
+    from phaul.channels import pki
+
+    csr, key = pki.make_csr(args.dir, args.name, args.ip, args.dns)
+    print(f"{csr}\n{key}")
+    return ExitCode.OK
+
+
+def cmd_pki_sign(args: argparse.Namespace) -> int:
+    from phaul.channels import pki
+    from phaul.linux.fsutil import write_atomic
+
+    try:
+        pem = args.csr.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read the request {args.csr}: {e.strerror}", "give the NAME.csr `phaul pki csr` wrote") from e
+    hosts: dict[str, list[str]] = {}
+    if args.hosts_file is not None:
+        hosts = {h.name: [h.ip] for h in _hosts(args).hosts.values()}
+    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    name, cert = pki.sign_csr(args.dir, pem, name=args.name, hosts=hosts, admins=admins)
+    if args.out is not None:
+        write_atomic(args.out, cert, 0o644)
+    print(args.out or args.dir / f"{name}.crt")
     return ExitCode.OK
 
 
@@ -842,6 +935,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(doctor.report_table(checks))
         print(doctor.summary(checks))
     return ExitCode.FAILED if any(c.status == CheckState.FAILURE for c in checks) else ExitCode.OK
+
+
+def cmd_host_add(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import PurePosixPath
+
+    from phaul.bootstrap.hostadd import DEFAULT_PHAUL, INSTALLED_PHAUL, AddPlan, RemotePaths, add_host
+    from phaul.bootstrap.ssh import SshTarget
+
+    target = SshTarget.parse(args.ssh, port=args.port, identity=args.identity, known_hosts=args.known_hosts,
+                             fingerprint=args.fingerprint)
+    hosts = _hosts(args)
+    phaul_cmd = args.remote_phaul or (INSTALLED_PHAUL if args.install else DEFAULT_PHAUL)
+    remote = RemotePaths(
+        phaul=tuple(shlex.split(phaul_cmd)), etc=PurePosixPath(args.remote_etc), state_dir=PurePosixPath(args.remote_state_dir),
+        unit_dir=PurePosixPath(args.remote_unit_dir), socket=PurePosixPath(args.remote_socket),
+    )
+    plan = AddPlan(
+        name=args.name, ssh=target, hosts=hosts, ca_dir=args.ca_dir or hosts.pki.ca.parent, remote=remote,
+        listen=args.listen, bridge=args.bridge, install=args.install, start=args.start, dns=tuple(args.dns),
+    )
+    result = add_host(plan)
+    return ExitCode.OK if all(p.ok for p in result.pushed) else ExitCode.FAILED
+
+
+def cmd_host_remove(args: argparse.Namespace) -> int:
+    from phaul.bootstrap.hostadd import remove_host
+
+    hosts = _hosts(args)
+    pushed = remove_host(hosts, args.ca_dir or hosts.pki.ca.parent, args.name)
+    return ExitCode.OK if all(p.ok for p in pushed) else ExitCode.FAILED
 
 
 def cmd_completion(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ APT_PACKAGES=(
     libbsd-dev libnftables-dev libgnutls28-dev
     mmdebstrap umoci skopeo acl attr libcap2-bin
     redis-tools wrk curl
+    openssh-server openssh-client
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

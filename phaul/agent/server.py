@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 
 from phaul import __version__
+from phaul.agent import peers as peers_mod
 from phaul.agent.budget import Budget, CallBudgets
 from phaul.agent.config import restart_needed
 from phaul.agent.host import Host, check_access
@@ -160,15 +161,16 @@ def _rpc(fn: F) -> F:
 class Servicer(pb_grpc.AgentServicer):
     """The agent protocol on one host."""
 
-    def __init__(self, host: Host, max_migrations: int = AgentConfig.max_migrations) -> None:
+    def __init__(self, host: Host, config: AgentConfig) -> None:
         self.host = host
-        self.max_migrations = max_migrations
+        self.config = config  # what the agent started with (SetPeers changes peers and revoked from it)
+        self.max_migrations = config.max_migrations
         self.dest = Destination(host)
         self.journal = host.journal
         self.active = Active()
         self.running = RunningMigrations()  # the source migrations under way: abort, follow
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
-        self._migrations = threading.BoundedSemaphore(max_migrations)
+        self._migrations = threading.BoundedSemaphore(self.max_migrations)
         limits = host.limits
         self.budgets = CallBudgets({
             "peer": Budget(limits.peer_calls, limits.peer_calls_each),
@@ -536,6 +538,13 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.MigrationList(migrations=records[-200:])
 
     @_rpc
+    def SetPeers(self, request: pb.SetPeersRequest, context: grpc.ServicerContext) -> pb.SetPeersReply:
+        """Admins only: replace this agent's peers and add serials to its revocation list (phaul.agent.peers)."""
+        update = peers_mod.PeersUpdate.parse(request.peers, request.revoked_serials, self.host.name)
+        added, path = peers_mod.apply(self.host, self.config, update)
+        return pb.SetPeersReply(peers=sorted(self.host.peers), revoked_added=added, revoked_list=str(path))
+
+    @_rpc
     def Recover(self, request: pb.RecoverRequest, context: grpc.ServicerContext) -> pb.RecoverReply:
         if request.migration_id:
             check_id(request.migration_id, "migration ID")
@@ -562,9 +571,10 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
     name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
     check_id(name, "host name")
     parse_endpoint(listen)
+    state_dir = config.state_dir.resolve()
+    config = peers_mod.effective(config, state_dir)  # what `phaul host add/remove` pushed, if anything
     peers, admins = config.peers, config.admins
     check_access(peers, admins)
-    state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
     if why := pycriu_module.missing():
@@ -582,7 +592,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
     )
     if host.revocations is not None:
         log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
-    servicer = Servicer(host, config.max_migrations)
+    servicer = Servicer(host, config)
     notifier.status("settling the migrations the journal left unfinished")
     for outcome in servicer.recovery.startup():
         log.info(
@@ -624,7 +634,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
     notifier.ready(f"serving on {listen}" + (f" and {socket}" if socket else ""))
     while signals.next() is Signal.RELOAD:
-        _reload(host, config, reread or (lambda: config), notifier)
+        _reload(host, config, lambda: peers_mod.effective(reread() if reread else config, state_dir), notifier)
     log.info("agent %s stopping", name)
     notifier.stopping("stopping: running calls get 2 s")
     servicer.recovery.stop()

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from phaul.channels.revocation import REVOKED_FILE, format_serial, parse_serial, read_serials
+from phaul.channels.revocation import REVOKED_FILE, REVOKED_HEADER, format_serial, parse_serial, read_serials
 from phaul.errors import Conflict, InvalidInput, NotFound
 from phaul.linux.fsutil import write_atomic
 from phaul.validate import check_id
@@ -152,11 +152,7 @@ def issue(
     or that names another host of `hosts` (host name -> its addresses, from the
     hosts file), unless `force`. Records the certificate in issued.json."""
     pki_dir = Path(pki_dir)
-    check_id(name, "host name")
-    if name == CA_NAME:
-        raise InvalidInput(f"{name!r} is reserved for the CA's own files", "choose another host name")
-    ip_objs = [_parse_ip(ip) for ip in (ips or [])]
-    dns_names = [name] + [_check_dns(d) for d in (dns or []) if d != name]
+    dns_names, ip_objs = _host_names(name, ips, dns)
     ca_cert, ca_key = _load_ca(pki_dir)
     clashes = _clashes(pki_dir, name, dns_names, [str(i) for i in ip_objs], hosts or {})
     if clashes and not force:
@@ -169,32 +165,143 @@ def issue(
         log.warning("issuing %s with names of other hosts (forced): %s", name, "; ".join(clashes))
 
     key = ec.generate_private_key(ec.SECP256R1())
+    crt_path, key_path = pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
+    write_atomic(key_path, _key_pem(key), 0o600)
+    _sign(pki_dir, name, key.public_key(), dns_names, ip_objs, ca_cert, ca_key)
+    return crt_path, key_path
+
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _sign(
+    pki_dir: Path, name: str, public_key: ec.EllipticCurvePublicKey, dns_names: list[str],
+    ip_objs: list[_IP], ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+) -> bytes:
+    """Sign a host certificate for `public_key`, write NAME.crt, record it; return its PEM."""
     now = _now()
-    san: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
-    san += [x509.IPAddress(ip) for ip in dict.fromkeys(ip_objs)]
     cert = (
         _builder(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_cert.subject, key.public_key(),
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), ca_cert.subject, public_key,
             now - CLOCK_SKEW, min(now + CERT_VALIDITY, ca_cert.not_valid_after_utc), ca=False,
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_san(dns_names, ip_objs), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )
-    crt_path, key_path = pki_dir / f"{name}.crt", pki_dir / f"{name}.key"
-    write_atomic(key_path, _key_pem(key), 0o600)
-    write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    write_atomic(pki_dir / f"{name}.crt", pem, 0o644)
     _write_record(pki_dir, [*_read_record(pki_dir), _issued(cert, now)])
     log.info("issued certificate %s for %s (dns=%s ips=%s) in %s", format_serial(cert.serial_number), name,
              dns_names, [str(i) for i in ip_objs], pki_dir)
-    return crt_path, key_path
+    return pem
+
+
+def _host_names(name: str, ips: list[str] | None, dns: list[str] | None) -> tuple[list[str], list[_IP]]:
+    """(DNS names: `name` first, addresses) for a host certificate, checked."""
+    check_id(name, "host name")
+    if name == CA_NAME:
+        raise InvalidInput(f"{name!r} is reserved for the CA's own files", "choose another host name")
+    return [name] + [_check_dns(d) for d in (dns or []) if d != name], [_parse_ip(ip) for ip in (ips or [])]
+
+
+def _san(dns_names: list[str], ip_objs: list[_IP]) -> x509.SubjectAlternativeName:
+    general: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
+    return x509.SubjectAlternativeName(general + [x509.IPAddress(ip) for ip in dict.fromkeys(ip_objs)])
+
+
+def make_csr(pki_dir: Path, name: str, ips: list[str] | None = None, dns: list[str] | None = None) -> tuple[Path, Path]:
+    """On the host that will own it: a new private key NAME.key (mode 0600, never leaves
+    `pki_dir`) and a certificate signing request NAME.csr for CN=name, SAN DNS:name plus
+    `dns` and `ips`; return (csr path, key path). `sign_csr` on the CA's host issues it.
+    Replaces an earlier key and request of the same name."""
+    pki_dir = Path(pki_dir)
+    dns_names, ip_objs = _host_names(name, ips, dns)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(_san(dns_names, ip_objs), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _ensure_dir(pki_dir)
+    csr_path, key_path = pki_dir / f"{name}.csr", pki_dir / f"{name}.key"
+    write_atomic(key_path, _key_pem(key), 0o600)
+    write_atomic(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.info("made key %s and request %s for %s (dns=%s ips=%s)", key_path, csr_path, name, dns_names,
+             [str(i) for i in ip_objs])
+    return csr_path, key_path
+
+
+def sign_csr(
+    pki_dir: Path, csr_pem: bytes, *, name: str | None = None, hosts: Mapping[str, Iterable[str]] | None = None,
+    admins: Iterable[str] = ("admin",),
+) -> tuple[str, bytes]:
+    """Issue the host certificate a request (`make_csr`, from the host that holds the key)
+    asks for, signed by the CA in `pki_dir`; return (its name, the certificate's PEM) and
+    keep NAME.crt and the record beside the CA like `issue`.
+
+    A host may get only its own name: the request's CN (which must equal `name` when
+    given), DNS names that are that name or under it (NAME.example.org), and addresses
+    no other host holds. Refused (InvalidInput, nothing issued): a bad signature, a
+    wildcard, an admin's name (`admins`), the CA's name, another host's name or address
+    (another certificate in `pki_dir`, or `hosts`: name -> addresses from the hosts file)."""
+    pki_dir = Path(pki_dir)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise InvalidInput(f"not a PEM certificate signing request: {e}", "make one with `phaul pki csr NAME` on the host") from e
+    if not csr.is_signature_valid:
+        raise InvalidInput("the certificate signing request's signature is invalid", "make a new one with `phaul pki csr NAME`")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise InvalidInput("the request's key is not an EC key", "make the request with `phaul pki csr NAME`")
+    cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if len(cns) != 1:
+        raise InvalidInput(f"the request names {len(cns)} common names, not one", "make it with `phaul pki csr NAME`")
+    cn = cns[0]
+    remake = f"make a new request on the host with `phaul pki csr {name or 'NAME'}`"
+    if "*" in cn:
+        raise InvalidInput(f"the request asks for a wildcard name {cn!r}", remake)
+    check_id(cn, "host name in the request")
+    if name is not None and cn != name:
+        raise InvalidInput(f"the request is for {cn!r}, not {name!r}", remake)
+    if cn == CA_NAME or cn in set(admins):
+        raise InvalidInput(f"the request asks for {cn!r}, an admin's or the CA's name",
+                           f"a host gets its own name only; {remake}")
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    others = [g for g in san if not isinstance(g, (x509.DNSName, x509.IPAddress))]
+    if others:
+        raise InvalidInput(f"the request asks for names of other kinds: {others}", remake)
+    dns_names = [cn]
+    for d in san.get_values_for_type(x509.DNSName):
+        if "*" in d:
+            raise InvalidInput(f"the request asks for a wildcard name {d!r}", remake)
+        low = _check_dns(d).lower()
+        if low != cn.lower() and not low.startswith(cn.lower() + "."):
+            raise InvalidInput(f"the request for {cn} also asks for the name {d!r}", f"a host gets its own name only; {remake}")
+        dns_names.append(d)
+    ip_objs: list[_IP] = []
+    for ip in san.get_values_for_type(x509.IPAddress):
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            raise InvalidInput(f"the request asks for a whole network {ip}, not an address", remake)
+        ip_objs.append(ip)
+    ca_cert, ca_key = _load_ca(pki_dir)
+    clashes = _clashes(pki_dir, cn, dns_names, [str(i) for i in ip_objs], hosts or {})
+    if clashes:
+        raise InvalidInput(f"the request for {cn} names other hosts: {'; '.join(clashes)}", remake)
+    return cn, _sign(pki_dir, cn, public, dns_names, ip_objs, ca_cert, ca_key)
 
 
 def issued(pki_dir: Path) -> list[Issued]:
@@ -244,7 +351,7 @@ def revoke(pki_dir: Path, what: str) -> list[str]:
         try:
             text = path.read_text()
         except FileNotFoundError:
-            text = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
+            text = REVOKED_HEADER
         stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
         text += "".join(f"{format_serial(s)}  {n} revoked {stamp}\n" for s, n in new.items())
         write_atomic(path, text, 0o644)

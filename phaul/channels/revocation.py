@@ -30,6 +30,7 @@ from phaul.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 REVOKED_FILE = "revoked.txt"
+REVOKED_HEADER = "# phaul revocation list: one certificate serial (hex) per line; text after it is a comment\n"
 _HEX = re.compile(r"^[0-9a-f]{1,40}$")
 _CACHE_MAX = 1024  # certificates whose serial is remembered (by PEM bytes)
 

@@ -538,3 +538,21 @@ class FollowEvent(_message.Message):
     total_bytes: int
     report: Report
     def __init__(self, migration_id: _Optional[str] = ..., ct: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., total_bytes: _Optional[int] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+
+class SetPeersRequest(_message.Message):
+    __slots__ = ("peers", "revoked_serials")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SERIALS_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    revoked_serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revoked_serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetPeersReply(_message.Message):
+    __slots__ = ("peers", "revoked_added", "revoked_list")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_ADDED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_LIST_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    revoked_added: int
+    revoked_list: str
+    def __init__(self, peers: _Optional[_Iterable[str]] = ..., revoked_added: _Optional[int] = ..., revoked_list: _Optional[str] = ...) -> None: ...

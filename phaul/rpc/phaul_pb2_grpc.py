@@ -159,6 +159,11 @@ class AgentStub:
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.FollowRequest.SerializeToString,
                 response_deserializer=phaul_dot_rpc_dot_phaul__pb2.FollowEvent.FromString,
                 _registered_method=True)
+        self.SetPeers = channel.unary_unary(
+                '/phaul.v1.Agent/SetPeers',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -331,6 +336,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPeers(self, request, context):
+        """Fleet membership (phaul/agent/peers.py), CLI -> agent, admins only: `phaul host add/remove`
+        replace the agent's peers and add to its revocation list, kept across restarts, no restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -458,6 +471,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.FollowMigration,
                     request_deserializer=phaul_dot_rpc_dot_phaul__pb2.FollowRequest.FromString,
                     response_serializer=phaul_dot_rpc_dot_phaul__pb2.FollowEvent.SerializeToString,
+            ),
+            'SetPeers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeers,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1135,6 +1153,33 @@ class Agent:
             '/phaul.v1.Agent/FollowMigration',
             phaul_dot_rpc_dot_phaul__pb2.FollowRequest.SerializeToString,
             phaul_dot_rpc_dot_phaul__pb2.FollowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/SetPeers',
+            phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
             options,
             channel_credentials,
             insecure,
