@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)")
     a.add_argument("--name", required=True, help="this host's name, as in its certificate")
-    a.add_argument("--listen", required=True, metavar="ADDR:PORT", help="TCP address to serve on")
+    a.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="TCP address to serve on: IPV4:PORT, [IPV6]:PORT or NAME:PORT; 0.0.0.0 or [::] (every "
+                   "address) needs --advertise")
+    a.add_argument("--advertise", metavar="HOST[:PORT]",
+                   help="the address peers and the CLI are told to dial back (default: the --listen address; "
+                   "the port defaults to --listen's)")
     a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
     a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"),
                    help="containers, images, reports (default: /var/lib/phaul)")
@@ -393,7 +398,8 @@ def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
         return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
 
     config = AgentConfig(
-        name=args.name, listen=args.listen, state_dir=args.state_dir, creds=creds, socket=args.socket, bridge=args.bridge,
+        name=args.name, listen=args.listen, advertise=args.advertise, state_dir=args.state_dir, creds=creds,
+        socket=args.socket, bridge=args.bridge,
         cache_dir=args.cache_dir, build_netns=args.build_netns, workload_dir=args.workload_dir,
         peers=names(args.peers), admins=names(args.admins),
         revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),

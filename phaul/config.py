@@ -63,10 +63,11 @@ class AgentConfig:
     """Everything `phaul agent` runs with."""
 
     name: str  # this host's name, as in its certificate
-    listen: str  # ADDR:PORT served (mutual TLS)
+    listen: str  # HOST:PORT served (mutual TLS; phaul.endpoint)
     state_dir: Path
     creds: Credentials
     socket: Path | None = None  # also served on this unix socket, for the local CLI
+    advertise: str | None = None  # HOST[:PORT] peers dial back (None: listen; phaul.endpoint.agent_endpoints)
     bridge: str | None = None  # the bridge addressed containers are plugged into
     cache_dir: Path = Path("/var/cache/phaul/rootfs")  # built root file systems (debian template), one tarball per package set
     build_netns: Path | None = None  # network namespace template builds download in (None: the agent's)

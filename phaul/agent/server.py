@@ -36,11 +36,11 @@ from phaul.agent.host import Host
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.channels.revocation import RevocationList
-from phaul.channels.transport import parse_endpoint
 from phaul.config import AgentConfig, MigrationOptions
 from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
+from phaul.endpoint import agent_endpoints, parse_endpoint
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux import pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
@@ -203,7 +203,7 @@ class Servicer(pb_grpc.AgentServicer):
         v = criu_version(criu_path() or "")
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
-            criu_version=".".join(map(str, v)) if v else "", address=self.host.listen,
+            criu_version=".".join(map(str, v)) if v else "", address=self.host.advertised,
             bridge=self.host.bridge or "",
         )
 
@@ -334,7 +334,7 @@ class Servicer(pb_grpc.AgentServicer):
         check_id(request.migration_id, "migration ID")
         confined(self.host.incoming_dir(request.migration_id), self.host.state_dir)
         if request.source_address:
-            parse_endpoint(request.source_address)
+            parse_endpoint(request.source_address, "source address")
         config = check_config(messages.config_from_proto(request.config))
         self._ct(config.id)
         if not request.need_bytes:
@@ -418,7 +418,7 @@ class Servicer(pb_grpc.AgentServicer):
         check_id(request.dest_name, "destination host name")
         if request.dest_name not in self.host.peers:
             raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
-        parse_endpoint(request.dest_address)
+        parse_endpoint(request.dest_address, "destination address")
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
             results, _ = preflight.run(self.host, ct_id, dest, request.dest_name)
         return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
@@ -455,9 +455,11 @@ class Servicer(pb_grpc.AgentServicer):
 def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     """Run the agent with `config` until SIGTERM or SIGINT. `hook` is called at
     each step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
-    name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
+    name, creds, socket = config.name, config.creds, config.socket
     check_id(name, "host name")
-    parse_endpoint(listen)
+    bind, advertise = agent_endpoints(config.listen, config.advertise)
+    listen = str(bind)
+    bind.resolve()  # a host name that does not resolve fails here, not at the first migration
     peers, admins = config.peers, config.admins
     for n in peers | admins:
         check_id(n, "certificate name")
@@ -478,6 +480,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
         name, state_dir, creds, listen, kind, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,
         revocations=RevocationList(config.revoked) if config.revoked is not None else None,
+        advertise=str(advertise),
     )
     if host.revocations is not None:
         log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
@@ -517,7 +520,10 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     server.start()
     if socket is not None:
         socket.chmod(0o600)
-    log.info("agent %s listening on %s%s (mutual TLS), state in %s", name, listen, f" and {socket}" if socket else "", state_dir)
+    log.info(
+        "agent %s listening on %s%s (mutual TLS), advertised as %s, state in %s",
+        name, listen, f" and {socket}" if socket else "", advertise, state_dir,
+    )
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
