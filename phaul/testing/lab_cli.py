@@ -17,6 +17,9 @@ def add_commands(sub: Any) -> None:
     lsub = lab_p.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
     lu = lsub.add_parser("up", help="build the lab and start its agents (harmless if already up)")
     lu.add_argument("--subnet", help="IPv4 CIDR used inside the lab (default 10.213.0.0/24)")
+    lu.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=None,
+                    help="give the lab nodes fd00:7068::/64 addresses too and run the agents on them only "
+                    "(--no-ipv6: the IPv4 lab; default: as the running lab is, else IPv4)")
     lu.set_defaults(func=cmd_lab_up)
     ls = lsub.add_parser("status", help="show the lab")
     ls.add_argument("--json", action="store_true", help="print the lab's state as JSON")
@@ -32,7 +35,7 @@ def add_commands(sub: Any) -> None:
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
-    print(lab.up(args.subnet).to_text())
+    print(lab.up(args.subnet, ipv6=args.ipv6).to_text())
     return ExitCode.OK
 
 
