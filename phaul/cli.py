@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("name", help="the host's name (its agent's --name) or a client's (e.g. admin)")
     ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     _connection_options(ks)
-    ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
+    ks.add_argument("--ip", action="append", default=[], help="an IPv4 or IPv6 address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
     ks.add_argument("--force", action="store_true",
                     help="issue even if a name or address is another host's (another certificate here, or --hosts-file)")
