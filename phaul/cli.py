@@ -19,10 +19,11 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import ExitCode, InDoubt, InvalidInput, LinkBroken, PhaulError, ToolFailed, Unreachable
+from phaul.errors import ExitCode, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.fleet import migrate_call
+from phaul.hosts import HostEntry, HostsFile, PkiFiles, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
-from phaul.migration.report import Report, Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
@@ -35,12 +36,11 @@ START_LOG_LINES = 20  # lines of its output `ct start` shows of a command that e
 LOG_POLL = 0.5  # s: `ct logs --follow` asks for new output this often
 CREATE_TIMEOUT = 3600.0  # s: the first debian root of a package set is built during the call
 TIMEOUTS, MIGRATION = Timeouts(), MigrationOptions()  # the defaults the options show
-CONNECT_TIMEOUT = 20.0  # s: `migrate` connects before it asks, so that unreachable means "nothing started"
-IN_DOUBT_HINT = "see `phaul --host {host} migrations`, then settle it with `phaul --host {host} recover`"
 
 HOST_HELP = (
     "the agent to talk to: a name from the hosts file, before or after the command (default: $PHAUL_HOST, "
-    "else the one host whose agent socket is on this machine, else alpha)"
+    "else the agent serving /run/phaul/agent.sock ($PHAUL_AGENT_SOCKET) here, else the one host of the hosts file "
+    "whose agent socket is on this machine, else alpha)"
 )
 HOST_ENV = "PHAUL_HOST"
 HOSTS_FILE_HELP = "hosts file (default: $PHAUL_HOSTS_FILE, the lab's, /etc/phaul/hosts.json)"
@@ -88,10 +88,7 @@ host already runs its most migrations at once): try again later.
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else (logging.INFO if args.command == "agent" else logging.WARNING),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s" if args.command == "agent" else "%(levelname)s: %(message)s",
-    )
+    _setup_logging(args)
     if not hasattr(args, "func"):
         parser.print_help()
         return ExitCode.REFUSED
@@ -105,6 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _setup_logging(args: argparse.Namespace) -> None:
+    """The agent logs at INFO, with timestamps or journald's priorities (phaul.agent.journald); the rest warnings."""
+    if args.command != "agent":
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+        return
+    from phaul.agent import journald
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(journald.formatter(sys.stderr))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phaul", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"phaul {__version__}")
@@ -115,45 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. `phaul lab` (phaul.testing.lab_cli)
         plugin.load()(sub)
 
-    a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)")
-    a.add_argument("--name", required=True, help="this host's name, as in its certificate")
-    a.add_argument("--listen", required=True, metavar="HOST:PORT",
-                   help="TCP address to serve on: IPV4:PORT, [IPV6]:PORT or NAME:PORT; 0.0.0.0 or [::] (every "
-                   "address) needs --advertise")
-    a.add_argument("--advertise", metavar="HOST[:PORT]",
-                   help="the address peers and the CLI are told to dial back (default: the --listen address; "
-                   "the port defaults to --listen's)")
-    a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
-    a.add_argument("--state-dir", type=Path, default=Path("/var/lib/phaul"),
-                   help="containers, images, reports (default: /var/lib/phaul)")
-    a.add_argument("--cert", type=Path, required=True, help="this host's certificate")
-    a.add_argument("--key", type=Path, required=True, help="its private key")
-    a.add_argument("--ca", type=Path, required=True, help="the CA that signs every host and client")
-    a.add_argument("--peers", default="", help="comma-separated names of the hosts this one migrates to and from")
-    a.add_argument("--admins", default="", help="comma-separated certificate names of the clients that manage this agent")
-    a.add_argument("--gate-timeout", type=float, default=TIMEOUTS.gate, metavar="S",
-                   help="longest time a dumped container is held frozen without a decision before it resumes "
-                   f"(default {TIMEOUTS.gate:g})")
-    a.add_argument("--link-timeout", type=float, default=TIMEOUTS.link, metavar="S",
-                   help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
-    a.add_argument("--resolve-interval", type=float, default=TIMEOUTS.resolve_interval, metavar="S",
-                   help="retry settling unfinished migrations this often; 0: only at start-up "
-                   f"(default {TIMEOUTS.resolve_interval:g})")
-    a.add_argument("--revoked", type=Path, metavar="FILE",
-                   help="the revocation list of certificate serials to refuse, re-read when it changes "
-                        "(default: revoked.txt beside --cert when the certificate lives beside --ca)")
-    a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
-    a.add_argument("--cache-dir", type=Path, default=Path("/var/cache/phaul/rootfs"),
-                   help="where built root file systems are kept, one tarball per package set "
-                        "(default: /var/cache/phaul/rootfs)")
-    a.add_argument("--build-netns", type=Path, metavar="PATH",
-                   help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
-                        "(default: the agent's own)")
-    a.add_argument("--workload-dir", type=Path, metavar="DIR",
-                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
-                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
-                        "/usr/local/lib/phaul/workloads)")
-    a.set_defaults(func=cmd_agent)
+    _agent_parser(sub)
 
     k = sub.add_parser("pki", help="make a CA and host certificates")
     ksub = k.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
@@ -265,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ck = sub.add_parser(
         "check", help="preflight: could --host move container ID to HOST? (pass, warning, failure)",
-        description="Run every check `migrate` runs first, without migrating, and print each as PASS, WARNING "
-        "or FAILURE with its reason. Checks: " + ", ".join(CHECKS) + ". `migrate` refuses on a FAILURE unless "
+        description="Run every check `migrate` runs first, without migrating, and print each as pass, warning "
+        "or failure (the words of `phaul doctor`) with its reason. Checks: " + ", ".join(CHECKS) + ". `migrate` "
+        "refuses on a failure unless "
         "given `--force CHECK` for that check. Exit status: 0 no failure, 1 a failure, 2 bad input.",
     )
     ck.add_argument("id", help="the container")
@@ -294,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(r)
     r.set_defaults(func=cmd_recover)
 
+    _evacuate_parser(sub)
     co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print a completion script for phaul's commands and options. "
                         "bash: phaul completion bash > /etc/bash_completion.d/phaul; "
@@ -301,6 +274,106 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
     co.set_defaults(func=cmd_completion)
     return p
+
+
+def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "evacuate", help="move every container off HOST (maintenance)",
+        description="Move every running container off HOST to the other hosts of the hosts file (or --to). "
+        "Unsettled migrations of HOST are settled first (`phaul recover`). Each container goes where its "
+        "preflight passes, to the destination with the most memory left after the containers' declared "
+        "limits; smallest first. A container that cannot move stays running where it is and is named with "
+        "the reason. Interrupted (Ctrl-C), no more migrations start and those under way finish; run it "
+        "again to move what is left.",
+        epilog="exit status: 0 every container moved (--dry-run: every one has a destination); 1 some did "
+        "not move (they still run on HOST); 2 bad input; 3 some are in doubt: run `phaul recover`.",
+    )
+    e.add_argument("source", metavar="HOST", help="the host to empty")
+    e.add_argument("--to", default="", metavar="HOST[,HOST]",
+                   help="the destinations to use (default: every other host in the hosts file)")
+    e.add_argument("--parallel", type=int, metavar="N",
+                   help="migrations at once (default: one per destination in the plan, so that no destination "
+                   "restores two containers at once)")
+    e.add_argument("--dry-run", action="store_true", help="print the plan (container, destination, why) and change nothing")
+    e.add_argument("--method", choices=choice.REQUESTS, default="auto", help="the memory method of every migration")
+    e.add_argument("--json", action="store_true", help="print only the outcome, as JSON")
+    _connection_options(e)
+    e.set_defaults(func=cmd_evacuate)
+
+
+AGENT_DESCRIPTION = """\
+Run this host's agent (mutual TLS only).
+
+Configuration: --config FILE (TOML; the format is in phaul/agent/config.py); without
+--config, /etc/phaul/agent.toml when it exists and --name is not given; else the
+flags alone (--name, --listen, --cert, --key and --ca are then required). Every flag
+given overrides the file. An agent run from a file also serves the local CLI on
+/run/phaul/agent.sock unless the file says `socket = ""`.
+
+Under systemd (`phaul agent install-unit`), the agent reports ready, reloading and
+stopping (Type=notify), logs with journald's priorities, and on SIGHUP (`systemctl
+reload phaul-agent`) re-reads peers, admins and the revocation list from its file
+without dropping a connection or a migration.
+"""
+
+
+def _agent_parser(sub: argparse._SubParsersAction) -> None:
+    """`phaul agent [flags]` and `phaul agent install-unit`."""
+    a = sub.add_parser("agent", help="run this host's agent (mutual TLS only)", description=AGENT_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--config", type=Path, metavar="FILE",
+                   help="the agent's TOML configuration (default: /etc/phaul/agent.toml when it exists and no --name)")
+    a.add_argument("--name", help="this host's name, as in its certificate")
+    a.add_argument("--listen", metavar="HOST:PORT",
+                   help="TCP address to serve on: IPV4:PORT, [IPV6]:PORT or NAME:PORT; 0.0.0.0 or [::] (every "
+                   "address) needs --advertise")
+    a.add_argument("--advertise", metavar="HOST[:PORT]",
+                   help="the address peers and the CLI are told to dial back (default: the --listen address; "
+                   "the port defaults to --listen's)")
+    a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
+    a.add_argument("--state-dir", type=Path, help="containers, images, reports (default: /var/lib/phaul)")
+    a.add_argument("--cert", type=Path, help="this host's certificate")
+    a.add_argument("--key", type=Path, help="its private key")
+    a.add_argument("--ca", type=Path, help="the CA that signs every host and client")
+    a.add_argument("--peers", help="comma-separated names of the hosts this one migrates to and from")
+    a.add_argument("--admins", help="comma-separated certificate names of the clients that manage this agent")
+    a.add_argument("--gate-timeout", type=float, metavar="S",
+                   help="longest time a dumped container is held frozen without a decision before it resumes "
+                   f"(default {TIMEOUTS.gate:g})")
+    a.add_argument("--link-timeout", type=float, metavar="S",
+                   help=f"a data channel that moves nothing this long fails the migration (default {TIMEOUTS.link:g})")
+    a.add_argument("--resolve-interval", type=float, metavar="S",
+                   help="retry settling unfinished migrations this often; 0: only at start-up "
+                   f"(default {TIMEOUTS.resolve_interval:g})")
+    a.add_argument("--revoked", type=Path, metavar="FILE",
+                   help="the revocation list of certificate serials to refuse, re-read when it changes "
+                        "(default: revoked.txt beside --cert when the certificate lives beside --ca)")
+    a.add_argument("--bridge", help="the bridge on the containers' segment: containers with --ip are plugged into it")
+    a.add_argument("--cache-dir", type=Path,
+                   help="where built root file systems are kept, one tarball per package set "
+                        "(default: /var/cache/phaul/rootfs)")
+    a.add_argument("--build-netns", type=Path, metavar="PATH",
+                   help="network namespace (e.g. /proc/1/ns/net) the debian template's downloads run in "
+                        "(default: the agent's own)")
+    a.add_argument("--workload-dir", type=Path, metavar="DIR",
+                   help="the project's workload programs (built with `make -C workloads`) that templates add to new "
+                        "containers (default: $PHAUL_WORKLOAD_DIR, the checkout's workloads/bin, "
+                        "/usr/local/lib/phaul/workloads)")
+    a.set_defaults(func=cmd_agent)
+    asub = a.add_subparsers(dest="agent_command", metavar="[install-unit]",
+                            help="install-unit: write the agent's systemd unit; without it, the agent runs")
+    iu = asub.add_parser(
+        "install-unit", help="write the systemd unit that runs this agent (phaul-agent.service)",
+        description="Write a systemd unit (Type=notify, restart on failure, reload by SIGHUP) whose ExecStart is "
+        "this phaul with `agent --config FILE`. The agent's helpers outlive a restart (KillMode=process); "
+        "phaul/agent/unit.py says why each setting is so.",
+    )
+    iu.add_argument("--config", dest="unit_config", type=Path, metavar="FILE",
+                    help="the configuration the unit's agent reads (default: /etc/phaul/agent.toml)")
+    iu.add_argument("--output", type=Path, metavar="PATH",
+                    help="where to write the unit (default: /etc/systemd/system/phaul-agent.service)")
+    iu.add_argument("--enable", action="store_true", help="then `systemctl daemon-reload` and `enable --now` it")
+    iu.set_defaults(func=cmd_agent_install_unit)
 
 
 def _connection_options(parser: argparse.ArgumentParser) -> None:
@@ -335,38 +408,75 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 # -- connections -------------------------------------------------------------------
 
 
-def _hosts(args: argparse.Namespace):  # -> HostsFile
-    from phaul.hosts import read_hosts
-
+def _hosts(args: argparse.Namespace) -> HostsFile:
     return read_hosts(args.hosts_file)
 
 
+def _hosts_if_any(args: argparse.Namespace):  # -> HostsFile | None
+    """The hosts file; None when none was named and none exists (a host with only its local agent)."""
+    from phaul.hosts import HOSTS_FILE_ENV
+
+    try:
+        return _hosts(args)
+    except NotFound:
+        if args.hosts_file is not None or os.environ.get(HOSTS_FILE_ENV):
+            raise
+        return None
+
+
 def _host(args: argparse.Namespace) -> str:
-    """The agent --host names; without --host: $PHAUL_HOST, else the only host of the hosts file
-    whose agent socket is on this machine, else alpha (the lab's). Stored back in args.host."""
+    """The agent --host names; without --host: $PHAUL_HOST, else the local agent (its socket,
+    phaul.local_agent), else the only host of the hosts file whose agent socket is on this
+    machine, else alpha (the lab's). Stored back in args.host."""
     if args.host is None:
-        hosts = _hosts(args)
-        local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
-        args.host = os.environ.get(HOST_ENV) or (local[0] if len(local) == 1 else "alpha")
-        if args.host not in hosts.hosts:
-            raise InvalidInput(
-                f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
-                f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
-            )
+        args.host = os.environ.get(HOST_ENV) or _default_host(args)
     return str(check_id(args.host, "host name"))
 
 
+def _default_host(args: argparse.Namespace) -> str:
+    from phaul.local_agent import find_local_agent
+
+    hosts = _hosts_if_any(args)
+    local_agent = find_local_agent(hosts)
+    if local_agent is not None:
+        return local_agent.name
+    if hosts is None:
+        hosts = _hosts(args)  # no local agent and no hosts file: say so
+    local = sorted(h.name for h in hosts.hosts.values() if h.socket is not None and h.socket.exists())
+    name = local[0] if len(local) == 1 else "alpha"
+    if name not in hosts.hosts:
+        raise InvalidInput(
+            f"no --host given, and {'the local agents are ' + ', '.join(local) if local else 'no agent socket is here'}",
+            f"name the agent: --host NAME (known: {', '.join(sorted(hosts.hosts)) or 'none'}) or ${HOST_ENV}=NAME",
+        )
+    return name
+
+
 def _agent(args: argparse.Namespace) -> Agent:
-    hosts = _hosts(args)
-    entry = hosts.host(_host(args))
-    for what, path in (("certificate", hosts.pki.cert), ("key", hosts.pki.key), ("CA certificate", hosts.pki.ca)):
+    from phaul.local_agent import DEFAULT_PKI, find_local_agent
+
+    hosts = _hosts_if_any(args)
+    name = _host(args)
+    entry = hosts.hosts.get(name) if hosts is not None else None
+    if entry is None:
+        local_agent = find_local_agent(hosts)
+        entry = local_agent if local_agent is not None and local_agent.name == name else _hosts(args).host(name)
+    if hosts is None:
+        return _connect(DEFAULT_PKI, entry, "the default without a hosts file")
+    return _connect(hosts.pki, entry, f"the \"pki\" section of {hosts.path}")
+
+
+def _connect(files: PkiFiles, entry: HostEntry, where: str) -> Agent:
+    """A connection to `entry`'s agent (its local socket when here) with the CLI's credentials
+    `files` (`where` says where they were named)."""
+    for what, path in (("certificate", files.cert), ("key", files.key), ("CA certificate", files.ca)):
         if not path.is_file():
             raise InvalidInput(
-                f"the CLI's {what} {path} (the \"pki\" section of {hosts.path}) does not exist",
+                f"the CLI's {what} {path} ({where}) does not exist",
                 "issue the CLI's certificate with `phaul pki issue admin` on the CA's host, copy admin.crt, admin.key and "
                 "ca.crt here and name them in the hosts file's \"pki\" section",
             )
-    creds = Credentials("admin", hosts.pki.cert, hosts.pki.key, hosts.pki.ca)
+    creds = Credentials("admin", files.cert, files.key, files.ca)
     target = f"unix:{entry.socket}" if entry.socket and entry.socket.exists() else entry.address
     try:
         return connect(target, entry.name, creds)
@@ -388,24 +498,56 @@ def _command(rest: list[str], what: str) -> list[str]:
 def cmd_agent(args: argparse.Namespace, hook: StepHook = NO_HOOK) -> int:
     """Run the agent; `hook` is called at its migrations' step boundaries (a test agent plugs one in)."""
     from phaul.agent.server import serve
-    from phaul.channels.revocation import default_list
 
-    creds = Credentials(check_id(args.name, "host name"), args.cert, args.key, args.ca)
-    for path in (args.cert, args.key, args.ca):
-        if not path.is_file():
-            raise InvalidInput(f"{path} does not exist", "make certificates with `phaul pki init` and `phaul pki issue NAME`")
-    def names(text: str) -> frozenset[str]:
-        return frozenset(check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip())
+    serve(agent_config(args), hook, reread=lambda: agent_config(args))  # SIGHUP reads the file (and flags) again
+    return ExitCode.OK
 
-    config = AgentConfig(
-        name=args.name, listen=args.listen, advertise=args.advertise, state_dir=args.state_dir, creds=creds,
-        socket=args.socket, bridge=args.bridge,
-        cache_dir=args.cache_dir, build_netns=args.build_netns, workload_dir=args.workload_dir,
-        peers=names(args.peers), admins=names(args.admins),
-        revoked=args.revoked if args.revoked is not None else default_list(args.cert, args.ca),
-        timeouts=Timeouts(gate=args.gate_timeout, link=args.link_timeout, resolve_interval=args.resolve_interval),
-    )
-    serve(config, hook)
+
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's configuration: --config FILE, else /etc/phaul/agent.toml when it exists and
+    --name is not given, else the flags alone; the flags given override the file."""
+    from phaul.agent.config import DEFAULT_CONFIG, config_from, load_config
+
+    overrides = _agent_overrides(args)
+    path = args.config or (DEFAULT_CONFIG if args.name is None and DEFAULT_CONFIG.exists() else None)
+    config = load_config(path, overrides) if path is not None else config_from(overrides, "the command line")
+    for what, file in (("certificate", config.creds.cert), ("key", config.creds.key), ("CA certificate", config.creds.ca)):
+        if not file.is_file():
+            raise InvalidInput(f"the agent's {what} {file} does not exist",
+                               "make certificates with `phaul pki init` and `phaul pki issue NAME`")
+    return config
+
+
+def _agent_overrides(args: argparse.Namespace) -> dict:
+    """The `phaul agent` flags given, in the configuration file's shape (phaul.agent.config)."""
+    def names(text: str) -> list[str]:
+        return [check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip()]
+
+    top = {
+        "name": args.name, "listen": args.listen, "advertise": args.advertise, "socket": args.socket, "state_dir": args.state_dir,
+        "cache_dir": args.cache_dir, "bridge": args.bridge, "build_netns": args.build_netns,
+        "workload_dir": args.workload_dir, "revoked": args.revoked,
+        "peers": names(args.peers) if args.peers is not None else None,
+        "admins": names(args.admins) if args.admins is not None else None,
+    }
+    tables = {
+        "tls": {"cert": args.cert, "key": args.key, "ca": args.ca},
+        "timeouts": {"gate": args.gate_timeout, "link": args.link_timeout, "resolve_interval": args.resolve_interval},
+    }
+    out: dict = {k: v for k, v in top.items() if v is not None}
+    out.update({t: {k: v for k, v in values.items() if v is not None} for t, values in tables.items()})
+    return out
+
+
+def cmd_agent_install_unit(args: argparse.Namespace) -> int:
+    from phaul.agent.config import DEFAULT_CONFIG, load_config
+    from phaul.agent.unit import DEFAULT_UNIT_PATH, install_unit, phaul_command, render_unit
+
+    config = (args.unit_config or DEFAULT_CONFIG).absolute()
+    load_config(config)  # a unit for a file the agent would refuse would only fail to start
+    output_path = args.output or DEFAULT_UNIT_PATH
+    install_unit(render_unit(phaul_command(), config), output_path, enable=args.enable)
+    print(f"{output_path}" + (" (enabled and started)" if args.enable else ""))
     return ExitCode.OK
 
 
@@ -595,48 +737,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         force=list(check_force(args.force)),
     )
     show_progress = not args.json and sys.stderr.isatty()
-    report: Report | None = None
     with _agent(args) as agent:
-        agent.wait_ready(CONNECT_TIMEOUT)  # unreachable: nothing was asked, exit 2
-        started = False
-        try:
-            for event in agent.stream("Migrate", request):
-                started = True  # the agent sends events only once the migration runs
-                if event.HasField("progress") and show_progress:
-                    print(progress_line(event.progress), file=sys.stderr, flush=True)
-                elif event.HasField("report"):
-                    report = messages.report_from_proto(event.report)
-        except PhaulError as e:
-            if started or not agent_decided(e):
-                raise InDoubt(f"the migration of {args.id} to {dest.name} may have started, and its stream broke: {e.message}",
-                              IN_DOUBT_HINT.format(host=args.host)) from e
-            raise  # the agent refused it before anything changed (or is busy)
-    if report is None:
-        raise InDoubt(f"the agent on {args.host} ended the migration of {args.id} without a report",
-                      IN_DOUBT_HINT.format(host=args.host))
+        report = migrate_call.run(agent, request, args.host, _print_progress if show_progress else None,
+                                  None if args.json else _print_started)  # --json: the report carries the ID
     print(output.dumps(output.report(report)) if args.json else report.to_table())
-    return migration_exit_code(report)
+    return migrate_call.exit_code(report)
 
 
-def agent_decided(err: PhaulError) -> bool:
-    """Whether `err` is the agent's own answer (it refused, or is busy) rather than a broken call."""
-    return not isinstance(err, LinkBroken | Unreachable) and type(err) is not PhaulError
+def _print_progress(p: pb.Progress) -> None:
+    print(migrate_call.progress_line(p), file=sys.stderr, flush=True)
 
 
-def migration_exit_code(report: Report) -> ExitCode:
-    """ok: 0; rolled back or failed (the report says where the container is): 1; in doubt: 3."""
-    return {Result.OK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
+def _print_started(migration_id: str) -> None:
+    print(f"migration {migration_id}", flush=True)
 
 
-def progress_line(p: pb.Progress) -> str:
-    """One line of live progress; pre-copy rounds show their figures."""
-    if p.phase == "precopy" and p.round:
-        dirty = f"{p.dirty_rate / (1 << 20):6.1f} MiB/s" if p.dirty_rate else f"{'-':>11}"
-        return (
-            f"  round {p.round:<3} sent {p.bytes_sent / (1 << 20):8.1f} MiB at {p.rate / (1 << 20):6.1f} MiB/s"
-            f"  dirty {dirty}  predicted freeze {p.predicted_frozen_ms:6.0f} ms  {p.message}"
-        )
-    return f"  {p.phase:<11} {p.message}"
+def _print_ct_progress(ct: str, p: pb.Progress) -> None:
+    print(f"{ct}: {migrate_call.progress_line(p).strip()}", file=sys.stderr, flush=True)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -697,6 +814,31 @@ def cmd_recover(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_evacuate(args: argparse.Namespace) -> int:
+    from phaul.fleet.evacuate import EvacuationOptions, Evacuator
+    from phaul.fleet.inventory import HostsFileInventory
+
+    hosts = _hosts(args)
+    if args.parallel is not None and args.parallel < 1:
+        raise InvalidInput(f"--parallel {args.parallel} is below 1", "give 1 or more migrations at once")
+    opts = EvacuationOptions(
+        source=check_id(args.source, "host name"),
+        to=tuple(check_id(n.strip(), "host name") for n in args.to.split(",") if n.strip()),
+        parallel=args.parallel, dry_run=args.dry_run, request=pb.MigrateRequest(
+            method=args.method, max_rounds=MIGRATION.max_rounds, max_downtime_ms=MIGRATION.max_downtime_ms
+        ),
+    )
+    where = f"the \"pki\" section of {hosts.path}"
+    evacuator = Evacuator(HostsFileInventory(hosts), lambda entry: _connect(hosts.pki, entry, where),
+                          lambda line: print(line, file=sys.stderr, flush=True))
+    evacuation = evacuator.plan(opts)
+    if not args.dry_run:
+        tty = sys.stderr.isatty() and not args.json
+        evacuator.run(evacuation, opts, _print_ct_progress if tty else None)
+    print(output.dumps(output.evacuation(evacuation)) if args.json else evacuation.to_table())
+    return evacuation.exit_code()
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     hosts = _hosts(args)
     dest = hosts.host(check_id(args.dest, "destination host name"))
@@ -710,7 +852,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{'CHECK':<10} {'HOST':<10} {'STATUS':<8} REASON")
         for r in rows:
-            print(f"{r['name']:<10} {r['host']:<10} {r['status'].upper():<8} {r['message']}")
+            print(f"{r['name']:<10} {r['host']:<10} {r['status']:<8} {r['message']}")
         failed = sorted({r["name"] for r in rows if r["status"] == "failure"})
         print(f"{args.id} can move to {dest.name}" if not failed else
               f"{args.id} cannot move to {dest.name}: {', '.join(failed)} failed (`migrate --force CHECK` overrides one)")

@@ -60,14 +60,14 @@ class MigrationOptions:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything `phaul agent` runs with."""
+    """Everything `phaul agent` runs with: from its flags, or from agent.toml
+    (phaul.agent.config) with the flags given overriding the file."""
 
     name: str  # this host's name, as in its certificate
     listen: str  # HOST:PORT served (mutual TLS; phaul.endpoint)
     state_dir: Path
     creds: Credentials
     socket: Path | None = None  # also served on this unix socket, for the local CLI
-    advertise: str | None = None  # HOST[:PORT] peers dial back (None: listen; phaul.endpoint.agent_endpoints)
     bridge: str | None = None  # the bridge addressed containers are plugged into
     cache_dir: Path = Path("/var/cache/phaul/rootfs")  # built root file systems (debian template), one tarball per package set
     build_netns: Path | None = None  # network namespace template builds download in (None: the agent's)
@@ -78,3 +78,4 @@ class AgentConfig:
     max_migrations: int = 4  # outgoing migrations at once
     revoked: Path | None = None  # revocation list (phaul.channels.revocation): callers with these serials are refused
     limits: Limits = field(default_factory=Limits)
+    advertise: str | None = None  # HOST[:PORT] peers dial back (None: listen; phaul.endpoint.agent_endpoints)

@@ -176,9 +176,9 @@ def agent_endpoints(
         if bind.is_wildcard:
             raise InvalidInput(
                 f"{listen_what} {bind} is every address of this host, which peers cannot dial back",
-                f"add {advertise_what} with the address peers reach this host at, e.g. {advertise_what} "
+                f"add {advertise_what} (the address peers reach this host at, e.g. "
                 + ("[fd00:7068::11]" if bind.kind is HostKind.IPV6 else "10.213.0.11")
-                + ", or listen on that address",
+                + "), or listen on that address",
             )
         return bind, bind
     told = parse_endpoint(advertise, advertise_what, default_port=bind.port)

@@ -20,6 +20,7 @@ from phaul.errors import PhaulError
 
 if TYPE_CHECKING:
     from phaul.containers import ContainerInfo
+    from phaul.fleet.evacuate import Evacuation
     from phaul.linux.doctor import Check
     from phaul.migration.report import Report
 
@@ -29,6 +30,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCHEMAS = {
     "migrate": "report", "ct list": "containers", "pki list": "certificates", "doctor": "doctor", "check": "checks",
     "migrations": "migrations", "recover": "outcomes", "lab status": "lab-status", "error": "error",
+    "evacuate": "evacuation",
 }  # fmt: skip
 
 Document = dict[str, Any]
@@ -103,3 +105,12 @@ def outcomes(items: Iterable[Any]) -> Document:
 def lab_status(status: dict[str, Any]) -> Document:
     """`phaul lab status --json` (schema: lab-status); `status` from phaul.testing.lab's LabStatus.to_dict."""
     return _doc(**status)
+
+
+def evacuation(e: Evacuation) -> Document:
+    """`phaul evacuate --json` (schema: evacuation)."""
+    return _doc(source=e.source, dry_run=e.dry_run, parallel=e.parallel, exit_code=int(e.exit_code()), containers=[
+        {"ct": r.ct, "destination": r.dest, "outcome": r.outcome.value, "reason": r.reason, "migration_id": r.migration_id,
+         "pause_longest_ms": r.pause_longest_ms, "pause_total_ms": r.pause_total_ms, "bytes_sent": r.bytes_sent}
+        for r in e.rows
+    ])  # fmt: skip

@@ -88,10 +88,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextmanager
 def running_agent(
     d: Path, name: str, creds: dict[str, Credentials], peers: list[str], admins: list[str], *extra: str,
-    host: str = "127.0.0.1",
+    config: Path | None = None, env: dict[str, str] | None = None, host: str = "127.0.0.1",
 ) -> Iterator[RunningAgent]:
-    """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards;
-    `host`: the --listen host (an IPv6 address in brackets, or a host name)."""
+    """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards.
+    With `config`, the agent reads its name, certificates, peers and admins from that file
+    (`peers` and `admins` are then unused) and gets only the test's addresses and directories
+    as flags. `env` is added to its environment. `host`: the --listen host (an IPv6 address
+    in brackets, or a host name)."""
     state, canary, cwd = d / "state", d / "canary", d / "cwd"
     for p in (state, canary / "sub", cwd):
         p.mkdir(parents=True, exist_ok=True)
@@ -99,12 +102,13 @@ def running_agent(
     port = free_port(host.strip("[]") if host.startswith("[") else "127.0.0.1")
     sock = d / "agent.sock"
     me = creds[name]
-    cmd = [
-        sys.executable, "-m", "phaul", "agent", "--name", name, "--listen", f"{host}:{port}", "--socket", str(sock),
-        "--state-dir", str(state), "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
-        "--peers", ",".join(peers), "--admins", ",".join(admins), "--resolve-interval", "0", *extra,
+    where = ["--listen", f"{host}:{port}", "--socket", str(sock), "--state-dir", str(state), "--resolve-interval", "0"]
+    who = ["--config", str(config)] if config is not None else [
+        "--name", name, "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
+        "--peers", ",".join(peers), "--admins", ",".join(admins),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "phaul", "agent", *who, *where, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     log = open(d / "agent.log", "wb")
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 20

@@ -139,13 +139,13 @@ def take_down_any_lab() -> None:
     a killed run) is taken down, with a warning, before the tests build theirs."""
     from phaul.testing import lab as lab_mod
 
-    if not set(_netns()) & set(lab_mod.LAB_NAMESPACES):
+    if not set(_netns()) & set(lab_mod.ALL_NAMESPACES):
         return
     owner = lab_mod._owner()
     warnings.warn(f"taking down the lab left up in {owner or 'an unknown directory'}")
     lab_mod.down(Path(owner) if owner else TEST_LAB_DIR)
-    if set(_netns()) & set(lab_mod.LAB_NAMESPACES):  # its directory is gone: remove what remains
-        for ns in lab_mod.LAB_NAMESPACES:
+    if set(_netns()) & set(lab_mod.ALL_NAMESPACES):  # its directory is gone: remove what remains
+        for ns in lab_mod.ALL_NAMESPACES:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 

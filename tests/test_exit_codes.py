@@ -166,3 +166,26 @@ def test_migrate_in_doubt_without_json_names_recover(
     assert cli.main(["--hosts-file", str(_hosts_file(tmp_path)), "--host", "alpha", "migrate", "web", "beta"]) == 3
     err = capsys.readouterr().err
     assert "may have started" in err and "phaul --host alpha recover" in err
+
+
+def _started() -> pb.MigrateEvent:
+    return pb.MigrateEvent(started=pb.Started(migration_id="m-1"))
+
+
+def test_migrate_prints_its_id_before_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--hosts-file", str(_hosts_file(tmp_path)), "--host", "alpha", "migrate", "web", "beta"]
+    monkeypatch.setattr(cli, "_agent", lambda args: _Agent([_started(), _progress(), _report(Result.OK)], None, True))
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "migration m-1" and "m-1" in out.splitlines()[1]  # then the report's table
+    assert cli.main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["migration_id"] == "m-1" and err == ""  # stdout: the report alone, which carries it
+    monkeypatch.setattr(cli, "_agent", lambda args: _Agent([_started(), _progress()], Unreachable("Socket closed"), True))
+    assert cli.main([*argv, "--json"]) == 3
+    out, err = capsys.readouterr()
+    shown = json.loads(err)
+    assert out == "" and "migration m-1 to beta may have started" in shown["error"]
+    assert "`phaul --host alpha recover m-1`" in shown["hint"]

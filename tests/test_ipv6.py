@@ -308,7 +308,7 @@ def test_ipv6_only_agents_migrate_a_container(clean_lab6: Lab) -> None:
         report = lab.migrate("six", src, dst)
         assert report["result"] == "ok" and report["bytes_sent"] > 0, report
         assert lab.counter(dst, "six") >= before  # the shell's memory came along: not restarted
-        wait_for(lambda d=dst: lab.counter(d, "six") > before + 2, what=f"the counter to go on on {dst}")
+        wait_for(lambda d=dst, b=before: lab.counter(d, "six") > b + 2, what=f"the counter to go on on {dst}")
         assert _verify_memory(lab, dst, "six").startswith("ok pages=16384")
         assert lab.ct_list(src) == []
         # the destination's journal holds the source's IPv6 address, for recovery's dial-back

@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from phaul import cli, output
+from phaul.fleet import migrate_call
 from phaul.channels import messages, pki
 from phaul.checks import CheckResult, CheckState
 from phaul.containers import ContainerInfo
@@ -147,7 +148,7 @@ def test_migrate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
     rc, out, _ = _run(monkeypatch, capsys, hosts_file, _Agent({}, events), "--host", "alpha", "migrate", report.ct,
                       "beta", "--json")
     shown = check("report", out)
-    assert rc == cli.migration_exit_code(report) and shown["result"] == report.result
+    assert rc == migrate_call.exit_code(report) and shown["result"] == report.result
     assert shown["pauses_ms"] == report.pauses_ms
 
 

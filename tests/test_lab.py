@@ -66,12 +66,13 @@ def mounts_under(d: Path) -> list[str]:
 
 
 def assert_all_gone(d: Path) -> None:
-    assert not netns_names() & set(lab.LAB_NAMESPACES)
+    assert not netns_names() & set(lab.ALL_NAMESPACES)
     assert not {n for n in root_links() if n.startswith(lab.VETH_PREFIX)}
     assert not mounts_under(d)
     assert not d.exists()
     assert not [p for root in ("/sys/fs/cgroup",) for p in Path(root).glob("*/phaul-alpha")]
     assert not [p for p in Path("/sys/fs/cgroup").glob("*/phaul-beta")]
+    assert not [p for p in Path("/sys/fs/cgroup").glob("*/phaul-gamma")]
 
 
 @pytest.fixture
@@ -367,6 +368,79 @@ def test_up_starts_agents_and_down_stops_them(lab_dir: Path) -> None:
     assert all(pids.values())
     again = lab.up()
     assert {n: h.agent_pid for n, h in again.hosts.items()} == pids  # nothing restarted
+    lab.down()
+    for pid in pids.values():
+        assert procfs.state(pid) in (None, "Z")
+    assert_all_gone(lab_dir)
+
+
+# --- the third host, gamma -------------------------------------------------------------------
+
+GAMMA = "10.213.7.13"
+
+
+def test_gamma_address_and_shape() -> None:
+    assert lab.host_address(SUBNET, "gamma") == GAMMA
+    assert lab.container_address(SUBNET, 0) == "10.213.7.50"  # containers stay from .50
+    with pytest.raises(Conflict, match="no room for gamma"):
+        lab.host_address("10.213.7.16/28", "gamma")
+    with pytest.raises(InvalidInput, match="delta"):
+        lab.up(SUBNET, hosts=("alpha", "beta", "delta"), start_agents=False)
+    with pytest.raises(InvalidInput, match="both full and bare"):
+        lab.up(SUBNET, hosts=("alpha", "beta", "gamma"), bare=("gamma",), start_agents=False)
+    with pytest.raises(InvalidInput, match="always has beta"):
+        lab.up(SUBNET, hosts=("alpha",), start_agents=False)
+
+
+def test_bare_gamma_added_and_removed(lab_dir: Path) -> None:
+    """A bare gamma joins a running default lab without rebuilding it: network, address and
+    state directory, no certificate, no agent, not in hosts.json; `up()` without it removes it."""
+    lab.up(SUBNET, start_agents=False)
+    assert "phaul-gamma" not in netns_names()  # the default lab is as before
+    index = ns_link("phaul-beta", "br0")["ifindex"]
+    st = lab.up(SUBNET, bare=("gamma",), start_agents=False)
+    assert st.network_up and st.bare == ["gamma"] and "gamma" not in st.hosts, st.to_text()
+    assert ns_link("phaul-beta", "br0")["ifindex"] == index  # alpha and beta were not rebuilt
+    assert ns_link("phaul-gamma", "br0")["address"] == lab.BRIDGE_MAC["gamma"]
+    assert ping("phaul-gamma", ALPHA) and ping("phaul-client", GAMMA)
+    assert (lab_dir / "hosts" / "gamma").is_dir()
+    assert not (lab_dir / "pki" / "gamma.crt").exists()
+    assert "gamma" not in hosts.read_hosts().hosts
+    assert lab.exec_in("gamma", ["true"]) == 0
+
+    sleeper = subprocess.Popen(["nsenter", "--net=/run/netns/phaul-gamma", "--", "sleep", "600"], start_new_session=True)
+    st = lab.up(SUBNET, start_agents=False)  # gamma not asked for: removed, the rest kept
+    sleeper.wait(timeout=5)
+    assert sleeper.returncode == -9
+    assert st.network_up and st.bare == [] and "phaul-gamma" not in netns_names()
+    assert "phl-gamma-sw" not in {link["ifname"] for link in json.loads(subprocess.run(
+        ["ip", "-j", "-n", "phaul-sw", "link", "show"], capture_output=True, text=True, check=True).stdout)}
+    assert not (lab_dir / "hosts" / "gamma").exists()
+    assert ns_link("phaul-beta", "br0")["ifindex"] == index
+
+    lab.up(SUBNET, bare=("gamma",), start_agents=False)
+    lab.down()
+    assert "phaul-gamma" not in netns_names()
+    assert_all_gone(lab_dir)
+
+
+def test_full_gamma_has_an_agent_and_peers(lab_dir: Path) -> None:
+    """gamma as a full host: certificate, hosts.json entry, agent; every agent's peers are
+    the three hosts (alpha and beta restarted for it), and `down` stops them all."""
+    lab.up(SUBNET)
+    before = {n: h.agent_pid for n, h in lab.status().hosts.items()}
+    st = lab.up(SUBNET, hosts=lab.ALL_HOSTS)
+    assert st.healthy and set(st.hosts) == {"alpha", "beta", "gamma"}, st.to_text()
+    assert st.hosts["gamma"].address == f"{GAMMA}:7473"
+    assert pki.load(lab_dir / "pki", "gamma").ips == (GAMMA,)
+    assert hosts.read_hosts().host("gamma").netns == "phaul-gamma"
+    pids = {n: h.agent_pid for n, h in st.hosts.items()}
+    assert all(pids[n] != before[n] for n in ("alpha", "beta"))  # restarted with the new peers
+    for pid in pids.values():
+        assert pid is not None
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert args[args.index(b"--peers") + 1] == b"alpha,beta,gamma"
+    assert {n: h.agent_pid for n, h in lab.up(hosts=lab.ALL_HOSTS).hosts.items()} == pids  # nothing restarted
     lab.down()
     for pid in pids.values():
         assert procfs.state(pid) in (None, "Z")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ def test_progress_shows_on_a_terminal_only(clean_lab: Lab) -> None:
     assert terminal == "" and stdout.lstrip().startswith("{"), terminal
     proc = lab.phaul("--host", "alpha", "migrate", "memtty", "beta")  # no terminal: the table only
     assert "predicted freeze" not in proc.stderr and ": OK" in proc.stdout, proc.stderr
+    first, *rest = proc.stdout.splitlines()  # the migration's ID before anything else, as the report names it
+    assert re.fullmatch(r"migration [0-9a-f]{12}", first) and f"{first}:" in "\n".join(rest), proc.stdout
 
 
 def test_bandwidth_caps_precopy_and_round_trip_back(clean_lab: Lab) -> None:

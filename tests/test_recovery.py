@@ -38,7 +38,7 @@ def test_source_agent_killed_at_the_gate_resumes_the_source(broken_lab: Lab) -> 
     lab = broken_lab
     mark = start_counter(lab, "rk1")
     report = finish(migrate_async(lab, "rk1", "alpha", "beta", fault="transfer:kill-agent"))
-    assert report["result"] == "no report", report
+    assert report["result"] == "no report" and report["exit"] == 3, report  # the stream broke: in doubt
     [mid] = [m for m, r in migrations(lab, "beta").items() if r["ct"] == "rk1"]
     assert frozen(lab, "alpha", "rk1")  # held at the commit gate meanwhile
     restart_agents(lab)
@@ -51,7 +51,7 @@ def test_source_agent_killed_after_deciding_to_commit_finishes_the_commit(broken
     lab = broken_lab
     mark = start_counter(lab, "rk2")
     report = finish(migrate_async(lab, "rk2", "alpha", "beta", fault="commit:kill-agent"))
-    assert report["result"] == "no report", report
+    assert report["result"] == "no report" and report["exit"] == 3, report  # the stream broke: in doubt
     [mid] = [m for m, r in migrations(lab, "beta").items() if r["ct"] == "rk2"]
     assert migrations(lab, "beta")[mid]["step"] == "restored"  # held, stopped, until the source decides
     restart_agents(lab)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from phaul.channels.revocation import RevocationList
 from phaul.channels.transport import Credentials
-from phaul.config import Limits, Timeouts
+from phaul.config import AgentConfig, Limits, Timeouts
 from phaul.containers import ContainerKind
 from phaul.endpoint import parse_endpoint
+from phaul.errors import InvalidInput
 from phaul.migration.journal import Journal
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.validate import check_id
@@ -38,6 +39,19 @@ class Host:
     def __post_init__(self) -> None:
         self.journal = Journal(self.state_dir)
 
+    def reload(self, config: AgentConfig) -> str:
+        """Take the peers, admins and revocation list of `config` (a fresh agent.toml on SIGHUP,
+        or a list an admin pushes) for every call from now on: calls, streams and migrations
+        running go on, and a peer removed is refused at its next call. InvalidInput, with
+        nothing changed, when they are wrong. Returns what it now holds, in one line."""
+        check_access(config.peers, config.admins)
+        revocations = RevocationList(config.revoked) if config.revoked is not None else None
+        serials = len(revocations.serials()) if revocations is not None else 0  # read now, not at the next call
+        self.peers, self.admins, self.revocations = config.peers, config.admins, revocations
+        listed = f"{config.revoked} ({serials} serials)" if config.revoked is not None else "none"
+        return (f"peers {', '.join(sorted(self.peers)) or '-'}; admins {', '.join(sorted(self.admins)) or '-'}; "
+                f"revocation list {listed}")
+
     @property
     def address(self) -> str:
         """The IP address this host's data channels bind to: the listen address's
@@ -62,3 +76,11 @@ class Host:
         """The directory of a migration this host receives (the destination role),
         agent-owned; the peer writes only into its `recv/` (phaul.migration.dest)."""
         return self.state_dir / "incoming" / check_id(migration_id, "migration ID")
+
+
+def check_access(peers: frozenset[str], admins: frozenset[str]) -> None:
+    """Who may call an agent: certificate names, and at least one of them."""
+    for n in peers | admins:
+        check_id(n, "certificate name")
+    if not (peers | admins):
+        raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")

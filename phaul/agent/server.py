@@ -21,7 +21,6 @@ import errno
 import logging
 import queue
 import re
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -32,7 +31,10 @@ import grpc
 
 from phaul import __version__
 from phaul.agent.budget import Budget, CallBudgets
-from phaul.agent.host import Host
+from phaul.agent.config import restart_needed
+from phaul.agent.host import Host, check_access
+from phaul.agent.notify import Notifier
+from phaul.agent.signals import Signal, Signals
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.channels.revocation import RevocationList
@@ -42,7 +44,7 @@ from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.endpoint import agent_endpoints, parse_endpoint
 from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
-from phaul.linux import pycriu_module
+from phaul.linux import procfs, pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
@@ -201,10 +203,12 @@ class Servicer(pb_grpc.AgentServicer):
     @_rpc
     def Info(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.HostInfo:
         v = criu_version(criu_path() or "")
+        committed = [c.memory_limit or c.memory_used or 0 for c in self.host.containers.list()]
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
             criu_version=".".join(map(str, v)) if v else "", address=self.host.advertised,
             bridge=self.host.bridge or "",
+            memory_available=procfs.mem_available() or 0, memory_committed=sum(committed), containers=len(committed),
         )
 
     # -- containers -------------------------------------------------------------
@@ -317,6 +321,7 @@ class Servicer(pb_grpc.AgentServicer):
                 self.active.discard(running.id)
                 self._migrations.release()
 
+        events.put(pb.MigrateEvent(started=pb.Started(migration_id=running.id)))  # the client's first line
         threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
@@ -452,19 +457,20 @@ class Servicer(pb_grpc.AgentServicer):
         return pb.RecoverReply(outcomes=[messages.outcome_to_proto(o) for o in outcomes])
 
 
-def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
-    """Run the agent with `config` until SIGTERM or SIGINT. `hook` is called at
-    each step boundary of its migrations (phaul.migration.steps; tests plug one in)."""
+def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], AgentConfig] | None = None) -> None:
+    """Run the agent with `config` until SIGTERM or SIGINT; on SIGHUP, take the peers, admins
+    and revocation list of `reread()` (the configuration file read again). `hook` is called at
+    each step boundary of its migrations (phaul.migration.steps; tests plug one in). The
+    service manager is told of each (phaul.agent.notify)."""
+    notifier = Notifier.from_environment()  # before any child is started: they must not inherit it
+    signals = Signals()  # from now on SIGHUP reloads (its default would end the agent) and SIGTERM stops
     name, creds, socket = config.name, config.creds, config.socket
     check_id(name, "host name")
     bind, advertise = agent_endpoints(config.listen, config.advertise)
     listen = str(bind)
     bind.resolve()  # a host name that does not resolve fails here, not at the first migration
     peers, admins = config.peers, config.admins
-    for n in peers | admins:
-        check_id(n, "certificate name")
-    if not (peers | admins):
-        raise InvalidInput("the agent would accept nobody", "name its peer hosts with --peers and its clients with --admins")
+    check_access(peers, admins)
     state_dir = config.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
@@ -485,6 +491,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     if host.revocations is not None:
         log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
     servicer = Servicer(host, config.max_migrations)
+    notifier.status("settling the migrations the journal left unfinished")
     for outcome in servicer.recovery.startup():
         log.info(
             "start-up recovery: migration %s (%s): %s: %s", outcome.migration_id, outcome.role, outcome.result, outcome.message
@@ -515,6 +522,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
     )
     server.add_secure_port(listen, tls)
     if socket is not None:
+        socket.parent.mkdir(parents=True, exist_ok=True)
         socket.unlink(missing_ok=True)
         server.add_secure_port(f"unix:{socket}", tls)
     server.start()
@@ -525,13 +533,31 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK) -> None:
         name, listen, f" and {socket}" if socket else "", advertise, state_dir,
     )
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    notifier.ready(f"serving on {listen}" + (f" and {socket}" if socket else ""))
+    while signals.next() is Signal.RELOAD:
+        _reload(host, config, reread or (lambda: config), notifier)
     log.info("agent %s stopping", name)
+    notifier.stopping("stopping: running calls get 2 s")
     servicer.recovery.stop()
     server.stop(grace=2).wait()
     servicer.dest.close_all()
     if socket is not None:
         socket.unlink(missing_ok=True)
+
+
+def _reload(host: Host, config: AgentConfig, reread: Callable[[], AgentConfig], notifier: Notifier) -> None:
+    """SIGHUP: the peers, admins and revocation list of `reread()` for every call from now on; a
+    configuration that cannot be read or is wrong leaves everything as it was (and says why)."""
+    notifier.reloading("reloading peers, admins and the revocation list")
+    try:
+        fresh = reread()
+        summary = host.reload(fresh)
+    except Exception as e:  # whatever the file holds, the agent goes on serving
+        message = e.message if isinstance(e, PhaulError) else f"{type(e).__name__}: {e}"
+        log.error("reload refused, the previous peers, admins and revocation list stay: %s", e,
+                  exc_info=not isinstance(e, PhaulError))
+        notifier.ready(f"reload refused (previous configuration kept): {message}")
+        return
+    later = restart_needed(config, fresh)
+    log.info("reloaded: %s%s", summary, f"; a restart applies the changed {', '.join(later)}" if later else "")
+    notifier.ready(f"serving on {config.listen}; reloaded: {summary}")

@@ -76,3 +76,14 @@ def tasks_of(init_pid: int, proc: Path = Path("/proc")) -> list[int]:
             except OSError:
                 continue  # gone, or a kernel thread
     return found
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable in bytes, or None when /proc/meminfo does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

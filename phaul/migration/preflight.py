@@ -195,7 +195,7 @@ def _cpu_check(host: Host, cpuinfo: bytes) -> CheckResult:
 
 
 def _memory_check(me: str, need: int) -> CheckResult:
-    avail = _mem_available()
+    avail = procfs.mem_available()
     if avail is None:
         return CheckResult("memory", CheckState.WARNING, "cannot read MemAvailable from /proc/meminfo", me)
     if need > avail:
@@ -291,16 +291,6 @@ def _du(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _mib(n: int) -> str:

@@ -11,20 +11,26 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class HostInfo(_message.Message):
-    __slots__ = ("protocol_version", "name", "criu_version", "phaul_version", "address", "bridge")
+    __slots__ = ("protocol_version", "name", "criu_version", "phaul_version", "address", "bridge", "memory_available", "memory_committed", "containers")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
     PHAUL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     name: str
     criu_version: str
     phaul_version: str
     address: str
     bridge: str
-    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., criu_version: _Optional[str] = ..., phaul_version: _Optional[str] = ..., address: _Optional[str] = ..., bridge: _Optional[str] = ...) -> None: ...
+    memory_available: int
+    memory_committed: int
+    containers: int
+    def __init__(self, protocol_version: _Optional[int] = ..., name: _Optional[str] = ..., criu_version: _Optional[str] = ..., phaul_version: _Optional[str] = ..., address: _Optional[str] = ..., bridge: _Optional[str] = ..., memory_available: _Optional[int] = ..., memory_committed: _Optional[int] = ..., containers: _Optional[int] = ...) -> None: ...
 
 class ContainerConfig(_message.Message):
     __slots__ = ("id", "template", "memory", "cpus", "pids", "ip", "gateway", "mac", "args", "cap_add", "seccomp", "packages", "init", "rootfs", "image", "env", "uid", "gid", "groups", "cwd", "image_ref")
@@ -278,13 +284,21 @@ class Progress(_message.Message):
     message: str
     def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., rate: _Optional[float] = ..., dirty_rate: _Optional[float] = ..., predicted_frozen_ms: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
+class Started(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
 class MigrateEvent(_message.Message):
-    __slots__ = ("progress", "report")
+    __slots__ = ("progress", "report", "started")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     progress: Progress
     report: Report
-    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...
+    started: Started
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link")

@@ -1,4 +1,4 @@
-"""The two-host lab: hosts alpha and beta, a switch and a client in network namespaces.
+"""The lab: hosts alpha and beta (and on request gamma), a switch and a client in network namespaces.
 
 Topology (all addresses inside one subnet, default 10.213.0.0/24)::
 
@@ -6,6 +6,14 @@ Topology (all addresses inside one subnet, default 10.213.0.0/24)::
     phaul-alpha   br0 .11: port phl-alpha-up (peer of phl-alpha-sw)
     phaul-beta    br0 .12: port phl-beta-up  (peer of phl-beta-sw)
     phaul-client  phl-client-up .100         (peer of phl-client-sw)
+    phaul-gamma   br0 .13: port phl-gamma-up (only when asked for: `up(hosts=...)` or `bare=`)
+
+The default lab is alpha and beta. A test that needs a third host asks `up` for it:
+`hosts=("alpha", "beta", "gamma")` makes gamma a full host like the others (certificate,
+agent, entry in hosts.json; every agent's peers are the full hosts), `bare=("gamma",)` makes
+only its namespace, bridge, address and state directory (no certificate, no agent, not in
+hosts.json): a new machine for `phaul host add` to bootstrap. An extra host is added to (and
+with `remove_host` taken from) a running lab without rebuilding it; `down` removes it too.
 
 Every bridge has a pinned MAC, so plugging container veths into a host bridge
 never changes the address its peers have cached. Each host runs `phaul agent`
@@ -55,18 +63,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SUBNET = "10.213.0.0/24"
 AGENT_PORT = 7473
-HOSTS = ("alpha", "beta")
+HOSTS = ("alpha", "beta")  # the default lab's hosts
+EXTRA_HOSTS = ("gamma",)  # hosts built only when `up` is asked for them
+ALL_HOSTS = (*HOSTS, *EXTRA_HOSTS)
 BRIDGE = "br0"
-NETNS = {"sw": "phaul-sw", "alpha": "phaul-alpha", "beta": "phaul-beta", "client": "phaul-client"}
-LAB_NAMESPACES = tuple(NETNS.values())
+NETNS = {"sw": "phaul-sw", "alpha": "phaul-alpha", "beta": "phaul-beta", "client": "phaul-client",
+         "gamma": "phaul-gamma"}
+LAB_NAMESPACES = tuple(NETNS[n] for n in ("sw", *HOSTS, "client"))  # the default lab's namespaces
+ALL_NAMESPACES = (*LAB_NAMESPACES, *(NETNS[n] for n in EXTRA_HOSTS))  # all `down` removes
 # A name for the network namespace of the process that brings the lab up (it reaches the
 # outside; the lab's do not): agents build debian roots in it. Only a name: `down` removes
 # the name, never kills in it. Not /proc/1/ns/net: without CAP_SYS_RESOURCE (this project's
 # machines) root may not open PID 1's namespaces (its capabilities are not a subset of ours).
 OUTSIDE_NETNS = "phaul-outside"
-CGROUP_NAMES = tuple(NETNS[h] for h in HOSTS)
+CGROUP_NAMES = tuple(NETNS[h] for h in ALL_HOSTS)
 VETH_PREFIX = "phl-"  # every veth the lab creates starts with this; all are <= 15 characters
-BRIDGE_MAC = {"sw": "02:70:68:6c:00:01", "alpha": "02:70:68:6c:00:11", "beta": "02:70:68:6c:00:12"}
+BRIDGE_MAC = {"sw": "02:70:68:6c:00:01", "alpha": "02:70:68:6c:00:11", "beta": "02:70:68:6c:00:12",
+              "gamma": "02:70:68:6c:00:13"}
 OWNER_ALIAS = "phaul-lab:"  # alias of the switch bridge: the LAB_DIR that owns the namespaces
 MARKER = ".phaul-lab"
 AGENT_START_TIMEOUT = 15.0
@@ -80,6 +93,7 @@ IPV6_PREFIX = ipaddress.IPv6Network("fd00:7068::/64")
 # Host offsets inside the subnet; small subnets put the client on the last usable address
 # and containers right after beta.
 ALPHA_OFFSET, BETA_OFFSET, CLIENT_OFFSET, CONTAINER_OFFSET = 11, 12, 100, 50
+GAMMA_OFFSET = 13  # only in subnets with room for the client at .100 (a /25 or larger)
 
 
 # --- addresses -----------------------------------------------------------------------
@@ -112,13 +126,16 @@ def _offsets(net: ipaddress.IPv4Network) -> tuple[int, int, int, int]:
 
 
 def host_address(subnet: str | ipaddress.IPv4Network, name: str) -> str:
-    """The address of lab node `name` ("alpha", "beta" or "client") in `subnet`."""
+    """The address of lab node `name` ("alpha", "beta", "gamma" or "client") in `subnet`."""
     net = parse_subnet(subnet)
     a, b, c, _ = _offsets(net)
+    if name == "gamma" and c != CLIENT_OFFSET:
+        raise Conflict(f"lab subnet {net} has no room for gamma (its containers start at .{b + 1})",
+                       "use a /25 or larger subnet for a lab with gamma")
     try:
-        return str(net[{"alpha": a, "beta": b, "client": c}[name]])
+        return str(net[{"alpha": a, "beta": b, "gamma": GAMMA_OFFSET, "client": c}[name]])
     except KeyError:
-        raise NotFound(f"no lab node {name!r}", "use alpha, beta or client") from None
+        raise NotFound(f"no lab node {name!r}", "use alpha, beta, gamma or client") from None
 
 
 def host_address6(subnet: str | ipaddress.IPv4Network, name: str) -> str:
@@ -133,9 +150,9 @@ def _node_link(name: str) -> str:
     return f"{VETH_PREFIX}client-up" if name == "client" else BRIDGE
 
 
-def _set_ipv6(net: ipaddress.IPv4Network, on: bool) -> None:
-    """Give every lab node its IPV6_PREFIX address (`on`), or remove it."""
-    for name in (*HOSTS, "client"):
+def _set_ipv6(net: ipaddress.IPv4Network, hosts: Sequence[str], on: bool) -> None:
+    """Give lab hosts `hosts` and the client their IPV6_PREFIX address (`on`), or remove it."""
+    for name in (*dict.fromkeys(hosts), "client"):
         addr = f"{host_address6(net, name)}/{IPV6_PREFIX.prefixlen}"
         if on:
             _ip("-6", "addr", "replace", addr, "dev", _node_link(name), "nodad", ns=NETNS[name])
@@ -164,10 +181,10 @@ def container_address(subnet: str | ipaddress.IPv4Network, n: int) -> str:
     return str(net[off])
 
 
-def _hosts_for(net: ipaddress.IPv4Network, d: Path, ipv6: bool = False) -> HostsFile:
+def _hosts_for(net: ipaddress.IPv4Network, d: Path, names: Sequence[str] = HOSTS, ipv6: bool = False) -> HostsFile:
     pki_dir = d / "pki"
     hosts = {}
-    for name in HOSTS:
+    for name in names:
         state = d / "hosts" / name
         hosts[name] = HostEntry(
             name=name,
@@ -214,6 +231,7 @@ class LabStatus:
     hosts: dict[str, HostStatus]
     client: dict[str, str | bool | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    bare: list[str] = field(default_factory=list)  # extra hosts with a network and nothing else
 
     @property
     def network_up(self) -> bool:
@@ -242,6 +260,7 @@ class LabStatus:
             lines.append(f"{h.name:<7}{h.address or '-':<22}{yn[h.netns_present]:<7}{agent:<14}{yn[h.socket_present]:<7}")
         if self.client:
             lines.append(f"{'client':<7}{self.client.get('address') or '-':<22}{yn[bool(self.client.get('netns_present'))]:<7}")
+        lines += [f"{name:<7}{'bare host':<22}{'yes':<7}" for name in self.bare]
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -252,9 +271,11 @@ def status(lab_dir: Path | None = None) -> LabStatus:
     hosts_path = d / "hosts.json"
     hf = try_hosts(hosts_path)
     present = _netns_list()
-    namespaces = {ns: ns in present for ns in LAB_NAMESPACES}
+    full = [*HOSTS, *(n for n in EXTRA_HOSTS if hf and n in hf.hosts)]
+    bare = [n for n in EXTRA_HOSTS if n not in full and NETNS[n] in present]
+    namespaces = {ns: ns in present for ns in (*LAB_NAMESPACES, *(NETNS[n] for n in EXTRA_HOSTS if n in full))}
     hosts: dict[str, HostStatus] = {}
-    for name in HOSTS:
+    for name in full:
         entry = hf.hosts.get(name) if hf else None
         state = d / "hosts" / name
         sock = entry.socket if entry and entry.socket else state / "agent.sock"
@@ -271,7 +292,7 @@ def status(lab_dir: Path | None = None) -> LabStatus:
         )
     problems: list[str] = []
     if hf and hf.subnet and any(namespaces.values()):
-        problems = _network_problems(parse_subnet(hf.subnet), d)
+        problems = _network_problems(parse_subnet(hf.subnet), d, (*full[len(HOSTS):], *bare))
     elif any(namespaces.values()):
         problems = [f"namespaces exist but {hosts_path} does not"]
     client: dict[str, str | bool | None] = {
@@ -279,27 +300,38 @@ def status(lab_dir: Path | None = None) -> LabStatus:
         "netns_present": namespaces[NETNS["client"]],
         "address": hf.client.address if hf and hf.client else None,
     }
-    return LabStatus(str(d), hf.subnet if hf else None, namespaces, hosts, client, problems)
+    return LabStatus(str(d), hf.subnet if hf else None, namespaces, hosts, client, problems, bare)
 
 
 # --- up ------------------------------------------------------------------------------------
 
 
 def up(
-    subnet: str | None = None, *, lab_dir: Path | None = None, start_agents: bool = True, ipv6: bool | None = None,
+    subnet: str | None = None,
+    *,
+    lab_dir: Path | None = None,
+    start_agents: bool = True,
+    hosts: Sequence[str] = HOSTS,
+    bare: Sequence[str] = (),
+    ipv6: bool | None = None,
 ) -> LabStatus:
-    """Build the lab (or repair it) and return its status; harmless when it is already up.
+    """Build the lab (or repair it) in the shape asked for and return its status; harmless
+    when it is already so.
 
-    `subnet` defaults to the running lab's, else 10.213.0.0/24. A complete network is
-    kept as it is and only missing pieces (certificates, hosts file, dead agents) are
+    `subnet` defaults to the running lab's, else 10.213.0.0/24. `hosts` are the full hosts
+    (alpha and beta, and gamma if named), `bare` the extra hosts that get only their network
+    and state directory. An extra host not named in either is removed (`remove_host`); an
+    agent whose peers are not the full hosts is restarted. A complete network is kept as it
+    is and only missing pieces (an extra host, certificates, hosts file, dead agents) are
     redone; a partial one is torn down and rebuilt. `start_agents=False` is for tests.
     `ipv6`: the IPv6 lab (IPV6_PREFIX addresses too, agents on them only; hosts.json with
     IPv6 addresses) or the IPv4 one; None keeps what the running lab is, else IPv4. Agents
     running on the other family's address are restarted."""
     t0 = time.monotonic()
+    full, extras = _shape(hosts, bare)
     d = _resolve(lab_dir)
     requested = parse_subnet(subnet) if subnet else None
-    present = _netns_list() & set(LAB_NAMESPACES)
+    present = _netns_list() & set(ALL_NAMESPACES)
     existing = try_hosts(d / "hosts.json")
     if present:
         owner = _owner()
@@ -319,6 +351,8 @@ def up(
         )
     net = requested or (parse_subnet(existing.subnet) if present and existing and existing.subnet else None)
     net = net or parse_subnet(DEFAULT_SUBNET)
+    for name in extras:
+        host_address(net, name)  # refuses a subnet without room for it, before anything changes
 
     problems = _network_problems(net, d) if present else ["no lab namespaces"]
     if problems:
@@ -332,23 +366,109 @@ def up(
     else:
         _prepare_dir(d)
         log.info("lab network in %s is up with subnet %s", d, net)
+    for name in EXTRA_HOSTS:
+        if name not in extras and NETNS[name] in _netns_list():
+            remove_host(name, lab_dir=d)
+    for name in extras:
+        if _network_problems(net, d, (name,)):
+            _remove_host_network(name)
+            _build_host(net, name)
+            _wait_carrier((name,))
+    if left := _network_problems(net, d, extras):
+        raise ToolFailed(f"the lab network is incomplete after building: {'; '.join(left)}", "run `phaul lab down` and retry")
 
     if ipv6 is None:
         ipv6 = bool(present) and _is_ipv6_lab(existing)
-    _set_ipv6(net, ipv6)
-    _ensure_pki(d / "pki", net, ipv6)
-    hosts = _hosts_for(net, d, ipv6)
-    text = json.dumps(hosts.to_dict(), indent=2) + "\n"
-    if not hosts.path.exists() or hosts.path.read_text() != text:
-        write_atomic(hosts.path, text)
-        log.info("wrote %s", hosts.path)
-    for name in HOSTS:
+    _set_ipv6(net, (*full, *extras), ipv6)
+    _ensure_pki(d / "pki", net, full, ipv6)
+    for name in bare:  # a bare host has no certificate from the lab: what it gets, `phaul host add` makes
+        for suffix in (".crt", ".key"):
+            (d / "pki" / f"{name}{suffix}").unlink(missing_ok=True)
+    hosts_file = _hosts_for(net, d, full, ipv6)
+    text = json.dumps(hosts_file.to_dict(), indent=2) + "\n"
+    if not hosts_file.path.exists() or hosts_file.path.read_text() != text:
+        write_atomic(hosts_file.path, text)
+        log.info("wrote %s", hosts_file.path)
+    for name in (*full, *bare):
         (d / "hosts" / name).mkdir(parents=True, exist_ok=True)
     if start_agents:
-        started = [_start_agent(hosts.hosts[name], hosts.pki, d) for name in HOSTS]
+        started = [_start_agent(hosts_file.hosts[name], hosts_file.pki, d, peers=full) for name in full]
         _wait_agents([a for a in started if a is not None])
     log.info("lab up in %.2f s", time.monotonic() - t0)
     return status(d)
+
+
+def _shape(hosts: Sequence[str], bare: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Check a requested lab shape; return (full hosts, extra hosts) in the lab's order."""
+    unknown = sorted(set(hosts) - set(ALL_HOSTS)) + sorted(set(bare) - set(EXTRA_HOSTS))
+    if unknown:
+        raise InvalidInput(f"no lab host {unknown[0]!r} to build", f"full hosts are {', '.join(ALL_HOSTS)}; "
+                           f"bare hosts {', '.join(EXTRA_HOSTS)}")
+    if missing := [h for h in HOSTS if h not in hosts]:
+        raise InvalidInput(f"the lab always has {missing[0]} as a full host",
+                           f"include it in hosts (e.g. {', '.join(ALL_HOSTS)})")
+    if both := sorted(set(hosts) & set(bare)):
+        raise InvalidInput(f"lab host {both[0]} asked for both full and bare", "name it in one of hosts and bare")
+    full = tuple(h for h in ALL_HOSTS if h in hosts)
+    return full, tuple(h for h in EXTRA_HOSTS if h in full or h in bare)
+
+
+def remove_host(name: str, *, lab_dir: Path | None = None) -> list[str]:
+    """Remove extra host `name` (gamma) from a running lab: its agent and every process in
+    its namespace or cgroup, its runc containers, namespace and switch port, cgroup, state
+    directory, lab certificate and its entry in hosts.json. Return what was removed."""
+    if name not in EXTRA_HOSTS:
+        raise InvalidInput(f"lab host {name!r} cannot be removed alone",
+                           f"remove {', '.join(EXTRA_HOSTS)}, or run `phaul lab down`")
+    d = _resolve(lab_dir)
+    removed: list[str] = []
+    problems: list[str] = []
+    state = d / "hosts" / name
+    pid = _read_pid(state / "agent.pid")
+    if pid is not None and _is_agent(pid, name, state):
+        _terminate(pid)
+        removed.append(f"agent {name} (pid {pid})")
+    removed += _delete_runc_containers(state, problems)
+    removed += _remove_host_network(name)
+    cgroups = [root / NETNS[name] for root in _cgroup_roots() if (root / NETNS[name]).is_dir()]
+    for cg in cgroups:
+        if killed := _kill_all(functools.partial(_cgroup_pids, cg)):
+            removed.append(f"{len(killed)} process(es) in cgroup {cg}")
+        removed += _rmdir_tree(cg, problems)
+    if state.exists():
+        removed += _unmount_under(state, problems)
+        if not _mounts_under(state):
+            shutil.rmtree(state, ignore_errors=True)
+            removed.append(f"directory {state}")
+    for suffix in (".crt", ".key"):
+        cert = d / "pki" / f"{name}{suffix}"
+        if cert.exists():
+            cert.unlink()
+            removed.append(f"lab file {cert}")
+    hf = try_hosts(d / "hosts.json")
+    if hf and name in hf.hosts:
+        del hf.hosts[name]
+        write_atomic(hf.path, json.dumps(hf.to_dict(), indent=2) + "\n")
+        removed.append(f"{name} from {hf.path}")
+    for item in removed:
+        log.info("removed %s", item)
+    if problems:
+        raise ToolFailed(f"removing lab host {name} left things behind: " + "; ".join(problems),
+                         "fix them by hand, or run `phaul lab down`")
+    return removed
+
+
+def _remove_host_network(name: str) -> list[str]:
+    """Kill what runs in host `name`'s namespace and delete it (its veth pair goes with it)."""
+    ns = NETNS[name]
+    if ns not in _netns_list():
+        return []
+    removed = []
+    if killed := _kill_all(functools.partial(_netns_pids, ns)):
+        removed.append(f"{len(killed)} process(es) in {ns}")
+    _ip("netns", "delete", ns)
+    _ip("link", "delete", f"{VETH_PREFIX}{name}-sw", ns=NETNS["sw"], check=False)  # gone with its peer, normally
+    return [*removed, f"netns {ns}"]
 
 
 def _prepare_dir(d: Path) -> None:
@@ -370,31 +490,42 @@ def _build_network(net: ipaddress.IPv4Network, d: Path) -> None:
     _ip("link", "set", BRIDGE, "alias", _owner_alias(d), ns=sw)
     _ip("link", "set", BRIDGE, "up", ns=sw)
     for name in HOSTS:
-        ns, up_if, sw_if = NETNS[name], f"{VETH_PREFIX}{name}-up", f"{VETH_PREFIX}{name}-sw"
-        _sysctl(ns, "net.ipv4.ip_forward", "0")
-        _ip("link", "add", BRIDGE, "address", BRIDGE_MAC[name], "type", "bridge", ns=ns)
-        _ip("link", "add", sw_if, "type", "veth", "peer", "name", up_if, "netns", ns, ns=sw)
-        _ip("link", "set", sw_if, "master", BRIDGE, "up", ns=sw)
-        _ip("link", "set", up_if, "master", BRIDGE, "up", ns=ns)
-        _ip("addr", "add", f"{host_address(net, name)}/{prefix}", "dev", BRIDGE, ns=ns)
-        _ip("link", "set", BRIDGE, "up", ns=ns)
+        _build_host(net, name, new_ns=False)
     ns, up_if, sw_if = NETNS["client"], f"{VETH_PREFIX}client-up", f"{VETH_PREFIX}client-sw"
     _ip("link", "add", sw_if, "type", "veth", "peer", "name", up_if, "netns", ns, ns=sw)
     _ip("link", "set", sw_if, "master", BRIDGE, "up", ns=sw)
     _ip("addr", "add", f"{host_address(net, 'client')}/{prefix}", "dev", up_if, ns=ns)
     _ip("link", "set", up_if, "up", ns=ns)
-    _wait_carrier()
+    _wait_carrier(HOSTS, client=True)
     log.info("built lab network %s (%s)", net, ", ".join(LAB_NAMESPACES))
 
 
-def _wait_carrier(timeout: float = 5.0) -> None:
-    """Wait until every lab bridge and veth has carrier.
+def _build_host(net: ipaddress.IPv4Network, name: str, *, new_ns: bool = True) -> None:
+    """Build host `name`'s namespace (unless `new_ns` is False: made already), bridge,
+    address and its port on the switch."""
+    sw, ns, up_if, sw_if = NETNS["sw"], NETNS[name], f"{VETH_PREFIX}{name}-up", f"{VETH_PREFIX}{name}-sw"
+    if new_ns:
+        _ip("netns", "add", ns)
+        _ip("link", "set", "lo", "up", ns=ns)
+    _sysctl(ns, "net.ipv4.ip_forward", "0")
+    _ip("link", "add", BRIDGE, "address", BRIDGE_MAC[name], "type", "bridge", ns=ns)
+    _ip("link", "add", sw_if, "type", "veth", "peer", "name", up_if, "netns", ns, ns=sw)
+    _ip("link", "set", sw_if, "master", BRIDGE, "up", ns=sw)
+    _ip("link", "set", up_if, "master", BRIDGE, "up", ns=ns)
+    _ip("addr", "add", f"{host_address(net, name)}/{net.prefixlen}", "dev", BRIDGE, ns=ns)
+    _ip("link", "set", BRIDGE, "up", ns=ns)
+
+
+def _wait_carrier(names: Sequence[str], *, client: bool = False, timeout: float = 5.0) -> None:
+    """Wait until the bridges and veths of hosts `names` (and the client's) have carrier.
 
     The kernel turns a bridge's carrier on through its link-watch work, up to a
     second after its first port came up; until then it drops what it is asked to send."""
-    expect = {NETNS["sw"]: [BRIDGE, *(f"{VETH_PREFIX}{n}-sw" for n in (*HOSTS, "client"))],
-              NETNS["client"]: [f"{VETH_PREFIX}client-up"]}
-    expect |= {NETNS[n]: [BRIDGE, f"{VETH_PREFIX}{n}-up"] for n in HOSTS}
+    ports = [*names, "client"] if client else list(names)
+    expect = {NETNS["sw"]: [*([BRIDGE] if client else []), *(f"{VETH_PREFIX}{n}-sw" for n in ports)]}
+    if client:
+        expect[NETNS["client"]] = [f"{VETH_PREFIX}client-up"]
+    expect |= {NETNS[n]: [BRIDGE, f"{VETH_PREFIX}{n}-up"] for n in names}
     deadline = time.monotonic() + timeout
     while True:
         waiting = []
@@ -409,16 +540,18 @@ def _wait_carrier(timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _network_problems(net: ipaddress.IPv4Network, d: Path) -> list[str]:
-    """What differs from a complete lab network for `net`; empty when it is complete."""
+def _network_problems(net: ipaddress.IPv4Network, d: Path, extras: Sequence[str] = ()) -> list[str]:
+    """What differs from a complete lab network for `net` with extra hosts `extras`
+    (the default lab's when empty); empty when it is complete."""
     problems: list[str] = []
     present = _netns_list()
-    for ns in LAB_NAMESPACES:
+    spaces = (*LAB_NAMESPACES, *(NETNS[n] for n in extras))
+    for ns in spaces:
         if ns not in present:
             problems.append(f"namespace {ns} is missing")
     if problems:
         return problems
-    links = {ns: _links(ns) for ns in LAB_NAMESPACES}
+    links = {ns: _links(ns) for ns in spaces}
 
     def want(ns: str, ifname: str, *, kind: str, mac: str | None = None, master: str | None = None,
              addr: str | None = None) -> None:
@@ -443,9 +576,9 @@ def _network_problems(net: ipaddress.IPv4Network, d: Path) -> list[str]:
     want(sw, BRIDGE, kind="bridge", mac=BRIDGE_MAC["sw"])
     if links[sw].get(BRIDGE, {}).get("ifalias") != _owner_alias(d):
         problems.append(f"{BRIDGE} in {sw} is not marked as owned by {d}")
-    for name in (*HOSTS, "client"):
+    for name in (*HOSTS, "client", *extras):
         want(sw, f"{VETH_PREFIX}{name}-sw", kind="veth", master=BRIDGE)
-    for name in HOSTS:
+    for name in (*HOSTS, *extras):
         ns = NETNS[name]
         want(ns, BRIDGE, kind="bridge", mac=BRIDGE_MAC[name], addr=f"{host_address(net, name)}/{net.prefixlen}")
         want(ns, f"{VETH_PREFIX}{name}-up", kind="veth", master=BRIDGE)
@@ -453,15 +586,15 @@ def _network_problems(net: ipaddress.IPv4Network, d: Path) -> list[str]:
             problems.append(f"net.ipv4.ip_forward is not 0 in {ns}")
     want(NETNS["client"], f"{VETH_PREFIX}client-up", kind="veth",
          addr=f"{host_address(net, 'client')}/{net.prefixlen}")
-    for ns in LAB_NAMESPACES:
+    for ns in spaces:
         want(ns, "lo", kind="")
     return problems
 
 
-def _ensure_pki(pki_dir: Path, net: ipaddress.IPv4Network, ipv6: bool = False) -> None:
-    """Make sure the lab CA and the alpha, beta and admin certificates exist and fit `net`
-    (and the IPv6 addresses too with `ipv6`)."""
-    wanted = {name: [host_address(net, name), *([host_address6(net, name)] if ipv6 else [])] for name in HOSTS}
+def _ensure_pki(pki_dir: Path, net: ipaddress.IPv4Network, names: Sequence[str] = HOSTS, ipv6: bool = False) -> None:
+    """Make sure the lab CA, the certificates of hosts `names` and the admin's exist and fit `net`
+    (and their IPv6 addresses too with `ipv6`)."""
+    wanted = {name: [host_address(net, name), *([host_address6(net, name)] if ipv6 else [])] for name in names}
     wanted |= {ADMIN: []}
     if not (pki_dir / "ca.crt").exists() or not (pki_dir / "ca.key").exists():
         pki.init_ca(pki_dir, "phaul lab CA", force=True)
@@ -540,22 +673,23 @@ class _Started:
     logfile: Path
 
 
-def _start_agent(host: HostEntry, files: PkiFiles, d: Path) -> _Started | None:
-    """Start host's agent unless it is alive with its socket (then return None)."""
+def _start_agent(host: HostEntry, files: PkiFiles, d: Path, peers: Sequence[str] = HOSTS) -> _Started | None:
+    """Start host's agent unless it is alive with its socket and `peers` (then return None)."""
     state = host.state_dir or d / "hosts" / host.name
     sock = host.socket or state / "agent.sock"
     pid = _read_pid(state / "agent.pid")
     if pid is not None and _is_agent(pid, host.name, state):
-        if sock.exists() and _agent_listen(pid) == host.address:
+        if sock.exists() and _agent_arg(pid, "--peers") == ",".join(peers) and _agent_arg(pid, "--listen") == host.address:
             return None
-        log.warning("agent %s (pid %d) is alive without its socket or on another address; restarting it", host.name, pid)
+        log.warning("agent %s (pid %d) is alive without its socket, or with other peers or address; restarting it",
+                    host.name, pid)
         _terminate(pid)
     pki_dir = d / "pki"
     cmd = [
         "nsenter", f"--net=/run/netns/{host.netns or NETNS[host.name]}", "--",
         *agent_command(
             host.name, host.address, sock, state,
-            pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca, bridge=host.bridge,
+            pki_dir / f"{host.name}.crt", pki_dir / f"{host.name}.key", files.ca, peers=peers, bridge=host.bridge,
             fault_injection=os.environ.get(FAULT_INJECTION_ENV) == "1",  # tests only: see phaul/testing/faults.py
         ),
     ]
@@ -630,13 +764,13 @@ def _is_agent(pid: int, name: str, state: Path) -> bool:
     return ("agent" in args_s or TEST_AGENT in args_s) and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
 
 
-def _agent_listen(pid: int) -> str | None:
-    """The --listen argument of agent `pid`."""
+def _agent_arg(pid: int, flag: str) -> str | None:
+    """The value of option `flag` (e.g. --peers) agent `pid` was started with."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    return args[args.index("--listen") + 1] if "--listen" in args[:-1] else None
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
 def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
@@ -658,9 +792,9 @@ def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:
 
 
 def exec_in(name: str, args: Sequence[str]) -> int:
-    """Run `args` in lab namespace `name` (alpha, beta, client or sw) with stdio inherited;
+    """Run `args` in lab namespace `name` (alpha, beta, gamma, client or sw) with stdio inherited;
     return its exit status."""
-    ns = NETNS.get(name) or (name if name in LAB_NAMESPACES else None)
+    ns = NETNS.get(name) or (name if name in ALL_NAMESPACES else None)
     if ns is None:
         raise NotFound(f"no lab namespace {name!r}", f"use one of {', '.join(NETNS)}")
     if not args:
@@ -698,7 +832,7 @@ def down(lab_dir: Path | None = None) -> list[str]:
     for state in states:
         removed += _delete_runc_containers(state, problems)
 
-    for ns in LAB_NAMESPACES:
+    for ns in ALL_NAMESPACES:
         killed = _kill_all(functools.partial(_netns_pids, ns))
         if killed:
             removed.append(f"{len(killed)} process(es) in {ns}")
@@ -710,7 +844,7 @@ def down(lab_dir: Path | None = None) -> list[str]:
         removed += _rmdir_tree(cg, problems)
 
     present = _netns_list()
-    for ns in (*LAB_NAMESPACES, OUTSIDE_NETNS):  # the outside's name only: its namespace is this host's
+    for ns in (*ALL_NAMESPACES, OUTSIDE_NETNS):  # the outside's name only: its namespace is this host's
         if ns in present:
             r = _ip("netns", "delete", ns, check=False)
             (removed.append(f"netns {ns}") if r.returncode == 0 else problems.append(f"netns {ns}: {r.stderr.strip()}"))

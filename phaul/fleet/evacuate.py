@@ -1,0 +1,255 @@
+"""`phaul evacuate HOST`: move every container off a host, N at a time, and say how each ended.
+
+Steps: settle the host's unsettled migrations (`phaul recover`), list its containers, ask each
+destination for its memory, run every (container, destination) preflight through the source
+agent, plan (phaul.fleet.placement), then migrate by the plan. A container that cannot move
+stays running where it is and is named with the reason; the others go on. Interrupted, it
+starts nothing more and waits for the migrations under way; run again, it continues with
+what is left (what moved is no longer on the host).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from phaul.channels.client import Agent
+from phaul.checks import CheckState
+from phaul.errors import Busy, ExitCode, InvalidInput, PhaulError
+from phaul.fleet import migrate_call
+from phaul.fleet.inventory import Inventory
+from phaul.fleet.placement import Capacity, Movable, Placement, Verdict, plan
+from phaul.hosts import HostEntry
+from phaul.migration.report import Report, Result
+from phaul.rpc import phaul_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+BUSY_RETRY_S = 2.0  # the source runs its most migrations at once: ask again this often
+BUSY_GIVE_UP_S = 1800.0
+CHECK_THREADS = 4
+
+AgentFor = Callable[[HostEntry], Agent]
+Say = Callable[[str], None]
+Progress = Callable[[str, pb.Progress], None] | None  # (container, progress)
+
+
+class Outcome(StrEnum):
+    """How one container's evacuation ended (the values are the JSON's)."""
+
+    PLANNED = "planned"  # --dry-run: it would go to its destination
+    MOVED = "ok"
+    ROLLED_BACK = "rolled_back"  # still running on the source
+    FAILED = "failed"
+    IN_DOUBT = "in_doubt"
+    STAYED = "stayed"  # no destination may take it (preflight), or it is not running
+    NOT_STARTED = "not_started"  # interrupted before its turn
+
+
+@dataclass
+class Row:
+    """One container of the evacuation, as the table and the JSON show it."""
+
+    ct: str
+    dest: str | None
+    outcome: Outcome
+    reason: str
+    migration_id: str = ""
+    pause_longest_ms: float | None = None
+    pause_total_ms: float | None = None
+    bytes_sent: int | None = None
+
+
+@dataclass(frozen=True)
+class EvacuationOptions:
+    """What `phaul evacuate` was asked."""
+
+    source: str
+    to: tuple[str, ...] = ()  # destinations; empty: every other host of the inventory
+    parallel: int | None = None  # migrations at once; None: one per destination used
+    dry_run: bool = False
+    request: pb.MigrateRequest = field(default_factory=pb.MigrateRequest)  # method, rounds... for every migration
+
+
+@dataclass
+class Evacuation:
+    """The plan and, once run, each container's outcome."""
+
+    source: str
+    rows: list[Row]
+    parallel: int
+    dry_run: bool
+
+    def exit_code(self) -> ExitCode:
+        """0: every container moved (or, dry run, has a destination); 3: some in doubt; 1: some did not move."""
+        if any(r.outcome == Outcome.IN_DOUBT for r in self.rows):
+            return ExitCode.IN_DOUBT
+        done = Outcome.PLANNED if self.dry_run else Outcome.MOVED
+        return ExitCode.OK if all(r.outcome == done for r in self.rows) else ExitCode.FAILED
+
+    def to_table(self) -> str:
+        lines = [f"{'CT':<16} {'TO':<10} {'OUTCOME':<12} {'PAUSE':>9} {'SENT':>10}  REASON"]
+        for r in self.rows:
+            pause = "-" if r.pause_longest_ms is None else f"{r.pause_longest_ms:.0f} ms"
+            sent = "-" if r.bytes_sent is None else f"{r.bytes_sent / (1 << 20):.1f} MiB"
+            lines.append(f"{r.ct:<16} {r.dest or '-':<10} {r.outcome.value:<12} {pause:>9} {sent:>10}  {r.reason}")
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no containers"
+        lines.append(f"{'plan for' if self.dry_run else 'evacuation of'} {self.source}: {summary}")
+        return "\n".join(lines)
+
+
+class Evacuator:
+    """Runs one evacuation against live agents (`agent_for` connects to a host's agent)."""
+
+    def __init__(self, inventory: Inventory, agent_for: AgentFor, say: Say) -> None:
+        self.inventory = inventory
+        self.agent_for = agent_for
+        self.say = say
+        self.stop = threading.Event()  # set: start no more migrations
+
+    # -- planning ---------------------------------------------------------------------
+
+    def plan(self, opts: EvacuationOptions) -> Evacuation:
+        source = self.inventory.host(opts.source)
+        dests = self._destinations(opts)
+        rows: list[Row] = []
+        with self.agent_for(source) as agent:
+            doubtful = self._settle(agent, opts.dry_run)
+            movable: list[Movable] = []
+            for c in agent.call("ListContainers", pb.Empty()).containers:
+                if c.id in doubtful:
+                    rows.append(Row(c.id, None, Outcome.IN_DOUBT, doubtful[c.id]))
+                elif c.state != "running":
+                    rows.append(Row(c.id, None, Outcome.STAYED, f"{c.state}, not running: only running containers move live"))
+                else:
+                    used = max(c.memory_used, 0)
+                    movable.append(Movable(c.id, c.memory_limit if c.memory_limit > 0 else used, used))
+            capacities, unreachable = self._capacities(dests)
+            verdicts = self._preflight(agent, movable, [d for d in dests if d.name in capacities])
+        for ct in movable:
+            verdicts.update({(ct.ct, name): Verdict(False, why) for name, why in unreachable.items()})
+        placements = plan(movable, [capacities.get(d.name, Capacity(d.name, 0, 0)) for d in dests], verdicts)
+        rows += [_planned(p) for p in placements]
+        used = {p.dest for p in placements if p.dest}
+        parallel = opts.parallel or max(1, len(used))
+        return Evacuation(source.name, rows, parallel, opts.dry_run)
+
+    def _destinations(self, opts: EvacuationOptions) -> list[HostEntry]:
+        if opts.source in opts.to:
+            raise InvalidInput(f"--to names {opts.source}, the host being evacuated", "name other hosts in --to")
+        dests = [self.inventory.host(n) for n in opts.to] if opts.to else [
+            h for h in self.inventory.hosts() if h.name != opts.source
+        ]
+        if not dests:
+            raise InvalidInput(
+                f"no host to move {opts.source}'s containers to", "add hosts to the hosts file, or name them with --to"
+            )
+        return dests
+
+    def _settle(self, agent: Agent, dry_run: bool) -> dict[str, str]:
+        """Settle the source's unsettled migrations first (not in a dry run); the containers
+        whose migration is still unsettled, with why."""
+        if not dry_run:
+            for o in agent.call("Recover", pb.RecoverRequest(), timeout=600).outcomes:
+                self.say(f"settled {o.migration_id} ({o.role}): {o.result}: {o.message}")
+        doubtful: dict[str, str] = {}
+        for r in agent.call("ListMigrations", pb.Empty()).migrations:
+            if r.state in ("in_doubt", "in_progress"):
+                doubtful[r.ct] = f"migration {r.migration_id} is {r.state.replace('_', ' ')}: settle it with `phaul recover`"
+        return doubtful
+
+    def _capacities(self, dests: Sequence[HostEntry]) -> tuple[dict[str, Capacity], dict[str, str]]:
+        """Each destination's memory figures, and the destinations that did not answer, with why."""
+        capacities, unreachable = {}, {}
+        for d in dests:
+            try:
+                with self.agent_for(d) as agent:
+                    info = agent.call("Info", pb.Empty(), timeout=30)
+            except PhaulError as e:
+                self.say(f"{d.name} is left out: {e.message}")
+                unreachable[d.name] = f"its agent does not answer ({e.message})"
+                continue
+            capacities[d.name] = Capacity(d.name, info.memory_available, info.memory_committed)
+        return capacities, unreachable
+
+    def _preflight(self, agent: Agent, cts: Sequence[Movable], dests: Sequence[HostEntry]) -> dict[tuple[str, str], Verdict]:
+        def check(ct: str, dest: HostEntry) -> Verdict:
+            try:
+                request = pb.CheckRequest(ct_id=ct, dest_name=dest.name, dest_address=dest.address)
+                reply = agent.call("Check", request, timeout=120)
+            except PhaulError as e:
+                return Verdict(False, e.message)
+            failed = [f"{c.name}: {c.message}" for c in reply.checks if c.status == CheckState.FAILURE]
+            return Verdict(not failed, "; ".join(failed))
+
+        pairs = [(c.ct, d) for c in cts for d in dests]
+        with futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
+            results = list(pool.map(lambda p: check(*p), pairs))
+        return {(ct, d.name): v for (ct, d), v in zip(pairs, results, strict=True)}
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, evacuation: Evacuation, opts: EvacuationOptions, on_progress: Progress) -> None:
+        """Migrate every planned container, `evacuation.parallel` at a time; fills in the rows."""
+        source = self.inventory.host(evacuation.source)
+        todo = [r for r in evacuation.rows if r.outcome == Outcome.PLANNED]
+        with futures.ThreadPoolExecutor(evacuation.parallel) as pool:
+            running = [pool.submit(self._move, source, row, opts, on_progress) for row in todo]
+            try:
+                futures.wait(running)
+            except KeyboardInterrupt:
+                self.stop.set()
+                self.say("interrupted: no more migrations start; waiting for those under way (run evacuate again to go on)")
+                futures.wait(running)
+        for row in todo:
+            if row.outcome == Outcome.PLANNED:
+                row.outcome, row.reason = Outcome.NOT_STARTED, "interrupted before its turn"
+
+    def _move(self, source: HostEntry, row: Row, opts: EvacuationOptions, on_progress: Progress) -> None:
+        assert row.dest is not None
+        dest = self.inventory.host(row.dest)
+        request = pb.MigrateRequest()
+        request.CopyFrom(opts.request)
+        request.ct_id, request.dest_name, request.dest_address = row.ct, dest.name, dest.address
+        give_up = time.monotonic() + BUSY_GIVE_UP_S
+        sink = (lambda p: on_progress(row.ct, p)) if on_progress else None
+        while not self.stop.is_set():
+            self.say(f"{row.ct}: {source.name} -> {dest.name}")
+            try:
+                with self.agent_for(source) as agent:
+                    _fill(row, migrate_call.run(agent, request, source.name, sink))
+            except Busy as e:
+                if time.monotonic() > give_up:
+                    row.outcome, row.reason = Outcome.STAYED, e.message
+                    return
+                self.stop.wait(BUSY_RETRY_S)
+                continue
+            except PhaulError as e:
+                row.outcome = Outcome.IN_DOUBT if e.exit_code == ExitCode.IN_DOUBT else Outcome.STAYED
+                row.reason = e.message
+            self.say(f"{row.ct}: {row.outcome.value} {row.reason}".rstrip())
+            return
+
+
+def _planned(p: Placement) -> Row:
+    if p.dest is None:
+        return Row(p.ct, None, Outcome.STAYED, f"no destination: {p.reason}")
+    return Row(p.ct, p.dest, Outcome.PLANNED, p.reason)
+
+
+def _fill(row: Row, report: Report) -> None:
+    row.outcome = {Result.OK: Outcome.MOVED, Result.ROLLED_BACK: Outcome.ROLLED_BACK,
+                   Result.IN_DOUBT: Outcome.IN_DOUBT}.get(report.result, Outcome.FAILED)
+    row.migration_id = report.migration_id
+    row.reason = report.error or f"{report.memory_method}, frozen {report.frozen_ms:.0f} ms"
+    pauses = report.pauses_ms
+    row.pause_longest_ms, row.pause_total_ms = max(pauses, default=0.0), sum(pauses)
+    row.bytes_sent = report.bytes_sent + report.fs_bytes_sent
