@@ -349,3 +349,22 @@ def test_doctor_reports_ipv6() -> None:
 
     [check] = [c for c in doctor.run_checks() if c.name == "ipv6"]
     assert check.status == "pass" and check.detail.startswith("IPv6 usable"), check  # this machine has ::1
+
+
+def test_agent_toml_addresses(tmp_path: Path) -> None:
+    """agent.toml's listen and advertise go through the same parser, its messages naming the key."""
+    from phaul.agent.config import load_config
+
+    path = tmp_path / "agent.toml"
+    rest = f'name = "{HOST}"\nadmins = ["admin"]\n[tls]\ncert = "a.crt"\nkey = "a.key"\nca = "ca.crt"\n'
+    path.write_text('listen = "[::]:7473"\nadvertise = "Alpha.Example.NET"\n' + rest)
+    cfg = load_config(path)
+    assert agent_endpoints(cfg.listen, cfg.advertise)[1] == parse_endpoint("alpha.example.net:7473")
+    for listen, problem, fix in (
+        ("[::]:7473", f"`listen` in {path} [::]:7473 is every address of this host", f"add `advertise` in {path}"),
+        ("fd00::1:7473", f"`listen` in {path} 'fd00::1:7473': an IPv6 address needs brackets", "[ADDRESS]:PORT"),
+    ):
+        path.write_text(f'listen = "{listen}"\n' + rest)
+        with pytest.raises(InvalidInput) as e:
+            load_config(path)
+        assert e.value.message.startswith(problem) and fix in e.value.hint, (e.value.message, e.value.hint)
