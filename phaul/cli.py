@@ -19,11 +19,13 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.errors import ExitCode, InvalidInput, NotFound, PhaulError, ToolFailed
+from phaul.controls import follow, source_of
+from phaul.errors import ExitCode, InDoubt, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.fleet import migrate_call
 from phaul.hosts import HostEntry, HostsFile, PkiFiles, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force
+from phaul.migration.report import Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.validate import check_id, parse_size
@@ -253,9 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
         "container, peer, last step, state (running, ok, rolled_back, failed, in_doubt). A migration in_doubt "
         "is settled by `phaul recover ID`.",
     )
-    ms.add_argument("--json", action="store_true", help="print the list as JSON")
+    ms.add_argument("--json", action="store_true", help="print the list as JSON (with --follow: one JSON line per event)")
+    ms.add_argument("--follow", nargs="?", const="", default=None, metavar="ID",
+                    help="show the live progress of migration ID (default: the one running on --host) until it ends: "
+                    "phase, round, bytes sent, rate, predicted pause; exit status as `migrate`'s")
     _connection_options(ms)
     ms.set_defaults(func=cmd_migrations)
+    ab = sub.add_parser(
+        "abort", help="abort a running migration before its commit (the container keeps running on its source)",
+        description="Ask the source agent of MIGRATION-ID to abort it: before its commit it rolls back (the "
+        "container runs on its source again, the destination is cleaned); after the commit the abort is refused "
+        "(exit 2), the container running on the destination. Waits for the rollback. The source host is --host, "
+        "else the host of the hosts file whose journal has the migration as its source. Exit status: 0 rolled "
+        "back, 1 it ended otherwise, 2 refused (unknown ID, already committed or ended), 3 in doubt.",
+    )
+    ab.add_argument("migration_id", metavar="MIGRATION-ID", help="the migration (see `phaul migrations`)")
+    ab.add_argument("--no-wait", action="store_true", help="return once the abort is taken, without waiting for the rollback")
+    ab.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _connection_options(ab)
+    ab.set_defaults(func=cmd_abort)
     r = sub.add_parser(
         "recover", help="settle migrations left in doubt (all of --host's, or MIGRATION-ID)",
         description="Ask both agents what they hold and finish the migration one way or the other: the "
@@ -739,7 +757,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     show_progress = not args.json and sys.stderr.isatty()
     with _agent(args) as agent:
         report = migrate_call.run(agent, request, args.host, _print_progress if show_progress else None,
-                                  None if args.json else _print_started)  # --json: the report carries the ID
+                                  None if args.json else _print_started,  # --json: the report carries the ID
+                                  ctrl_c_aborts=True)
     print(output.dumps(output.report(report)) if args.json else report.to_table())
     return migrate_call.exit_code(report)
 
@@ -781,6 +800,8 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
+    if args.follow is not None:
+        return cmd_follow(args)
     with _agent(args) as agent:
         records = agent.call("ListMigrations", pb.Empty()).migrations
     doc = output.migrations(records)
@@ -795,6 +816,72 @@ def cmd_migrations(args: argparse.Namespace) -> int:
             f"{r['started_at']}"
         )
     return ExitCode.OK
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    """`migrations --follow [ID]`: one line (or JSON line) per event until the migration's end."""
+    mid = check_id(args.follow, "migration ID") if args.follow else ""
+    if mid:
+        _find_source(args, mid)
+    def show(event: pb.FollowEvent) -> None:
+        print(output.dumps_line(output.follow_event(event)) if args.json else follow_line(event), flush=True)
+
+    with _agent(args) as agent:
+        try:
+            report = follow(agent, mid, show)
+        except KeyboardInterrupt:
+            return ExitCode.OK  # stops following; the migration goes on
+    if report is None:
+        raise InDoubt(f"the agent on {args.host} stopped the progress of {mid or 'its migration'} before its end",
+                      migrate_call.in_doubt_hint(args.host, mid))
+    return migrate_call.exit_code(report)
+
+
+def follow_line(e: pb.FollowEvent) -> str:
+    """One followed event as a terminal line."""
+    head = f"{e.migration_id} {e.ct} {e.source}->{e.destination}"
+    if e.HasField("report"):
+        r = e.report
+        why = f" (aborted by {r.aborted_by})" if r.aborted_by else (f": {r.error}" if r.error else "")
+        return f"{head}: {r.result.upper()}{why}"
+    return f"{head} {migrate_call.progress_line(e.progress).strip()}  [{e.total_bytes / (1 << 20):.1f} MiB sent in all]"
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    """`phaul abort MIGRATION-ID`: ask its source agent, then wait for the outcome."""
+    mid = check_id(args.migration_id, "migration ID")
+    _find_source(args, mid)
+    with _agent(args) as agent:
+        asked = agent.call("AbortMigration", pb.AbortRequest(migration_id=mid), timeout=30)
+        if not args.json:
+            print(f"aborting migration {mid} ({asked.ct} to {asked.destination}) at step {asked.step}", file=sys.stderr)
+        report = None if args.no_wait else follow(agent, mid)
+    if report is None and not args.no_wait:
+        raise InDoubt(f"the progress of migration {mid} stopped before its end",
+                      migrate_call.in_doubt_hint(args.host, mid))
+    if args.json:
+        print(output.dumps(output.abort(asked, report.result if report is not None else "aborting", report)))
+    elif report is not None:
+        print(report.to_table())
+    if report is None:
+        return ExitCode.OK  # --no-wait: the abort is taken
+    return {Result.ROLLED_BACK: ExitCode.OK, Result.IN_DOUBT: ExitCode.IN_DOUBT}.get(report.result, ExitCode.FAILED)
+
+
+def _find_source(args: argparse.Namespace, migration_id: str) -> None:
+    """Without --host (or $PHAUL_HOST): the host whose journal has the migration as its source."""
+    if args.host is not None or os.environ.get(HOST_ENV):
+        return
+    hosts = _hosts(args).hosts
+    agents: dict[str, Agent] = {}
+    try:
+        for name in hosts:
+            args.host = name
+            agents[name] = _agent(args)
+        args.host = source_of(agents, migration_id)
+    finally:
+        for a in agents.values():
+            a.close()
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

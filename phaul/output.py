@@ -30,7 +30,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCHEMAS = {
     "migrate": "report", "ct list": "containers", "pki list": "certificates", "doctor": "doctor", "check": "checks",
     "migrations": "migrations", "recover": "outcomes", "lab status": "lab-status", "error": "error",
-    "evacuate": "evacuation",
+    "evacuate": "evacuation", "migrations --follow": "follow", "abort": "abort",
 }  # fmt: skip
 
 Document = dict[str, Any]
@@ -44,6 +44,11 @@ def schema_path(name: str) -> Path:
 def dumps(document: Document) -> str:
     """A document as the CLI prints it."""
     return json.dumps(document, indent=2)
+
+
+def dumps_line(document: Document) -> str:
+    """A document as one line (JSON lines: `migrations --follow --json`)."""
+    return json.dumps(document)
 
 
 def _doc(**fields: Any) -> Document:
@@ -100,6 +105,26 @@ def outcomes(items: Iterable[Any]) -> Document:
     """`phaul recover --json` (schema: outcomes); `items` are RecoverOutcome messages."""
     return _doc(outcomes=[{"migration_id": o.migration_id, "role": o.role, "result": o.result, "message": o.message}
                           for o in items])
+
+
+def follow_event(e: Any) -> Document:
+    """One line of `phaul migrations --follow --json` (schema: follow); `e` is a FollowEvent message."""
+    p, r = e.progress, e.report
+    ended = e.HasField("report")
+    return _doc(
+        migration_id=e.migration_id, ct=e.ct, source=e.source, destination=e.destination,
+        event="end" if ended else "progress", phase="" if ended else p.phase, round=p.round, bytes_sent=p.bytes_sent,
+        total_bytes=e.total_bytes, rate=p.rate, dirty_rate=p.dirty_rate, predicted_pause_ms=p.predicted_frozen_ms,
+        message=p.message, result=r.result if ended else "", error=r.error, aborted_by=r.aborted_by,
+    )
+
+
+def abort(asked: Any, result: str, r: Report | None) -> Document:
+    """`phaul abort --json` (schema: abort); `asked` is the AbortReply message, `r` the report once it ended."""
+    return _doc(
+        migration_id=asked.migration_id, ct=asked.ct, destination=asked.destination, step=asked.step, result=str(result),
+        aborted_by=r.aborted_by if r is not None else "", error=r.error if r is not None else "",
+    )
 
 
 def lab_status(status: dict[str, Any]) -> Document:

@@ -160,6 +160,13 @@ def test_roles_are_kept_apart(agent: RunningAgent) -> None:
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
     code, _ = _call(agent, SERVICE.methods_by_name["Abort"], pb.MigrationRef(migration_id="m1"), "admin")
     assert code == grpc.StatusCode.PERMISSION_DENIED
+    # aborting and following migrations are the admins': a peer is refused, an unknown ID named
+    code, details = _call(agent, SERVICE.methods_by_name["AbortMigration"], pb.AbortRequest(migration_id="m1"), "peer1")
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
+    code, details = _call(agent, SERVICE.methods_by_name["AbortMigration"], pb.AbortRequest(migration_id="m1"), "admin")
+    assert code == grpc.StatusCode.NOT_FOUND and "no migration m1" in details
+    code, details = _call(agent, SERVICE.methods_by_name["FollowMigration"], pb.FollowRequest(), "admin")
+    assert code == grpc.StatusCode.NOT_FOUND and "no migration runs" in details
     # a peer may only act on the migrations it takes part in, and only as the source it claims to be
     prep = pb.PrepareRequest(migration_id="m1", source_name=HOST, config=pb.ContainerConfig(id="ct9"))
     code, details = _call(agent, SERVICE.methods_by_name["Prepare"], prep, "peer1")

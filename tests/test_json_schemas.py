@@ -203,6 +203,35 @@ def test_migrations_and_recover(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     assert rc == 3 and [o["result"] for o in shown["outcomes"]] == ["rolled_back", "in_progress"]
 
 
+def test_follow_and_abort(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], hosts_file: Path) -> None:
+    report = messages.report_to_proto(_report(Result.ROLLED_BACK, error="aborted by admin (`phaul abort`)",
+                                              aborted_by="admin (`phaul abort`)"))
+    head = {"migration_id": "m-20261207-1a2b", "ct": "web", "source": "alpha", "destination": "beta"}
+    events = [
+        pb.FollowEvent(**head, progress=pb.Progress(phase="fs-presync", message="copying", bytes_sent=4096),
+                       total_bytes=4096),
+        pb.FollowEvent(**head, progress=pb.Progress(phase="precopy", round=1, bytes_sent=1 << 26, rate=9e7, dirty_rate=2e6,
+                                                    predicted_frozen_ms=140.0, message="round 1"),
+                       total_bytes=(1 << 26) + 4096),
+        pb.FollowEvent(**head, report=report, total_bytes=(1 << 26) + 4096),
+    ]
+    rc, out, _ = _run(monkeypatch, capsys, hosts_file, _Agent({}, events), "--host", "alpha", "migrations", "--follow",
+                      "m-20261207-1a2b", "--json")
+    lines = [check("follow", line) for line in out.splitlines()]
+    assert rc == 1 and [e["event"] for e in lines] == ["progress", "progress", "end"]
+    assert lines[1]["predicted_pause_ms"] == 140.0 and lines[2]["result"] == "rolled_back"
+    assert lines[2]["aborted_by"] == "admin (`phaul abort`)"
+
+    asked = pb.AbortReply(migration_id="m-20261207-1a2b", ct="web", destination="beta", step="precopy")
+    rc, out, _ = _run(monkeypatch, capsys, hosts_file, _Agent({"AbortMigration": asked}, events), "--host", "alpha",
+                      "abort", "m-20261207-1a2b", "--json")
+    shown = check("abort", out)
+    assert rc == 0 and shown["result"] == "rolled_back" and shown["step"] == "precopy"
+    rc, out, _ = _run(monkeypatch, capsys, hosts_file, _Agent({"AbortMigration": asked}), "--host", "alpha",
+                      "abort", "m-20261207-1a2b", "--no-wait", "--json")
+    assert rc == 0 and check("abort", out)["result"] == "aborting"
+
+
 def test_pki_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "pki"
     pki.init_ca(d)

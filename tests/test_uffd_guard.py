@@ -7,6 +7,7 @@ reading a zero."""
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import signal
 import socket
@@ -55,9 +56,17 @@ def _task_and_daemon() -> tuple[subprocess.Popen[str], subprocess.Popen[bytes]]:
     # the daemon: holds the uffd (inherited) and waits, as CRIU's lazy-pages would between faults
     daemon = subprocess.Popen(["sleep", "600"], pass_fds=(uffd,))
     os.close(uffd)
-    wait_for(lambda: any(os.readlink(f"/proc/{daemon.pid}/fd/{n}") == "anon_inode:[userfaultfd]"
-                         for n in os.listdir(f"/proc/{daemon.pid}/fd")), what="the daemon to hold the uffd")
+    wait_for(lambda: _holds_uffd(daemon.pid), what="the daemon to hold the uffd")
     return task, daemon
+
+
+def _holds_uffd(pid: int) -> bool:
+    """Whether `pid` holds a userfaultfd (its descriptors change while it execs: one listed may be gone)."""
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]":
+                return True
+    return False
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from phaul.agent.budget import Budget, CallBudgets
 from phaul.agent.config import restart_needed
 from phaul.agent.host import Host, check_access
 from phaul.agent.notify import Notifier
+from phaul.agent.running import RunningMigrations
 from phaul.agent.signals import Signal, Signals
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
@@ -43,12 +44,13 @@ from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
 from phaul.endpoint import agent_endpoints, parse_endpoint
-from phaul.errors import Busy, InvalidInput, NotFound, PhaulError, Refused
+from phaul.errors import Busy, Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux import procfs, pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import choice
 from phaul.migration import preflight
 from phaul.migration.dest import Destination
+from phaul.migration.journal import JournalEntry
 from phaul.migration.recovery import Active, Recovery
 from phaul.migration.source import SourceMigration
 from phaul.migration.steps import NO_HOOK, StepHook
@@ -68,7 +70,8 @@ PEER_METHODS = frozenset({
     "MigrationStatus", "MigrationDecision", "PeerCheck",
 })
 ANY_METHODS = frozenset({"Info"})  # admins and peers
-# Every other method (containers, Migrate, ListMigrations, Recover, Check) is for admins only.
+# Every other method (containers, Migrate, ListMigrations, Recover, Check, AbortMigration,
+# FollowMigration) is for admins only.
 
 MAX_REQUEST = 1 << 20  # bytes: the largest request an agent accepts
 EXEC_TIMEOUT_MAX = 600.0  # s
@@ -163,6 +166,7 @@ class Servicer(pb_grpc.AgentServicer):
         self.dest = Destination(host)
         self.journal = host.journal
         self.active = Active()
+        self.running = RunningMigrations()  # the source migrations under way: abort, follow
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
         self._migrations = threading.BoundedSemaphore(max_migrations)
         limits = host.limits
@@ -293,19 +297,22 @@ class Servicer(pb_grpc.AgentServicer):
                 raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
             migration = SourceMigration(
                 self.host, request.ct_id, request.dest_name, request.dest_address, options,
-                lambda p: events.put(pb.MigrateEvent(progress=p)),
+                lambda p: self._progress(events, migration, p),
             )
             self.active.add(migration.id)
+            self.running.add(migration)
             migration.preflight()
         except PhaulError as e:
             if migration is not None:
                 self.active.discard(migration.id)
+                self.running.end(migration.id, pb.Report(migration_id=migration.id, result="refused", error=str(e)))
             if slot:
                 self._migrations.release()
             context.abort(status_code(e), str(e))
         except Exception as e:
             if migration is not None:
                 self.active.discard(migration.id)
+                self.running.end(migration.id, pb.Report(migration_id=migration.id, result="refused", error=str(e)))
             if slot:
                 self._migrations.release()
             log.exception("Migrate failed before it began")
@@ -315,8 +322,9 @@ class Servicer(pb_grpc.AgentServicer):
 
         def run() -> None:
             try:
-                report = running.run()
-                events.put(pb.MigrateEvent(report=messages.report_to_proto(report)))
+                report = messages.report_to_proto(running.run())
+                events.put(pb.MigrateEvent(report=report))
+                self.running.end(running.id, report)
             finally:
                 self.active.discard(running.id)
                 self._migrations.release()
@@ -328,6 +336,72 @@ class Servicer(pb_grpc.AgentServicer):
             yield event
             if event.HasField("report"):
                 return
+
+    def _progress(self, events: queue.Queue[pb.MigrateEvent], migration: SourceMigration | None, p: pb.Progress) -> None:
+        """A progress event: to Migrate's stream and to the migration's watchers."""
+        events.put(pb.MigrateEvent(progress=p))
+        if migration is not None:
+            self.running.publish(migration.id, p)
+
+    # -- control of running migrations ---------------------------------------------
+
+    @_rpc
+    def AbortMigration(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        """Abort a running migration (by ID, or the container's) before its commit; refused after."""
+        via = "Ctrl-C on `phaul migrate`" if request.ct and not request.migration_id else "`phaul abort`"
+        if request.migration_id:
+            m = self.running.get(check_id(request.migration_id, "migration ID"))
+            if m is None:
+                raise self._not_running(request.migration_id)
+        else:
+            m = self.running.of_ct(self._ct(request.ct))
+            if m is None:
+                raise NotFound(f"no migration of {request.ct} runs on {self.host.name}",
+                               f"see `phaul --host {self.host.name} migrations`")
+        step = m.step
+        m.abort(f"{_peer_name(context)} ({via})")
+        return pb.AbortReply(migration_id=m.id, ct=m.ct_id, destination=m.dest_name, step=step)
+
+    def _not_running(self, migration_id: str) -> PhaulError:
+        """Why migration `migration_id`, not running here, cannot be aborted or followed live."""
+        host = self.host.name
+        try:
+            e = self.journal.get(migration_id)
+        except NotFound:
+            return NotFound(f"no migration {migration_id} on {host}",
+                            f"check the ID with `phaul --host {host} migrations` (or ask its source host with --host)")
+        if e.role == "destination":
+            return Conflict(f"{host} is the destination of migration {migration_id}; its source {e.peer} runs it",
+                           f"phaul --host {e.peer} abort {migration_id}")
+        if not e.settled:
+            return Conflict(f"migration {migration_id} is in doubt on {host} (not running)",
+                            f"settle it: `phaul --host {host} recover {migration_id}`")
+        return Conflict(f"migration {migration_id} already ended on {host}: {e.result}"
+                        + (f" ({e.error})" if e.error else ""), "nothing to abort")
+
+    def FollowMigration(self, request: pb.FollowRequest, context: grpc.ServicerContext) -> Iterator[pb.FollowEvent]:
+        """Progress of a running migration until its report; one ended shows how it ended."""
+        _authorize(self.host, "FollowMigration", context)
+        try:
+            check_message(request)
+            if request.migration_id:
+                mid = check_id(request.migration_id, "migration ID")
+            else:
+                newest = self.running.newest()
+                if newest is None:
+                    raise NotFound(f"no migration runs on {self.host.name}",
+                                   f"name one: `phaul --host {self.host.name} migrations --follow ID`")
+                mid = newest.id
+            events = self.running.watch(mid, context.is_active)
+            if events is None:  # it ended (or never ran here): how it ended, from the journal
+                e = self.journal.get(mid)
+                if e.role != "source":
+                    raise self._not_running(mid)
+                events = iter([_ended(e, self.host.name)])
+        except PhaulError as e:
+            context.abort(status_code(e), str(e))
+            return
+        yield from events
 
     # -- migration, destination side ----------------------------------------------
 
@@ -455,6 +529,13 @@ class Servicer(pb_grpc.AgentServicer):
         else:
             outcomes = self.recovery.settle_all()
         return pb.RecoverReply(outcomes=[messages.outcome_to_proto(o) for o in outcomes])
+
+
+def _ended(e: JournalEntry, host: str) -> pb.FollowEvent:
+    """The last event of a source migration that ended: its journal's account."""
+    report = pb.Report(migration_id=e.migration_id, result=e.result or "in_doubt", ct=e.ct, source=host,
+                       destination=e.peer, error=e.error, started_at=e.started_at)
+    return pb.FollowEvent(migration_id=e.migration_id, ct=e.ct, source=host, destination=e.peer, report=report)
 
 
 def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], AgentConfig] | None = None) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from phaul.channels.transport import SECRET_USER, TLS_RSH, Credentials, TlsEndpoint, rsh_env
 from phaul.errors import InvalidInput, ToolFailed
+from phaul.migration.cancel import Cancellation
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class RsyncSender:
 
     def __init__(
         self, creds: Credentials, peer: str, peer_name: str, link_timeout: float, secret: str, bwlimit: int = 0,
+        cancel: Cancellation | None = None,
     ) -> None:
+        self.cancel = cancel  # an abort of the migration ends a push under way
         self.env = {**os.environ, **rsh_env(creds, peer, peer_name, link_timeout), "RSYNC_PASSWORD": secret}
         self.bwlimit = bwlimit
         self.link_timeout = link_timeout
@@ -135,7 +138,7 @@ class RsyncSender:
         args += [f"--exclude={e}" for e in excludes]
         args += [f"{src}/", f"{SECRET_USER}@peer::{dest}/"]
         t0 = time.monotonic()
-        proc = subprocess.run(args, env=self.env, capture_output=True, text=True)
+        proc = self._run(args)
         ms = (time.monotonic() - t0) * 1000
         if live and proc.returncode in _LIVE_CHANGES:
             log.info("rsync of %s: files changed while it ran (exit %d); the next sync sends them", src, proc.returncode)
@@ -148,6 +151,17 @@ class RsyncSender:
         sent = int(re.sub(r"[,.]", "", m.group(1))) if m else 0
         log.debug("rsync %s -> %s: %d bytes in %.0f ms", src, dest, sent, ms)
         return SyncStats(sent, ms)
+
+    def _run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        """Run rsync; an abort of the migration kills it (then raises Aborted)."""
+        with subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+            if self.cancel is None:
+                out, err = p.communicate()
+            else:
+                with self.cancel.interruptible(p):
+                    out, err = p.communicate()
+                self.cancel.check()
+        return subprocess.CompletedProcess(args, p.returncode, out, err)
 
 
 class FsSync(ABC):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from phaul.channels import messages
 from phaul.channels.client import Agent
+from phaul.controls import LeftRunning, migrate_events
 from phaul.errors import ExitCode, InDoubt, LinkBroken, PhaulError, Unreachable
 from phaul.migration.report import Report, Result
 from phaul.rpc import phaul_pb2 as pb
@@ -17,9 +18,13 @@ ProgressSink = Callable[[pb.Progress], None]
 StartedSink = Callable[[str], None]  # gets the migration's ID, before anything else
 
 
-def run(agent: Agent, request: pb.MigrateRequest, source: str, on_progress: ProgressSink | None = None,
-        on_started: StartedSink | None = None) -> Report:
+def run(
+    agent: Agent, request: pb.MigrateRequest, source: str, on_progress: ProgressSink | None = None,
+    on_started: StartedSink | None = None, ctrl_c_aborts: bool = False,
+) -> Report:
     """Ask the source agent `agent` (host `source`) to run `request` and return its report.
+    `ctrl_c_aborts`: Ctrl-C asks the agent to abort it and the report still comes; a second
+    one raises LeftRunning (phaul.controls.migrate_events).
 
     Raises the agent's own refusal (nothing changed: InvalidInput, Conflict, Busy...) as it is,
     Unreachable when no connection was made, and InDoubt when the migration may have started
@@ -28,8 +33,9 @@ def run(agent: Agent, request: pb.MigrateRequest, source: str, on_progress: Prog
     started = False
     mid = ""
     report: Report | None = None
+    events = migrate_events(agent, request, source) if ctrl_c_aborts else agent.stream("Migrate", request)
     try:
-        for event in agent.stream("Migrate", request):
+        for event in events:
             started = True  # the agent sends events only once the migration runs
             if event.HasField("started"):
                 mid = event.started.migration_id
@@ -39,6 +45,8 @@ def run(agent: Agent, request: pb.MigrateRequest, source: str, on_progress: Prog
                 on_progress(event.progress)
             elif event.HasField("report"):
                 report = messages.report_from_proto(event.report)
+    except LeftRunning:
+        raise
     except PhaulError as e:
         if started or not agent_decided(e):
             raise InDoubt(

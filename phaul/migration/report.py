@@ -73,6 +73,7 @@ class Report:
     postcopy_bytes: int = 0  # post-copy: the pages that crossed after the resume (counted in bytes_sent)
     started_at: str = ""
     phases_ms: dict[str, float] = field(default_factory=dict)  # phaul's timings of the frozen phase
+    aborted_by: str = ""  # rolled back on request (`phaul abort`, Ctrl-C on migrate): who asked
 
     @property
     def pauses_ms(self) -> list[float]:
@@ -116,6 +117,8 @@ class Report:
         for label, timings in zip(("CRIU", "while frozen"), self._timings(), strict=True):
             if timings:
                 rows.append((label, ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())))
+        if self.aborted_by:
+            rows.append(("aborted by", self.aborted_by))
         if self.error:
             rows.append(("error", self.error))
         lines += [f"  {k:<15} {v}" for k, v in rows]

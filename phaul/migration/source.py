@@ -58,6 +58,7 @@ from phaul.memory.choice import MiB
 from phaul.memory.page_stream import PageStream
 from phaul.memory.rounds import run_rounds
 from phaul.migration import failure, preflight
+from phaul.migration.cancel import Aborted, Cancellation
 from phaul.migration.copies import wait_until
 from phaul.migration.logs import MigrationLog
 from phaul.migration.report import Report, Result, Round
@@ -119,6 +120,7 @@ class SourceMigration:
             started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
         self.held = Held()
+        self.cancel = Cancellation()  # `abort` asks; the steps check (phaul.migration.cancel)
         self._sender: RsyncSender
         self._secret = ""  # the destination's data-channel secret (Prepare's reply)
         self._memory_bytes = 0  # the container's memory, as preflight measured it
@@ -158,6 +160,9 @@ class SourceMigration:
             if not isinstance(e, PhaulError):
                 self.log.exception("failed unexpectedly")
             self.report.error = str(e)
+            if self.cancel.requested_by and not self.held.committed:  # what failed was ended by the abort
+                self.report.aborted_by = self.cancel.requested_by
+                self.report.error = Aborted(f"aborted by {self.cancel.requested_by}").message
             self.report.result = failure.settle(self)
         finally:
             self.stop_network_watch()
@@ -218,7 +223,7 @@ class SourceMigration:
             write_secret(self.dir / "page-link.secret", self._secret)
         self._sender = RsyncSender(
             self.host.creds, str(data), self.dest_name, self.host.timeouts.link, self._secret,
-            self.options.bandwidth,
+            self.options.bandwidth, self.cancel,
         )
 
     def _migrate(self) -> None:
@@ -428,9 +433,11 @@ class SourceMigration:
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
         reply = self.dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
-        stream = self._dest.with_port(parse_endpoint(reply.address, "page stream address").port)
-        env = {**os.environ, **rsh_env(self.host.creds, str(stream), self.dest_name, self.host.timeouts.link)}
-        return PageStream(env, self._secret)
+        at = self._dest.with_port(parse_endpoint(reply.address, "page stream address").port)
+        env = {**os.environ, **rsh_env(self.host.creds, str(at), self.dest_name, self.host.timeouts.link)}
+        stream = PageStream(env, self._secret)
+        self.cancel.watch(stream.proc)  # an abort ends the final transfer
+        return stream
 
     def _apply_pages(self) -> float:
         """Ask the destination to apply the page delta just pushed; its ms."""
@@ -484,6 +491,7 @@ class SourceMigration:
         removal (`remove_source`) waits until the destination's copy runs."""
         gate, dump = self.held.gate, self.held.dump
         assert gate is not None and dump is not None
+        self.cancel.commit_point()  # an abort asked before this rolls back; one asked after is refused
         if self.held.method is not None and self.held.method.lazy:
             # Post-copy: the destination holds its copy and every task's userfaultfd; the
             # frozen source tree (serving pages) never runs again. _await_pages ends it.
@@ -592,6 +600,21 @@ class SourceMigration:
                 if self.held.lost or ARRIVING_MARK not in e.message or time.monotonic() > deadline:
                     raise
 
+    @property
+    def step(self) -> str:
+        """The step it has reached (the last journaled)."""
+        return self._journaled or "preflight"
+
+    def abort(self, by: str) -> None:
+        """Ask the migration to abort (`by`: who asks): before the commit it rolls back
+        (`run`'s report says so); after it, raises Conflict saying why it cannot."""
+        where = "runs" if self._journaled in ("resume", "postcopy", "cleanup") else "is starting"
+        self.cancel.request(
+            by, f"migration {self.id} is already committed: {self.ct_id} {where} on {self.dest_name}",
+            lambda: self.journal.record(self.id, "source", "abort-requested", by=by),
+        )
+        self.log.warning("abort asked by %s", by)
+
     def _source_dead(self) -> bool:
         """True once no process of the source copy can run again (all gone or
         zombies); without a freezer cgroup to look into, once its dump has ended."""
@@ -636,9 +659,17 @@ class SourceMigration:
     # -- helpers ------------------------------------------------------------------
 
     def _phase(self, phase: str, message: str, bytes_sent: int = 0) -> None:
+        # A step boundary: an abort asked before it (or while the step's hook held it) rolls
+        # back from here; one asked during preflight at the first step after it, so that it
+        # rolls back like any other (preflight's own failures are refusals).
+        boundary = phase != "preflight"
+        if boundary:
+            self.cancel.check()
         self.log.info("%s: %s", phase, message)
         self._journal_step(phase)
         self._hook(phase)
+        if boundary:
+            self.cancel.check()
         self.emit(pb.Progress(phase=phase, message=message, bytes_sent=bytes_sent))
 
     def _round_boundaries(self, emit: Emit) -> Emit:
@@ -651,6 +682,7 @@ class SourceMigration:
                 step = precopy_round(p.round)
                 self._journal_step(step)
                 self._hook(step)
+                self.cancel.check()
 
         return wrapped
 

@@ -211,7 +211,7 @@ class FinishReply(_message.Message):
     def __init__(self, postcopy_bytes: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("migration_id", "result", "ct", "source", "destination", "memory_method", "rounds", "frozen_ms", "total_ms", "bytes_sent", "fs_bytes_sent", "criu_ms", "error", "stop_reason", "started_at", "method_reason", "postcopy_ms", "postcopy_bytes", "phases_ms")
+    __slots__ = ("migration_id", "result", "ct", "source", "destination", "memory_method", "rounds", "frozen_ms", "total_ms", "bytes_sent", "fs_bytes_sent", "criu_ms", "error", "stop_reason", "started_at", "method_reason", "postcopy_ms", "postcopy_bytes", "phases_ms", "aborted_by")
     class CriuMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class Report(_message.Message):
     POSTCOPY_MS_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PHASES_MS_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_BY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     result: str
     ct: str
@@ -264,7 +265,8 @@ class Report(_message.Message):
     postcopy_ms: float
     postcopy_bytes: int
     phases_ms: _containers.ScalarMap[str, float]
-    def __init__(self, migration_id: _Optional[str] = ..., result: _Optional[str] = ..., ct: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., memory_method: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ..., frozen_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., fs_bytes_sent: _Optional[int] = ..., criu_ms: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., stop_reason: _Optional[str] = ..., started_at: _Optional[str] = ..., method_reason: _Optional[str] = ..., postcopy_ms: _Optional[float] = ..., postcopy_bytes: _Optional[int] = ..., phases_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    aborted_by: str
+    def __init__(self, migration_id: _Optional[str] = ..., result: _Optional[str] = ..., ct: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., memory_method: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ..., frozen_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., fs_bytes_sent: _Optional[int] = ..., criu_ms: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., stop_reason: _Optional[str] = ..., started_at: _Optional[str] = ..., method_reason: _Optional[str] = ..., postcopy_ms: _Optional[float] = ..., postcopy_bytes: _Optional[int] = ..., phases_ms: _Optional[_Mapping[str, float]] = ..., aborted_by: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "round", "bytes_sent", "rate", "dirty_rate", "predicted_frozen_ms", "message")
@@ -482,3 +484,47 @@ class CheckReply(_message.Message):
     CHECKS_FIELD_NUMBER: _ClassVar[int]
     checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
     def __init__(self, checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("migration_id", "ct")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    ct: str
+    def __init__(self, migration_id: _Optional[str] = ..., ct: _Optional[str] = ...) -> None: ...
+
+class AbortReply(_message.Message):
+    __slots__ = ("migration_id", "ct", "destination", "step")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CT_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    ct: str
+    destination: str
+    step: str
+    def __init__(self, migration_id: _Optional[str] = ..., ct: _Optional[str] = ..., destination: _Optional[str] = ..., step: _Optional[str] = ...) -> None: ...
+
+class FollowRequest(_message.Message):
+    __slots__ = ("migration_id",)
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
+
+class FollowEvent(_message.Message):
+    __slots__ = ("migration_id", "ct", "source", "destination", "progress", "total_bytes", "report")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    ct: str
+    source: str
+    destination: str
+    progress: Progress
+    total_bytes: int
+    report: Report
+    def __init__(self, migration_id: _Optional[str] = ..., ct: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., total_bytes: _Optional[int] = ..., report: _Optional[_Union[Report, _Mapping]] = ...) -> None: ...

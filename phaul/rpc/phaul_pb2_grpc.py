@@ -149,6 +149,16 @@ class AgentStub:
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.SerializeToString,
                 response_deserializer=phaul_dot_rpc_dot_phaul__pb2.CheckReply.FromString,
                 _registered_method=True)
+        self.AbortMigration = channel.unary_unary(
+                '/phaul.v1.Agent/AbortMigration',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.AbortRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.AbortReply.FromString,
+                _registered_method=True)
+        self.FollowMigration = channel.unary_stream(
+                '/phaul.v1.Agent/FollowMigration',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.FollowRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.FollowEvent.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -307,6 +317,20 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AbortMigration(self, request, context):
+        """Control of running migrations (CLI -> source agent; admins only): abort one
+        before its commit (it rolls back), follow one's progress until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowMigration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +448,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.PeerCheck,
                     request_deserializer=phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.FromString,
                     response_serializer=phaul_dot_rpc_dot_phaul__pb2.CheckReply.SerializeToString,
+            ),
+            'AbortMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigration,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.AbortRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.AbortReply.SerializeToString,
+            ),
+            'FollowMigration': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowMigration,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.FollowRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.FollowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1047,6 +1081,60 @@ class Agent:
             '/phaul.v1.Agent/PeerCheck',
             phaul_dot_rpc_dot_phaul__pb2.PeerCheckRequest.SerializeToString,
             phaul_dot_rpc_dot_phaul__pb2.CheckReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/AbortMigration',
+            phaul_dot_rpc_dot_phaul__pb2.AbortRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/phaul.v1.Agent/FollowMigration',
+            phaul_dot_rpc_dot_phaul__pb2.FollowRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.FollowEvent.FromString,
             options,
             channel_credentials,
             insecure,
