@@ -48,7 +48,7 @@ class Endpoint:
     @property
     def host_text(self) -> str:
         """The host as written before `:PORT` (an IPv6 address in brackets)."""
-        return f"[{self.host}]" if self.kind is HostKind.IPV6 else self.host
+        return host_text(self.host)
 
     @property
     def grpc_target(self) -> str:
@@ -60,11 +60,6 @@ class Endpoint:
     def is_wildcard(self) -> bool:
         """0.0.0.0 or [::]: every address of the host, which no peer can dial."""
         return self.kind is not HostKind.NAME and ipaddress.ip_address(self.host).is_unspecified
-
-    @property
-    def family(self) -> socket.AddressFamily | None:
-        """AF_INET or AF_INET6 for an address, None for a host name (resolve it first)."""
-        return {HostKind.IPV4: socket.AF_INET, HostKind.IPV6: socket.AF_INET6}.get(self.kind)
 
     def with_port(self, port: int) -> Endpoint:
         """The same host on `port` (a port a peer named: checked)."""
@@ -84,8 +79,14 @@ class Endpoint:
             ) from None
         for fam, _, _, _, sockaddr in infos:
             if fam in (socket.AF_INET, socket.AF_INET6):
+                log.debug("host name %s is %s", self.host, sockaddr[0])
                 return parse_host(str(sockaddr[0]), self.port)
         raise Unreachable(f"host name {self.host!r} has no IPv4 or IPv6 address", "check its DNS records")
+
+
+def host_text(host: str) -> str:
+    """An address or host name as written before `:PORT`: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def parse_endpoint(value: str, what: str = "address", default_port: int | None = None) -> Endpoint:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from phaul.endpoint import HostKind, parse_endpoint, parse_host
+from phaul.endpoint import host_text, parse_endpoint
 from phaul.errors import InvalidInput, ToolFailed
 from phaul.validate import check_id
 
@@ -97,7 +97,7 @@ class TlsEndpoint:
             raise InvalidInput(f"endpoint command {command!r} has characters socat would misparse")
         self.creds = creds
         try:  # an IPv4 or IPv6 address of this host, or a wildcard
-            self.bind = parse_host(str(ipaddress.ip_address(bind)), 1, "data channel bind address")
+            self.bind = ipaddress.ip_address(bind)
         except ValueError:
             raise InvalidInput(f"data channel bind address {bind!r} is not an IP address") from None
         self.peer_name = peer_name
@@ -108,7 +108,7 @@ class TlsEndpoint:
 
     @property
     def address(self) -> str:
-        return f"{self.bind.host_text}:{self.port}"
+        return f"{host_text(str(self.bind))}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -118,10 +118,11 @@ class TlsEndpoint:
     def open(self, log_path: Path, attempts: int = 5) -> str:
         """Start listening; returns ADDR:PORT."""
         for _ in range(attempts):
-            self.port = _free_port(self.bind.host, self.bind.family or socket.AF_INET)
-            pf = "pf=ip6," if self.bind.kind is HostKind.IPV6 else ""
+            v6 = self.bind.version == 6
+            self.port = _free_port(str(self.bind), socket.AF_INET6 if v6 else socket.AF_INET)
+            family = "pf=ip6," if v6 else ""  # socat makes an IPv4 socket unless told
             listen = (
-                f"OPENSSL-LISTEN:{self.port},{pf}bind={self.bind.host_text},reuseaddr,fork,max-children={MAX_CHILDREN},"
+                f"OPENSSL-LISTEN:{self.port},{family}bind={host_text(str(self.bind))},reuseaddr,fork,max-children={MAX_CHILDREN},"
                 f"cert={self.creds.cert},key={self.creds.key},cafile={self.creds.ca},"
                 f"verify=1,commonname={self.peer_name},{TLS_OPTIONS},nodelay,{tcp_options(self.link_timeout)}"
             )
@@ -135,8 +136,8 @@ class TlsEndpoint:
                 return self.address
             self.close()
         raise ToolFailed(
-            f"could not open a data channel on {self.bind.host}",
-            f"see {log_path}; check that socat is installed and {self.bind.host} is this host's address",
+            f"could not open a data channel on {self.bind}",
+            f"see {log_path}; check that socat is installed and {self.bind} is this host's address",
         )
 
     def end_connections(self, keep_root: Path | None = None) -> None:
