@@ -78,12 +78,29 @@ memory methods (--method):
                  --max-downtime, else the shortest pause that costs no more
                  in all than stop-and-copy (postcopy only when asked for, for
                  now); the report says which ran and why
+  --offline      no memory moves: the container is stopped (SIGTERM, SIGKILL
+                 after 10 s), its files synced, and its command started afresh
+                 on HOST; a created or stopped container always moves so and
+                 stays created there (the report's memory_method: offline)
 
 exit status: 0 the container runs on HOST; 1 the migration was rolled back
 (the container still runs here) or failed (the report says where it is); 2 bad
 input or refused before anything changed; 3 in doubt (the migration started
 and its stream broke, or no report came): run `phaul recover`; 4 busy (this
 host already runs its most migrations at once): try again later.
+"""
+
+
+COPY_EPILOG = """\
+A cold copy: the copy's root file system is synced from the source while the
+source runs on (untouched), and the copy's command starts afresh on HOST (a
+copy of a stopped container stays created). The copy starts from the file
+system, not from the memory: it has its own ID, MAC and address (--ip; none
+without it), so two running copies never share an identity.
+
+exit status: 0 the copy is on HOST; 1 it failed and was removed (the source
+is as it was); 2 bad input or refused before anything changed (NEWID exists
+on HOST, the address is in use); 3 in doubt: run `phaul recover`; 4 busy.
 """
 
 
@@ -229,8 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the pre-copy rounds' data rate in bytes/s, e.g. 50M (the frozen phase is never capped)")
     m.add_argument("--force", action="append", default=[], metavar="CHECK",
                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
+    m.add_argument("--offline", action="store_true",
+                   help="restart mode: stop, sync, start on HOST (its memory and connections are not kept)")
     _connection_options(m)
     m.set_defaults(func=cmd_migrate)
+
+    cp = sub.add_parser(
+        "copy", help="a cold copy of a container on HOST under a new ID; the source is left as it is",
+        epilog=COPY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cp.add_argument("id", help="the container to copy")
+    cp.add_argument("dest", metavar="HOST", help="the host the copy is made on")
+    cp.add_argument("--as", dest="copy_as", metavar="NEWID", default=None,
+                    help="the copy's ID (default ID-copy); refused when HOST has a container NEWID")
+    cp.add_argument("--ip", dest="copy_ip", metavar="ADDR/PREFIX", default="",
+                    help="the copy's address on HOST's bridge (never the source's; default: none)")
+    cp.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    cp.add_argument("--force", action="append", default=[], metavar="CHECK",
+                    help="go ahead although preflight check CHECK fails (repeatable; see `phaul check`)")
+    _connection_options(cp)
+    cp.set_defaults(func=cmd_copy)
 
     d = sub.add_parser("doctor", help="what this host has for migration, and what is missing")
     d.add_argument("--json", action="store_true", help="print the checks as JSON")
@@ -297,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "evacuate", help="move every container off HOST (maintenance)",
-        description="Move every running container off HOST to the other hosts of the hosts file (or --to). "
+        description="Move every container off HOST to the other hosts of the hosts file (or --to): running ones "
+        "live, created and stopped ones offline (their files), as `phaul migrate` moves them; a paused one stays. "
         "Unsettled migrations of HOST are settled first (`phaul recover`). Each container goes where its "
         "preflight passes, to the destination with the most memory left after the containers' declared "
         "limits; smallest first. A container that cannot move stays running where it is and is named with "
@@ -728,13 +764,21 @@ def _mib(n: int | None) -> str:
 # -- migrate, doctor ------------------------------------------------------------------
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def _dest_host(args: argparse.Namespace) -> HostEntry:
+    """The destination HOST of `migrate` and `copy`: in the hosts file, not the source."""
     hosts = _hosts(args)
     _host(args)
     dest = hosts.host(check_id(args.dest, "destination host name"))
     if dest.name == args.host:
         raise InvalidInput(f"the destination {dest.name} is the source host (--host {args.host})",
                            "name another host as the destination, or pick the source with --host")
+    return dest
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    dest = _dest_host(args)
+    if args.offline and (args.method or args.precopy):
+        raise InvalidInput("--offline moves no memory: it takes no --method or --precopy", "give only one of them")
     if args.max_rounds < 1:
         raise InvalidInput(
             f"--max-rounds {args.max_rounds} is below 1", "use --max-rounds 1 or more, or --method stop-and-copy for no rounds"
@@ -752,8 +796,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ct_id=check_id(args.id), dest_name=dest.name, dest_address=dest.address, tcp_close=args.tcp == "close",
         method=method, max_rounds=args.max_rounds, max_downtime_ms=args.max_downtime,
         bandwidth=parse_size(args.bandwidth, "bandwidth") if args.bandwidth else 0,
-        force=list(check_force(args.force)),
+        force=list(check_force(args.force)), offline=args.offline,
     )
+    return _run_migrate(args, request)
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    dest = _dest_host(args)
+    ct_id = check_id(args.id)
+    copy_as = check_id(args.copy_as or f"{ct_id}-copy", "copy ID (--as)")
+    if copy_as == ct_id:
+        raise InvalidInput(f"the copy must have an ID of its own, not {ct_id}", "give another one with --as NEWID")
+    request = pb.MigrateRequest(
+        ct_id=ct_id, dest_name=dest.name, dest_address=dest.address, force=list(check_force(args.force)),
+        offline=True, copy_as=copy_as, copy_ip=args.copy_ip,
+    )
+    return _run_migrate(args, request)
+
+
+def _run_migrate(args: argparse.Namespace, request: pb.MigrateRequest) -> int:
+    """Run `request` on the --host agent (`migrate`, `copy`); print the report, return the exit status."""
     show_progress = not args.json and sys.stderr.isatty()
     with _agent(args) as agent:
         report = migrate_call.run(agent, request, args.host, _print_progress if show_progress else None,

@@ -56,6 +56,9 @@ class MigrationOptions:
     max_downtime_ms: int = 300  # pre-copying stops once the predicted freeze is within this
     bandwidth: int = 0  # bytes/s cap of the pre-copy rounds, 0 = none (the frozen phase is never capped)
     force: tuple[str, ...] = ()  # preflight checks whose failure does not stop the migration
+    offline: bool = False  # stop, sync, start (phaul.migration.offline); also when the container is not running
+    copy_as: str = ""  # a copy under this ID, the source left as it is (offline); "": a move
+    copy_ip: str = ""  # the copy's ADDR/PREFIX; "": none
 
 
 @dataclass(frozen=True)

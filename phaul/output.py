@@ -30,7 +30,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 SCHEMAS = {
     "migrate": "report", "ct list": "containers", "pki list": "certificates", "doctor": "doctor", "check": "checks",
     "migrations": "migrations", "recover": "outcomes", "lab status": "lab-status", "error": "error",
-    "evacuate": "evacuation", "migrations --follow": "follow", "abort": "abort",
+    "evacuate": "evacuation", "migrations --follow": "follow", "abort": "abort", "copy": "report",
 }  # fmt: skip
 
 Document = dict[str, Any]

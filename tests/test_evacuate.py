@@ -65,20 +65,21 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
     for host in ("alpha", "beta", "gamma"):  # beta and gamma have a container of this ID: preflight refuses
         lab.phaul("--host", host, "ct", "create", "evstuck", "--memory", "32M")
     lab.phaul("--host", "alpha", "ct", "start", "evstuck", "--", "/bin/sh", "-c", "while :; do sleep 1; done")
+    lab.phaul("--host", "alpha", "ct", "create", "evcold", "--memory", "32M")  # never started: moves offline
     probe = probes.LongProbe("phaul-client", f"{ip}:{PORT}", "--interval-ms", "10")
     try:
         # the plan: every container but evstuck has a destination; nothing changes
         rc, plan, _ = _finish(_evacuate(lab, "--dry-run"))
         rows = {r["ct"]: r for r in plan["containers"]}
-        assert rc == 1 and plan["dry_run"] and set(rows) == {*COUNTERS, "evweb", "evstuck"}, plan
-        assert all(rows[ct]["outcome"] == "planned" for ct in (*COUNTERS, "evweb")), plan
-        assert {rows[ct]["destination"] for ct in (*COUNTERS, "evweb")} == {"beta", "gamma"}, plan  # spread out
+        assert rc == 1 and plan["dry_run"] and set(rows) == {*COUNTERS, "evweb", "evstuck", "evcold"}, plan
+        assert all(rows[ct]["outcome"] == "planned" for ct in (*COUNTERS, "evweb", "evcold")), plan
+        assert {rows[ct]["destination"] for ct in (*COUNTERS, "evweb", "evcold")} == {"beta", "gamma"}, plan  # spread out
         assert plan["parallel"] == 2, plan  # one migration per destination at a time
         assert rows["evstuck"]["outcome"] == "stayed", plan
         for host in ("beta", "gamma"):
             assert f"{host} already has a container evstuck" in rows["evstuck"]["reason"], plan
             assert set(_ids(lab, host)) == {"evstuck"}
-        assert set(_ids(lab, "alpha")) == {*COUNTERS, "evweb", "evstuck"}
+        assert set(_ids(lab, "alpha")) == {*COUNTERS, "evweb", "evstuck", "evcold"}
 
         # interrupted after its first migration: the rest stays on alpha, running
         proc = _evacuate(lab, "--parallel", "1")
@@ -88,7 +89,7 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
         rc, first, err = _finish(proc)
         outcomes = [r["outcome"] for r in first["containers"]]
         assert rc == 1 and "interrupted" in err and "not_started" in outcomes and "ok" in outcomes, first
-        left = {ct for ct, state in _ids(lab, "alpha").items() if state == "running"}
+        left = set(_ids(lab, "alpha"))
         assert {r["ct"] for r in first["containers"] if r["outcome"] in ("not_started", "stayed")} == left
 
         # run again: it goes on with what is left, one per destination at a time
@@ -99,13 +100,14 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
         assert rows["evstuck"]["outcome"] == "stayed" and "ct-id" in rows["evstuck"]["reason"]
         for r in (*first["containers"], *second["containers"]):
             if r["outcome"] == "ok":
-                assert r["pause_longest_ms"] > 0 and r["bytes_sent"] > 0, r
-                assert _ids(lab, r["destination"])[r["ct"]] == "running", r
-                assert r["migration_id"], r
+                assert r["bytes_sent"] > 0 and r["migration_id"], r
+                assert r["ct"] == "evcold" or r["pause_longest_ms"] > 0, r
+                # moved as they were: the never-started one offline, created there
+                assert _ids(lab, r["destination"])[r["ct"]] == ("created" if r["ct"] == "evcold" else "running"), r
 
         assert _ids(lab, "alpha") == {"evstuck": "running"}
         where = {r["ct"]: r["destination"] for r in (*first["containers"], *second["containers"]) if r["outcome"] == "ok"}
-        assert set(where) == {*COUNTERS, "evweb"}
+        assert set(where) == {*COUNTERS, "evweb", "evcold"}
         for ct, mark in marks.items():  # the same processes, counting on
             assert read_memory_mark(lab, where[ct], ct) == mark, ct
             before = lab.counter(where[ct], ct)

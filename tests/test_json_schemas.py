@@ -152,6 +152,17 @@ def test_migrate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
     assert shown["pauses_ms"] == report.pauses_ms
 
 
+def test_copy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], hosts_file: Path) -> None:
+    report = Report(migration_id="m-3", ct="web", source="alpha", destination="beta", result=Result.OK,
+                    memory_method="offline", method_reason="cold copy of web as web2: its file system, its command "
+                    "started afresh, address 10.0.0.9/24")
+    events = [pb.MigrateEvent(progress=pb.Progress(phase="transfer")), pb.MigrateEvent(report=messages.report_to_proto(report))]
+    rc, out, _ = _run(monkeypatch, capsys, hosts_file, _Agent({}, events), "--host", "alpha", "copy", "web", "beta",
+                      "--as", "web2", "--ip", "10.0.0.9/24", "--json")
+    shown = check("report", out)
+    assert rc == 0 and shown["memory_method"] == "offline"
+
+
 def test_ct_list(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], hosts_file: Path) -> None:
     infos = [
         ContainerInfo(id="web", state="running", pid=4242, memory_used=12 << 20, memory_limit=256 << 20, ip="10.213.7.50"),

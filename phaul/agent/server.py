@@ -292,7 +292,11 @@ class Servicer(pb_grpc.AgentServicer):
                 max_downtime_ms=request.max_downtime_ms or defaults.max_downtime_ms,
                 bandwidth=request.bandwidth,
                 force=preflight.check_force(list(request.force)),
+                offline=request.offline, copy_as=check_id(request.copy_as, "copy ID (--as)") if request.copy_as else "",
+                copy_ip=request.copy_ip,
             )
+            if request.copy_ip and not request.copy_as:
+                raise InvalidInput("an address (--ip) is for a copy only", "give the copy's ID with --as, or leave out --ip")
             if options.method not in choice.REQUESTS:
                 raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
             migration = SourceMigration(
@@ -329,7 +333,11 @@ class Servicer(pb_grpc.AgentServicer):
                 self.active.discard(running.id)
                 self._migrations.release()
 
-        events.put(pb.MigrateEvent(started=pb.Started(migration_id=running.id)))  # the client's first line
+        # The ID goes first, before preflight's progress (sent only now: a refused preflight sends no event,
+        # so the client knows nothing started). Nothing else puts events until the thread below starts.
+        early = [events.get_nowait() for _ in range(events.qsize())]
+        for event in (pb.MigrateEvent(started=pb.Started(migration_id=running.id)), *early):
+            events.put(event)
         threading.Thread(target=run, name=f"migrate-{running.id}", daemon=True).start()
         while True:
             event = events.get()
@@ -423,6 +431,7 @@ class Servicer(pb_grpc.AgentServicer):
         address, secret = self.dest.prepare(
             request.migration_id, request.source_name, config, request.criu_version, request.need_bytes,
             tcp_close=request.tcp_close, source_address=request.source_address, page_link=request.page_link,
+            offline=request.offline, start=request.start,
         )
         v = criu_version(criu_path() or "")
         return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)
@@ -498,8 +507,13 @@ class Servicer(pb_grpc.AgentServicer):
         if request.dest_name not in self.host.peers:
             raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
         parse_endpoint(request.dest_address, "destination address")
+        try:  # a container that is not running moves offline, as `phaul migrate` would move it
+            cold = self.host.containers.info(ct_id).state not in ("running", "paused")
+        except NotFound:
+            cold = False  # preflight says so
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
-            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name)
+            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name,
+                                       self.host.containers.config(ct_id) if cold else None)
         return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
 
     @_rpc

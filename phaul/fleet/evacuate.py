@@ -1,4 +1,6 @@
 """`phaul evacuate HOST`: move every container off a host, N at a time, and say how each ended.
+Running containers move live; created and stopped ones offline (their files), as `phaul migrate`
+moves them; a paused one stays (its memory would be lost).
 
 Steps: settle the host's unsettled migrations (`phaul recover`), list its containers, ask each
 destination for its memory, run every (container, destination) preflight through the source
@@ -127,8 +129,8 @@ class Evacuator:
             for c in agent.call("ListContainers", pb.Empty()).containers:
                 if c.id in doubtful:
                     rows.append(Row(c.id, None, Outcome.IN_DOUBT, doubtful[c.id]))
-                elif c.state != "running":
-                    rows.append(Row(c.id, None, Outcome.STAYED, f"{c.state}, not running: only running containers move live"))
+                elif c.state == "paused":  # moved offline only when asked: its memory would be lost
+                    rows.append(Row(c.id, None, Outcome.STAYED, "paused: resume it, or move it with `phaul migrate --offline`"))
                 else:
                     used = max(c.memory_used, 0)
                     movable.append(Movable(c.id, c.memory_limit if c.memory_limit > 0 else used, used))

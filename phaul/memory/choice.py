@@ -37,6 +37,7 @@ STOP_AND_COPY = "stop-and-copy"
 PAGE_DELTA = "precopy-page-delta"
 SOFT_DIRTY = "precopy-soft-dirty"
 POSTCOPY = "postcopy"
+OFFLINE = "offline"  # no memory moves: stop, sync, start (phaul.migration.offline); never auto's pick
 
 REQUESTS = ("auto", "precopy", "postcopy", "hybrid", "stop-and-copy")
 ALIASES = {"off": "stop-and-copy"}  # `--precopy=off`

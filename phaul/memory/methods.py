@@ -11,6 +11,8 @@
   (`phaul.memory.page_stream`), rounds' deltas by rsync (they may be rate-capped).
 - `PostCopy`: nothing before the freeze; the final dump leaves private memory
   behind and the destination fetches it after the resume (phaul.memory.lazy_link).
+- `Offline`: no memory moves at all; the destination creates the container from
+  its configuration and starts its command afresh (phaul.migration.offline).
 - `SoftDirty` (kernels with soft-dirty): CRIU's own pre-dump rounds with memory
   tracking; each round holds only the pages dirtied since the previous one and
   names it as its parent; the final dump does too, and CRIU restores through
@@ -154,6 +156,16 @@ class PostCopy(StopAndCopy):
     lazy = True
 
 
+class Offline(MemoryMethod):
+    """Restart mode: nothing is dumped and nothing but files travels (phaul.migration.offline)."""
+
+    name = "offline"
+    precopy = False
+
+    def send_final(self, images: Path) -> Sent:
+        return Sent(0, 0, 0.0)
+
+
 class PageDeltaMethod(MemoryMethod):
     name = "precopy-page-delta"
     precopy = True
@@ -294,7 +306,9 @@ class SoftDirty(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
-METHODS: dict[str, type[MemoryMethod]] = {m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty, PostCopy)}
+METHODS: dict[str, type[MemoryMethod]] = {
+    m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty, PostCopy, Offline)
+}
 
 
 def dump_round(ctx: Context, k: int, image_dir: Path, *, pre_dump: bool = False, parent: Path | None = None) -> RoundDump:

@@ -1,6 +1,6 @@
 """What this host holds of a migrated container, read from the system itself:
 the state of a source copy (`source_copy`), making an abandoned one run again
-(`ensure_running`), and the processes a (possibly dead) agent left for a
+(`ensure_running`; `start_stopped` after an offline move), and the processes a (possibly dead) agent left for a
 migration directory. Both the source's failure rules (phaul.migration.failure)
 and recovery (phaul.migration.recovery) ask these."""
 
@@ -129,4 +129,16 @@ def ensure_running(host: Host, ct_id: str) -> bool:
         return info.state == "running"
     except PhaulError as e:
         log.error("cannot resume %s: %s", ct_id, e)
+        return False
+
+
+def start_stopped(host: Host, ct_id: str) -> bool:
+    """Start a source copy an offline move stopped (phaul.migration.offline), unless it
+    runs already. True when it runs."""
+    try:
+        if host.containers.info(ct_id).state not in ("running", "paused"):
+            host.containers.start(ct_id)
+        return host.containers.info(ct_id).state == "running"
+    except PhaulError as e:
+        log.error("cannot start %s again: %s", ct_id, e)
         return False

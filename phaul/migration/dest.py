@@ -62,6 +62,7 @@ from phaul.linux.doctor import criu_path, criu_version
 from phaul.memory import lazy_link, page_delta
 from phaul.migration import quota
 from phaul.migration.journal import JournalEntry
+from phaul.migration.offline import OFFLINE_MARK, OFFLINE_START
 from phaul.migration.report import Result
 from phaul.migration.steps import Step, StepPoint
 from phaul.validate import check_id
@@ -95,6 +96,8 @@ class Incoming:
     source_address: str = ""  # the source agent's ADDR:PORT, from Prepare
     page_link: str = ""  # post-copy: where the source serves the pages (Prepare, checked)
     keeper: subprocess.Popen[bytes] | None = None  # post-copy: phaul.memory.lazy_link's keeper, until every page is here
+    offline: bool = False  # no images (phaul.migration.offline): Restore creates the container, Resume starts it
+    start: bool = False  # offline: Resume runs the command (else the container stays created)
 
     @property
     def lazy_status(self) -> Path:
@@ -153,13 +156,14 @@ class Destination:
 
     def prepare(
         self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, need_bytes: int,
-        tcp_close: bool = False, source_address: str = "", page_link: str = "",
+        tcp_close: bool = False, source_address: str = "", page_link: str = "", offline: bool = False, start: bool = False,
     ) -> tuple[str, str]:
         """Check this host can take the container (`need_bytes`: what the source will
         write here, phaul.migration.quota) and open the data channel; returns the
         channel's ADDR:PORT and the migration's secret. `page_link`: post-copy; the
         source will serve the container's memory there (ADDR:PORT on the source agent's
-        address), fetched after the restore by a keeper (phaul.memory.lazy_link)."""
+        address), fetched after the restore by a keeper (phaul.memory.lazy_link). `offline`:
+        no images come (phaul.migration.offline); `start`: Resume runs its command."""
         check_id(migration_id, "migration ID")
         check_id(source, "source host name")
         ct_id = check_id(config.id)
@@ -167,9 +171,11 @@ class Destination:
             raise Conflict(f"{self.host.name} does not accept migrations from {source}", f"add {source} to its --peers list")
         mine = criu_version(criu_path() or "")
         theirs = tuple(int(x) for x in source_criu.split(".") if x.isdigit()) if source_criu else ()
-        if mine is None:
+        if offline and page_link:
+            raise Refused("an offline migration has no post-copy page link", "upgrade phaul on the source host")
+        if mine is None and not offline:
             raise ToolFailed(f"{self.host.name} has no usable CRIU", f"run `make setup` on {self.host.name}")
-        if theirs and mine < theirs:
+        if theirs and mine is not None and mine < theirs:
             raise Conflict(
                 f"{self.host.name}'s CRIU {'.'.join(map(str, mine))} is older than {source}'s {source_criu}",
                 f"upgrade CRIU on {self.host.name} (`make setup`)",
@@ -194,8 +200,10 @@ class Destination:
             if mdir.exists():
                 raise Conflict(f"migration {migration_id} already exists on {self.host.name}")
             self.journal.begin(migration_id, "destination", ct_id, source, source_address)
+            if offline:  # what a restarted agent reloads (reload_restored)
+                self.journal.record(migration_id, "destination", OFFLINE_START if start else OFFLINE_MARK)
             m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config, source_address=source_address,
-                         page_link=page_link)
+                         page_link=page_link, offline=offline, start=start)
             secret = new_secret()
             receiver = m.receiver = _receiver(self.host, m)
             try:
@@ -218,7 +226,7 @@ class Destination:
                 self._settle_quietly(migration_id, Result.REFUSED, str(e))
                 raise
             self._incoming[migration_id] = m
-        if ident is not None:
+        if ident is not None and not offline:  # offline: `start` plugs it in, as `phaul ct start` does
             self._prepare_network(migration_id, ident)
         log.info("migration %s: receiving %s from %s on %s", migration_id, ct_id, source, address)
         return address, secret
@@ -344,6 +352,12 @@ class Destination:
             m.placed = True
             inbound.strip_container_dir(target)  # again where it lies, out of the peer's reach
             ct.adopt(m.ct_id, m.config)
+            if m.offline:  # created from its configuration, its command not run (phaul.migration.offline)
+                self.host.hook.at(Step.RESTORE, StepPoint(migration_id, "destination", self.host.state_dir, None, target))
+                self.journal.record(migration_id, "destination", "restored")
+                m.state = "restored"
+                log.info("migration %s: %s created from its configuration on %s", migration_id, m.ct_id, self.host.name)
+                return {}
             ct.set_criu_options(m.ct_id, "leave-stopped\n" + self._network_restore_options(m))
             t0 = time.monotonic()
             try:
@@ -442,6 +456,9 @@ class Destination:
             if m.state != "restored":
                 raise Conflict(f"migration {migration_id} is {m.state}; only a restored copy can be resumed")
             self.seal(m)
+            if m.offline:
+                self._start_offline(m)
+                return
             self.journal.record(migration_id, "destination", "resume")
             pid = m.pid or self.host.containers.info(m.ct_id).pid
             if pid:
@@ -453,6 +470,16 @@ class Destination:
             if m.net is not None and pid:
                 _announce(pid, m.net.ident)  # once more, now that it runs
         log.info("migration %s: %s runs on %s", migration_id, m.ct_id, self.host.name)
+
+    def _start_offline(self, m: Incoming) -> None:
+        """Offline (with m.lock held): run the container's command if it ran on the source.
+        Journaled once it runs: a copy whose start failed is removed by Abort, and an agent
+        that dies while starting it reloads it held (Abort destroys it, running or not)."""
+        if m.start:
+            self.host.containers.start(m.ct_id)
+        self.journal.record(m.migration_id, "destination", "resume")
+        m.state = "running"
+        log.info("migration %s: %s %s on %s", m.migration_id, m.ct_id, "runs" if m.start else "is in place", self.host.name)
 
     def abort(self, migration_id: str) -> None:
         """Remove everything this migration put on this host. Idempotent."""
@@ -635,7 +662,8 @@ class Destination:
     def reload_restored(self, e: JournalEntry) -> None:
         """After an agent restart: take back a copy restored and held here, so that
         the source can still tell it to run or to go (sealed, no data channel)."""
-        m = Incoming(e.migration_id, e.ct, e.peer, self.host.incoming_dir(e.migration_id), state="restored", placed=True)
+        m = Incoming(e.migration_id, e.ct, e.peer, self.host.incoming_dir(e.migration_id), state="restored", placed=True,
+                     offline=e.reached(OFFLINE_MARK) or e.reached(OFFLINE_START), start=e.reached(OFFLINE_START))
         m.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         m.seal_file.touch()
         with self._lock:

@@ -13,6 +13,9 @@
   for good the destination's keeper kills its copy before any task can read a
   missing page (phaul.memory.lazy_link), the source kills its stale tree, and
   the result is `failed`: the container is lost, and the report says so.
+- Offline moves and copies (phaul.migration.offline), before the destination's
+  start: abort the destination, start the source copy again if it was stopped
+  (`settle_offline`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 from phaul.errors import PhaulError
 from phaul.linux import network
 from phaul.migration import recovery
-from phaul.migration.copies import ensure_running, source_copy
+from phaul.migration.copies import ensure_running, source_copy, start_stopped
 from phaul.migration.report import Result
 from phaul.rpc import phaul_pb2 as pb
 
@@ -59,6 +62,8 @@ def settle(m: SourceMigration) -> Result:
             shutil.copy(m.dir / "work" / "dump.log", reports / f"{m.id}-dump.log")
         shutil.rmtree(m.dir, ignore_errors=True)
         return Result.FAILED
+    if m.offline and not held.committed:
+        return settle_offline(m)
     if held.committed:
         m.remove_source()
         if not _resume_dest(m, deadline=time.monotonic() + 3 * link):
@@ -88,6 +93,48 @@ def settle(m: SourceMigration) -> Result:
     _cleanup_method(m)
     shutil.rmtree(m.dir, ignore_errors=True)
     return Result.ROLLED_BACK if source_ok else Result.FAILED
+
+
+def settle_offline(m: SourceMigration) -> Result:
+    """An offline move or a copy failed before the destination started its copy (the
+    commit): abort the destination and start the source copy again if the move had
+    stopped it. When the destination was told to start and cannot say whether it did,
+    `in_doubt`: a copy that may run elsewhere is never started here."""
+    held, link = m.held, m.host.timeouts.call
+    in_doubt = f"; {m.dest_name} cannot say whether its copy runs: `phaul recover {m.id}` settles it"
+
+    def started() -> Result | None:
+        """The destination's copy runs after all (its start went through): committed."""
+        state = _dest_state(m, link)
+        if state == recovery.DestState.RUNNING:
+            held.committed = True
+            m.remove_source()
+            _finish_after_failure(m)
+            return Result.OK
+        return Result.IN_DOUBT if state is None else None
+
+    if held.starting and (result := started()) is not None:
+        m.report.error += in_doubt if result == Result.IN_DOUBT else ""
+        return result
+    if held.prepared and held.dest is not None:
+        try:
+            held.dest.call("Abort", pb.MigrationRef(migration_id=m.id), timeout=3 * link)
+        except PhaulError as e:
+            if held.starting:  # e.g. its start ended meanwhile, and it refuses to remove a running copy
+                if started() == Result.OK:
+                    return Result.OK
+                m.report.error += in_doubt
+                return Result.IN_DOUBT
+            # Without our Resume it starts nothing, and none comes now.
+            m.log.error("removing the copy on %s failed: %s", m.dest_name, e)
+            m.report.error += f"; {m.dest_name} may keep partial state (removed once it learns the outcome): {e}"
+    result = Result.ROLLED_BACK
+    if held.stopped and not start_stopped(m.host, m.ct_id):
+        m.report.error += f"; {m.ct_id} did not start again: `phaul --host {m.host.name} ct start {m.ct_id}`"
+        result = Result.FAILED  # its files are here, whole: not lost
+    _cleanup_method(m)
+    shutil.rmtree(m.dir, ignore_errors=True)
+    return result
 
 
 def _cleanup_method(m: SourceMigration) -> None:

@@ -38,6 +38,9 @@ CPUINFO_MAX = 64 << 10
 TOOL_TIMEOUT = 30.0
 
 
+OFFLINE_UNCHECKED = ("objects", "users", "criu", "cpu")  # what an offline move never needs
+
+
 def check_force(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Validate `--force` names."""
     bad = [n for n in names if n not in CHECKS]
@@ -70,9 +73,10 @@ class Needs:
     cpuinfo: bytes
 
 
-def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | None]:
+def source_checks(host: Host, ct_id: str, offline: bool = False) -> tuple[list[CheckResult], Needs | None]:
     """The source's own checks, and what the destination must check (None when the
-    container cannot be moved at all)."""
+    container cannot be moved at all). `offline`: no memory moves (phaul.migration.offline):
+    a container that is not running passes, and nothing CRIU needs is checked."""
     out: list[CheckResult] = []
     me = host.name
     try:
@@ -80,7 +84,9 @@ def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | No
         config = host.containers.config(ct_id)
     except NotFound as e:
         return [CheckResult("container", CheckState.FAILURE, e.message, me)], None
-    if info.state != "running":
+    if offline:
+        out.append(CheckResult("container", CheckState.PASS, f"{ct_id} is {info.state}: moved offline", me))
+    elif info.state != "running":
         out.append(CheckResult("container", CheckState.FAILURE, f"{ct_id} is {info.state}, not running", me))
     else:
         out.append(CheckResult("container", CheckState.PASS, f"{ct_id} runs (init PID {info.pid})", me))
@@ -92,14 +98,17 @@ def source_checks(host: Host, ct_id: str) -> tuple[list[CheckResult], Needs | No
         out.append(CheckResult("criu", CheckState.FAILURE, "no usable CRIU here; run `make setup`", me))
     else:
         out.append(CheckResult("criu", CheckState.PASS, f"CRIU {_v(version)} at {path}", me))
-    if info.state == "running" and info.pid and path:
+    if info.state == "running" and info.pid and path and not offline:
         out.append(_users_check(host, info.pid, path))
     out.append(_runc_check(me))
-    cpuinfo, why = _cpuinfo_dump(host) if path else (b"", "no CRIU")
+    cpuinfo, why = _cpuinfo_dump(host) if path and not offline else (b"", "no CRIU")
     if not cpuinfo:
         out.append(CheckResult("cpu", CheckState.WARNING, f"could not describe this host's CPU for the destination: {why}", me))
     memory = info.memory_used or 0
     disk = _du(host.containers.container_dir(ct_id)) + memory  # files + the images of its memory
+    if offline:  # the destination starts it afresh: no CRIU, no CPU to match; only its files take room
+        out = [r for r in out if r.name not in OFFLINE_UNCHECKED]
+        return out, Needs(config, "", memory, _du(host.containers.container_dir(ct_id)), b"")
     return out, Needs(config, _v(version) if version else "", memory, disk, cpuinfo)
 
 
@@ -301,12 +310,18 @@ def _v(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> tuple[list[CheckResult], Needs | None]:
+def run(
+    host: Host, ct_id: str, dest: Agent, dest_name: str, offline: ContainerConfig | None = None,
+) -> tuple[list[CheckResult], Needs | None]:
     """Every check, on this host (the source) and on the destination agent `dest`,
-    and what the container needs there (None when it cannot be moved at all)."""
-    results, needs = source_checks(host, ct_id)
+    and what the container needs there (None when it cannot be moved at all).
+    `offline`: an offline move or copy (phaul.migration.offline) of a container
+    that is this configuration on the destination (a copy's own ID and address)."""
+    results, needs = source_checks(host, ct_id, offline is not None)
     if needs is None:
         return results, None
+    if offline is not None:
+        needs.config = offline
     request = pb.PeerCheckRequest(
         source_name=host.name, config=messages.config_to_proto(needs.config), criu_version=needs.criu_version,
         need_memory=needs.memory, need_disk=needs.disk, cpuinfo=needs.cpuinfo,
@@ -317,4 +332,7 @@ def run(host: Host, ct_id: str, dest: Agent, dest_name: str) -> tuple[list[Check
         results.append(CheckResult("agent", CheckState.FAILURE, f"cannot ask {dest_name}: {e.message}", host.name))
         return results, needs
     results.append(CheckResult("agent", CheckState.PASS, f"{dest_name}'s agent answers", host.name))
-    return results + [messages.check_from_proto(c) for c in reply.checks], needs
+    theirs = [messages.check_from_proto(c) for c in reply.checks]
+    if offline is not None:
+        theirs = [c for c in theirs if c.name not in OFFLINE_UNCHECKED]
+    return results + theirs, needs

@@ -30,9 +30,10 @@ from phaul.channels.client import Agent, connect
 from phaul.errors import NotFound, PhaulError
 from phaul.linux import criu, network
 from phaul.memory import lazy_link
-from phaul.migration.copies import ensure_running, kill_data_channel, procs_using, source_copy, wait_until
+from phaul.migration.copies import ensure_running, kill_data_channel, procs_using, source_copy, start_stopped, wait_until
 from phaul.migration.dest import Destination
 from phaul.migration.journal import Journal, JournalEntry
+from phaul.migration.offline import COPY_MARK, OFFLINE_MARK
 from phaul.migration.report import Result
 from phaul.rpc import phaul_pb2 as pb
 
@@ -212,6 +213,8 @@ class Recovery:
                 return Decision.ABORT, f"the migration ended {e.result}"
             if e.reached("source-destroyed"):  # post-copy: the tree may still be frozen, serving pages
                 return Decision.COMMIT, "committed: the source copy never runs again"
+            if e.reached(OFFLINE_MARK) or e.reached(COPY_MARK):  # a stopped source copy is not "gone"
+                return Decision.PENDING, "an offline migration: the source settles it"
             # unsettled, or failed: what the source holds decides (a copy held by the
             # destination is never removed while the source has none)
             local = source_copy(self.host, e.ct, self.host.migration_dir(e.migration_id))
@@ -226,6 +229,8 @@ class Recovery:
         mdir = self.host.migration_dir(mid)
         if e.settled:
             return self._reconcile_settled_source(e)
+        if e.reached(OFFLINE_MARK) or e.reached(COPY_MARK):
+            return self._settle_offline(e, mdir)
         local = source_copy(self.host, ct, mdir)
         if local == "dumping":
             gate = criu.CommitGate.attach(mdir / "gate")
@@ -273,6 +278,33 @@ class Recovery:
         log.error("migration %s: %s", mid, msg)
         self.journal.settle(mid, "source", Result.FAILED, msg)
         return Outcome(mid, "source", Result.FAILED, msg)
+
+    def _settle_offline(self, e: JournalEntry, mdir: Path) -> Outcome:
+        """An offline move or copy (phaul.migration.offline) its agent left: the destination
+        starts its copy only when told to (journaled "resume" here first). Its copy runs:
+        the move's stopped source copy goes (`ok`). Otherwise it is removed and the source
+        copy started again if the move stopped it ("dump"); `in_doubt` while a destination
+        that may have been told cannot be asked."""
+        mid, ct = e.migration_id, e.ct
+        peer_state, peer_error = self._peer_dest_state(e)
+        if peer_state == DestState.RUNNING:
+            if e.reached(OFFLINE_MARK):
+                self._destroy_source(ct)
+                self.journal.record(mid, "source", "source-destroyed")
+            return self._settled_ok(e, mdir)
+        if peer_state is None and e.reached("resume"):
+            msg = f"{e.peer} may have started its copy of {ct} and cannot be reached ({peer_error})"
+            self.journal.mark_in_doubt(mid, "source", msg)
+            return Outcome(mid, "source", Result.IN_DOUBT, msg)
+        note = self._abort_dest(e, peer_state) if peer_state is not None else f"{e.peer} is unreachable ({peer_error})"
+        if e.reached("dump") and not start_stopped(self.host, ct):
+            msg = f"{ct} did not start again on {self.host.name}: `phaul ct start {ct}`" + (f"; {note}" if note else "")
+            self.journal.settle(mid, "source", Result.FAILED, msg)
+            return Outcome(mid, "source", Result.FAILED, msg)
+        self.journal.settle(mid, "source", Result.ROLLED_BACK, note)
+        kill_data_channel(mdir)
+        shutil.rmtree(mdir, ignore_errors=True)
+        return Outcome(mid, "source", Result.ROLLED_BACK, f"{ct} is back on {self.host.name}" + (f"; {note}" if note else ""))
 
     def _finish_commit(self, e: JournalEntry, mdir: Path) -> Outcome:
         """The destination holds a restored copy: make sure the source copy is

@@ -23,6 +23,10 @@ is split between the destination's memory and the frozen source tree, until the
 last page has left (`postcopy`, the report's `postcopy_ms`); then the tree is
 killed. If the pages stop for good in that window the destination's copy is
 killed before any task could read a missing page: `failed`, the container lost.
+
+Offline moves and copies (phaul.migration.offline: `--offline`, a container that is
+not running, `phaul copy`) take the `offline` method: `_offline_phase` stops the
+container instead of dumping it and the destination starts it afresh.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
 from phaul.channels.transport import TlsEndpoint, rsh_env, write_secret
 from phaul.checks import CheckState
 from phaul.config import MigrationOptions
+from phaul.containers import ContainerConfig
 from phaul.endpoint import parse_endpoint
 from phaul.errors import Conflict, PhaulError, Refused, ToolFailed
 from phaul.linux import criu, freezer, network, procfs
@@ -57,7 +62,7 @@ from phaul.memory import choice, lazy_link, methods, policy
 from phaul.memory.choice import MiB
 from phaul.memory.page_stream import PageStream
 from phaul.memory.rounds import run_rounds
-from phaul.migration import failure, preflight
+from phaul.migration import failure, offline, preflight
 from phaul.migration.cancel import Aborted, Cancellation
 from phaul.migration.copies import wait_until
 from phaul.migration.logs import MigrationLog
@@ -97,6 +102,8 @@ class Held:
     lazy_port: int = 0  # post-copy: the port of 127.0.0.1 CRIU serves the pages on
     page_hub: subprocess.Popen[bytes] | None = None  # post-copy: holds CRIU's page-server connection (page_relay.Hub)
     lost: bool = False  # post-copy failed after the resume: no copy of the container is left
+    stopped: bool = False  # offline: the source copy was stopped (a rollback starts it again)
+    starting: bool = False  # offline: the destination was told to start its copy (the commit)
 
 
 class SourceMigration:
@@ -129,6 +136,13 @@ class SourceMigration:
         self._t0 = time.monotonic()
         self.journal = host.journal
         self._journaled = ""  # the last step journaled
+        self.dest_config: ContainerConfig | None = None  # what the destination creates (a copy's own ID and address)
+        self.start_dest = False  # offline: the destination runs the command (the source copy ran)
+
+    @property
+    def offline(self) -> bool:
+        """An offline move or a copy (phaul.migration.offline)."""
+        return self._choice.method == choice.OFFLINE
 
     @property
     def dest(self) -> Agent:
@@ -180,18 +194,21 @@ class SourceMigration:
         ct = self.host.containers
         self._phase("preflight", f"checking {self.ct_id} on {self.host.name} and {self.dest_name}")
         info = ct.info(self.ct_id)
-        if info.state != "running":
-            raise Conflict(
-                f"container {self.ct_id} is {info.state} on {self.host.name}, not running",
-                f"start it (`phaul --host {self.host.name} ct start {self.ct_id}`) or move it while stopped by copying",
-            )
-        config = ct.config(self.ct_id)
+        config = self.dest_config = ct.config(self.ct_id)
+        # A paused container is not moved offline unasked: its memory would be lost (preflight refuses it).
+        cold = self.options.offline or bool(self.options.copy_as) or info.state not in ("running", "paused")
+        if cold:
+            self.start_dest = info.state in ("running", "paused")
+            self.journal.record(self.id, "source", offline.COPY_MARK if self.options.copy_as else offline.OFFLINE_MARK)
+        if self.options.copy_as:
+            self.dest_config, note = offline.copy_config(config, self.options.copy_as, self.options.copy_ip)
+            self.report.method_reason = note
         my_criu = criu_version(criu_path() or "")
-        if my_criu is None:
+        if my_criu is None and not cold:
             raise ToolFailed(f"{self.host.name} has no usable CRIU", "run `make setup`")
         dest = self.held.dest = connect(self.dest_address, self.dest_name, self.host.creds)
         dest.call("Info", pb.Empty(), timeout=10)
-        checks, needs = preflight.run(self.host, self.ct_id, dest, self.dest_name)
+        checks, needs = preflight.run(self.host, self.ct_id, dest, self.dest_name, self.dest_config if cold else None)
         self._memory_bytes = needs.memory if needs is not None else 0
         for c in checks:
             if c.status != CheckState.PASS:
@@ -199,14 +216,14 @@ class SourceMigration:
         refused = preflight.refusal(checks, self.options.force)
         if refused is not None:
             raise refused
-        self._choice = self._choose_method()
+        self._choice = self._offline_choice(info.state) if cold else self._choose_method()
         self.dir.mkdir(parents=True)
         page_link = self._open_page_link() if self._choice.method == choice.POSTCOPY else ""
         reply = dest.call(
             "Prepare",
             pb.PrepareRequest(
-                migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(config),
-                criu_version=".".join(map(str, my_criu)),
+                migration_id=self.id, source_name=self.host.name, config=messages.config_to_proto(self.dest_config),
+                criu_version=".".join(map(str, my_criu or ())), offline=cold, start=self.start_dest,
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
                 source_address=self.host.advertised, page_link=page_link,
@@ -231,7 +248,9 @@ class SourceMigration:
         method = self.held.method = self._memory_method()
         self.report.memory_method = method.name
 
-        if method.precopy:
+        if isinstance(method, methods.Offline):
+            self._offline_phase(fs)
+        elif method.precopy:
             self._phase("precopy", f"pre-copying memory ({method.name}) and files while the container runs")
             try:
                 self._precopy(method, fs)
@@ -247,11 +266,12 @@ class SourceMigration:
             self.report.fs_bytes_sent += presync
             self._phase("fs-presync", f"root file system copied ({presync} bytes)", presync)
 
-        method.prepare_final()
-        try:
-            self._final_phase(method, fs)
-        finally:
-            method.release()
+        if not isinstance(method, methods.Offline):
+            method.prepare_final()
+            try:
+                self._final_phase(method, fs)
+            finally:
+                method.release()
 
         self._phase("cleanup", "removing temporary state")
         try:
@@ -324,6 +344,53 @@ class SourceMigration:
         self._costs()[0].record(
             self.dest_name, final.pages_dumped, (time.monotonic() - t_restore) * 1000
         )
+
+    def _offline_phase(self, fs: FsSync) -> None:
+        """Offline (phaul.migration.offline): sync while it runs, stop it, sync again, the
+        destination creates it from its configuration and starts it (the commit: the
+        source copy is stopped by then), then the source copy is destroyed. A copy stops
+        nothing and destroys nothing."""
+        assert self.dest_config is not None
+        copy, running, report = bool(self.options.copy_as), self.start_dest, self.report
+        if running:
+            self._phase("fs-presync", "copying the root file system while the container runs")
+            report.fs_bytes_sent += fs.sync(live=True).bytes_sent
+        t_stop = time.monotonic()
+        if running and not copy:
+            self._phase("dump", f"stopping {self.ct_id} (SIGTERM, SIGKILL after {offline.STOP_TIMEOUT:g} s)")
+            self.held.stopped = True
+            with report.timed("stop"):
+                self.host.containers.stop(self.ct_id, timeout=offline.STOP_TIMEOUT)
+        self._phase("transfer", "final file system sync")
+        with report.timed("transfer"):
+            final = fs.sync(live=copy and running, bwlimit=0)
+        report.fs_bytes_sent += final.bytes_sent
+        name = self.dest_config.id
+        self._phase("restore", f"creating {name} on {self.dest_name} from its configuration")
+        with report.timed("restore"):
+            self.dest.call("Restore", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30)
+        self._phase("resume", f"starting {name} on {self.dest_name}" if running else f"leaving {name} stopped there")
+        self.cancel.commit_point()  # an abort asked before this rolls back; one asked after is refused
+        self.held.starting = True
+        with report.timed("resume"):
+            self.dest.call("Resume", pb.MigrationRef(migration_id=self.id), timeout=120)
+        self.held.committed = True
+        pause = (time.monotonic() - t_stop) * 1000 if running and not copy else 0.0  # stop to running there
+        report.add_final_round(Round(fs_bytes_sent=final.bytes_sent, frozen_ms=pause, duration_ms=pause))
+        if not copy:
+            self.remove_source()
+            self._journal_step("source-destroyed")
+
+    def _offline_choice(self, state: str) -> choice.Choice:
+        """The `offline` method, and why (phaul.migration.offline)."""
+        if self.options.copy_as:
+            why = self.report.method_reason
+        elif state != "running":
+            why = f"{self.ct_id} is {state}: moved offline (its files; its command is not started on {self.dest_name})"
+        else:
+            why = "asked for: --offline (stop, sync, start: the command starts afresh on the destination)"
+        self.report.method_reason = why
+        return choice.Choice(choice.OFFLINE, why)
 
     def _choose_method(self) -> choice.Choice:
         """The memory method for the options and these hosts (phaul.memory.choice)."""
@@ -629,8 +696,8 @@ class SourceMigration:
             rc = self.held.dump.wait(timeout=60)
             if rc != 0:
                 self.log.warning("runc checkpoint ended with %d after commit", rc)
-        if not self.host.containers.container_dir(self.ct_id).exists():
-            return
+        if self.options.copy_as or not self.host.containers.container_dir(self.ct_id).exists():
+            return  # a copy's source is never removed
         try:
             self.host.containers.destroy(self.ct_id, timeout=0)
         except PhaulError as e:

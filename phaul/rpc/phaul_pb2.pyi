@@ -163,7 +163,7 @@ class ExecReply(_message.Message):
     def __init__(self, returncode: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
-    __slots__ = ("ct_id", "dest_name", "dest_address", "tcp_close", "method", "max_rounds", "max_downtime_ms", "bandwidth", "force")
+    __slots__ = ("ct_id", "dest_name", "dest_address", "tcp_close", "method", "max_rounds", "max_downtime_ms", "bandwidth", "force", "offline", "copy_as", "copy_ip")
     CT_ID_FIELD_NUMBER: _ClassVar[int]
     DEST_NAME_FIELD_NUMBER: _ClassVar[int]
     DEST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,9 @@ class MigrateRequest(_message.Message):
     MAX_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    COPY_AS_FIELD_NUMBER: _ClassVar[int]
+    COPY_IP_FIELD_NUMBER: _ClassVar[int]
     ct_id: str
     dest_name: str
     dest_address: str
@@ -182,7 +185,10 @@ class MigrateRequest(_message.Message):
     max_downtime_ms: int
     bandwidth: int
     force: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ct_id: _Optional[str] = ..., dest_name: _Optional[str] = ..., dest_address: _Optional[str] = ..., tcp_close: _Optional[bool] = ..., method: _Optional[str] = ..., max_rounds: _Optional[int] = ..., max_downtime_ms: _Optional[int] = ..., bandwidth: _Optional[int] = ..., force: _Optional[_Iterable[str]] = ...) -> None: ...
+    offline: bool
+    copy_as: str
+    copy_ip: str
+    def __init__(self, ct_id: _Optional[str] = ..., dest_name: _Optional[str] = ..., dest_address: _Optional[str] = ..., tcp_close: _Optional[bool] = ..., method: _Optional[str] = ..., max_rounds: _Optional[int] = ..., max_downtime_ms: _Optional[int] = ..., bandwidth: _Optional[int] = ..., force: _Optional[_Iterable[str]] = ..., offline: _Optional[bool] = ..., copy_as: _Optional[str] = ..., copy_ip: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("pages_dumped", "pages_sent", "bytes_sent", "frozen_ms", "duration_ms", "fs_bytes_sent", "predicted_frozen_ms", "dirty_rate")
@@ -303,7 +309,7 @@ class MigrateEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link")
+    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link", "offline", "start")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +318,8 @@ class PrepareRequest(_message.Message):
     TCP_CLOSE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PAGE_LINK_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     source_name: str
     config: ContainerConfig
@@ -320,7 +328,9 @@ class PrepareRequest(_message.Message):
     tcp_close: bool
     source_address: str
     page_link: str
-    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ...) -> None: ...
+    offline: bool
+    start: bool
+    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ..., offline: _Optional[bool] = ..., start: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("data_address", "criu_version", "secret")
