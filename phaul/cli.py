@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("name", help="the host's name (its agent's --name) or a client's (e.g. admin)")
     ks.add_argument("--dir", type=Path, default=Path("/etc/phaul/pki"), help=PKI_DIR_HELP)
     _connection_options(ks)
-    ks.add_argument("--ip", action="append", default=[], help="an IP address for the certificate (repeatable)")
+    ks.add_argument("--ip", action="append", default=[], help="an IPv4 or IPv6 address for the certificate (repeatable)")
     ks.add_argument("--dns", action="append", default=[], help="an extra DNS name (repeatable)")
     ks.add_argument("--force", action="store_true",
                     help="issue even if a name or address is another host's (another certificate here, or --hosts-file)")
@@ -395,7 +395,12 @@ def _agent_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--config", type=Path, metavar="FILE",
                    help="the agent's TOML configuration (default: /etc/phaul/agent.toml when it exists and no --name)")
     a.add_argument("--name", help="this host's name, as in its certificate")
-    a.add_argument("--listen", metavar="ADDR:PORT", help="TCP address to serve on")
+    a.add_argument("--listen", metavar="HOST:PORT",
+                   help="TCP address to serve on: IPV4:PORT, [IPV6]:PORT or NAME:PORT; 0.0.0.0 or [::] (every "
+                   "address) needs --advertise")
+    a.add_argument("--advertise", metavar="HOST[:PORT]",
+                   help="the address peers and the CLI are told to dial back (default: the --listen address; "
+                   "the port defaults to --listen's)")
     a.add_argument("--socket", type=Path, help="also serve on this unix socket (for the local CLI)")
     a.add_argument("--state-dir", type=Path, help="containers, images, reports (default: /var/lib/phaul)")
     a.add_argument("--cert", type=Path, help="this host's certificate")
@@ -639,7 +644,7 @@ def _agent_overrides(args: argparse.Namespace) -> dict:
         return [check_id(n.strip(), "certificate name") for n in text.split(",") if n.strip()]
 
     top = {
-        "name": args.name, "listen": args.listen, "socket": args.socket, "state_dir": args.state_dir,
+        "name": args.name, "listen": args.listen, "advertise": args.advertise, "socket": args.socket, "state_dir": args.state_dir,
         "cache_dir": args.cache_dir, "bridge": args.bridge, "build_netns": args.build_netns,
         "workload_dir": args.workload_dir, "revoked": args.revoked,
         "peers": names(args.peers) if args.peers is not None else None,

@@ -67,7 +67,7 @@ class AgentConfig:
     (phaul.agent.config) with the flags given overriding the file."""
 
     name: str  # this host's name, as in its certificate
-    listen: str  # ADDR:PORT served (mutual TLS)
+    listen: str  # HOST:PORT served (mutual TLS; phaul.endpoint)
     state_dir: Path
     creds: Credentials
     socket: Path | None = None  # also served on this unix socket, for the local CLI
@@ -81,4 +81,4 @@ class AgentConfig:
     max_migrations: int = 4  # outgoing migrations at once
     revoked: Path | None = None  # revocation list (phaul.channels.revocation): callers with these serials are refused
     limits: Limits = field(default_factory=Limits)
-    advertise: str | None = None  # the address peers dial back (None: listen); phaul.agent.config reads it
+    advertise: str | None = None  # HOST[:PORT] peers dial back (None: listen; phaul.endpoint.agent_endpoints)

@@ -6,7 +6,14 @@ Looked up as `--hosts-file`, else $PHAUL_HOSTS_FILE, else the lab's hosts file
 
     {"pki": {"ca": "pki/ca.crt", "cert": "pki/admin.crt", "key": "pki/admin.key"},
      "hosts": {"alpha": {"address": "10.0.0.11:7473", "socket": "/run/phaul/agent.sock",
-                         "bridge": "br0"}}}
+                         "bridge": "br0"},
+               "beta": {"address": "[fd00:7068::12]:7473"},
+               "gamma": {"address": "gamma.example.net:7473"}}}
+
+An address is IPV4:PORT, [IPV6]:PORT or HOSTNAME:PORT (phaul.endpoint); a host
+name is resolved where it is dialed, and the agent's certificate is checked
+against the host's name (the key, e.g. "gamma"), whatever address it is
+reached at.
 
 Relative paths are relative to the file. `socket`, `netns`, `bridge` and
 `state_dir` are optional (the lab fills them in); `subnet` and `client`
@@ -18,11 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from phaul.channels import pki
+from phaul.endpoint import parse_endpoint
 from phaul.errors import InvalidInput, NotFound, PhaulError
 
 log = logging.getLogger(__name__)
@@ -56,7 +63,7 @@ class HostEntry:
     """One agent host: where to reach it and, in the lab, where it lives."""
 
     name: str
-    address: str  # "IP:PORT"
+    address: str  # "HOST:PORT" (phaul.endpoint: IPv4, [IPv6] or a host name)
     socket: Path | None = None
     netns: str | None = None
     bridge: str | None = None
@@ -64,11 +71,12 @@ class HostEntry:
 
     @property
     def ip(self) -> str:
-        return self.address.rsplit(":", 1)[0].strip("[]")
+        """The host part: an IP address (no brackets) or a host name."""
+        return parse_endpoint(self.address).host
 
     @property
     def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        return parse_endpoint(self.address).port
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,9 @@ def _parse_hosts(path: Path) -> HostsFile:
         if not isinstance(h, dict):
             raise InvalidInput(f"hosts file {path}: host {name!r} must be an object", fix)
         address = h.get("address")
-        if not isinstance(address, str) or not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d{1,5}", address):
-            raise InvalidInput(f"hosts file {path}: host {name!r} needs \"address\": \"IP:PORT\"", fix)
+        if not isinstance(address, str):
+            raise InvalidInput(f"hosts file {path}: host {name!r} needs \"address\": \"HOST:PORT\"", fix)
+        address = str(parse_endpoint(address, f"hosts file {path}: the address of host {name!r}"))
         hosts[name] = HostEntry(
             name=name,
             address=address,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from phaul.agent.config import DEFAULT_CONFIG, DEFAULT_SOCKET, load_config
 from phaul.channels import pki
+from phaul.endpoint import agent_endpoints
 from phaul.errors import InvalidInput
 from phaul.hosts import ADMIN, HostEntry, HostsFile, PkiFiles
 
@@ -51,7 +52,8 @@ def find_local_agent(hosts: HostsFile | None, config: Path | None = None) -> Hos
             log.warning("cannot tell the local agent's name from %s: %s", config, e.message)
         else:
             if cfg.socket is not None and _same(cfg.socket, sock):
-                return HostEntry(name=cfg.name, address=cfg.advertise or cfg.listen, socket=sock)
+                advertised = agent_endpoints(cfg.listen, cfg.advertise)[1]  # load_config checked them
+                return HostEntry(name=cfg.name, address=str(advertised), socket=sock)
     raise InvalidInput(
         f"an agent socket is at {sock}, but neither the hosts file nor {config} says whose it is",
         "name the agent with --host NAME (or $PHAUL_HOST), or add `\"socket\": \"" + str(sock) + "\"` to its entry "

@@ -37,10 +37,11 @@ class RunningAgent:
     port: int
     creds: dict[str, Credentials]
     pki: Path
+    host: str = "127.0.0.1"  # what it listens on: an address (IPv6 in brackets) or a host name
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def stub(self, who: str, *, tcp: bool = False) -> Any:
         return connect(self.address if tcp else f"unix:{self.sock}", self.name, self.creds[who])
@@ -78,29 +79,30 @@ def stop_agent(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 @contextmanager
 def running_agent(
     d: Path, name: str, creds: dict[str, Credentials], peers: list[str], admins: list[str], *extra: str,
-    config: Path | None = None, env: dict[str, str] | None = None,
+    config: Path | None = None, env: dict[str, str] | None = None, host: str = "127.0.0.1",
 ) -> Iterator[RunningAgent]:
     """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards.
     With `config`, the agent reads its name, certificates, peers and admins from that file
     (`peers` and `admins` are then unused) and gets only the test's addresses and directories
-    as flags. `env` is added to its environment."""
+    as flags. `env` is added to its environment. `host`: the --listen host (an IPv6 address
+    in brackets, or a host name)."""
     state, canary, cwd = d / "state", d / "canary", d / "cwd"
     for p in (state, canary / "sub", cwd):
         p.mkdir(parents=True, exist_ok=True)
     (canary / "sub" / "keep.txt").write_text("precious")
-    port = free_port()
+    port = free_port(host.strip("[]") if host.startswith("[") else "127.0.0.1")
     sock = d / "agent.sock"
     me = creds[name]
-    where = ["--listen", f"127.0.0.1:{port}", "--socket", str(sock), "--state-dir", str(state), "--resolve-interval", "0"]
+    where = ["--listen", f"{host}:{port}", "--socket", str(sock), "--state-dir", str(state), "--resolve-interval", "0"]
     who = ["--config", str(config)] if config is not None else [
         "--name", name, "--cert", str(me.cert), "--key", str(me.key), "--ca", str(me.ca),
         "--peers", ",".join(peers), "--admins", ",".join(admins),
@@ -114,7 +116,7 @@ def running_agent(
         while not sock.exists():
             assert proc.poll() is None and time.monotonic() < deadline, (d / "agent.log").read_text()
             time.sleep(0.05)
-        yield RunningAgent(name, d, state, canary, cwd, proc, sock, port, creds, me.ca.parent)
+        yield RunningAgent(name, d, state, canary, cwd, proc, sock, port, creds, me.ca.parent, host)
     finally:
         stop_agent(proc)
         log.close()

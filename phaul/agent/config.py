@@ -8,8 +8,8 @@ CLI hands the flags it was given to `load_config` as `overrides`, in the
 file's own shape. The format::
 
     name = "alpha"                       # this host's name, as in its certificate (required)
-    listen = "10.0.0.11:7473"            # ADDR:PORT served with mutual TLS (required)
-    advertise = "10.0.0.11:7473"         # the address peers dial back (default: listen)
+    listen = "10.0.0.11:7473"            # HOST:PORT served with mutual TLS (required): IPv4, [IPv6] or a host name
+    advertise = "10.0.0.11:7473"         # HOST[:PORT] peers dial back (default: listen; required when listen is 0.0.0.0 or [::])
     socket = "/run/phaul/agent.sock"     # the local CLI's unix socket ("" for none; this is the default)
     state_dir = "/var/lib/phaul"
     cache_dir = "/var/cache/phaul/rootfs"
@@ -34,7 +34,7 @@ file's own shape. The format::
     max_migrations = 4
 
 Relative paths are relative to the file's directory. Addresses are kept as
-strings and checked by the same code as `--listen`. An unknown key, a value
+strings and checked by phaul.endpoint (IPv4, [IPv6], host names). An unknown key, a value
 of the wrong type or a missing required key is an `InvalidInput` naming the
 key and the file.
 """
@@ -52,6 +52,7 @@ from typing import Any
 from phaul.channels.revocation import default_list
 from phaul.channels.transport import Credentials
 from phaul.config import AgentConfig, Limits, Timeouts
+from phaul.endpoint import agent_endpoints
 from phaul.errors import InvalidInput
 from phaul.validate import check_id
 
@@ -64,7 +65,7 @@ FORMAT_HINT = "see the format in `phaul agent --help` and phaul/agent/config.py"
 
 # key -> (kind, flag): kind is how the value is checked; flag names the command-line option that sets it.
 _TOP: dict[str, tuple[str, str]] = {
-    "name": ("str", "--name"), "listen": ("str", "--listen"), "advertise": ("str", ""),
+    "name": ("str", "--name"), "listen": ("str", "--listen"), "advertise": ("str", "--advertise"),
     "socket": ("path?", "--socket"), "state_dir": ("path", "--state-dir"), "cache_dir": ("path", "--cache-dir"),
     "bridge": ("str?", "--bridge"), "build_netns": ("path?", "--build-netns"), "workload_dir": ("path?", "--workload-dir"),
     "peers": ("names", "--peers"), "admins": ("names", "--admins"), "revoked": ("path?", "--revoked"),
@@ -116,6 +117,8 @@ def config_from(values: Mapping[str, Any], source: str) -> AgentConfig:
 
     name = check_id(need(values.get("name"), "name"), "host name")
     listen = need(values.get("listen"), "listen")
+    keys = ("--listen", "--advertise") if source == "the command line" else (f"`listen` in {source}", f"`advertise` in {source}")
+    agent_endpoints(listen, values.get("advertise"), listen_what=keys[0], advertise_what=keys[1])  # phaul.endpoint
     cert, key, ca = (need(tls.get(k), f"tls.{k}") for k in ("cert", "key", "ca"))
     revoked = values["revoked"] if "revoked" in values else default_list(cert, ca)
     limits = dict(values.get("limits") or {})

@@ -9,6 +9,7 @@ from phaul.channels.revocation import RevocationList
 from phaul.channels.transport import Credentials
 from phaul.config import AgentConfig, Limits, Timeouts
 from phaul.containers import ContainerKind
+from phaul.endpoint import parse_endpoint
 from phaul.errors import InvalidInput
 from phaul.migration.journal import Journal
 from phaul.migration.steps import NO_HOOK, StepHook
@@ -23,7 +24,7 @@ class Host:
     name: str
     state_dir: Path
     creds: Credentials
-    listen: str  # ADDR:PORT of the agent
+    listen: str  # HOST:PORT the agent serves on (phaul.endpoint)
     containers: ContainerKind
     hook: StepHook = NO_HOOK  # called at each step boundary of its migrations (a test agent plugs one in)
     bridge: str | None = None  # the bridge addressed containers are plugged into (phaul.linux.network)
@@ -32,6 +33,7 @@ class Host:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     revocations: RevocationList | None = None  # certificates refused on every RPC (phaul.channels.revocation)
+    advertise: str = ""  # HOST:PORT peers dial back (the source address of its migrations); "": listen
     journal: Journal = field(init=False, repr=False)  # the one journal of state_dir, shared by every part of the agent
 
     def __post_init__(self) -> None:
@@ -52,7 +54,18 @@ class Host:
 
     @property
     def address(self) -> str:
-        return self.listen.rpartition(":")[0]
+        """The IP address this host's data channels bind to: the listen address's
+        (a host name resolved, a wildcard kept)."""
+        return parse_endpoint(self.listen, "listen address").resolve().host
+
+    @property
+    def advertised(self) -> str:
+        """HOST:PORT peers are told to dial back."""
+        return self.advertise or self.listen
+
+    def advertised_port(self, port: int) -> str:
+        """HOST:PORT of a data channel of this host on `port`, for a peer to dial."""
+        return str(parse_endpoint(self.advertised, "advertise address").with_port(port))
 
     def migration_dir(self, migration_id: str) -> Path:
         """The directory of a migration this host sends (the source role); refuses

@@ -40,11 +40,11 @@ from phaul.agent.signals import Signal, Signals
 from phaul.channels import messages
 from phaul.channels.client import KEEPALIVE_MS, MAX_MESSAGE, connect, status_code
 from phaul.channels.revocation import RevocationList
-from phaul.channels.transport import parse_endpoint
 from phaul.config import AgentConfig, MigrationOptions
 from phaul.containers import ContainerConfig, workloads
 from phaul.containers.debian import RootfsCache
 from phaul.containers.runc import RuncContainers, _check_config
+from phaul.endpoint import agent_endpoints, parse_endpoint
 from phaul.errors import Busy, Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux import procfs, pycriu_module
 from phaul.linux.doctor import criu_path, criu_version
@@ -212,7 +212,7 @@ class Servicer(pb_grpc.AgentServicer):
         committed = [c.memory_limit or c.memory_used or 0 for c in self.host.containers.list()]
         return pb.HostInfo(
             protocol_version=PROTOCOL_VERSION, name=self.host.name, phaul_version=__version__,
-            criu_version=".".join(map(str, v)) if v else "", address=self.host.listen,
+            criu_version=".".join(map(str, v)) if v else "", address=self.host.advertised,
             bridge=self.host.bridge or "",
             memory_available=procfs.mem_available() or 0, memory_committed=sum(committed), containers=len(committed),
         )
@@ -423,7 +423,7 @@ class Servicer(pb_grpc.AgentServicer):
         check_id(request.migration_id, "migration ID")
         confined(self.host.incoming_dir(request.migration_id), self.host.state_dir)
         if request.source_address:
-            parse_endpoint(request.source_address)
+            parse_endpoint(request.source_address, "source address")
         config = check_config(messages.config_from_proto(request.config))
         self._ct(config.id)
         if not request.need_bytes:
@@ -508,7 +508,7 @@ class Servicer(pb_grpc.AgentServicer):
         check_id(request.dest_name, "destination host name")
         if request.dest_name not in self.host.peers:
             raise Refused(f"{self.host.name} does not migrate to {request.dest_name}", "add it to the agent's --peers list")
-        parse_endpoint(request.dest_address)
+        parse_endpoint(request.dest_address, "destination address")
         try:  # a container that is not running moves offline, as `phaul migrate` would move it
             cold = self.host.containers.info(ct_id).state not in ("running", "paused")
         except NotFound:
@@ -568,9 +568,11 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
     service manager is told of each (phaul.agent.notify)."""
     notifier = Notifier.from_environment()  # before any child is started: they must not inherit it
     signals = Signals()  # from now on SIGHUP reloads (its default would end the agent) and SIGTERM stops
-    name, listen, creds, socket = config.name, config.listen, config.creds, config.socket
+    name, creds, socket = config.name, config.creds, config.socket
     check_id(name, "host name")
-    parse_endpoint(listen)
+    bind, advertise = agent_endpoints(config.listen, config.advertise)
+    listen = str(bind)
+    bind.resolve()  # a host name that does not resolve fails here, not at the first migration
     state_dir = config.state_dir.resolve()
     config = peers_mod.effective(config, state_dir)  # what `phaul host add/remove` pushed, if anything
     peers, admins = config.peers, config.admins
@@ -589,6 +591,7 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
         name, state_dir, creds, listen, kind, hook, config.bridge,
         peers=peers, admins=admins, timeouts=config.timeouts, limits=config.limits,
         revocations=RevocationList(config.revoked) if config.revoked is not None else None,
+        advertise=str(advertise),
     )
     if host.revocations is not None:
         log.info("revocation list %s (%d serials)", config.revoked, len(host.revocations.serials()))
@@ -630,7 +633,10 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
     server.start()
     if socket is not None:
         socket.chmod(0o600)
-    log.info("agent %s listening on %s%s (mutual TLS), state in %s", name, listen, f" and {socket}" if socket else "", state_dir)
+    log.info(
+        "agent %s listening on %s%s (mutual TLS), advertised as %s, state in %s",
+        name, listen, f" and {socket}" if socket else "", advertise, state_dir,
+    )
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
     notifier.ready(f"serving on {listen}" + (f" and {socket}" if socket else ""))
     while signals.next() is Signal.RELOAD:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from phaul.channels.transport import Credentials
+from phaul.endpoint import parse_endpoint
 from phaul.errors import Busy, Conflict, InvalidInput, LinkBroken, NotFound, PhaulError, Refused, ToolFailed, Unreachable
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 
@@ -97,8 +98,10 @@ class Agent:
 
 
 def connect(target: str, server_name: str, creds: Credentials) -> Agent:
-    """A channel to the agent at `target` ('ADDR:PORT' or 'unix:/path') whose
-    certificate must name `server_name`, authenticated with `creds`."""
+    """A channel to the agent at `target` ('HOST:PORT' as phaul.endpoint parses it, or
+    'unix:/path') whose certificate must name `server_name` (whatever address or host
+    name it is dialed at), authenticated with `creds`."""
+    dial = target if target.startswith("unix:") else parse_endpoint(target, f"address of {server_name}").grpc_target
     tls = grpc.ssl_channel_credentials(
         root_certificates=creds.ca.read_bytes(),
         private_key=creds.key.read_bytes(),
@@ -118,5 +121,5 @@ def connect(target: str, server_name: str, creds: Credentials) -> Agent:
         # and a connection attempt to an unreachable host gives up after this long
         ("grpc.min_reconnect_backoff_ms", KEEPALIVE_MS),
     ]
-    channel = grpc.secure_channel(target, tls, options=options)
+    channel = grpc.secure_channel(dial, tls, options=options)
     return Agent(target, channel, pb_grpc.AgentStub(channel))

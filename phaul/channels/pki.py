@@ -539,7 +539,9 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         return ipaddress.ip_address(value)
     except ValueError as e:
-        raise InvalidInput(f"invalid IP address {value!r}", "write an address such as 10.213.0.11") from e
+        raise InvalidInput(
+            f"invalid IP address {value!r}", "write an address such as 10.213.0.11 or fd00:7068::11 (no brackets)",
+        ) from e
 
 
 def _check_dns(value: str) -> str:

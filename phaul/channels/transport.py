@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from phaul.endpoint import host_text, parse_endpoint
 from phaul.errors import InvalidInput, ToolFailed
 from phaul.validate import check_id
 
@@ -82,19 +83,6 @@ class Credentials:
     ca: Path
 
 
-def parse_endpoint(value: str) -> tuple[str, int]:
-    """'ADDR:PORT' (IPv4) from the wire or the user -> (addr, port), validated."""
-    host, sep, port = value.rpartition(":")
-    try:
-        addr = str(ipaddress.IPv4Address(host))
-        num = int(port)
-    except ValueError:
-        raise InvalidInput(f"invalid address {value!r}", "write IPV4:PORT, e.g. 10.213.0.12:7473") from None
-    if not sep or not 0 < num < 65536:
-        raise InvalidInput(f"invalid address {value!r}", "write IPV4:PORT with a port from 1 to 65535")
-    return addr, num
-
-
 class TlsEndpoint:
     """A TLS listener on an ephemeral port of `bind` that runs `command` for
     each connection from a peer whose certificate's common name is `peer_name`,
@@ -108,7 +96,10 @@ class TlsEndpoint:
         if any(c in part for part in command for c in ",!: \"'"):
             raise InvalidInput(f"endpoint command {command!r} has characters socat would misparse")
         self.creds = creds
-        self.bind = str(ipaddress.IPv4Address(bind))
+        try:  # an IPv4 or IPv6 address of this host, or a wildcard
+            self.bind = ipaddress.ip_address(bind)
+        except ValueError:
+            raise InvalidInput(f"data channel bind address {bind!r} is not an IP address") from None
         self.peer_name = peer_name
         self.command = command
         self.link_timeout = link_timeout
@@ -117,7 +108,7 @@ class TlsEndpoint:
 
     @property
     def address(self) -> str:
-        return f"{self.bind}:{self.port}"
+        return f"{host_text(str(self.bind))}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -127,9 +118,11 @@ class TlsEndpoint:
     def open(self, log_path: Path, attempts: int = 5) -> str:
         """Start listening; returns ADDR:PORT."""
         for _ in range(attempts):
-            self.port = _free_port(self.bind)
+            v6 = self.bind.version == 6
+            self.port = _free_port(str(self.bind), socket.AF_INET6 if v6 else socket.AF_INET)
+            family = "pf=ip6," if v6 else ""  # socat makes an IPv4 socket unless told
             listen = (
-                f"OPENSSL-LISTEN:{self.port},bind={self.bind},reuseaddr,fork,max-children={MAX_CHILDREN},"
+                f"OPENSSL-LISTEN:{self.port},{family}bind={host_text(str(self.bind))},reuseaddr,fork,max-children={MAX_CHILDREN},"
                 f"cert={self.creds.cert},key={self.creds.key},cafile={self.creds.ca},"
                 f"verify=1,commonname={self.peer_name},{TLS_OPTIONS},nodelay,{tcp_options(self.link_timeout)}"
             )
@@ -230,34 +223,36 @@ def _group(pgid: int) -> list[int]:
     return found
 
 
-def _free_port(bind: str) -> int:
-    with socket.socket() as s:
+def _free_port(bind: str, family: socket.AddressFamily) -> int:
+    with socket.socket(family) as s:
         s.bind((bind, 0))
         return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> bool:
-    """Wait until something in this network namespace listens on `port`."""
+    """Wait until something in this network namespace listens on `port` (IPv4 or IPv6)."""
     want = f":{port:04X} "
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        with open("/proc/net/tcp") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 3 and (parts[1] + " ").endswith(want) and parts[3] == "0A":
-                    return True
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 3 and (parts[1] + " ").endswith(want) and parts[3] == "0A":
+                        return True
         time.sleep(0.005)
     return False
 
 
 def rsh_env(creds: Credentials, peer: str, peer_name: str, link_timeout: float) -> dict[str, str]:
-    """Environment for TLS_RSH to reach `peer` (ADDR:PORT) as `peer_name`."""
-    addr, port = parse_endpoint(peer)
+    """Environment for TLS_RSH to reach `peer` (HOST:PORT; a host name is resolved here,
+    socat is given the address) as `peer_name`."""
+    target = parse_endpoint(peer, "peer address").resolve()
     check_id(peer_name, "peer host name")
     return {
-        "PHAUL_PEER": f"{addr}:{port}",
+        "PHAUL_PEER": str(target),
         "PHAUL_PEER_NAME": peer_name,
         "PHAUL_CERT": str(creds.cert),
         "PHAUL_KEY": str(creds.key),

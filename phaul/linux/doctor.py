@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +457,31 @@ def _check_root() -> Check:
     return Check(name, CheckState.PASS, f"uid 0 with CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_NET_ADMIN{note}")
 
 
+def _check_ipv6() -> Check:
+    """Whether agents can listen and dial on IPv6 here (IPv4 and host names work without it)."""
+    name, fix = "ipv6", "IPv4 addresses and host names work without it"
+    inet6 = Path("/proc/net/if_inet6")
+    if not inet6.exists():
+        return Check(name, CheckState.WARNING, "the kernel has no IPv6 (not built, or ipv6.disable=1 at boot)",
+                     f"boot without ipv6.disable=1 to use IPv6 addresses; {fix}")
+    try:
+        disabled = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "1"
+    except OSError:
+        disabled = False
+    if disabled:
+        return Check(name, CheckState.WARNING, "IPv6 is disabled (net.ipv6.conf.all.disable_ipv6 = 1)",
+                     f"sysctl -w net.ipv6.conf.all.disable_ipv6=0 to use IPv6 addresses; {fix}")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return Check(name, CheckState.WARNING, f"cannot bind an IPv6 socket: {e.strerror}", fix)
+    rows = [line.split() for line in inet6.read_text().splitlines()]
+    usable = sorted({r[5] for r in rows if len(r) > 5 and r[3] == "00"})  # scope 00: global (and unique-local)
+    where = f"on {', '.join(usable)}" if usable else "on the loopback only (no global or unique-local address here)"
+    return Check(name, CheckState.PASS, f"IPv6 usable {where}")
+
+
 # ---- public API ----------------------------------------------------------------------
 
 
@@ -469,6 +495,7 @@ def run_checks() -> list[Check]:
     checks.append(_check_tool("runc", "runc", ["--version"], r"runc version (\S+)", "runs the containers"))
     checks.append(_check_tool("rsync", "rsync", ["--version"], r"version (\S+)", "copies the root file system"))
     checks.append(_check_tool("socat", "socat", ["-V"], r"socat version (\S+)", "relays streams in the lab"))
+    checks.append(_check_ipv6())
     checks.append(_check_busybox())
     checks.append(_check_optional("mmdebstrap", "mmdebstrap", ["--version"], r"mmdebstrap (\S+)",
                                   "`ct create --template debian` builds its root with it"))

@@ -52,8 +52,9 @@ from pathlib import Path
 
 from phaul.agent.host import Host
 from phaul.channels.fs_sync import AREAS, RsyncReceiver
-from phaul.channels.transport import TlsEndpoint, new_secret, parse_endpoint, rsh_env, write_secret
+from phaul.channels.transport import TlsEndpoint, new_secret, rsh_env, write_secret
 from phaul.containers import ContainerConfig, inbound
+from phaul.endpoint import parse_endpoint
 from phaul.errors import Busy, Conflict, NotFound, Refused, ToolFailed
 from phaul.linux import criu, criu_images, network
 from phaul.linux.datatree import check_data_tree
@@ -711,8 +712,8 @@ class Destination:
 
 def _check_page_link(page_link: str, source: str, source_address: str) -> None:
     """A post-copy page link must be on the source agent's own address, and this host must run post-copy."""
-    link_ip, _ = parse_endpoint(page_link)
-    if not source_address or link_ip != parse_endpoint(source_address)[0]:
+    link_host = parse_endpoint(page_link, "page link address").host
+    if not source_address or link_host != parse_endpoint(source_address, "source address").host:
         raise Refused(
             f"the page link {page_link} is not on {source}'s agent address {source_address or '(none given)'}",
             "the source serves pages on its own agent's address only",

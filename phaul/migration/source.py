@@ -50,10 +50,11 @@ from phaul.agent.host import Host
 from phaul.channels import messages
 from phaul.channels.client import Agent, connect
 from phaul.channels.fs_sync import FsSync, RsyncFsSync, RsyncSender, SyncStats
-from phaul.channels.transport import TlsEndpoint, parse_endpoint, rsh_env, write_secret
+from phaul.channels.transport import TlsEndpoint, rsh_env, write_secret
 from phaul.checks import CheckState
 from phaul.config import MigrationOptions
 from phaul.containers import ContainerConfig
+from phaul.endpoint import parse_endpoint
 from phaul.errors import Conflict, PhaulError, Refused, ToolFailed
 from phaul.linux import criu, freezer, network, procfs
 from phaul.linux.doctor import criu_path, criu_version, features
@@ -115,7 +116,7 @@ class SourceMigration:
         self.ct_id = check_id(ct_id)
         self.dest_name = check_id(dest_name, "destination host name")
         self.dest_address = dest_address
-        parse_endpoint(dest_address)
+        self._dest = parse_endpoint(dest_address, "destination address")
         self.options = options
         self.emit = self._round_boundaries(emit)
         self.id = uuid.uuid4().hex[:12]
@@ -225,20 +226,20 @@ class SourceMigration:
                 criu_version=".".join(map(str, my_criu or ())), offline=cold, start=self.start_dest,
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
-                source_address=self.host.listen, page_link=page_link,
+                source_address=self.host.advertised, page_link=page_link,
             ),
             timeout=30,
         )
         self.held.prepared = True
-        _, port = parse_endpoint(reply.data_address)
-        dest_ip, _ = parse_endpoint(self.dest_address)
+        # the destination names the port only: its address is the one this host dialed
+        data = self._dest.with_port(parse_endpoint(reply.data_address, "data channel address").port)
         if not reply.secret:
             raise Refused(f"{self.dest_name} gave no data-channel secret", f"upgrade phaul on {self.dest_name}")
         self._secret = reply.secret  # in memory and in the environment of rsync and the page stream only
         if page_link:  # and for post-copy's page link, in a 0600 file its endpoint's command reads
             write_secret(self.dir / "page-link.secret", self._secret)
         self._sender = RsyncSender(
-            self.host.creds, f"{dest_ip}:{port}", self.dest_name, self.host.timeouts.link, self._secret,
+            self.host.creds, str(data), self.dest_name, self.host.timeouts.link, self._secret,
             self.options.bandwidth, self.cancel,
         )
 
@@ -481,7 +482,8 @@ class SourceMigration:
              str(self.dir / PAGE_HUB)],
             self.host.timeouts.link, self.dir / "page-link.sealed",
         )
-        return endpoint.open(self.dir / "page-link.log")
+        endpoint.open(self.dir / "page-link.log")
+        return self.host.advertised_port(endpoint.port)
 
     def close_page_link(self) -> None:
         """Post-copy: end the page link and its hub (which ends CRIU's page server). Idempotent."""
@@ -498,7 +500,8 @@ class SourceMigration:
     def _open_page_stream(self) -> PageStream:
         """A TLS stream to the destination's page receiver, ready before the freeze."""
         reply = self.dest.call("OpenPageStream", pb.MigrationRef(migration_id=self.id), timeout=30)
-        env = {**os.environ, **rsh_env(self.host.creds, reply.address, self.dest_name, self.host.timeouts.link)}
+        at = self._dest.with_port(parse_endpoint(reply.address, "page stream address").port)
+        env = {**os.environ, **rsh_env(self.host.creds, str(at), self.dest_name, self.host.timeouts.link)}
         stream = PageStream(env, self._secret)
         self.cancel.watch(stream.proc)  # an abort ends the final transfer
         return stream

@@ -85,6 +85,11 @@ MARKER = ".phaul-lab"
 AGENT_START_TIMEOUT = 15.0
 AGENT_STOP_TIMEOUT = 5.0
 
+# The IPv6 lab (`up(ipv6=True)`, `phaul lab up --ipv6`): every node also has an address of
+# this unique-local /64 (added `nodad`, usable at once), the same last number as its IPv4
+# address (fd00:7068::11 for .11), and the agents listen and advertise on it only.
+IPV6_PREFIX = ipaddress.IPv6Network("fd00:7068::/64")
+
 # Host offsets inside the subnet; small subnets put the client on the last usable address
 # and containers right after beta.
 ALPHA_OFFSET, BETA_OFFSET, CLIENT_OFFSET, CONTAINER_OFFSET = 11, 12, 100, 50
@@ -133,6 +138,35 @@ def host_address(subnet: str | ipaddress.IPv4Network, name: str) -> str:
         raise NotFound(f"no lab node {name!r}", "use alpha, beta, gamma or client") from None
 
 
+def host_address6(subnet: str | ipaddress.IPv4Network, name: str) -> str:
+    """The IPv6 address of lab node `name` in IPV6_PREFIX (fd00:7068::11 for alpha's .11)."""
+    net = parse_subnet(subnet)
+    offset = int(ipaddress.IPv4Address(host_address(net, name))) - int(net.network_address)
+    return str(ipaddress.IPv6Address(f"{IPV6_PREFIX.network_address}{offset}"))
+
+
+def _node_link(name: str) -> str:
+    """The interface that holds node `name`'s address in its namespace."""
+    return f"{VETH_PREFIX}client-up" if name == "client" else BRIDGE
+
+
+def _set_ipv6(net: ipaddress.IPv4Network, hosts: Sequence[str], on: bool) -> None:
+    """Give lab hosts `hosts` and the client their IPV6_PREFIX address (`on`), or remove it."""
+    for name in (*dict.fromkeys(hosts), "client"):
+        addr = f"{host_address6(net, name)}/{IPV6_PREFIX.prefixlen}"
+        if on:
+            _ip("-6", "addr", "replace", addr, "dev", _node_link(name), "nodad", ns=NETNS[name])
+        else:
+            _ip("-6", "addr", "del", addr, "dev", _node_link(name), ns=NETNS[name], check=False)
+
+
+def _is_ipv6_lab(hosts: HostsFile | None) -> bool:
+    """Whether the hosts file is the IPv6 lab's (its agents' addresses are IPv6)."""
+    if hosts is None or not hosts.hosts:
+        return False
+    return all(":" in h.ip for h in hosts.hosts.values())
+
+
 def container_address(subnet: str | ipaddress.IPv4Network, n: int) -> str:
     """The address of the n-th lab container (n from 0): .50 upward in a /24, skipping the client."""
     net = parse_subnet(subnet)
@@ -147,14 +181,14 @@ def container_address(subnet: str | ipaddress.IPv4Network, n: int) -> str:
     return str(net[off])
 
 
-def _hosts_for(net: ipaddress.IPv4Network, d: Path, names: Sequence[str] = HOSTS) -> HostsFile:
+def _hosts_for(net: ipaddress.IPv4Network, d: Path, names: Sequence[str] = HOSTS, ipv6: bool = False) -> HostsFile:
     pki_dir = d / "pki"
     hosts = {}
     for name in names:
         state = d / "hosts" / name
         hosts[name] = HostEntry(
             name=name,
-            address=f"{host_address(net, name)}:{AGENT_PORT}",
+            address=f"[{host_address6(net, name)}]:{AGENT_PORT}" if ipv6 else f"{host_address(net, name)}:{AGENT_PORT}",
             socket=state / "agent.sock",
             netns=NETNS[name],
             bridge=BRIDGE,
@@ -279,6 +313,7 @@ def up(
     start_agents: bool = True,
     hosts: Sequence[str] = HOSTS,
     bare: Sequence[str] = (),
+    ipv6: bool | None = None,
 ) -> LabStatus:
     """Build the lab (or repair it) in the shape asked for and return its status; harmless
     when it is already so.
@@ -288,7 +323,10 @@ def up(
     and state directory. An extra host not named in either is removed (`remove_host`); an
     agent whose peers are not the full hosts is restarted. A complete network is kept as it
     is and only missing pieces (an extra host, certificates, hosts file, dead agents) are
-    redone; a partial one is torn down and rebuilt. `start_agents=False` is for tests."""
+    redone; a partial one is torn down and rebuilt. `start_agents=False` is for tests.
+    `ipv6`: the IPv6 lab (IPV6_PREFIX addresses too, agents on them only; hosts.json with
+    IPv6 addresses) or the IPv4 one; None keeps what the running lab is, else IPv4. Agents
+    running on the other family's address are restarted."""
     t0 = time.monotonic()
     full, extras = _shape(hosts, bare)
     d = _resolve(lab_dir)
@@ -339,11 +377,14 @@ def up(
     if left := _network_problems(net, d, extras):
         raise ToolFailed(f"the lab network is incomplete after building: {'; '.join(left)}", "run `phaul lab down` and retry")
 
-    _ensure_pki(d / "pki", net, full)
+    if ipv6 is None:
+        ipv6 = bool(present) and _is_ipv6_lab(existing)
+    _set_ipv6(net, (*full, *extras), ipv6)
+    _ensure_pki(d / "pki", net, full, ipv6)
     for name in bare:  # a bare host has no certificate from the lab: what it gets, `phaul host add` makes
         for suffix in (".crt", ".key"):
             (d / "pki" / f"{name}{suffix}").unlink(missing_ok=True)
-    hosts_file = _hosts_for(net, d, full)
+    hosts_file = _hosts_for(net, d, full, ipv6)
     text = json.dumps(hosts_file.to_dict(), indent=2) + "\n"
     if not hosts_file.path.exists() or hosts_file.path.read_text() != text:
         write_atomic(hosts_file.path, text)
@@ -550,9 +591,11 @@ def _network_problems(net: ipaddress.IPv4Network, d: Path, extras: Sequence[str]
     return problems
 
 
-def _ensure_pki(pki_dir: Path, net: ipaddress.IPv4Network, names: Sequence[str] = HOSTS) -> None:
-    """Make sure the lab CA, the certificates of hosts `names` and the admin's exist and fit `net`."""
-    wanted = {name: [host_address(net, name)] for name in names} | {ADMIN: []}
+def _ensure_pki(pki_dir: Path, net: ipaddress.IPv4Network, names: Sequence[str] = HOSTS, ipv6: bool = False) -> None:
+    """Make sure the lab CA, the certificates of hosts `names` and the admin's exist and fit `net`
+    (and their IPv6 addresses too with `ipv6`)."""
+    wanted = {name: [host_address(net, name), *([host_address6(net, name)] if ipv6 else [])] for name in names}
+    wanted |= {ADMIN: []}
     if not (pki_dir / "ca.crt").exists() or not (pki_dir / "ca.key").exists():
         pki.init_ca(pki_dir, "phaul lab CA", force=True)
     try:
@@ -636,9 +679,10 @@ def _start_agent(host: HostEntry, files: PkiFiles, d: Path, peers: Sequence[str]
     sock = host.socket or state / "agent.sock"
     pid = _read_pid(state / "agent.pid")
     if pid is not None and _is_agent(pid, host.name, state):
-        if sock.exists() and _agent_peers(pid) == ",".join(peers):
+        if sock.exists() and _agent_arg(pid, "--peers") == ",".join(peers) and _agent_arg(pid, "--listen") == host.address:
             return None
-        log.warning("agent %s (pid %d) is alive without its socket or with other peers; restarting it", host.name, pid)
+        log.warning("agent %s (pid %d) is alive without its socket, or with other peers or address; restarting it",
+                    host.name, pid)
         _terminate(pid)
     pki_dir = d / "pki"
     cmd = [
@@ -720,13 +764,13 @@ def _is_agent(pid: int, name: str, state: Path) -> bool:
     return ("agent" in args_s or TEST_AGENT in args_s) and str(state) in args_s and f"--name\0{name}" in "\0".join(args_s)
 
 
-def _agent_peers(pid: int) -> str | None:
-    """The --peers argument agent `pid` was started with."""
+def _agent_arg(pid: int, flag: str) -> str | None:
+    """The value of option `flag` (e.g. --peers) agent `pid` was started with."""
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    return args[args.index("--peers") + 1] if "--peers" in args[:-1] else None
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
 def _terminate(pid: int, timeout: float = AGENT_STOP_TIMEOUT) -> None:

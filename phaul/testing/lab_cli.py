@@ -21,6 +21,9 @@ def add_commands(sub: Any) -> None:
                     help="also build this extra host as a full host (certificate, agent, hosts file); repeatable")
     lu.add_argument("--bare", action="append", default=[], choices=["gamma"],
                     help="also build this extra host bare: namespace, bridge and address only, for `phaul host add`")
+    lu.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=None,
+                    help="give the lab nodes fd00:7068::/64 addresses too and run the agents on them only "
+                    "(--no-ipv6: the IPv4 lab; default: as the running lab is, else IPv4)")
     lu.set_defaults(func=cmd_lab_up)
     ls = lsub.add_parser("status", help="show the lab")
     ls.add_argument("--json", action="store_true", help="print the lab's state as JSON")
@@ -36,7 +39,7 @@ def add_commands(sub: Any) -> None:
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from phaul.testing import lab  # only when a lab command runs: it loads the PKI
 
-    print(lab.up(args.subnet, hosts=(*lab.HOSTS, *args.extra), bare=tuple(args.bare)).to_text())
+    print(lab.up(args.subnet, hosts=(*lab.HOSTS, *args.extra), bare=tuple(args.bare), ipv6=args.ipv6).to_text())
     return ExitCode.OK
 
 
