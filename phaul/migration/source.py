@@ -101,6 +101,8 @@ class Held:
 class SourceMigration:
     """Moves container `ct_id` from `host` to the agent `dest_name` at `dest_address`."""
 
+    standby = False  # a standby refresh (phaul.standby.refresh): the destination keeps a checkpoint
+
     def __init__(
         self, host: Host, ct_id: str, dest_name: str, dest_address: str, options: MigrationOptions, emit: Emit
     ) -> None:
@@ -208,7 +210,7 @@ class SourceMigration:
                 criu_version=".".join(map(str, my_criu)),
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
-                source_address=self.host.listen, page_link=page_link,
+                source_address=self.host.listen, page_link=page_link, standby=self.standby,
             ),
             timeout=30,
         )
