@@ -524,6 +524,7 @@ class Servicer(pb_grpc.AgentServicer):
     def KeepStandby(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.KeepStandbyReply:
         self._incoming(request.migration_id, _peer_name(context))
         m = self.dest.keep(request.migration_id)
+        self.journal.path(request.migration_id, "destination").unlink(missing_ok=True)  # settled: one per refresh
         try:
             taken = (m.images_dir / "inventory.img").stat().st_mtime
         except OSError:

@@ -173,9 +173,12 @@ class SourceMigration:
             if self.held.dest is not None:
                 self.held.dest.close()
             self.report.total_ms = (time.monotonic() - self._t0) * 1000
-            self.report.save(self.host.state_dir / "reports")
+            self._save_report()
         self.log.info("%s to %s: %s", self.ct_id, self.dest_name, self.report.result)
         return self.report
+
+    def _save_report(self) -> None:
+        self.report.save(self.host.state_dir / "reports")
 
     def _preflight(self) -> None:
         ct = self.host.containers

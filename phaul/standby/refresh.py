@@ -31,6 +31,7 @@ from phaul.config import MigrationOptions
 from phaul.errors import ToolFailed
 from phaul.memory import choice
 from phaul.migration.copies import ensure_running
+from phaul.migration.report import Result
 from phaul.migration.source import CT_EXCLUDES, SourceMigration
 from phaul.rpc import phaul_pb2 as pb
 
@@ -45,6 +46,15 @@ class StandbyRefresh(SourceMigration):
                          lambda p: None)
         self.checkpoint_at = 0.0  # wall-clock s just before the container was frozen
         self.pause_ms = 0.0  # from the freeze until it ran again
+
+    def _save_report(self) -> None:
+        """Only the last refresh's report is kept (STATE/standby-out/reports/CT.json), and the
+        journal of a refresh that ended well goes: a refresh every few seconds would fill both."""
+        reports = self.host.state_dir / "standby-out" / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / f"{self.ct_id}.json").write_text(self.report.to_json())
+        if self.report.result == Result.OK:
+            self.journal.path(self.id, "source").unlink(missing_ok=True)
 
     def _choose_method(self) -> choice.Choice:
         return choice.Choice(choice.STOP_AND_COPY, "standby refresh: one full dump, the container left running")
