@@ -21,14 +21,18 @@ from collections.abc import Iterator
 import pytest
 from conftest import Lab, wait_for
 from faultlib import (  # noqa: F401 (broken_lab is a fixture)
-    broken_lab, counter_file, kill_agent, read_memory_mark, restart_agents, runc_state, start_counter,
+    broken_lab,
+    counter_file,
+    kill_agent,
+    read_memory_mark,
+    restart_agents,
+    runc_state,
+    start_counter,
 )
 
 from phaul.rpc import phaul_pb2 as pb
 from phaul.standby.cli import status_rows
 from tests.test_json_schemas import check
-
-
 
 CT = "sb1"
 
@@ -43,7 +47,7 @@ def _row(lab: Lab, standby: str = "beta") -> dict:
 
 
 @pytest.fixture
-def standby_lab(broken_lab: Lab) -> Iterator[Lab]:
+def standby_lab(broken_lab: Lab) -> Iterator[Lab]:  # noqa: F811 (the fixture)
     """The lab; afterwards every standby is removed (both sides), by force if need be."""
     yield broken_lab
     for host in ("alpha", "beta"):

@@ -32,7 +32,8 @@ from phaul.standby.store import StandbyStore
 
 log = logging.getLogger(__name__)
 
-FENCE_TIMEOUT_S = 10.0
+FENCE_TIMEOUT_S = 10.0  # s: the primary's agent answers within this, or it is taken as down
+FENCED_TIMEOUT_S = 2.0  # s: the same, when the admin says it is fenced (only a live agent running CT can refuse)
 PRIMARY_STOPPED, ADMIN = "primary-stopped", "admin"
 
 
@@ -47,9 +48,10 @@ class FailedOver:
 
 def fence(host: Host, ct_id: str, primary: str, address: str, fenced: bool) -> str:
     """How the primary is fenced, or Refused when a failover could leave two copies running."""
+    wait = FENCED_TIMEOUT_S if fenced else FENCE_TIMEOUT_S
     try:
         with connect(address, primary, host.creds) as agent:
-            agent.wait_ready(FENCE_TIMEOUT_S)
+            agent.wait_ready(wait)
             running = agent.call("FenceStandby", pb.ContainerRef(id=ct_id), timeout=FENCE_TIMEOUT_S).running
     except (Unreachable, LinkBroken) as e:
         if not fenced:

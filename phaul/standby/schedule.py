@@ -69,6 +69,7 @@ class Standbys:
         self.dir = host.state_dir / "standby-out"
         self._lock = threading.Lock()
         self._stops: dict[str, threading.Event] = {}
+        self._refreshing: dict[str, threading.Lock] = {}  # held through each refresh: `stop` waits for it
 
     def _path(self, ct_id: str) -> Path:
         return self.dir / f"{check_id(ct_id)}.json"
@@ -125,6 +126,8 @@ class Standbys:
         if s is None:
             raise NotFound(f"{ct_id} has no standby from {self.host.name}", "`phaul standby status` lists them")
         self._halt(ct_id)
+        with self._refresh_lock(ct_id):  # a refresh under way ends first: none keeps a checkpoint after the drop
+            pass
         try:
             with connect(s.address, s.host, self.host.creds) as agent:
                 agent.call("DropStandby", pb.ContainerRef(id=ct_id), timeout=30)
@@ -171,6 +174,10 @@ class Standbys:
         stop = self._stops[s.ct] = threading.Event()
         threading.Thread(target=self._loop, args=(s.ct, stop), name=f"standby-{s.ct}", daemon=True).start()
 
+    def _refresh_lock(self, ct_id: str) -> threading.Lock:
+        with self._lock:
+            return self._refreshing.setdefault(ct_id, threading.Lock())
+
     def _halt(self, ct_id: str) -> None:
         with self._lock:
             ev = self._stops.pop(ct_id, None)
@@ -187,7 +194,8 @@ class Standbys:
             if ask and self._failed_over_there(s):
                 self._failed_over(s)
                 return
-            ask = not self._refresh(s, stop)
+            with self._refresh_lock(ct_id):
+                ask = stop.is_set() or not self._refresh(s, stop)
             stop.wait(max(0.0, s.interval_s - (time.monotonic() - t0)))
 
     def _refresh(self, s: Schedule, stop: threading.Event) -> bool:
