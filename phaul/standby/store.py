@@ -155,12 +155,15 @@ class StandbyStore:
         self._drop_old(ct_id, keep="")
 
     def drop(self, ct_id: str, source: str) -> None:
-        """`standby stop` from the primary `source`: remove the checkpoints (not a tombstone)."""
+        """`standby stop` from the primary `source`: remove the checkpoints, and the tombstone
+        of a failover from `source` (it knows now: its `standby stop` ended its schedule)."""
         kept = self.current(ct_id)
         if kept is not None and kept.source != source:
             raise Conflict(f"the standby of {ct_id} on {self.host_name} belongs to {kept.source}, not {source}")
         (self.ct_dir(ct_id) / CURRENT).unlink(missing_ok=True)
         self._drop_old(ct_id, keep="")
+        if (self.failed_over(ct_id) or {}).get("from") == source:
+            self.unmark(ct_id)
 
     def list(self) -> list[tuple[Kept | None, dict[str, Any] | None]]:
         """Every container kept here or failed over here: (recovery point, tombstone)."""
