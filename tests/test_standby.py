@@ -115,6 +115,8 @@ def test_standby_then_failover_when_alpha_dies(standby_lab: Lab) -> None:
     assert runc_state(lab, "alpha", CT) != "running" and read_memory_mark(lab, "beta", CT) == mark  # one copy runs
 
     # protection the other way: beta -> alpha, once alpha's stale copy is gone
+    kept = lab.phaul("--host", "alpha", "standby", "stop", CT, check=False)  # the stale copy is still there
+    assert kept.returncode == 2 and "ct destroy" in kept.stderr, kept.stderr
     lab.phaul("--host", "alpha", "ct", "destroy", CT)
     lab.phaul("--host", "alpha", "standby", "stop", CT)
     lab.phaul("--host", "beta", "standby", CT, "alpha", "--interval", "2")

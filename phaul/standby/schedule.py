@@ -128,11 +128,21 @@ class Standbys:
         self._halt(ct_id)
         with self._refresh_lock(ct_id):  # a refresh under way ends first: none keeps a checkpoint after the drop
             pass
+        if s.state == ACTIVE and self._failed_over_there(s):
+            self._failed_over(s)
+            s = dataclasses.replace(s, state=FAILED_OVER)
+        if s.state == FAILED_OVER and self.host.containers.container_dir(ct_id).exists():
+            raise Conflict(  # its schedule is what keeps the stale copy from running
+                f"{ct_id} failed over to {s.host}: its stale copy on {self.host.name} must go first",
+                f"destroy it (`phaul --host {self.host.name} ct destroy {ct_id}`), then stop the standby again",
+            )
         try:
             with connect(s.address, s.host, self.host.creds) as agent:
                 agent.call("DropStandby", pb.ContainerRef(id=ct_id), timeout=30)
         except PhaulError as e:
             if s.state == ACTIVE:
+                with self._lock:
+                    self._spawn(s)  # the refreshes go on
                 raise PhaulError(f"{s.host} could not drop its standby of {ct_id}: {e.message}",
                                  "run it again once the standby host answers") from None
         self._path(ct_id).unlink(missing_ok=True)
