@@ -17,6 +17,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Lab, wait_for
@@ -30,8 +31,12 @@ from faultlib import (  # noqa: F401 (broken_lab is a fixture)
     start_counter,
 )
 
+from phaul.containers import ContainerConfig
+from phaul.errors import Conflict, NotFound
+from phaul.migration.dest import Incoming
 from phaul.rpc import phaul_pb2 as pb
 from phaul.standby.cli import status_rows
+from phaul.standby.store import FAILED_OVER_MARK, StandbyStore
 from tests.test_json_schemas import check
 
 CT = "sb1"
@@ -141,3 +146,48 @@ def test_status_rows_prefer_the_primary_and_fit_the_schema() -> None:
     from phaul import output
 
     check("standby-status", output.dumps(output.standby_status(rows)))
+
+
+def _refresh_dir(tmp: Path, mid: str, content: str) -> Incoming:
+    """A refresh as Destination.keep hands it over: recv/ct with a root file system, recv/images."""
+    d = tmp / "incoming" / mid
+    (d / "recv" / "ct" / "bundle" / "rootfs").mkdir(parents=True)
+    (d / "recv" / "ct" / "bundle" / "rootfs" / "data").write_text(content)
+    (d / "recv" / "images").mkdir(parents=True)
+    (d / "recv" / "images" / "inventory.img").write_text(content)
+    return Incoming(mid, "web", "alpha", d, config=ContainerConfig(id="web"), source_address="10.0.0.1:7473")
+
+
+def test_the_store_keeps_one_complete_checkpoint_and_its_tombstone(tmp_path: Path) -> None:
+    store = StandbyStore(tmp_path, "beta")
+    assert store.current("web") is None and store.list() == []
+    first = store.keep(_refresh_dir(tmp_path, "m1", "one"), 100.0)
+    assert store.current("web") == first and first.config.id == "web"
+    # the next refresh is seeded with hard links of the kept files; a changed file replaced (as rsync does)
+    # leaves the kept checkpoint as it was until the new one is kept whole
+    nxt = _refresh_dir(tmp_path, "m2", "")
+    shutil.rmtree(nxt.ct_dir)
+    nxt.ct_dir.mkdir()
+    store.seed("web", nxt.ct_dir)
+    seeded = nxt.ct_dir / "bundle" / "rootfs" / "data"
+    assert seeded.read_text() == "one" and seeded.stat().st_nlink == 2
+    seeded.unlink()
+    seeded.write_text("two")
+    assert (store.gen_dir(first) / "recv" / "ct" / "bundle" / "rootfs" / "data").read_text() == "one"
+    assert store.current("web") == first  # not kept yet: the recovery point is still the first
+    second = store.keep(nxt, 200.0)
+    assert store.current("web") == second and not store.gen_dir(first).exists()
+    # a refresh from another primary is refused; so is one once the container failed over here
+    with pytest.raises(Conflict, match="for alpha, not gamma"):
+        store.check_refresh("web", "gamma")
+    kept, m = store.take("web")
+    assert kept == second and m.ct_dir == store.gen_dir(second) / "recv" / "ct" and m.config == kept.config
+    store.mark_failed_over(kept)
+    with pytest.raises(Conflict, match=FAILED_OVER_MARK):
+        store.check_refresh("web", "alpha")
+    store.failed_over_done("web")
+    assert store.current("web") is None and [t for _, t in store.list()][0]["from"] == "alpha"
+    with pytest.raises(NotFound):
+        store.take("web")
+    store.drop("web", "alpha")  # the old primary's `standby stop`: the tombstone goes too
+    assert store.list() == []
