@@ -94,6 +94,7 @@ class Incoming:
     source_address: str = ""  # the source agent's ADDR:PORT, from Prepare
     page_link: str = ""  # post-copy: where the source serves the pages (Prepare, checked)
     keeper: subprocess.Popen[bytes] | None = None  # post-copy: phaul.memory.lazy_link's keeper, until every page is here
+    standby: bool = False  # a standby refresh (phaul.standby): kept, never restored from the source's say
 
     @property
     def lazy_status(self) -> Path:
@@ -194,7 +195,7 @@ class Destination:
                 raise Conflict(f"migration {migration_id} already exists on {self.host.name}")
             self.journal.begin(migration_id, "destination", ct_id, source, source_address)
             m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config, source_address=source_address,
-                         page_link=page_link)
+                         page_link=page_link, standby=standby)
             secret = new_secret()
             receiver = m.receiver = _receiver(self.host, m)
             try:
@@ -322,8 +323,9 @@ class Destination:
         m = self._get(migration_id)
         page_link = m.page_link
         with m.lock:
-            if m.state != "prepared":
-                raise Conflict(f"migration {migration_id} is {m.state}, not ready to restore")
+            if m.state != "prepared" or m.standby:
+                what = "a standby refresh" if m.standby else m.state
+                raise Conflict(f"migration {migration_id} is {what}, not ready to restore")
             ct = self.host.containers
             target = ct.container_dir(m.ct_id)
             if target.exists():
@@ -383,8 +385,8 @@ class Destination:
         object's, its journal settled; nothing was placed or runs. The caller moves `dir`."""
         m = self._get(migration_id)
         with m.lock:
-            if m.state != "prepared" or m.config is None:
-                raise Conflict(f"migration {migration_id} is {m.state}, not a checkpoint to keep")
+            if m.state != "prepared" or m.config is None or not m.standby:
+                raise Conflict(f"migration {migration_id} is {m.state} and no standby refresh: not a checkpoint to keep")
             self.seal(m)
             self._check_quota(m)
             _close_channels(m)
@@ -404,7 +406,7 @@ class Destination:
         """Failover (phaul.standby): take a kept checkpoint back as a prepared migration,
         sealed, so that `restore` and `resume` run it as any other; its journal begins here."""
         assert m.config is not None
-        m.state, m.receiver, m.stream, m.watch = "prepared", None, None, None
+        m.state, m.receiver, m.stream, m.watch, m.standby = "prepared", None, None, None, False
         m.seal_file.touch()
         with self._lock:
             if m.migration_id in self._incoming:
