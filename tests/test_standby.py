@@ -132,6 +132,26 @@ def test_standby_then_failover_when_alpha_dies(standby_lab: Lab) -> None:
     assert _row(lab, "alpha") == {}
 
 
+@pytest.mark.lab
+def test_failover_from_a_live_primary_that_stopped_the_container(standby_lab: Lab) -> None:
+    """alpha's agent answers and CT is stopped there: the failover goes on without --fenced,
+    alpha marks its copy stale at once, and it cannot be started again: one copy runs."""
+    lab = standby_lab
+    mark = start_counter(lab, CT)
+    lab.phaul("--host", "alpha", "standby", CT, "beta", "--interval", "2")
+    wait_for(lambda: (_row(lab).get("refreshes") or 0) >= 1, timeout=120, what="a refresh")
+    lab.phaul("--host", "alpha", "ct", "stop", CT)
+    done = check("failover", lab.phaul("failover", CT, "--json").stdout)
+    assert done["fence"] == "primary-stopped" and done["primary"] == "alpha", done
+    assert read_memory_mark(lab, "beta", CT) == mark
+    assert _row(lab)["reported_by"] == "primary" and _row(lab)["state"] == "failed-over"
+    stale = lab.phaul("--host", "alpha", "ct", "start", CT, check=False)
+    assert stale.returncode == 2 and "failed over to beta" in stale.stderr, stale.stderr
+    assert runc_state(lab, "alpha", CT) != "running"
+    again = lab.phaul("failover", CT, "--to", "beta", check=False)  # nothing left to fail over
+    assert again.returncode == 2 and "keeps no standby" in again.stderr, again.stderr
+
+
 def test_status_rows_prefer_the_primary_and_fit_the_schema() -> None:
     primary = pb.StandbyInfo(ct="web", role="primary", primary="alpha", standby="beta", interval_s=5, max_lag_s=15,
                              checkpoint_at=1000.0, refresh_bytes=4096, pause_ms=80, refreshes=3, state="active")
@@ -185,6 +205,10 @@ def test_the_store_keeps_one_complete_checkpoint_and_its_tombstone(tmp_path: Pat
     store.mark_failed_over(kept)
     with pytest.raises(Conflict, match=FAILED_OVER_MARK):
         store.check_refresh("web", "alpha")
+    late = _refresh_dir(tmp_path, "m3", "three")  # a refresh that was under way: never kept now
+    with pytest.raises(Conflict, match=FAILED_OVER_MARK):
+        store.keep(late, 300.0)
+    assert store.current("web") == second and not late.dir.exists()
     store.failed_over_done("web")
     assert store.current("web") is None and [t for _, t in store.list()][0]["from"] == "alpha"
     with pytest.raises(NotFound):

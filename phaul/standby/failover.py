@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from phaul.agent.host import Host
 from phaul.channels.client import connect
-from phaul.errors import LinkBroken, PhaulError, Refused, ToolFailed, Unreachable
+from phaul.errors import Busy, LinkBroken, PhaulError, Refused, ToolFailed, Unreachable
 from phaul.migration.dest import Destination
 from phaul.rpc import phaul_pb2 as pb
 from phaul.standby.store import StandbyStore
@@ -71,6 +71,15 @@ def fence(host: Host, ct_id: str, primary: str, address: str, fenced: bool) -> s
 
 def failover(host: Host, dest: Destination, store: StandbyStore, ct_id: str, fenced: bool) -> FailedOver:
     """Fence the primary, then restore `ct_id`'s recovery point here and run it."""
+    if not store.failover_lock.acquire(blocking=False):
+        raise Busy(f"{host.name} is failing a container over already", "run it again when that one has ended")
+    try:
+        return _failover(host, dest, store, ct_id, fenced)
+    finally:
+        store.failover_lock.release()
+
+
+def _failover(host: Host, dest: Destination, store: StandbyStore, ct_id: str, fenced: bool) -> FailedOver:
     kept, m = store.take(ct_id)
     how = fence(host, ct_id, kept.source, kept.source_address, fenced)
     gen = m.dir
@@ -82,10 +91,10 @@ def failover(host: Host, dest: Destination, store: StandbyStore, ct_id: str, fen
         raise ToolFailed(f"cannot take the checkpoint of {ct_id}: {r.stderr.strip()[-300:]}", "check the state directory's disk")
     (m.dir / "sealed").unlink(missing_ok=True)
     t0 = time.monotonic()
-    dest.take_kept(m)
+    store.mark_failed_over(kept)  # from now on no refresh is kept and the old primary is told
     try:
+        dest.take_kept(m)
         dest.restore(m.migration_id)
-        store.mark_failed_over(kept)  # before it runs: the old primary is told from now on
         dest.resume(m.migration_id)
     except BaseException:
         try:
@@ -93,6 +102,7 @@ def failover(host: Host, dest: Destination, store: StandbyStore, ct_id: str, fen
             store.unmark(ct_id)
         except PhaulError as e:
             log.error("failover of %s: removing the failed restore: %s", ct_id, e)
+        shutil.rmtree(m.dir, ignore_errors=True)
         raise
     took = (time.monotonic() - t0) * 1000
     store.failed_over_done(ct_id)

@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ class StandbyStore:
     def __init__(self, state_dir: Path, host_name: str) -> None:
         self.root = state_dir / "standby"
         self.host_name = host_name
+        self._lock = threading.Lock()  # a refresh kept and a failover marked never cross
+        self.failover_lock = threading.Lock()  # one failover at a time on this host
 
     def ct_dir(self, ct_id: str) -> Path:
         return self.root / check_id(ct_id)
@@ -123,8 +126,12 @@ class StandbyStore:
         kept = Kept(m.ct_id, m.source, m.source_address, m.migration_id, checkpoint_at, m.config)
         gen = self.gen_dir(kept)
         write_atomic(m.dir / KEPT, kept.to_json())
-        m.dir.rename(gen)
-        write_atomic(ct_dir / CURRENT, json.dumps({"gen": gen.name}) + "\n")
+        with self._lock:
+            if self.failed_over(m.ct_id) is not None:  # a refresh that was under way when it failed over
+                shutil.rmtree(m.dir, ignore_errors=True)
+                self.check_refresh(m.ct_id, m.source)  # raises, saying so
+            m.dir.rename(gen)
+            write_atomic(ct_dir / CURRENT, json.dumps({"gen": gen.name}) + "\n")
         self._drop_old(m.ct_id, keep=gen.name)
         log.info("standby of %s from %s: checkpoint of %s kept", m.ct_id, m.source, time.ctime(checkpoint_at))
         return kept
@@ -143,8 +150,9 @@ class StandbyStore:
 
     def mark_failed_over(self, kept: Kept) -> None:
         """CT is about to run here: the tombstone (`unmark` if it does not)."""
-        write_atomic(self.ct_dir(kept.ct) / TOMBSTONE, json.dumps(
-            {"ct": kept.ct, "from": kept.source, "at": time.time(), "checkpoint_at": kept.checkpoint_at}) + "\n")
+        with self._lock:
+            write_atomic(self.ct_dir(kept.ct) / TOMBSTONE, json.dumps(
+                {"ct": kept.ct, "from": kept.source, "at": time.time(), "checkpoint_at": kept.checkpoint_at}) + "\n")
 
     def unmark(self, ct_id: str) -> None:
         (self.ct_dir(ct_id) / TOMBSTONE).unlink(missing_ok=True)
