@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 
 from phaul.agent.host import Host
 from phaul.channels.client import connect
-from phaul.errors import Busy, LinkBroken, PhaulError, Refused, ToolFailed, Unreachable
+from phaul.errors import Busy, LinkBroken, PhaulError, Refused, Unreachable
 from phaul.migration.dest import Destination
 from phaul.rpc import phaul_pb2 as pb
-from phaul.standby.store import StandbyStore
+from phaul.standby.store import StandbyStore, link_tree
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +85,7 @@ def _failover(host: Host, dest: Destination, store: StandbyStore, ct_id: str, fe
     m.dir = host.incoming_dir(m.migration_id)
     shutil.rmtree(m.dir, ignore_errors=True)
     m.dir.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["cp", "-a", "--link", "--", str(gen), str(m.dir)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ToolFailed(f"cannot take the checkpoint of {ct_id}: {r.stderr.strip()[-300:]}", "check the state directory's disk")
+    link_tree(gen, m.dir)
     (m.dir / "sealed").unlink(missing_ok=True)
     t0 = time.monotonic()
     store.mark_failed_over(kept)  # from now on no refresh is kept and the old primary is told

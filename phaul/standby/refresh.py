@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from phaul.agent.host import Host
 from phaul.channels.fs_sync import RsyncFsSync, SyncStats
@@ -34,6 +33,7 @@ from phaul.migration.copies import ensure_running
 from phaul.migration.report import Result
 from phaul.migration.source import CT_EXCLUDES, SourceMigration
 from phaul.rpc import phaul_pb2 as pb
+from phaul.standby.store import link_tree
 
 
 class StandbyRefresh(SourceMigration):
@@ -85,7 +85,7 @@ class StandbyRefresh(SourceMigration):
                 start_fs_sync()  # if CRIU froze the container itself
                 final_fs = job[0].result()
             checkpoint = self.dir / "checkpoint"
-            _link_tree(self.dir / "images", checkpoint)  # the images stay, whatever runc does after the gate
+            link_tree(self.dir / "images", checkpoint)  # the images stay, whatever runc does after the gate
             self._run_on()
             self.checkpoint_at, self.pause_ms = frozen_at / 1e9, (time.time_ns() - frozen_at) / 1e6
             self.report.frozen_ms = self.pause_ms
@@ -115,8 +115,3 @@ class StandbyRefresh(SourceMigration):
                 f"see {self.dir / 'work' / 'dump.log'}; start it: `phaul --host {self.host.name} ct start {self.ct_id}`",
             )
 
-
-def _link_tree(src: Path, dest: Path) -> None:
-    r = subprocess.run(["cp", "-a", "--link", "--", str(src), str(dest)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ToolFailed(f"cannot keep the checkpoint's images: {r.stderr.strip()[-300:]}", "check the state directory's disk")

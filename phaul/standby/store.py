@@ -112,10 +112,10 @@ class StandbyStore:
         kept = self.current(ct_id)
         if kept is None:
             return
-        src = self.gen_dir(kept) / "recv" / "ct"
-        r = subprocess.run(["cp", "-a", "--link", "--", f"{src}/.", str(recv_ct)], capture_output=True, text=True)
-        if r.returncode != 0:  # the refresh then sends every file
-            log.warning("seeding the refresh of %s from %s: %s", ct_id, src, r.stderr.strip()[-300:])
+        try:
+            link_tree(self.gen_dir(kept) / "recv" / "ct", recv_ct)
+        except ToolFailed as e:  # the refresh then sends every file
+            log.warning("seeding the refresh of %s: %s", ct_id, e.message)
 
     def keep(self, m: Incoming, checkpoint_at: float) -> Kept:
         """Make refresh `m` (handed over by Destination.keep) the recovery point of its
@@ -188,3 +188,11 @@ class StandbyStore:
         for gen in self.ct_dir(ct_id).glob("gen-*"):
             if gen.name != keep:
                 shutil.rmtree(gen, ignore_errors=True)
+
+
+def link_tree(src: Path, dest: Path) -> None:
+    """Make `dest` (new, or an empty directory) a copy of directory `src` whose files are hard
+    links: cheap, and a file replaced in one (as rsync replaces a changed file) stays in the other."""
+    r = subprocess.run(["cp", "-a", "--link", "--", f"{src}/.", str(dest)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ToolFailed(f"cannot link {src} into {dest}: {r.stderr.strip()[-300:]}", f"check the disk of {dest.parent}")
