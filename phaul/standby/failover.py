@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from phaul.agent.host import Host
 from phaul.channels.client import connect
-from phaul.errors import Busy, LinkBroken, PhaulError, Refused, Unreachable
+from phaul.errors import Busy, Conflict, LinkBroken, PhaulError, Unreachable
 from phaul.migration.dest import Destination
 from phaul.rpc import phaul_pb2 as pb
 from phaul.standby.store import StandbyStore, link_tree
@@ -46,7 +46,7 @@ class FailedOver:
 
 
 def fence(host: Host, ct_id: str, primary: str, address: str, fenced: bool) -> str:
-    """How the primary is fenced, or Refused when a failover could leave two copies running."""
+    """How the primary is fenced, or Conflict when a failover could leave two copies running."""
     wait = FENCED_TIMEOUT_S if fenced else FENCE_TIMEOUT_S
     try:
         with connect(address, primary, host.creds) as agent:
@@ -54,14 +54,14 @@ def fence(host: Host, ct_id: str, primary: str, address: str, fenced: bool) -> s
             running = agent.call("FenceStandby", pb.ContainerRef(id=ct_id), timeout=FENCE_TIMEOUT_S).running
     except (Unreachable, LinkBroken) as e:
         if not fenced:
-            raise Refused(
+            raise Conflict(
                 f"{primary}, where {ct_id} ran, does not answer ({e.message}): {ct_id} may still run there",
                 f"make sure {primary} is powered off (or {ct_id} is dead there), then run it again with --fenced",
             ) from None
         log.warning("failover of %s: %s does not answer; fenced by the admin", ct_id, primary)
         return ADMIN
     if running:
-        raise Refused(
+        raise Conflict(
             f"{ct_id} runs on {primary}, whose agent answers: a failover would leave two running copies",
             f"move it instead: `phaul --host {primary} migrate {ct_id} {host.name}`",
         )

@@ -168,7 +168,7 @@ class Standbys:
             state = self.host.containers.info(ct_id).state
         except NotFound:
             state = "gone"
-        if state in ("running", "paused", "created"):
+        if state in ("running", "paused"):  # "created": stopped, its bundle kept
             return True
         self._failed_over(s)
         return False
