@@ -86,6 +86,9 @@ def test_standby_then_failover_when_alpha_dies(standby_lab: Lab) -> None:
         assert "runs on alpha" in refused.stderr and "phaul --host alpha migrate" in refused.stderr, refused.stderr
     assert CT not in {c["id"] for c in lab.ct_list("beta")}
     assert runc_state(lab, "alpha", CT) == "running"
+    # a migration would leave the standby stale: refused while it is active
+    moved = lab.migrate(CT, "alpha", "beta", check=False)
+    assert moved["exit"] == 2 and "standby stop" in moved["stderr"], moved
 
     # a value read now is in every checkpoint taken from the next refresh on
     before = counter_file(lab, "alpha", CT)

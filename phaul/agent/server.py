@@ -58,7 +58,7 @@ from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
 from phaul.standby import failover
-from phaul.standby.schedule import Standbys
+from phaul.standby.schedule import ACTIVE, Standbys
 from phaul.standby.store import StandbyStore
 from phaul.validate import check_args, check_id, check_message, confined
 
@@ -310,6 +310,13 @@ class Servicer(pb_grpc.AgentServicer):
             )
             if options.method not in choice.REQUESTS:
                 raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
+            protected = self.standbys.get(check_id(request.ct_id))
+            if protected is not None and protected.state == ACTIVE:
+                raise Conflict(
+                    f"{request.ct_id} has a standby on {protected.host}: moving it would leave that standby stale",
+                    f"stop it first (`phaul --host {self.host.name} standby stop {request.ct_id}`), migrate, "
+                    f"then start a standby from the new host",
+                )
             migration = SourceMigration(
                 self.host, request.ct_id, request.dest_name, request.dest_address, options,
                 lambda p: self._progress(events, migration, p),

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 86400.0
-ACTIVE, FAILED_OVER = "active", "failed-over"
+ACTIVE, FAILED_OVER = "active", "failed-over"  # Schedule.state
 
 
 @dataclass
@@ -255,7 +255,7 @@ class Standbys:
             self._save(dataclasses.replace(s, state=FAILED_OVER, error=f"failed over to {s.host}"))
         log.error("%s failed over to %s: its copy here is stale and stays stopped", s.ct, s.host)
         try:
-            if self.host.containers.info(s.ct).state != "stopped":
+            if self.host.containers.info(s.ct).state in ("running", "paused"):
                 self.host.containers.kill(s.ct)
         except NotFound:
             pass
