@@ -143,8 +143,8 @@ class Standbys:
             if s.state == ACTIVE:
                 with self._lock:
                     self._spawn(s)  # the refreshes go on
-                raise PhaulError(f"{s.host} could not drop its standby of {ct_id}: {e.message}",
-                                 "run it again once the standby host answers") from None
+                raise type(e)(f"{s.host} could not drop its standby of {ct_id} (it goes on): {e.message}",
+                              "run it again once the standby host answers") from None
         self._path(ct_id).unlink(missing_ok=True)
 
     def resume_all(self) -> None:
