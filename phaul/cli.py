@@ -28,6 +28,7 @@ from phaul.migration.preflight import CHECKS, check_force
 from phaul.migration.report import Result
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
+from phaul.standby import cli as standby_cli
 from phaul.validate import check_id, parse_size
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _evacuate_parser(sub)
     _host_commands(sub)
+    standby_cli.add_parsers(sub, _connection_options)
     co = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                         description="Print a completion script for phaul's commands and options. "
                         "bash: phaul completion bash > /etc/bash_completion.d/phaul; "

@@ -31,6 +31,7 @@ SCHEMAS = {
     "migrate": "report", "ct list": "containers", "pki list": "certificates", "doctor": "doctor", "check": "checks",
     "migrations": "migrations", "recover": "outcomes", "lab status": "lab-status", "error": "error",
     "evacuate": "evacuation", "migrations --follow": "follow", "abort": "abort", "copy": "report",
+    "standby status": "standby-status", "failover": "failover",
 }  # fmt: skip
 
 Document = dict[str, Any]
@@ -139,3 +140,14 @@ def evacuation(e: Evacuation) -> Document:
          "pause_longest_ms": r.pause_longest_ms, "pause_total_ms": r.pause_total_ms, "bytes_sent": r.bytes_sent}
         for r in e.rows
     ])  # fmt: skip
+
+
+def standby_status(rows: Iterable[dict[str, Any]]) -> Document:
+    """`phaul standby status --json` (schema: standby-status); rows from phaul.standby.cli.status_rows."""
+    return _doc(standbys=list(rows))
+
+
+def failover(reply: Any, total_ms: float) -> Document:
+    """`phaul failover --json` (schema: failover); `reply` a FailoverReply."""
+    return _doc(ct=reply.ct, primary=reply.primary, checkpoint_at=reply.checkpoint_at, restore_ms=reply.restore_ms,
+                fence=reply.fence, total_ms=total_ms)

@@ -31,7 +31,8 @@ OK_CODES = {
 }
 SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
 PEER_ONLY = {"Prepare", "HoldTraffic", "ApplyPages", "OpenPageStream", "Restore", "Resume", "Abort", "Finish", "MigrationStatus",
-             "MigrationDecision", "PeerCheck"}
+             "MigrationDecision", "PeerCheck", "KeepStandby", "DropStandby", "FenceStandby"}
+ANY = {"Info", "StandbyList"}  # admins and peers (a peer sees only what concerns it)
 # Values that reach deeper than random text: names the agent knows, paths that try to escape.
 HOSTILE = [
     "", ".", "..", "../..", "../../canary", "/etc/passwd", "a/b", "evil", "evilm", "ct1", "ct2", "peer1", HOST,
@@ -139,7 +140,7 @@ def test_hostile_requests_get_clear_errors_and_nothing_escapes(agent: RunningAge
     assert code in OK_CODES, f"{method.name} from {who}: {code} {details}"
     if code != grpc.StatusCode.OK:
         assert details.strip(), f"{method.name} from {who}: {code} without a message"
-    if who == "peer1" and method.name not in PEER_ONLY | {"Info"}:
+    if who == "peer1" and method.name not in PEER_ONLY | ANY:
         assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, code, details)
     if who == "admin" and method.name in PEER_ONLY:
         assert code == grpc.StatusCode.PERMISSION_DENIED, (method.name, code, details)

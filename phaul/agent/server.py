@@ -22,6 +22,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from functools import wraps
@@ -57,6 +58,9 @@ from phaul.migration.source import SourceMigration
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
+from phaul.standby import failover
+from phaul.standby.schedule import ACTIVE, Standbys
+from phaul.standby.store import StandbyStore
 from phaul.validate import check_args, check_id, check_message, confined
 
 log = logging.getLogger(__name__)
@@ -69,13 +73,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 PEER_METHODS = frozenset({
     "Prepare", "HoldTraffic", "ApplyPages", "OpenPageStream", "Restore", "Resume", "Abort", "Finish",
     "MigrationStatus", "MigrationDecision", "PeerCheck",
+    "KeepStandby", "DropStandby", "FenceStandby",
 })
-ANY_METHODS = frozenset({"Info"})  # admins and peers
+ANY_METHODS = frozenset({"Info", "StandbyList"})  # admins and peers (a peer sees only what concerns it)
 # Every other method (containers, Migrate, ListMigrations, Recover, Check, AbortMigration,
 # FollowMigration) is for admins only.
 
 MAX_REQUEST = 1 << 20  # bytes: the largest request an agent accepts
 EXEC_TIMEOUT_MAX = 600.0  # s
+DEFAULT_INTERVAL_S = 30.0  # s: a standby's refresh interval when none is given
 
 
 def host_error(e: OSError) -> str:
@@ -170,6 +176,8 @@ class Servicer(pb_grpc.AgentServicer):
         self.active = Active()
         self.running = RunningMigrations()  # the source migrations under way: abort, follow
         self.recovery = Recovery(host, self.journal, self.dest, self.active)
+        self.standbys = Standbys(host)  # the standby copies of this host's containers (phaul.standby)
+        self.standby_store = StandbyStore(host.state_dir, host.name)  # the checkpoints kept here for peers
         self._migrations = threading.BoundedSemaphore(self.max_migrations)
         limits = host.limits
         self.budgets = CallBudgets({
@@ -227,6 +235,13 @@ class Servicer(pb_grpc.AgentServicer):
     @_rpc
     def StartContainer(self, request: pb.StartRequest, context: grpc.ServicerContext) -> pb.ContainerInfo:
         args = check_args(list(request.args)) if request.args else None
+        stale = self.standbys.stale(self._ct(request.id))
+        if stale is not None:
+            raise Conflict(
+                f"{request.id} failed over to {stale.host}: the copy on {self.host.name} is stale and stays stopped",
+                f"destroy it (`phaul --host {self.host.name} ct destroy {request.id}`), then protect the running copy "
+                f"from here: `phaul --host {stale.host} standby {request.id} {self.host.name}`",
+            )
         info = self.host.containers.start(self._ct(request.id), args)
         return messages.info_to_proto(info)
 
@@ -301,6 +316,13 @@ class Servicer(pb_grpc.AgentServicer):
                 raise InvalidInput("an address (--ip) is for a copy only", "give the copy's ID with --as, or leave out --ip")
             if options.method not in choice.REQUESTS:
                 raise InvalidInput(f"unknown memory method {options.method!r}", f"use one of {', '.join(choice.REQUESTS)}")
+            protected = self.standbys.get(check_id(request.ct_id))
+            if protected is not None and protected.state == ACTIVE:
+                raise Conflict(
+                    f"{request.ct_id} has a standby on {protected.host}: moving it would leave that standby stale",
+                    f"stop it first (`phaul --host {self.host.name} standby stop {request.ct_id}`), migrate, "
+                    f"then start a standby from the new host",
+                )
             migration = SourceMigration(
                 self.host, request.ct_id, request.dest_name, request.dest_address, options,
                 lambda p: self._progress(events, migration, p),
@@ -430,11 +452,18 @@ class Servicer(pb_grpc.AgentServicer):
             raise InvalidInput("the source declared no size for the migration", "upgrade phaul on the source host")
         if request.criu_version and not re.fullmatch(r"\d{1,4}(\.\d{1,4}){0,3}", request.criu_version):
             raise InvalidInput(f"invalid CRIU version {request.criu_version[:40]!r}")
+        if request.standby:
+            if not request.source_address:
+                raise InvalidInput("a standby refresh names no source address", "upgrade phaul on the source host")
+            self.standby_store.check_refresh(config.id, peer)
         address, secret = self.dest.prepare(
             request.migration_id, request.source_name, config, request.criu_version, request.need_bytes,
             tcp_close=request.tcp_close, source_address=request.source_address, page_link=request.page_link,
-            offline=request.offline, start=request.start,
+            offline=request.offline, start=request.start, standby=request.standby,
         )
+        m = self.dest.lookup(request.migration_id)
+        if request.standby and m is not None:
+            self.standby_store.seed(config.id, m.ct_dir)
         v = criu_version(criu_path() or "")
         return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)
 
@@ -477,6 +506,62 @@ class Servicer(pb_grpc.AgentServicer):
     def Finish(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.FinishReply:
         self._incoming(request.migration_id, _peer_name(context))
         return pb.FinishReply(postcopy_bytes=self.dest.finish(request.migration_id))
+
+    # -- standby copies and failover (phaul.standby) -----------------------------------------
+
+    @_rpc
+    def Standby(self, request: pb.StandbyRequest, context: grpc.ServicerContext) -> pb.StandbyInfo:
+        check_message(request)
+        interval = request.interval_s or DEFAULT_INTERVAL_S
+        s = self.standbys.start(self._ct(request.ct_id), request.host, request.host_address, interval,
+                                request.max_lag_s or 3 * interval)
+        return s.to_proto(self.host.name)
+
+    @_rpc
+    def StandbyStop(self, request: pb.ContainerRef, context: grpc.ServicerContext) -> pb.Empty:
+        self.standbys.stop(self._ct(request.id))
+        return pb.Empty()
+
+    @_rpc
+    def StandbyList(self, request: pb.Empty, context: grpc.ServicerContext) -> pb.StandbyListReply:
+        caller = _peer_name(context)
+        infos = [s.to_proto(self.host.name) for s in self.standbys.list()] if caller in self.host.admins else []
+        for kept, tomb in self.standby_store.list():
+            primary = kept.source if kept is not None else str((tomb or {}).get("from", ""))
+            if caller not in self.host.admins and caller != primary:
+                continue  # a peer sees only its own containers' standbys
+            infos.append(pb.StandbyInfo(
+                ct=kept.ct if kept is not None else str((tomb or {}).get("ct", "")), role="standby", primary=primary,
+                standby=self.host.name, checkpoint_at=kept.checkpoint_at if kept is not None else 0.0,
+                state="failed-over" if tomb is not None else "active",
+            ))
+        return pb.StandbyListReply(standbys=infos)
+
+    @_rpc
+    def KeepStandby(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.KeepStandbyReply:
+        self._incoming(request.migration_id, _peer_name(context))
+        m = self.dest.keep(request.migration_id)
+        self.journal.path(request.migration_id, "destination").unlink(missing_ok=True)  # settled: one per refresh
+        try:
+            taken = (m.images_dir / "inventory.img").stat().st_mtime
+        except OSError:
+            taken = time.time()
+        return pb.KeepStandbyReply(checkpoint_at=self.standby_store.keep(m, taken).checkpoint_at)
+
+    @_rpc
+    def DropStandby(self, request: pb.ContainerRef, context: grpc.ServicerContext) -> pb.Empty:
+        self.standby_store.drop(self._ct(request.id), _peer_name(context))
+        return pb.Empty()
+
+    @_rpc
+    def FenceStandby(self, request: pb.ContainerRef, context: grpc.ServicerContext) -> pb.FenceReply:
+        return pb.FenceReply(running=self.standbys.fence(self._ct(request.id), _peer_name(context)))
+
+    @_rpc
+    def Failover(self, request: pb.FailoverRequest, context: grpc.ServicerContext) -> pb.FailoverReply:
+        done = failover.failover(self.host, self.dest, self.standby_store, self._ct(request.ct_id), request.fenced)
+        return pb.FailoverReply(ct=done.ct, primary=done.primary, checkpoint_at=done.checkpoint_at,
+                                restore_ms=done.restore_ms, fence=done.fence)
 
     # -- settling migrations (phaul.migration.recovery) -----------------------------------------
 
@@ -638,12 +723,14 @@ def serve(config: AgentConfig, hook: StepHook = NO_HOOK, reread: Callable[[], Ag
         name, listen, f" and {socket}" if socket else "", advertise, state_dir,
     )
     servicer.recovery.start_resolver(config.timeouts.resolve_interval)
+    servicer.standbys.resume_all()
     notifier.ready(f"serving on {listen}" + (f" and {socket}" if socket else ""))
     while signals.next() is Signal.RELOAD:
         _reload(host, config, lambda: peers_mod.effective(reread() if reread else config, state_dir), notifier)
     log.info("agent %s stopping", name)
     notifier.stopping("stopping: running calls get 2 s")
     servicer.recovery.stop()
+    servicer.standbys.stop_all()
     server.stop(grace=2).wait()
     servicer.dest.close_all()
     if socket is not None:

@@ -46,6 +46,7 @@ from phaul.channels.client import connect
 from phaul.channels.revocation import REVOKED_FILE, REVOKED_HEADER, format_serial, read_serials
 from phaul.channels.transport import Credentials
 from phaul.config import AgentConfig
+from phaul.endpoint import parse_endpoint
 from phaul.errors import Conflict, InvalidInput, PhaulError, Refused, ToolFailed
 from phaul.hosts import ADMIN, HostEntry, HostsFile
 from phaul.linux.fsutil import write_atomic
@@ -115,12 +116,12 @@ class AddPlan:
     def agent_address(self) -> str:
         if self.listen:
             return self.listen
-        addr = self.ssh.address
-        return f"[{addr}]:{AGENT_PORT}" if ":" in addr else f"{addr}:{AGENT_PORT}"
+        addr = self.ssh.address  # bare: an IPv6 address without brackets (SshTarget.parse)
+        return str(parse_endpoint(f"[{addr}]" if ":" in addr else addr, "--ssh address", default_port=AGENT_PORT))
 
     @property
     def agent_ip(self) -> str:
-        return self.agent_address.rsplit(":", 1)[0].strip("[]")
+        return parse_endpoint(self.agent_address, "the agent's address").host
 
 
 @dataclass

@@ -98,6 +98,7 @@ class Incoming:
     keeper: subprocess.Popen[bytes] | None = None  # post-copy: phaul.memory.lazy_link's keeper, until every page is here
     offline: bool = False  # no images (phaul.migration.offline): Restore creates the container, Resume starts it
     start: bool = False  # offline: Resume runs the command (else the container stays created)
+    standby: bool = False  # a standby refresh (phaul.standby): kept, never restored from the source's say
 
     @property
     def lazy_status(self) -> Path:
@@ -157,6 +158,7 @@ class Destination:
     def prepare(
         self, migration_id: str, source: str, config: ContainerConfig, source_criu: str, need_bytes: int,
         tcp_close: bool = False, source_address: str = "", page_link: str = "", offline: bool = False, start: bool = False,
+        standby: bool = False,
     ) -> tuple[str, str]:
         """Check this host can take the container (`need_bytes`: what the source will
         write here, phaul.migration.quota) and open the data channel; returns the
@@ -203,7 +205,7 @@ class Destination:
             if offline:  # what a restarted agent reloads (reload_restored)
                 self.journal.record(migration_id, "destination", OFFLINE_START if start else OFFLINE_MARK)
             m = Incoming(migration_id, ct_id, source, mdir, tcp_close=tcp_close, config=config, source_address=source_address,
-                         page_link=page_link, offline=offline, start=start)
+                         page_link=page_link, offline=offline, start=start, standby=standby)
             secret = new_secret()
             receiver = m.receiver = _receiver(self.host, m)
             try:
@@ -226,7 +228,8 @@ class Destination:
                 self._settle_quietly(migration_id, Result.REFUSED, str(e))
                 raise
             self._incoming[migration_id] = m
-        if ident is not None and not offline:  # offline: `start` plugs it in, as `phaul ct start` does
+        # offline: `start` plugs it in, as `phaul ct start` does; a standby refresh never runs here: no frames to hold
+        if ident is not None and not offline and not standby:
             self._prepare_network(migration_id, ident)
         log.info("migration %s: receiving %s from %s on %s", migration_id, ct_id, source, address)
         return address, secret
@@ -331,8 +334,9 @@ class Destination:
         m = self._get(migration_id)
         page_link = m.page_link
         with m.lock:
-            if m.state != "prepared":
-                raise Conflict(f"migration {migration_id} is {m.state}, not ready to restore")
+            if m.state != "prepared" or m.standby:
+                what = "a standby refresh" if m.standby else m.state
+                raise Conflict(f"migration {migration_id} is {what}, not ready to restore")
             ct = self.host.containers
             target = ct.container_dir(m.ct_id)
             if target.exists():
@@ -390,6 +394,46 @@ class Destination:
         stats.update(lazy_ms)
         log.info("migration %s: %s restored and held stopped in %.0f ms", migration_id, m.ct_id, took)
         return stats
+
+    def keep(self, migration_id: str) -> Incoming:
+        """A standby refresh (phaul.standby) has pushed everything: seal it, check what
+        arrived as Restore would (quota, the container directory stripped to its root file
+        system, the images a data tree) and hand it over: the migration is no longer this
+        object's, its journal settled; nothing was placed or runs. The caller moves `dir`."""
+        m = self._get(migration_id)
+        with m.lock:
+            if m.state != "prepared" or m.config is None or not m.standby:
+                raise Conflict(f"migration {migration_id} is {m.state} and no standby refresh: not a checkpoint to keep")
+            self.seal(m)
+            self._check_quota(m)
+            _close_channels(m)
+            if not os.path.lexists(m.ct_dir / "bundle"):
+                raise ToolFailed(f"migration {migration_id}: the container's files never arrived", "check the data channel log")
+            inbound.strip_container_dir(m.ct_dir)
+            check_data_tree(m.images_dir)
+            if m.net is not None:
+                m.net.close()
+            m.state = "kept"
+        with self._lock:
+            self._incoming.pop(migration_id, None)
+        self._settle_quietly(migration_id, Result.OK)
+        return m
+
+    def take_kept(self, m: Incoming) -> None:
+        """Failover (phaul.standby): take a kept checkpoint back as a prepared migration,
+        sealed, so that `restore` and `resume` run it as any other; its journal begins here."""
+        assert m.config is not None
+        m.state, m.receiver, m.stream, m.watch, m.standby = "prepared", None, None, None, False
+        m.seal_file.touch()
+        with self._lock:
+            if m.migration_id in self._incoming:
+                raise Conflict(f"migration {m.migration_id} already exists on {self.host.name}")
+            self.journal.begin(m.migration_id, "destination", m.ct_id, m.source, m.source_address)
+            self._incoming[m.migration_id] = m
+        ident = network.Identity.of(m.config)
+        if ident is not None:
+            network.check_bridge(self.host.bridge, self.host.name)
+            self._prepare_network(m.migration_id, ident)
 
     def _spawn_keeper(self, m: Incoming, page_link: str) -> None:
         """Post-copy, at Prepare: the keeper (phaul.memory.lazy_link), waiting on its stdin

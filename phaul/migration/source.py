@@ -109,6 +109,8 @@ class Held:
 class SourceMigration:
     """Moves container `ct_id` from `host` to the agent `dest_name` at `dest_address`."""
 
+    standby = False  # a standby refresh (phaul.standby.refresh): the destination keeps a checkpoint
+
     def __init__(
         self, host: Host, ct_id: str, dest_name: str, dest_address: str, options: MigrationOptions, emit: Emit
     ) -> None:
@@ -186,9 +188,12 @@ class SourceMigration:
             if self.held.dest is not None:
                 self.held.dest.close()
             self.report.total_ms = (time.monotonic() - self._t0) * 1000
-            self.report.save(self.host.state_dir / "reports")
+            self._save_report()
         self.log.info("%s to %s: %s", self.ct_id, self.dest_name, self.report.result)
         return self.report
+
+    def _save_report(self) -> None:
+        self.report.save(self.host.state_dir / "reports")
 
     def _preflight(self) -> None:
         ct = self.host.containers
@@ -226,7 +231,7 @@ class SourceMigration:
                 criu_version=".".join(map(str, my_criu or ())), offline=cold, start=self.start_dest,
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
-                source_address=self.host.advertised, page_link=page_link,
+                source_address=self.host.advertised, page_link=page_link, standby=self.standby,
             ),
             timeout=30,
         )

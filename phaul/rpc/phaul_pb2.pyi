@@ -309,7 +309,7 @@ class MigrateEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link", "offline", "start")
+    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link", "offline", "start", "standby")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +320,7 @@ class PrepareRequest(_message.Message):
     PAGE_LINK_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     source_name: str
     config: ContainerConfig
@@ -330,7 +331,8 @@ class PrepareRequest(_message.Message):
     page_link: str
     offline: bool
     start: bool
-    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ..., offline: _Optional[bool] = ..., start: _Optional[bool] = ...) -> None: ...
+    standby: bool
+    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ..., offline: _Optional[bool] = ..., start: _Optional[bool] = ..., standby: _Optional[bool] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("data_address", "criu_version", "secret")
@@ -556,3 +558,85 @@ class SetPeersReply(_message.Message):
     revoked_added: int
     revoked_list: str
     def __init__(self, peers: _Optional[_Iterable[str]] = ..., revoked_added: _Optional[int] = ..., revoked_list: _Optional[str] = ...) -> None: ...
+
+class StandbyRequest(_message.Message):
+    __slots__ = ("ct_id", "host", "host_address", "interval_s", "max_lag_s")
+    CT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    ct_id: str
+    host: str
+    host_address: str
+    interval_s: float
+    max_lag_s: float
+    def __init__(self, ct_id: _Optional[str] = ..., host: _Optional[str] = ..., host_address: _Optional[str] = ..., interval_s: _Optional[float] = ..., max_lag_s: _Optional[float] = ...) -> None: ...
+
+class StandbyInfo(_message.Message):
+    __slots__ = ("ct", "role", "primary", "standby", "interval_s", "max_lag_s", "checkpoint_at", "refresh_bytes", "pause_ms", "refreshes", "error", "state")
+    CT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_AT_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    REFRESHES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ct: str
+    role: str
+    primary: str
+    standby: str
+    interval_s: float
+    max_lag_s: float
+    checkpoint_at: float
+    refresh_bytes: int
+    pause_ms: float
+    refreshes: int
+    error: str
+    state: str
+    def __init__(self, ct: _Optional[str] = ..., role: _Optional[str] = ..., primary: _Optional[str] = ..., standby: _Optional[str] = ..., interval_s: _Optional[float] = ..., max_lag_s: _Optional[float] = ..., checkpoint_at: _Optional[float] = ..., refresh_bytes: _Optional[int] = ..., pause_ms: _Optional[float] = ..., refreshes: _Optional[int] = ..., error: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class StandbyListReply(_message.Message):
+    __slots__ = ("standbys",)
+    STANDBYS_FIELD_NUMBER: _ClassVar[int]
+    standbys: _containers.RepeatedCompositeFieldContainer[StandbyInfo]
+    def __init__(self, standbys: _Optional[_Iterable[_Union[StandbyInfo, _Mapping]]] = ...) -> None: ...
+
+class KeepStandbyReply(_message.Message):
+    __slots__ = ("checkpoint_at",)
+    CHECKPOINT_AT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_at: float
+    def __init__(self, checkpoint_at: _Optional[float] = ...) -> None: ...
+
+class FailoverRequest(_message.Message):
+    __slots__ = ("ct_id", "fenced")
+    CT_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
+    ct_id: str
+    fenced: bool
+    def __init__(self, ct_id: _Optional[str] = ..., fenced: _Optional[bool] = ...) -> None: ...
+
+class FailoverReply(_message.Message):
+    __slots__ = ("ct", "primary", "checkpoint_at", "restore_ms", "fence")
+    CT_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    ct: str
+    primary: str
+    checkpoint_at: float
+    restore_ms: float
+    fence: str
+    def __init__(self, ct: _Optional[str] = ..., primary: _Optional[str] = ..., checkpoint_at: _Optional[float] = ..., restore_ms: _Optional[float] = ..., fence: _Optional[str] = ...) -> None: ...
+
+class FenceReply(_message.Message):
+    __slots__ = ("running",)
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    def __init__(self, running: _Optional[bool] = ...) -> None: ...

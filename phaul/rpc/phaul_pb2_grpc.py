@@ -164,6 +164,41 @@ class AgentStub:
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
                 response_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
                 _registered_method=True)
+        self.Standby = channel.unary_unary(
+                '/phaul.v1.Agent/Standby',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.StandbyRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.StandbyInfo.FromString,
+                _registered_method=True)
+        self.StandbyStop = channel.unary_unary(
+                '/phaul.v1.Agent/StandbyStop',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StandbyList = channel.unary_unary(
+                '/phaul.v1.Agent/StandbyList',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.Empty.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.StandbyListReply.FromString,
+                _registered_method=True)
+        self.KeepStandby = channel.unary_unary(
+                '/phaul.v1.Agent/KeepStandby',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.MigrationRef.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.KeepStandbyReply.FromString,
+                _registered_method=True)
+        self.DropStandby = channel.unary_unary(
+                '/phaul.v1.Agent/DropStandby',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Failover = channel.unary_unary(
+                '/phaul.v1.Agent/Failover',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.FailoverRequest.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.FailoverReply.FromString,
+                _registered_method=True)
+        self.FenceStandby = channel.unary_unary(
+                '/phaul.v1.Agent/FenceStandby',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.FenceReply.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -344,6 +379,52 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Standby(self, request, context):
+        """Standby copies and failover (phaul/standby/). CLI -> primary's agent: keep, list, stop;
+        primary -> standby host: keep the checkpoint a refresh pushed (a migration prepared
+        with `standby`), drop it; CLI -> standby host: fail over, which first asks the
+        primary (if it answers) to fence: stop running CT for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StandbyStop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StandbyList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepStandby(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropStandby(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Failover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FenceStandby(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -476,6 +557,41 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SetPeers,
                     request_deserializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.FromString,
                     response_serializer=phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.SerializeToString,
+            ),
+            'Standby': grpc.unary_unary_rpc_method_handler(
+                    servicer.Standby,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.StandbyRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.StandbyInfo.SerializeToString,
+            ),
+            'StandbyStop': grpc.unary_unary_rpc_method_handler(
+                    servicer.StandbyStop,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.Empty.SerializeToString,
+            ),
+            'StandbyList': grpc.unary_unary_rpc_method_handler(
+                    servicer.StandbyList,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.StandbyListReply.SerializeToString,
+            ),
+            'KeepStandby': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepStandby,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.MigrationRef.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.KeepStandbyReply.SerializeToString,
+            ),
+            'DropStandby': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropStandby,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.Empty.SerializeToString,
+            ),
+            'Failover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Failover,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.FailoverRequest.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.FailoverReply.SerializeToString,
+            ),
+            'FenceStandby': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceStandby,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.ContainerRef.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.FenceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1180,6 +1296,195 @@ class Agent:
             '/phaul.v1.Agent/SetPeers',
             phaul_dot_rpc_dot_phaul__pb2.SetPeersRequest.SerializeToString,
             phaul_dot_rpc_dot_phaul__pb2.SetPeersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Standby(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/Standby',
+            phaul_dot_rpc_dot_phaul__pb2.StandbyRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.StandbyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StandbyStop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/StandbyStop',
+            phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StandbyList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/StandbyList',
+            phaul_dot_rpc_dot_phaul__pb2.Empty.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.StandbyListReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepStandby(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/KeepStandby',
+            phaul_dot_rpc_dot_phaul__pb2.MigrationRef.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.KeepStandbyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropStandby(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/DropStandby',
+            phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Failover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/Failover',
+            phaul_dot_rpc_dot_phaul__pb2.FailoverRequest.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.FailoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceStandby(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/FenceStandby',
+            phaul_dot_rpc_dot_phaul__pb2.ContainerRef.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.FenceReply.FromString,
             options,
             channel_credentials,
             insecure,
