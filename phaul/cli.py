@@ -953,7 +953,7 @@ def cmd_host_add(args: argparse.Namespace) -> int:
 
     target = SshTarget.parse(args.ssh, port=args.port, identity=args.identity, known_hosts=args.known_hosts,
                              fingerprint=args.fingerprint)
-    hosts = _hosts(args)
+    hosts = _hosts_if_any(args) or _new_hosts_file(args.ca_dir)
     phaul_cmd = args.remote_phaul or (INSTALLED_PHAUL if args.install else DEFAULT_PHAUL)
     remote = RemotePaths(
         phaul=tuple(shlex.split(phaul_cmd)), etc=PurePosixPath(args.remote_etc), state_dir=PurePosixPath(args.remote_state_dir),
@@ -965,6 +965,22 @@ def cmd_host_add(args: argparse.Namespace) -> int:
     )
     result = add_host(plan)
     return ExitCode.OK if all(p.ok for p in result.pushed) else ExitCode.FAILED
+
+
+def _new_hosts_file(ca_dir: Path | None) -> HostsFile:
+    """The first `host add` on an admin machine without a hosts file starts /etc/phaul/hosts.json,
+    naming the CA's directory's ca.crt and the CLI's admin certificate (`phaul pki issue admin`)."""
+    from phaul.channels import pki
+    from phaul.hosts import ADMIN, ETC_HOSTS_FILE
+
+    d = ca_dir or pki.DEFAULT_PKI_DIR
+    files = PkiFiles(ca=d / "ca.crt", cert=d / f"{ADMIN}.crt", key=d / f"{ADMIN}.key")
+    for path in (files.ca, files.cert, files.key):
+        if not path.is_file():
+            raise NotFound(f"no hosts file, and {path} does not exist",
+                           "make the CA and the CLI's certificate first: `phaul pki init` and `phaul pki issue admin`")
+    ETC_HOSTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    return HostsFile(path=ETC_HOSTS_FILE, subnet=None, pki=files, hosts={})
 
 
 def cmd_host_remove(args: argparse.Namespace) -> int:

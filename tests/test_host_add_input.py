@@ -48,3 +48,20 @@ def test_host_add_refuses_bad_input(hosts_file: Path, args: list[str], message: 
 def test_host_remove_refuses_an_unknown_host(hosts_file: Path) -> None:
     r = phaul("--hosts-file", str(hosts_file), "host", "remove", "gamma")
     assert r.returncode == 2 and "gamma is not in" in r.stderr, r.stderr
+
+
+def test_the_first_host_add_starts_a_hosts_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a hosts file, `host add` starts /etc/phaul/hosts.json naming the CA and the CLI's
+    certificate, or says to make them first."""
+    from phaul import cli, hosts
+    from phaul.errors import NotFound
+
+    monkeypatch.setattr(hosts, "ETC_HOSTS_FILE", tmp_path / "etc" / "hosts.json")
+    ca = tmp_path / "pki"
+    with pytest.raises(NotFound, match="phaul pki init"):
+        cli._new_hosts_file(ca)
+    pki.init_ca(ca)
+    pki.issue(ca, "admin")
+    started = cli._new_hosts_file(ca)
+    assert started.path == tmp_path / "etc" / "hosts.json" and started.hosts == {}
+    assert (started.pki.ca, started.pki.cert, started.pki.key) == (ca / "ca.crt", ca / "admin.crt", ca / "admin.key")
