@@ -122,6 +122,41 @@ def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
     _nothing_of_the_page_link_left(lab)
 
 
+# A shell that forks every 50 ms (a command substitution, `mv`, `sleep`: fork, exec, exit)
+# next to memload: its tasks fork throughout the post-copy window.
+COUNTER = ("(i=0; while :; do i=$(( $(cat /counter 2>/dev/null || echo 0) + 1 )); echo $i > /counter.new; "
+           "mv /counter.new /counter; sleep 0.05; done) & exec memload --size 64 --rate 4")
+
+
+def _counter(lab: Lab, host: str, ct: str) -> int:
+    return int(lab.exec(host, ct, "sh", "-c", "cat /counter 2>/dev/null || echo 0").strip() or 0)
+
+
+def test_postcopy_of_a_container_that_forks(clean_lab: Lab) -> None:
+    """The lazy-pages daemon closes a task's userfaultfd once its pages are all in place;
+    the uffd guard once held its duplicate on, so the task's next fork waited for ever
+    for a reader of its UFFD_EVENT_FORK and the post-copy never ended (issue 12)."""
+    lab = clean_lab
+    lab.phaul("--host", "alpha", "ct", "create", "pcf", "--memory", "160M")
+    lab.phaul("--host", "alpha", "ct", "start", "pcf", "--", "/bin/sh", "-c", COUNTER)
+    wait_for(lambda: lab.exec("alpha", "pcf", "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
+             timeout=60, what="memload in pcf")
+    wait_for(lambda: _counter(lab, "alpha", "pcf") > 5, timeout=30, what="the counter in pcf")
+    report = lab.migrate("pcf", "alpha", "beta", "--method", "postcopy")
+    assert report["result"] == "ok", report
+    assert report["memory_method"] == "postcopy", report
+    assert report["postcopy_ms"] > 0, report
+    [final] = report["rounds"]
+    assert final["pages_dumped"] < 64 * 256, final  # memload's memory stayed behind for the window
+    assert _verify_memory(lab, "beta", "pcf").startswith("ok pages=16384")
+    after = _counter(lab, "beta", "pcf")
+    wait_for(lambda: _counter(lab, "beta", "pcf") > after + 5, timeout=30, what="the counter to go on on beta")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    assert _lazy_daemons(lab, "beta") == [] and _keepers(lab, "beta") == []
+    assert leftovers(lab, "alpha") == []
+    _nothing_of_the_page_link_left(lab)
+
+
 def test_postcopy_restore_failure_rolls_back(clean_lab: Lab) -> None:
     """CRIU already serves the pages when the restore fails: the source gives up its page
     server, its frozen tree runs again, and its memory is intact."""

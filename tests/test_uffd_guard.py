@@ -124,3 +124,36 @@ def test_finish_lets_the_daemon_end_quietly(pair) -> None:  # type: ignore[no-un
     daemon.wait()
     assert not guard.lost and not guard.held and task.poll() is None
 
+
+
+def test_a_uffd_the_daemon_closes_itself_is_let_go(pair) -> None:  # type: ignore[no-untyped-def]
+    """CRIU's daemon closes a task's uffd once its pages are all in place (or it is gone);
+    a duplicate held on past that would keep the task's events (a fork) waiting for ever
+    (issue 12). The guard lets go of it at its next look; the kernel then unregisters."""
+    task, sleeper = pair
+    # a daemon that can close its uffd while it lives: it takes the sleeper's
+    guard0 = uffd_guard.UffdGuard(sleeper.pid, lambda: None, completed=lambda: True)
+    guard0.grab()
+    uffd = guard0.held[0]
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", f"import os, sys; sys.stdin.readline(); os.close({uffd}); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, pass_fds=(uffd,),
+    )
+    guard0.finish()
+    sleeper.kill()
+    sleeper.wait()
+    try:
+        wait_for(lambda: _holds_uffd(daemon.pid), what="the daemon to hold the uffd")
+        guard = uffd_guard.UffdGuard(daemon.pid, lambda: pytest.fail("on_loss of a daemon that lives"))
+        assert guard.grab() == 1
+        assert daemon.stdin is not None
+        daemon.stdin.write(b"close\n")
+        daemon.stdin.flush()
+        wait_for(lambda: not _holds_uffd(daemon.pid), what="the daemon to close its uffd")
+        assert guard.grab() == 0 and not guard.held
+        out, _ = task.communicate("go\n", timeout=10)  # released: the kernel no longer holds its fault
+        assert out.split() == ["read", "0"]
+        guard.finish()
+    finally:
+        daemon.kill()
+        daemon.wait()

@@ -19,7 +19,10 @@ for the whole post-copy:
   --lazy-pages`) hands the daemon one userfaultfd per task;
 - the uffd guard (`phaul.memory.uffd_guard`): once the daemon has every
   task's userfaultfd (it connects to the relay only then) this process holds
-  a duplicate of each, and takes those of forked tasks as they appear;
+  a duplicate of each, takes those of forked tasks as they appear, and lets
+  go of each one the daemon closes itself (a task whose pages are all in
+  place, or gone): held on, it would leave that task's next fork waiting for
+  ever on an event nobody reads (issue 12);
 - the relay (`phaul.memory.page_relay.Replayer`): the daemon's connection
   <-> the TLS link to the source (`TLS_RSH`, the secret first); a broken
   link is dialled again for `--redial-s` seconds and the unanswered

@@ -97,7 +97,8 @@ class UffdGuard:
         (call it after the restore handed them over, and after forks); returns how many are held."""
         fd_dir = self.proc / str(self.pid) / "fd"
         with self._lock:
-            for entry in os.listdir(fd_dir):
+            entries = os.listdir(fd_dir)
+            for entry in entries:
                 n = int(entry)
                 try:
                     if os.readlink(fd_dir / entry) != _UFFD_LINK:
@@ -106,10 +107,25 @@ class UffdGuard:
                     continue  # closed meanwhile
                 mine = self._of.get(n)
                 if mine is not None and same_file(os.getpid(), mine, self.pid, n):
-                    continue  # held (a number reused for another uffd is taken again)
+                    continue  # held
+                if mine is not None:
+                    self._release(mine)  # the number now names another uffd: the old one was closed
                 self._of[n] = pidfd_getfd(self.pidfd, n)
                 self.held.append(self._of[n])
+            if entries:  # the daemon's descriptor table is in place: it is alive, not exiting
+                for n in [n for n in self._of if str(n) not in entries]:
+                    self._release(self._of.pop(n))
             return len(self.held)
+
+    def _release(self, mine: int) -> None:
+        """Let go of a duplicate whose original the daemon closed itself: CRIU does so when
+        the task's pages are all in place or the task is gone (`lpi_fini`, `handle_exit`).
+        Held on, that uffd would keep its task's non-cooperative events (fork, munmap,
+        madvise) waiting for a reader that is no more: the task hangs (issue 12: a
+        container that forks during post-copy). A daemon that dies closes its whole
+        descriptor table at once (the listing is then empty), never one descriptor."""
+        self.held.remove(mine)
+        os.close(mine)
 
     def finish(self) -> None:
         """Every page arrived: the daemon may end, the duplicates go."""
