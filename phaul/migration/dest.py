@@ -341,13 +341,8 @@ class Destination:
             target = ct.container_dir(m.ct_id)
             if target.exists():
                 raise Conflict(f"{self.host.name} already has a container {m.ct_id}")
-            self.seal(m)
-            self._check_quota(m)
-            _close_channels(m)
-            if not os.path.lexists(m.ct_dir / "bundle"):
-                raise ToolFailed(f"migration {migration_id}: the container's files never arrived", "check the data channel log")
+            self._take_arrival(m)
             assert m.config is not None  # set by prepare; a reloaded migration is restored already
-            inbound.strip_container_dir(m.ct_dir)
             check_data_tree(m.images_dir)
             _link_parents(m)
             self.journal.record(migration_id, "destination", "restore")
@@ -404,12 +399,7 @@ class Destination:
         with m.lock:
             if m.state != "prepared" or m.config is None or not m.standby:
                 raise Conflict(f"migration {migration_id} is {m.state} and no standby refresh: not a checkpoint to keep")
-            self.seal(m)
-            self._check_quota(m)
-            _close_channels(m)
-            if not os.path.lexists(m.ct_dir / "bundle"):
-                raise ToolFailed(f"migration {migration_id}: the container's files never arrived", "check the data channel log")
-            inbound.strip_container_dir(m.ct_dir)
+            self._take_arrival(m)
             check_data_tree(m.images_dir)
             if m.net is not None:
                 m.net.close()
@@ -621,6 +611,16 @@ class Destination:
                 self.abort(mid)
             except Exception as e:  # keep shutting down
                 log.warning("migration %s: %s", mid, e)
+
+    def _take_arrival(self, m: Incoming) -> None:
+        """The peer's writes end (sealed, quota checked, channels closed) and what arrived
+        becomes this host's: the container directory stripped to its root file system."""
+        self.seal(m)
+        self._check_quota(m)
+        _close_channels(m)
+        if not os.path.lexists(m.ct_dir / "bundle"):
+            raise ToolFailed(f"migration {m.migration_id}: the container's files never arrived", "check the data channel log")
+        inbound.strip_container_dir(m.ct_dir)
 
     def seal(self, m: Incoming, keep_ct: bool = False) -> None:
         """End the peer's write access: no new data-channel connection is served
