@@ -471,7 +471,7 @@ def _host_commands(sub: argparse._SubParsersAction) -> None:
     hk.add_argument("--fingerprint", metavar="SHA256:...",
                     help="accept the host key with this fingerprint (`ssh-keygen -lf` of its key, read on its console)")
     ha.add_argument("--install", action="store_true",
-                    help="first copy this checkout there (/opt/phaul/src) and run its scripts/setup.sh")
+                    help="first copy this checkout there (--remote-install-dir, /opt/phaul/src) and run its scripts/setup.sh")
     ha.add_argument("--remote-phaul", metavar="CMD",
                     help="the absolute command that runs phaul there (default /usr/local/bin/phaul; "
                     "with --install /opt/phaul/src/.venv/bin/phaul)")
@@ -481,6 +481,8 @@ def _host_commands(sub: argparse._SubParsersAction) -> None:
     ha.add_argument("--start", choices=("auto", "systemd", "command"), default="auto",
                     help="how to start the agent: systemd (enable --now), command (the unit's ExecStart line detached "
                     "with setsid nohup, for hosts without systemd as PID 1), auto (default: systemd when it is PID 1)")
+    ha.add_argument("--remote-install-dir", default="/opt/phaul", metavar="DIR",
+                    help="--install: where the checkout (DIR/src) and its .venv go there (default /opt/phaul)")
     ha.add_argument("--remote-etc", default="/etc/phaul", metavar="DIR", help="agent.toml and pki/ there (default /etc/phaul)")
     ha.add_argument("--remote-state-dir", default="/var/lib/phaul", metavar="DIR",
                     help="the agent's state there (default /var/lib/phaul)")
@@ -948,16 +950,17 @@ def cmd_host_add(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import PurePosixPath
 
-    from phaul.bootstrap.hostadd import DEFAULT_PHAUL, INSTALLED_PHAUL, AddPlan, RemotePaths, add_host
+    from phaul.bootstrap.hostadd import DEFAULT_PHAUL, AddPlan, RemotePaths, add_host, installed_phaul
     from phaul.bootstrap.ssh import SshTarget
 
     target = SshTarget.parse(args.ssh, port=args.port, identity=args.identity, known_hosts=args.known_hosts,
                              fingerprint=args.fingerprint)
     hosts = _hosts_if_any(args) or _new_hosts_file(args.ca_dir)
-    phaul_cmd = args.remote_phaul or (INSTALLED_PHAUL if args.install else DEFAULT_PHAUL)
+    phaul_cmd = args.remote_phaul or (installed_phaul(args.remote_install_dir) if args.install else DEFAULT_PHAUL)
     remote = RemotePaths(
         phaul=tuple(shlex.split(phaul_cmd)), etc=PurePosixPath(args.remote_etc), state_dir=PurePosixPath(args.remote_state_dir),
         unit_dir=PurePosixPath(args.remote_unit_dir), socket=PurePosixPath(args.remote_socket),
+        install_dir=PurePosixPath(args.remote_install_dir),
     )
     plan = AddPlan(
         name=args.name, ssh=target, hosts=hosts, ca_dir=args.ca_dir or hosts.pki.ca.parent, remote=remote,

@@ -57,9 +57,13 @@ log = logging.getLogger(__name__)
 
 AGENT_PORT = 7473
 AGENT_WAIT = 60.0  # s: how long the new agent has to answer over mutual TLS
-INSTALL_DIR = "/opt/phaul"  # where --install puts the checkout there
+INSTALL_DIR = "/opt/phaul"  # where --install puts the checkout there (src/, its .venv)
 DEFAULT_PHAUL = "/usr/local/bin/phaul"  # phaul there, unless told
-INSTALLED_PHAUL = f"{INSTALL_DIR}/src/.venv/bin/phaul"  # phaul there after --install
+
+
+def installed_phaul(install_dir: str) -> str:
+    """phaul there after --install into `install_dir`."""
+    return f"{install_dir}/src/.venv/bin/phaul"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class RemotePaths:
     state_dir: PurePosixPath = PurePosixPath("/var/lib/phaul")
     unit_dir: PurePosixPath = PurePosixPath("/etc/systemd/system")
     socket: PurePosixPath = PurePosixPath("/run/phaul/agent.sock")
+    install_dir: PurePosixPath = PurePosixPath(INSTALL_DIR)  # --install: the checkout and its .venv
 
     @property
     def pki(self) -> PurePosixPath:
@@ -163,7 +168,7 @@ def add_host(plan: AddPlan, say: Say = print) -> AddResult:
     with Session(plan.ssh) as ssh:
         say(f"{name}: logged in as {plan.ssh.user}@{plan.ssh.address}:{plan.ssh.port} (host key verified)")
         if plan.install:
-            _install(ssh, say, name)
+            _install(ssh, say, name, plan.remote.install_dir)
         _doctor(ssh, r, say, name)
         for d, mode in ((r.etc, 0o755), (r.pki, 0o700), (r.state_dir, 0o700)):
             ssh.mkdir(str(d), mode)
@@ -248,7 +253,7 @@ def push_peers(hosts: HostsFile, ca_dir: Path, *, skip: str | None = None, say: 
 # -- steps -------------------------------------------------------------------------------
 
 
-def _install(ssh: Session, say: Say, name: str) -> None:
+def _install(ssh: Session, say: Say, name: str, install_dir: PurePosixPath) -> None:
     """Copy this checkout's HEAD there and run its own setup (scripts/setup.sh)."""
     repo = Path(__file__).resolve().parents[2]
     if not (repo / "scripts" / "setup.sh").is_file():
@@ -259,11 +264,11 @@ def _install(ssh: Session, say: Say, name: str) -> None:
         raise ToolFailed(f"`git archive` in {repo} failed: {archive.stderr.decode(errors='replace').strip()}",
                          "run it from a git checkout of phaul")
     tarfile.open(fileobj=io.BytesIO(archive.stdout)).getmembers()  # a readable tar before it is sent
-    ssh.mkdir(f"{INSTALL_DIR}/src", 0o755)
-    ssh.put(f"{INSTALL_DIR}/src.tar", archive.stdout, 0o600)
-    ssh.check(["tar", "-x", "-f", f"{INSTALL_DIR}/src.tar", "-C", f"{INSTALL_DIR}/src"], "unpacking phaul")
+    ssh.mkdir(f"{install_dir}/src", 0o755)
+    ssh.put(f"{install_dir}/src.tar", archive.stdout, 0o600)
+    ssh.check(["tar", "-x", "-f", f"{install_dir}/src.tar", "-C", f"{install_dir}/src"], "unpacking phaul")
     say(f"{name}: running phaul's setup there (Debian packages, CRIU, .venv); this takes a while")
-    ssh.check([f"{INSTALL_DIR}/src/scripts/setup.sh"], "phaul's setup", timeout=7200)
+    ssh.check([f"{install_dir}/src/scripts/setup.sh"], "phaul's setup", timeout=7200)
 
 
 def _doctor(ssh: Session, r: RemotePaths, say: Say, name: str) -> None:
