@@ -365,8 +365,8 @@ def _evacuate_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--to", default="", metavar="HOST[,HOST]",
                    help="the destinations to use (default: every other host in the hosts file)")
     e.add_argument("--parallel", type=int, metavar="N",
-                   help="migrations at once (default: one per destination in the plan, so that no destination "
-                   "restores two containers at once)")
+                   help="migrations at once (default: as many as the link carries within one restore's time, by "
+                   "what this source measured of its migrations, and at most one per destination; at least 1)")
     e.add_argument("--dry-run", action="store_true", help="print the plan (container, destination, why) and change nothing")
     e.add_argument("--method", choices=choice.REQUESTS, default="auto", help="the memory method of every migration")
     e.add_argument("--json", action="store_true", help="print only the outcome, as JSON")

@@ -74,7 +74,7 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
         assert rc == 1 and plan["dry_run"] and set(rows) == {*COUNTERS, "evweb", "evstuck", "evcold"}, plan
         assert all(rows[ct]["outcome"] == "planned" for ct in (*COUNTERS, "evweb", "evcold")), plan
         assert {rows[ct]["destination"] for ct in (*COUNTERS, "evweb", "evcold")} == {"beta", "gamma"}, plan  # spread out
-        assert plan["parallel"] == 2, plan  # one migration per destination at a time
+        assert plan["parallel"] in (1, 2), plan  # from the measured costs; at most one per destination
         assert rows["evstuck"]["outcome"] == "stayed", plan
         for host in ("beta", "gamma"):
             assert f"{host} already has a container evstuck" in rows["evstuck"]["reason"], plan
@@ -92,7 +92,7 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
         left = set(_ids(lab, "alpha"))
         assert {r["ct"] for r in first["containers"] if r["outcome"] in ("not_started", "stayed")} == left
 
-        # run again: it goes on with what is left, one per destination at a time
+        # run again: it goes on with what is left
         rc, second, _ = _finish(_evacuate(lab))
         rows = {r["ct"]: r for r in second["containers"]}
         assert rc == 1 and set(rows) == left, second

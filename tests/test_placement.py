@@ -13,7 +13,7 @@ from phaul import output
 from phaul.errors import Conflict, ExitCode, InvalidInput
 from phaul.fleet.evacuate import Evacuation, Outcome, Row
 from phaul.fleet.inventory import FileLeases, HostsFileInventory
-from phaul.fleet.placement import Capacity, Movable, Verdict, ordered, plan
+from phaul.fleet.placement import Capacity, Movable, Verdict, ordered, parallel, plan
 from phaul.hosts import HostEntry, HostsFile, PkiFiles
 from tests.test_json_schemas import check
 
@@ -109,3 +109,21 @@ def test_hosts_file_inventory() -> None:
                                                      enumerate(("gamma", "alpha", "beta"))})
     inv = HostsFileInventory(hf)
     assert [h.name for h in inv.hosts()] == ["alpha", "beta", "gamma"] and inv.host("beta").port == 7473
+
+
+def test_parallel_from_measured_costs() -> None:
+    """At most one per destination; as many as the link carries within one restore's time."""
+    cts = _cts(10, 10, 10, 10)
+    dests = [Capacity("beta", 1000 * MiB, 0), Capacity("gamma", 1000 * MiB, 0), Capacity("delta", 1000 * MiB, 0)]
+
+    def with_costs(send_ms: float, restore_ms: float) -> int:
+        verdicts = {(c.ct, d.name): Verdict(True, "", send_ms, restore_ms) for c in cts for d in dests}
+        return parallel(plan(cts, dests, verdicts), verdicts)
+
+    assert with_costs(40, 400) == 3  # small containers: the link carries ten in a restore's time; 3 destinations
+    assert with_costs(200, 400) == 2
+    assert with_costs(900, 400) == 1  # large ones: one at a time, never below 1
+    assert with_costs(0, 400) == 3
+    one_dest = {(c.ct, "beta"): Verdict(True, "", 10, 400) for c in cts}
+    assert parallel(plan(cts, dests[:1], one_dest), one_dest) == 1
+    assert parallel([], {}) == 1

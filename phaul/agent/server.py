@@ -54,7 +54,7 @@ from phaul.migration import preflight
 from phaul.migration.dest import Destination
 from phaul.migration.journal import JournalEntry
 from phaul.migration.recovery import Active, Recovery
-from phaul.migration.source import SourceMigration
+from phaul.migration.source import SourceMigration, source_costs
 from phaul.migration.steps import NO_HOOK, StepHook
 from phaul.rpc import phaul_pb2 as pb
 from phaul.rpc import phaul_pb2_grpc as pb_grpc
@@ -599,9 +599,11 @@ class Servicer(pb_grpc.AgentServicer):
         except NotFound:
             cold = False  # preflight says so
         with connect(request.dest_address, request.dest_name, self.host.creds) as dest:
-            results, _ = preflight.run(self.host, ct_id, dest, request.dest_name,
-                                       self.host.containers.config(ct_id) if cold else None)
-        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results])
+            results, needs = preflight.run(self.host, ct_id, dest, request.dest_name,
+                                           self.host.containers.config(ct_id) if cold else None)
+        transfer_ms, restore_ms = source_costs(self.host.state_dir, request.dest_name, needs.memory if needs else 0)
+        return pb.CheckReply(checks=[messages.check_to_proto(r) for r in results], transfer_ms=transfer_ms,
+                             restore_ms=restore_ms)
 
     @_rpc
     def PeerCheck(self, request: pb.PeerCheckRequest, context: grpc.ServicerContext) -> pb.CheckReply:

@@ -26,6 +26,7 @@ from phaul.errors import Busy, ExitCode, InvalidInput, PhaulError
 from phaul.fleet import migrate_call
 from phaul.fleet.inventory import Inventory
 from phaul.fleet.placement import Capacity, Movable, Placement, Verdict, plan
+from phaul.fleet.placement import parallel as default_parallel
 from phaul.hosts import HostEntry
 from phaul.migration.report import Report, Result
 from phaul.rpc import phaul_pb2 as pb
@@ -73,7 +74,7 @@ class EvacuationOptions:
 
     source: str
     to: tuple[str, ...] = ()  # destinations; empty: every other host of the inventory
-    parallel: int | None = None  # migrations at once; None: one per destination used
+    parallel: int | None = None  # migrations at once; None: from the measured costs (placement.parallel)
     dry_run: bool = False
     request: pb.MigrateRequest = field(default_factory=pb.MigrateRequest)  # method, rounds... for every migration
 
@@ -140,9 +141,7 @@ class Evacuator:
             verdicts.update({(ct.ct, name): Verdict(False, why) for name, why in unreachable.items()})
         placements = plan(movable, [capacities.get(d.name, Capacity(d.name, 0, 0)) for d in dests], verdicts)
         rows += [_planned(p) for p in placements]
-        used = {p.dest for p in placements if p.dest}
-        parallel = opts.parallel or max(1, len(used))
-        return Evacuation(source.name, rows, parallel, opts.dry_run)
+        return Evacuation(source.name, rows, opts.parallel or default_parallel(placements, verdicts), opts.dry_run)
 
     def _destinations(self, opts: EvacuationOptions) -> list[HostEntry]:
         if opts.source in opts.to:
@@ -190,7 +189,7 @@ class Evacuator:
             except PhaulError as e:
                 return Verdict(False, e.message)
             failed = [f"{c.name}: {c.message}" for c in reply.checks if c.status == CheckState.FAILURE]
-            return Verdict(not failed, "; ".join(failed))
+            return Verdict(not failed, "; ".join(failed), reply.transfer_ms, reply.restore_ms)
 
         pairs = [(c.ct, d) for c in cts for d in dests]
         with futures.ThreadPoolExecutor(CHECK_THREADS) as pool:

@@ -14,6 +14,7 @@ come last, when nothing else competes with them for the link or fails behind the
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,10 +39,13 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether `ct` may go to a destination (its preflight), and if not, why."""
+    """Whether `ct` may go to a destination (its preflight), and if not, why; and what the
+    source measured of its migrations there, scaled to the container: ms to send, to restore."""
 
     ok: bool
     reason: str = ""
+    transfer_ms: float = 0.0
+    restore_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,19 @@ def plan(cts: Sequence[Movable], dests: Sequence[Capacity], verdicts: Mapping[tu
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
+
+
+def parallel(placements: Sequence[Placement], verdicts: Mapping[tuple[str, str], Verdict]) -> int:
+    """How many migrations run at once by default, from the measured transfer rate and the
+    containers' memory: never more than one per destination in the plan (a container's pause
+    waits on its restore there; two restores on one host lengthen each other's), and only as
+    many as the link carries within one restore's time (k transfers at once share the source's
+    link, so each takes k times as long; beyond that, parallel moves only stretch pauses). At least 1."""
+    chosen = [verdicts[(p.ct, p.dest)] for p in placements if p.dest is not None and (p.ct, p.dest) in verdicts]
+    dests = len({p.dest for p in placements if p.dest is not None})
+    if not chosen:
+        return 1
+    send = statistics.median(v.transfer_ms for v in chosen)
+    restore = statistics.median(v.restore_ms for v in chosen)
+    by_link = int(restore // send) if send > 0 else dests
+    return max(1, min(dests, by_link))

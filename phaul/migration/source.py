@@ -60,6 +60,7 @@ from phaul.linux import criu, freezer, network, procfs
 from phaul.linux.doctor import criu_path, criu_version, features
 from phaul.memory import choice, lazy_link, methods, policy
 from phaul.memory.choice import MiB
+from phaul.memory.page_delta import PAGE
 from phaul.memory.page_stream import PageStream
 from phaul.memory.rounds import run_rounds
 from phaul.migration import failure, offline, preflight
@@ -85,6 +86,13 @@ DIRTY_RATE_GUESS = 16 * MiB  # bytes/s a container rewrites, for auto's predicti
 
 
 Emit = Callable[[pb.Progress], None]
+
+
+def source_costs(state_dir: Path, dest: str, memory: int) -> tuple[float, float]:
+    """(ms to send, ms to restore) `memory` bytes to `dest`, as this host's migrations there measured them."""
+    pages = memory // PAGE
+    return (policy.send_costs(state_dir / SEND_COSTS).estimate(dest, pages),
+            policy.RestoreCosts(state_dir / RESTORE_COSTS).estimate(dest, pages))
 
 
 @dataclass

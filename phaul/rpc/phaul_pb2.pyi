@@ -492,10 +492,14 @@ class CheckResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class CheckReply(_message.Message):
-    __slots__ = ("checks",)
+    __slots__ = ("checks", "transfer_ms", "restore_ms")
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
     checks: _containers.RepeatedCompositeFieldContainer[CheckResult]
-    def __init__(self, checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ...) -> None: ...
+    transfer_ms: float
+    restore_ms: float
+    def __init__(self, checks: _Optional[_Iterable[_Union[CheckResult, _Mapping]]] = ..., transfer_ms: _Optional[float] = ..., restore_ms: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("migration_id", "ct")
