@@ -19,9 +19,9 @@ from phaul.channels.transport import Credentials
 from phaul.checks import CheckState
 from phaul.config import AgentConfig, MigrationOptions, Timeouts
 from phaul.containers import ContainerConfig
-from phaul.controls import follow, source_of
 from phaul.errors import ExitCode, InDoubt, InvalidInput, NotFound, PhaulError, ToolFailed
 from phaul.fleet import migrate_call
+from phaul.fleet.controls import follow, source_of
 from phaul.hosts import HostEntry, HostsFile, PkiFiles, read_hosts
 from phaul.memory import choice
 from phaul.migration.preflight import CHECKS, check_force

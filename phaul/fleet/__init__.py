@@ -1,2 +1,2 @@
-"""Operations over several hosts: one migration driven from the CLI, placement, evacuation,
-and the inventory seam (hosts and leases) they stand on."""
+"""The CLI's side of migrations: one migration driven and controlled (Ctrl-C, follow, abort),
+placement, evacuation, and the inventory seam (hosts and leases) they stand on."""

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from phaul.channels import messages
 from phaul.channels.client import Agent
-from phaul.controls import LeftRunning, migrate_events
 from phaul.errors import ExitCode, InDoubt, LinkBroken, PhaulError, Unreachable
+from phaul.fleet.controls import LeftRunning, migrate_events
 from phaul.migration.report import Report, Result
 from phaul.rpc import phaul_pb2 as pb
 
@@ -24,7 +24,7 @@ def run(
 ) -> Report:
     """Ask the source agent `agent` (host `source`) to run `request` and return its report.
     `ctrl_c_aborts`: Ctrl-C asks the agent to abort it and the report still comes; a second
-    one raises LeftRunning (phaul.controls.migrate_events).
+    one raises LeftRunning (phaul.fleet.controls.migrate_events).
 
     Raises the agent's own refusal (nothing changed: InvalidInput, Conflict, Busy...) as it is,
     Unreachable when no connection was made, and InDoubt when the migration may have started
