@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from phaul.fleet.controls import LeftRunning, migrate_events
 from phaul.errors import Conflict, ExitCode
+from phaul.fleet.controls import LeftRunning, migrate_events
 from phaul.migration.cancel import Aborted, Cancellation
 from phaul.rpc import phaul_pb2 as pb
 
