@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agentlib import RunningAgent, make_pki, running_agent
+from agentlib import REPO, RunningAgent, make_pki, running_agent
 from cryptography import x509
 
 from phaul.agent import journald
@@ -273,3 +275,25 @@ def test_containers_and_their_keepers_outlive_the_agent(tmp_path: Path) -> None:
         assert agent.proc.returncode == 0
         for pid in (info.pid, keeper):
             assert Path(f"/proc/{pid}").exists() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+SIGNAL_IN_ANOTHER_THREAD = """
+import os, signal, threading, time
+from phaul.agent.signals import Signals
+signals = Signals()
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # SIGHUP not blocked there
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # the main thread never takes it itself
+os.kill(os.getpid(), signal.SIGHUP)
+print(signals.next().name, flush=True)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+os.kill(os.getpid(), signal.SIGTERM)
+print(signals.next().name, flush=True)
+"""
+
+
+def test_a_signal_taken_by_another_thread_reaches_the_main_loop() -> None:
+    """The kernel may hand SIGHUP to any thread (gRPC's); the agent's main loop, blocked reading
+    its signals, must still see it at once, not at the next signal the main thread happens to take."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_ANOTHER_THREAD], capture_output=True, text=True,
+                          timeout=WAIT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.split() == ["RELOAD", "STOP"], proc.stderr
