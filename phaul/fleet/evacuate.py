@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = 2.0  # the source runs its most migrations at once: ask again this often
 BUSY_GIVE_UP_S = 1800.0
 CHECK_THREADS = 4
+WAIT_TICK = 0.2  # s
 
 AgentFor = Callable[[HostEntry], Agent]
 Say = Callable[[str], None]
@@ -205,11 +206,11 @@ class Evacuator:
         with futures.ThreadPoolExecutor(evacuation.parallel) as pool:
             running = [pool.submit(self._move, source, row, opts, on_progress) for row in todo]
             try:
-                futures.wait(running)
+                _wait(running)
             except KeyboardInterrupt:
                 self.stop.set()
                 self.say("interrupted: no more migrations start; waiting for those under way (run evacuate again to go on)")
-                futures.wait(running)
+                _wait(running)
         for row in todo:
             if row.outcome == Outcome.PLANNED:
                 row.outcome, row.reason = Outcome.NOT_STARTED, "interrupted before its turn"
@@ -238,6 +239,12 @@ class Evacuator:
                 row.reason = e.message
             self.say(f"{row.ct}: {row.outcome.value} {row.reason}".rstrip())
             return
+
+
+def _wait(running: Sequence[futures.Future[None]]) -> None:
+    """Until all are done, in short waits: Ctrl-C is seen at once even when a worker thread took the signal."""
+    while futures.wait(running, timeout=WAIT_TICK).not_done:
+        pass
 
 
 def _planned(p: Placement) -> Row:
