@@ -130,17 +130,21 @@ def remove_containers(state: Path, host: str) -> None:
         ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
         for ct in ids:
             subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
-    for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
-        for sub in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
-            if sub.is_dir():
-                try:
-                    sub.rmdir()
-                except OSError:
-                    pass
-        try:
-            cg.rmdir()
-        except OSError:
-            pass
+    deadline = time.monotonic() + 10  # a killed container's tasks leave its cgroup a moment later (EBUSY until then)
+    while True:
+        busy = False
+        for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
+            for sub in [*sorted(cg.rglob("*"), key=lambda p: -len(p.parts)), cg]:
+                if sub.is_dir():
+                    try:
+                        sub.rmdir()
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        busy = busy or sub != cg  # the host's own cgroup may be the lab's, in use
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for pid in procs_using(state):  # data channels, if the agent left any
         try:
             os.kill(pid, signal.SIGKILL)
