@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import struct
 import tempfile
@@ -51,7 +52,8 @@ def dumped(config: Any, edit_spec: Callable[[dict[str, Any]], None] | None = Non
     from phaul.errors import PhaulError
 
     state = Path(tempfile.mkdtemp(prefix="phaul-imgcheck-", dir="/tmp"))
-    kind = RuncContainers(state, f"t{uuid.uuid4().hex[:10]}")
+    host = f"t{uuid.uuid4().hex[:10]}"
+    kind = RuncContainers(state, host)
     try:
         kind.create(config)
         bundle = kind.bundle_dir(config.id)
@@ -68,4 +70,13 @@ def dumped(config: Any, edit_spec: Callable[[dict[str, Any]], None] | None = Non
             kind.destroy(config.id, timeout=1)
         except PhaulError:
             pass
+        remove_host_cgroups(host)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def remove_host_cgroups(host: str) -> None:
+    """A test host's own cgroups (phaul-HOST in every hierarchy), once its containers are gone."""
+    for top in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
+        for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagelib import dumped
+from imagelib import dumped, remove_host_cgroups
 from imagelib import edit as _edit
 from imagelib import entries as _entries
 from imagelib import write as _write
@@ -565,7 +565,8 @@ def test_a_time_namespace_of_its_own_is_accepted(dump: Dump, tampered: Path) -> 
 def pty_dump() -> Iterator[Dump]:
     """A real dump of a container whose process holds a pty pair (workloads/objects.c)."""
     state = Path(tempfile.mkdtemp(prefix="phaul-imgcheck-", dir="/tmp"))
-    kind = RuncContainers(state, f"t{uuid.uuid4().hex[:10]}")
+    host = f"t{uuid.uuid4().hex[:10]}"
+    kind = RuncContainers(state, host)
     try:
         kind.create(ContainerConfig(id="ptys", args=["/bin/objects", "run", "pty"]))
         kind.start("ptys")
@@ -577,6 +578,7 @@ def pty_dump() -> Iterator[Dump]:
             kind.destroy("ptys", timeout=1)
         except PhaulError:
             pass
+        remove_host_cgroups(host)
         shutil.rmtree(state, ignore_errors=True)
 
 
