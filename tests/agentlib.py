@@ -4,6 +4,7 @@ a canary directory outside its state directory that nothing may touch."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -130,26 +131,37 @@ def remove_containers(state: Path, host: str) -> None:
         ids = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True).stdout.split()
         for ct in ids:
             subprocess.run(["runc", "--root", str(root), "delete", "--force", ct], capture_output=True)
-    deadline = time.monotonic() + 10  # a killed container's tasks leave its cgroup a moment later (EBUSY until then)
-    while True:
-        busy = False
-        for cg in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
-            for sub in [*sorted(cg.rglob("*"), key=lambda p: -len(p.parts)), cg]:
-                if sub.is_dir():
-                    try:
-                        sub.rmdir()
-                    except FileNotFoundError:
-                        pass
-                    except OSError:
-                        busy = busy or sub != cg  # the host's own cgroup may be the lab's, in use
-        if not busy or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    remove_host_cgroups(host)
     for pid in procs_using(state):  # data channels, if the agent left any
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def remove_host_cgroups(host: str, kill: bool = False, timeout: float = 10) -> None:
+    """A test host's cgroups (phaul-HOST in every hierarchy) once its containers are gone; `kill`:
+    end what is still in them first. A killed container's tasks leave a moment later (EBUSY until
+    then); the host's own cgroup may be the lab's, in use, and is then left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = False
+        for top in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
+            for d in [*sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), top]:
+                if kill:
+                    with contextlib.suppress(OSError, ValueError):
+                        for pid in (d / "cgroup.procs").read_text().split():
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(int(pid), signal.SIGKILL)
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    busy = busy or d != top
+        if not busy or time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def tree_hash(root: Path) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -13,6 +12,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from agentlib import remove_host_cgroups
 
 
 def entries(path: Path, cls: Any) -> tuple[bytes, list[Any]]:
@@ -73,10 +74,3 @@ def dumped(config: Any, edit_spec: Callable[[dict[str, Any]], None] | None = Non
         remove_host_cgroups(host)
         shutil.rmtree(state, ignore_errors=True)
 
-
-def remove_host_cgroups(host: str) -> None:
-    """A test host's own cgroups (phaul-HOST in every hierarchy), once its containers are gone."""
-    for top in Path("/sys/fs/cgroup").glob(f"*/phaul-{host}"):
-        for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -14,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentlib import remove_host_cgroups
 from conftest import COUNT_STEP
 
 from phaul.containers import ContainerConfig, workloads
@@ -42,20 +41,7 @@ def kind() -> Iterator[RuncContainers]:
         listed = subprocess.run(runc + ["list", "-q"], check=False, capture_output=True, text=True).stdout.split()
         for ct_id in listed:
             subprocess.run(runc + ["delete", "--force", ct_id], check=False, capture_output=True)
-        for mount in _cgroup_mounts():
-            host_cg = mount / f"phaul-{host}"
-            if host_cg.is_dir():
-                for procs in host_cg.rglob("cgroup.procs"):
-                    for pid in procs.read_text().split():
-                        try:
-                            os.kill(int(pid), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                for d, _, _ in sorted(os.walk(host_cg), key=lambda w: -len(w[0])):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+        remove_host_cgroups(host, kill=True)
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imagelib import dumped, remove_host_cgroups
+from agentlib import remove_host_cgroups
+from imagelib import dumped
 from imagelib import edit as _edit
 from imagelib import entries as _entries
 from imagelib import write as _write
