@@ -33,7 +33,7 @@ from phaul.channels.transport import rsh_env
 from phaul.endpoint import HostKind, agent_endpoints, parse_endpoint
 from phaul.errors import InvalidInput, Unreachable
 from phaul.hosts import read_hosts
-from phaul.memory.page_stream import PageStream
+from phaul.memory.page_stream import PageStream, StreamError
 from phaul.rpc import phaul_pb2 as pb
 from phaul.testing import lab as lab_mod
 
@@ -190,7 +190,12 @@ def _push_through_data_channel(tmp_path: Path, agent: RunningAgent, dial_host: s
             assert received.read_bytes() == b"v6" * 4096
             stream = peer.call("OpenPageStream", pb.MigrationRef(migration_id=mid)).address
             at = data.with_port(parse_endpoint(stream).port)
-            PageStream({**os.environ, **rsh_env(agent.creds["peer1"], str(at), HOST, 5.0)}, reply.secret, timeout=10).close()
+            try:
+                PageStream({**os.environ, **rsh_env(agent.creds["peer1"], str(at), HOST, 5.0)}, reply.secret, timeout=10).close()
+            except StreamError as e:
+                endpoint_log = agent.state / "incoming" / mid / "page-stream.log"
+                said = endpoint_log.read_text() if endpoint_log.exists() else "(no endpoint log)"
+                raise AssertionError(f"{e}; the endpoint {stream} (dialed at {at}) logged: {said}") from None
         finally:
             peer.call("Abort", pb.MigrationRef(migration_id=mid))
 

@@ -25,10 +25,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, NoReturn
 
 from phaul.errors import InvalidInput
 from phaul.linux.datatree import DataDir
@@ -146,8 +147,9 @@ class PageStream:
         from phaul.channels.transport import TLS_RSH
 
         self.timeout = timeout
+        self._stderr = tempfile.TemporaryFile()  # socat's reason when the stream fails
         self.proc = subprocess.Popen(
-            ["sh", str(TLS_RSH)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            ["sh", str(TLS_RSH)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
             start_new_session=True,
         )
         assert self.proc.stdout is not None and self.proc.stdin is not None
@@ -155,12 +157,10 @@ class PageStream:
             self.proc.stdin.write(secret.encode() + b"\n")
             self.proc.stdin.flush()
         except OSError as e:
-            self.close()
-            raise StreamError(f"the page stream broke: {e}") from None
+            self._fail(f"the page stream broke: {e}")
         line = self._readline()
         if line != READY:
-            self.close()
-            raise StreamError(f"the page stream did not become ready ({line[:80]!r})")
+            self._fail(f"the page stream did not become ready ({line[:80]!r})")
 
     def send(self, delta_dir: Path) -> StreamResult:
         """Send every file of `delta_dir`; the destination applies the delta. Raises StreamError."""
@@ -177,8 +177,8 @@ class PageStream:
                     _copy(f, stdin, size, f"{name} shrank while it was sent")
                 sent += size
             stdin.flush()
-        except (BrokenPipeError, OSError) as e:
-            raise StreamError(f"the page stream broke: {e}") from None
+        except OSError as e:
+            self._fail(f"the page stream broke: {e}")
         line = self._readline()
         try:
             answer = json.loads(line)
@@ -196,15 +196,28 @@ class PageStream:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         if not select.select([fd], [], [], self.timeout)[0]:
-            raise StreamError(f"the page stream did not answer within {self.timeout:g} s")
+            self._fail(f"the page stream did not answer within {self.timeout:g} s")
         return self.proc.stdout.readline(4096)
 
+    def _fail(self, what: str) -> NoReturn:
+        """End the stream and raise StreamError(`what`), with the TLS client's last words."""
+        self._end(grace=0.5)
+        self._stderr.seek(0)
+        said = self._stderr.read()[-600:].decode(errors="replace").strip()
+        self._stderr.close()
+        raise StreamError(f"{what}: {said}" if said else what)
+
     def close(self) -> None:
+        self._end()
+        self._stderr.close()
+
+    def _end(self, grace: float = 5.0) -> None:
+        """Close the client's input and give it `grace` seconds to end, then kill it."""
         if self.proc.poll() is None:
             try:
                 if self.proc.stdin is not None:
                     self.proc.stdin.close()
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=grace)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
