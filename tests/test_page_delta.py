@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +76,25 @@ def test_changed_pages_only(tmp_path: Path) -> None:
     [r] = delta.recipes
     assert r.literal_pages == 5 and r.in_place()
     assert (tmp_path / "out" / "pages-1.img.delta").stat().st_size == 5 * PAGE
+
+
+def test_a_basis_linked_elsewhere_is_replaced_never_patched(tmp_path: Path) -> None:
+    """A standby host starts a refresh's images as hard links of the checkpoint it keeps
+    (phaul.standby.store.seed): applying the delta leaves the kept checkpoint as it was."""
+    content = _pages(2, 64)
+    _write_dump(tmp_path / "old", {10: ([(0x10000, 64)], content)})
+    changed = content.copy()
+    changed[[1, 40], 0] ^= 1
+    _write_dump(tmp_path / "new", {10: ([(0x10000, 64)], changed)})
+    kept, seeded = tmp_path / "kept", tmp_path / "seeded"
+    shutil.copytree(tmp_path / "old", kept)
+    seeded.mkdir()
+    for f in kept.iterdir():
+        os.link(f, seeded / f.name)
+    make_delta(tmp_path / "new", tmp_path / "old", tmp_path / "out")
+    apply_delta(tmp_path / "out", seeded)
+    _same_dirs(tmp_path / "new", seeded)
+    _same_dirs(tmp_path / "old", kept)
 
 
 def test_identical_dumps_send_no_pages(tmp_path: Path) -> None:
@@ -301,6 +321,7 @@ def test_page_stream_client_against_a_local_receiver(tmp_path: Path) -> None:
     class Local(page_stream.PageStream):
         def __init__(self) -> None:  # the receiver directly, no TLS hop
             self.timeout = 30.0
+            self._stderr = tempfile.TemporaryFile()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "phaul.memory.page_stream", str(tmp_path / "secret"), str(tmp_path / "mdir" / "delta"),
                  str(tmp_path / "mdir" / "images")],

@@ -35,8 +35,11 @@ from phaul.containers import ContainerConfig
 from phaul.errors import Conflict, NotFound
 from phaul.migration.dest import Incoming
 from phaul.rpc import phaul_pb2 as pb
+from phaul.standby.basis import Bases
 from phaul.standby.cli import status_rows
 from phaul.standby.store import FAILED_OVER_MARK, StandbyStore
+from test_precopy import _start_memload, _verify_memory
+
 from tests.test_json_schemas import check
 
 CT = "sb1"
@@ -155,6 +158,36 @@ def test_failover_from_a_live_primary_that_stopped_the_container(standby_lab: La
     assert again.returncode == 2 and "keeps no standby" in again.stderr, again.stderr
 
 
+@pytest.mark.lab
+def test_refreshes_send_page_deltas_and_the_failover_runs_their_sum(standby_lab: Lab) -> None:
+    """From the second refresh on only the pages that changed travel (against the last kept
+    checkpoint, which alpha keeps as the basis); beta rebuilds each checkpoint from the last
+    one, and a failover from it runs memload with every page right."""
+    lab = standby_lab
+    ct = "sbmem"
+    _start_memload(lab, ct, 64, 1)
+    lab.phaul("--host", "alpha", "standby", ct, "beta", "--interval", "2")
+    basis = lab.state_dir("alpha") / "standby-out" / "basis" / ct
+    report_file = lab.state_dir("alpha") / "standby-out" / "reports" / f"{ct}.json"
+
+    def last_report() -> dict:
+        return json.loads(report_file.read_text()) if report_file.exists() else {}
+
+    wait_for(lambda: last_report().get("memory_method") == "standby-page-delta", timeout=120, what="a delta refresh")
+    report = last_report()
+    print(json.dumps(report, indent=2))
+    assert report["result"] == "ok", report
+    memory_bytes = report["bytes_sent"] - report["fs_bytes_sent"]
+    assert 0 < memory_bytes < (64 << 20) // 4, report  # 64 MiB of memory, about 1 MiB/s rewritten
+    assert (basis / "images").is_dir()
+    lab.phaul("--host", "alpha", "ct", "stop", ct)
+    done = check("failover", lab.phaul("failover", ct, "--json").stdout)
+    assert done["fence"] == "primary-stopped", done
+    verdict = _verify_memory(lab, "beta", ct)
+    assert verdict.startswith("ok pages=16384"), verdict
+    assert not basis.exists()  # a failed-over standby's basis goes
+
+
 def test_status_rows_prefer_the_primary_and_fit_the_schema() -> None:
     primary = pb.StandbyInfo(ct="web", role="primary", primary="alpha", standby="beta", interval_s=5, max_lag_s=15,
                              checkpoint_at=1000.0, refresh_bytes=4096, pause_ms=80, refreshes=3, state="active")
@@ -189,9 +222,17 @@ def test_the_store_keeps_one_complete_checkpoint_and_its_tombstone(tmp_path: Pat
     # the next refresh is seeded with hard links of the kept files; a changed file replaced (as rsync does)
     # leaves the kept checkpoint as it was until the new one is kept whole
     nxt = _refresh_dir(tmp_path, "m2", "")
-    shutil.rmtree(nxt.ct_dir)
-    nxt.ct_dir.mkdir()
-    store.seed("web", nxt.ct_dir)
+    for area in (nxt.ct_dir, nxt.images_dir):
+        shutil.rmtree(area)
+        area.mkdir()
+    # the images too, when the source holds the kept checkpoint as its page delta's basis
+    assert store.seed("web", nxt.ct_dir, nxt.images_dir, "m0") == ""  # not the kept one: sent whole
+    assert list(nxt.images_dir.iterdir()) == []
+    for area in (nxt.ct_dir, nxt.images_dir):
+        shutil.rmtree(area)
+        area.mkdir()
+    assert store.seed("web", nxt.ct_dir, nxt.images_dir, "m1") == "m1"
+    assert (nxt.images_dir / "inventory.img").read_text() == "one"
     seeded = nxt.ct_dir / "bundle" / "rootfs" / "data"
     assert seeded.read_text() == "one" and seeded.stat().st_nlink == 2
     seeded.unlink()
@@ -218,3 +259,20 @@ def test_the_store_keeps_one_complete_checkpoint_and_its_tombstone(tmp_path: Pat
         store.take("web")
     store.drop("web", "alpha")  # the old primary's `standby stop`: the tombstone goes too
     assert store.list() == []
+
+
+def test_the_basis_names_its_host_and_refresh(tmp_path: Path) -> None:
+    bases = Bases(tmp_path)
+    assert bases.get("web", "beta") is None
+    images = tmp_path / "checkpoint"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(b"p" * 4096)
+    bases.replace("web", "beta", images, "m1")
+    b = bases.get("web", "beta")
+    assert b is not None and b.gen == "m1" and (b.images / "pages-1.img").read_bytes() == b"p" * 4096
+    assert not images.exists()
+    assert bases.get("web", "gamma") is None  # another standby host: no basis, the images go whole
+    (b.images.parent / "basis.json").write_text('{"host": "beta", "gen": "../x"}')
+    assert bases.get("web", "beta") is None
+    bases.drop("web")
+    assert not (tmp_path / "standby-out" / "basis" / "web").exists()

@@ -462,10 +462,13 @@ class Servicer(pb_grpc.AgentServicer):
             offline=request.offline, start=request.start, standby=request.standby,
         )
         m = self.dest.lookup(request.migration_id)
+        base = ""
         if request.standby and m is not None:
-            self.standby_store.seed(config.id, m.ct_dir)
+            base = self.standby_store.seed(config.id, m.ct_dir, m.images_dir, request.standby_base)
         v = criu_version(criu_path() or "")
-        return pb.PrepareReply(data_address=address, criu_version=".".join(map(str, v or ())), secret=secret)
+        return pb.PrepareReply(
+            data_address=address, criu_version=".".join(map(str, v or ())), secret=secret, standby_base=base,
+        )
 
     @_rpc
     def HoldTraffic(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:

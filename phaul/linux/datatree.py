@@ -125,6 +125,13 @@ class DataDir:
     def exists(self, name: str) -> bool:
         return self.lstat(name) is not None
 
+    def links(self, name: str) -> int:
+        """How many names regular file `name` has (hard links)."""
+        self.size(name)
+        st = self.lstat(name)
+        assert st is not None
+        return st.st_nlink
+
     def size(self, name: str) -> int:
         """The size of regular file `name`; InvalidInput if it is anything else."""
         st = self.lstat(name)

@@ -419,7 +419,7 @@ def _apply(delta_d: DataDir, images_d: DataDir) -> tuple[int, int]:
     staged: list[tuple[str, str]] = []  # (temporary name, final name) in images
     try:
         for r in delta.recipes:
-            if r.in_place() and referenced.get(r.name, 0) == 1:
+            if r.in_place() and referenced.get(r.name, 0) == 1 and images_d.links(r.name) == 1:
                 written += _patch(images_d, delta_d, r)
             else:
                 staged.append((f".{r.name}.new", r.name))

@@ -118,6 +118,7 @@ class SourceMigration:
     """Moves container `ct_id` from `host` to the agent `dest_name` at `dest_address`."""
 
     standby = False  # a standby refresh (phaul.standby.refresh): the destination keeps a checkpoint
+    standby_base = ""  # a refresh: the kept checkpoint it can send a page delta against; "" once refused
 
     def __init__(
         self, host: Host, ct_id: str, dest_name: str, dest_address: str, options: MigrationOptions, emit: Emit
@@ -240,6 +241,7 @@ class SourceMigration:
                 need_bytes=needs.disk if needs is not None else 0,
                 tcp_close=self.options.tcp == "close",
                 source_address=self.host.advertised, page_link=page_link, standby=self.standby,
+                standby_base=self.standby_base,
             ),
             timeout=30,
         )
@@ -249,6 +251,8 @@ class SourceMigration:
         if not reply.secret:
             raise Refused(f"{self.dest_name} gave no data-channel secret", f"upgrade phaul on {self.dest_name}")
         self._secret = reply.secret  # in memory and in the environment of rsync and the page stream only
+        if reply.standby_base != self.standby_base:
+            self.standby_base = ""  # the destination does not hold it (any more): the images go whole
         if page_link:  # and for post-copy's page link, in a 0600 file its endpoint's command reads
             write_secret(self.dir / "page-link.secret", self._secret)
         self._sender = RsyncSender(

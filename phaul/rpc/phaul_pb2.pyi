@@ -309,7 +309,7 @@ class MigrateEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[Report, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link", "offline", "start", "standby")
+    __slots__ = ("migration_id", "source_name", "config", "criu_version", "need_bytes", "tcp_close", "source_address", "page_link", "offline", "start", "standby", "standby_base")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,7 @@ class PrepareRequest(_message.Message):
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_BASE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     source_name: str
     config: ContainerConfig
@@ -332,17 +333,20 @@ class PrepareRequest(_message.Message):
     offline: bool
     start: bool
     standby: bool
-    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ..., offline: _Optional[bool] = ..., start: _Optional[bool] = ..., standby: _Optional[bool] = ...) -> None: ...
+    standby_base: str
+    def __init__(self, migration_id: _Optional[str] = ..., source_name: _Optional[str] = ..., config: _Optional[_Union[ContainerConfig, _Mapping]] = ..., criu_version: _Optional[str] = ..., need_bytes: _Optional[int] = ..., tcp_close: _Optional[bool] = ..., source_address: _Optional[str] = ..., page_link: _Optional[str] = ..., offline: _Optional[bool] = ..., start: _Optional[bool] = ..., standby: _Optional[bool] = ..., standby_base: _Optional[str] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
-    __slots__ = ("data_address", "criu_version", "secret")
+    __slots__ = ("data_address", "criu_version", "secret", "standby_base")
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CRIU_VERSION_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_BASE_FIELD_NUMBER: _ClassVar[int]
     data_address: str
     criu_version: str
     secret: str
-    def __init__(self, data_address: _Optional[str] = ..., criu_version: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+    standby_base: str
+    def __init__(self, data_address: _Optional[str] = ..., criu_version: _Optional[str] = ..., secret: _Optional[str] = ..., standby_base: _Optional[str] = ...) -> None: ...
 
 class MigrationRef(_message.Message):
     __slots__ = ("migration_id",)

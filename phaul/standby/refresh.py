@@ -12,9 +12,10 @@ what arrived and makes it the recovery point. Any failure settles as a migration
 would before its commit (the container runs here; the standby host drops the
 half-received refresh and keeps its last complete checkpoint).
 
-The memory goes as one full dump each refresh (stop-and-copy). A page delta against
-the last refresh (phaul.memory.page_delta) would shorten the freeze for a large
-container; it is not done yet.
+The memory goes as one full dump each refresh, out of the freeze. What travels is a
+page delta against the last kept refresh (`RefreshDelta`; the basis both hosts hold,
+phaul.standby.basis): only the pages that changed since, or the whole images when
+there is no basis.
 """
 
 from __future__ import annotations
@@ -23,17 +24,36 @@ import shutil
 import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from phaul.agent.host import Host
 from phaul.channels.fs_sync import RsyncFsSync, SyncStats
 from phaul.config import MigrationOptions
 from phaul.errors import ToolFailed
 from phaul.memory import choice
+from phaul.memory.methods import Context, PageDeltaMethod
 from phaul.migration.copies import ensure_running
 from phaul.migration.report import Result
 from phaul.migration.source import CT_EXCLUDES, SourceMigration
 from phaul.rpc import phaul_pb2 as pb
+from phaul.standby.basis import Bases
 from phaul.standby.store import link_tree
+
+
+class RefreshDelta(PageDeltaMethod):
+    """The checkpoint travels as a page delta against `basis`, the last checkpoint the
+    standby host kept (it seeded the new one's images with it at Prepare); the images
+    go whole if the delta cannot be made or applied."""
+
+    name = "standby-page-delta"
+    precopy = False
+
+    def __init__(self, ctx: Context, basis: Path) -> None:
+        super().__init__(ctx)
+        self.basis = basis
+
+    def _rebase(self, images: Path) -> None:
+        self.basis = images  # the old basis is phaul.standby.basis's, replaced once the refresh is kept
 
 
 class StandbyRefresh(SourceMigration):
@@ -46,6 +66,9 @@ class StandbyRefresh(SourceMigration):
                          lambda p: None)
         self.checkpoint_at = 0.0  # wall-clock s just before the container was frozen
         self.pause_ms = 0.0  # from the freeze until it ran again
+        self.bases = Bases(host.state_dir)
+        self.basis = self.bases.get(ct_id, dest_name)
+        self.standby_base = self.basis.gen if self.basis is not None else ""
 
     def _save_report(self) -> None:
         """Only the last refresh's report is kept (STATE/standby-out/reports/CT.json), and the
@@ -65,6 +88,8 @@ class StandbyRefresh(SourceMigration):
     def _migrate(self) -> None:
         fs = RsyncFsSync(self._sender, self.host.containers.container_dir(self.ct_id), "ct", CT_EXCLUDES)
         method = self.held.method = self._memory_method()
+        if self.basis is not None and self.standby_base:  # the standby host seeded the images with it
+            method = self.held.method = RefreshDelta(method.ctx, self.basis.images)
         self.report.memory_method = method.name
         self._phase("fs-presync", "copying what changed in the root file system while the container runs")
         self.report.fs_bytes_sent += fs.sync(live=True).bytes_sent
@@ -97,6 +122,11 @@ class StandbyRefresh(SourceMigration):
             method.release()
         self._phase("keep", f"{self.dest_name} checks the checkpoint and keeps it")
         self.dest.call("KeepStandby", pb.MigrationRef(migration_id=self.id), timeout=self.host.timeouts.restore + 30)
+        try:
+            self.bases.replace(self.ct_id, self.dest_name, checkpoint, self.id)
+        except OSError as e:  # the next refresh sends the images whole
+            self.log.warning("cannot keep the basis of the next refresh's page delta: %s", e)
+            self.bases.drop(self.ct_id)
         method.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -26,6 +26,7 @@ from phaul.endpoint import parse_endpoint
 from phaul.errors import Conflict, InvalidInput, NotFound, PhaulError, Refused
 from phaul.linux.fsutil import write_atomic
 from phaul.rpc import phaul_pb2 as pb
+from phaul.standby.basis import Bases
 from phaul.standby.refresh import StandbyRefresh
 from phaul.standby.store import FAILED_OVER_MARK
 from phaul.validate import check_id
@@ -146,6 +147,7 @@ class Standbys:
                 raise type(e)(f"{s.host} could not drop its standby of {ct_id} (it goes on): {e.message}",
                               "run it again once the standby host answers") from None
         self._path(ct_id).unlink(missing_ok=True)
+        Bases(self.host.state_dir).drop(ct_id)
 
     def resume_all(self) -> None:
         """Agent start-up: the refreshes of every active standby go on."""
@@ -254,6 +256,7 @@ class Standbys:
             self._stops.pop(s.ct, None)
             self._save(dataclasses.replace(s, state=FAILED_OVER, error=f"failed over to {s.host}"))
         log.error("%s failed over to %s: its copy here is stale and stays stopped", s.ct, s.host)
+        Bases(self.host.state_dir).drop(s.ct)
         try:
             if self.host.containers.info(s.ct).state in ("running", "paused"):
                 self.host.containers.kill(s.ct)

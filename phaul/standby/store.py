@@ -107,15 +107,25 @@ class StandbyStore:
             raise Conflict(f"{self.host_name} keeps a standby of {ct_id} for {kept.source}, not {source}",
                            f"stop it first: `phaul --host {kept.source} standby stop {ct_id}`")
 
-    def seed(self, ct_id: str, recv_ct: Path) -> None:
-        """Fill a refresh's empty `recv/ct` with hard links of the current checkpoint's files."""
+    def seed(self, ct_id: str, recv_ct: Path, recv_images: Path, base: str) -> str:
+        """Fill a refresh's empty `recv/ct` with hard links of the current checkpoint's files,
+        and its `recv/images` with its images' when the current checkpoint is `base` (the one
+        the source holds too: it sends a page delta against it). Returns `base` when the
+        images were seeded, "" when the source must send them whole. Hard links are safe:
+        the delta replaces a linked pages file, never patches it (phaul.memory.page_delta)."""
         kept = self.current(ct_id)
         if kept is None:
-            return
+            return ""
+        gen = self.gen_dir(kept) / "recv"
         try:
-            link_tree(self.gen_dir(kept) / "recv" / "ct", recv_ct)
+            link_tree(gen / "ct", recv_ct)
+            if not base or base != kept.migration_id:
+                return ""
+            link_tree(gen / "images", recv_images)
+            return base
         except ToolFailed as e:  # the refresh then sends every file
             log.warning("seeding the refresh of %s: %s", ct_id, e.message)
+            return ""
 
     def keep(self, m: Incoming, checkpoint_at: float) -> Kept:
         """Make refresh `m` (handed over by Destination.keep) the recovery point of its
