@@ -10,7 +10,8 @@ setup:
 demo: setup
 	@flock /run/lock/phaul-lab.lock $(PY) scripts/demo.py $(DEMO_ARGS)
 
-# The fault matrix (tests/test_faults.py) runs in `make test` too; its table follows the results.
+# The fault matrix (tests/test_faults.py, and the post-copy cases of tests/test_postcopy.py) runs in
+# `make test` too; its table follows the results.
 FAULT_RESULTS := .pytest_cache/fault-matrix.jsonl
 
 # The agent protocol's Python code (committed; tests/test_packaging.py fails when it differs
@@ -33,10 +34,12 @@ test-unit: setup
 test-lab: setup
 	@$(PY) -m pytest $(PYTEST_FLAGS) -m lab tests
 
-# Every step boundary x every fault, in the lab (about 6 minutes on 2 cores), then the table.
+# Every step boundary x every fault, in the lab, and post-copy's faults after the resume
+# (tests/test_postcopy.py: the table's postcopy row; about 11 minutes on 2 cores), then the table.
+FAULT_TESTS := tests/test_faults.py tests/test_postcopy.py -k "test_faults or killed or link_cut"
 test-faults: setup
 	@rm -f $(FAULT_RESULTS)
-	@$(PY) -m pytest $(PYTEST_FLAGS) tests/test_faults.py; rc=$$?; $(PY) scripts/fault_table.py $(FAULT_RESULTS); exit $$rc
+	@$(PY) -m pytest $(PYTEST_FLAGS) $(FAULT_TESTS); rc=$$?; $(PY) scripts/fault_table.py $(FAULT_RESULTS); exit $$rc
 
 # Pre-copy vs stop-and-copy vs the local CRIU floor, in the lab (bench/run.py): every
 # workload, 3 repetitions (about 10 minutes on 2 cores); bench-quick: one workload, once.

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,33 @@ from phaul.linux import procfs
 from phaul.testing.faults import PAUSED_FILE
 
 HOSTS = ("alpha", "beta")
+# The fault matrix's results, one case a line (JSON); scripts/fault_table.py prints them as the table.
+RESULTS = Path(os.environ.get("PHAUL_FAULT_RESULTS", REPO / ".pytest_cache" / "fault-matrix.jsonl"))
+
+
+def record_case(row: dict) -> None:
+    """Add one case of the fault matrix (step, fault, outcome, ...) to RESULTS."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@contextmanager
+def fault_case(step: str, fault: str, ct: str) -> Iterator[dict]:
+    """One case of the fault matrix run outside tests/test_faults.py (the post-copy row):
+    yields the case's row to fill in (report, journal, runs_on, restarted, recovered);
+    records it with its outcome, "pass" or the failure, and its duration."""
+    t0 = time.monotonic()
+    row: dict = {"step": step, "fault": fault, "ct": ct}
+    try:
+        yield row
+        row["outcome"] = "pass"
+    except BaseException as e:
+        row["outcome"] = f"FAIL: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        raise
+    finally:
+        row["seconds"] = round(time.monotonic() - t0, 1)
+        record_case(row)
 
 
 @pytest.fixture

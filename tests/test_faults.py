@@ -12,12 +12,13 @@ migration directory or image is left on either host; and the report (or, when
 the source agent died, its journal) says where the container is.
 
 `make test-faults` prints the table (scripts/fault_table.py): step x fault -> outcome.
+Its `postcopy` row (the window after a post-copy resume) comes from tests/test_postcopy.py,
+which records its cases in the same results file (faultlib.fault_case).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ import pytest
 from conftest import Lab, wait_for
 from faultlib import (
     HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
-    pause_marker, read_memory_mark, scrub, stopped_processes, where,
+    pause_marker, read_memory_mark, record_case, scrub, stopped_processes, where,
 )
 from phaul.testing import faults as faults_mod
 from phaul.rpc import phaul_pb2 as pb
@@ -49,7 +50,6 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "dest disk full": ALL,  # last: the cases share beta's state directory on a small tmpfs
 }
 CASES = [(step, fault) for fault, steps in FAULTS.items() for step in steps]
-RESULTS = Path(os.environ.get("PHAUL_FAULT_RESULTS", Path(__file__).resolve().parents[1] / ".pytest_cache" / "fault-matrix.jsonl"))
 TMPFS_SIZE = "400m"  # above the agents' disk reserve (Limits.disk_reserve, 256 MiB) plus what a case needs
 SETTLE_TIMEOUT = 60.0
 
@@ -233,9 +233,7 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         raise
     finally:
         row["seconds"] = round(time.monotonic() - t0, 1)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        record_case(row)
         _cleanup(lab, admin, ct, timers)
         if row["outcome"] != "pass":
             scrub(lab)

@@ -7,24 +7,33 @@ restore that fails rolls back (the source, frozen by phaul while CRIU served pag
 runs again with its memory intact), and a destination page handler killed after the
 resume kills the destination's copy instead of letting it read zeros; the result is
 `failed`, said plainly.
+
+The faults after the resume (link cut 5 s or for good, either agent killed, the source's
+page server or the destination's page handler killed) are the fault matrix's `postcopy`
+row: each records its outcome in the matrix's results (faultlib.fault_case), which
+scripts/fault_table.py prints with tests/test_faults.py's cases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable
 
+import faultlib
 import pytest
 from conftest import TEST_SUBNET, Lab, wait_for
 from faultlib import (
     criu_pids,
+    fault_case,
     finish,
     kill_agent,
     leftovers,
     link,
     migrate_async,
+    migrations,
     recover,
     release,
     restart_agents,
@@ -39,6 +48,7 @@ from phaul.testing import lab as lab_mod
 from phaul.testing import probe as probes
 
 pytestmark = pytest.mark.lab
+broken_lab = faultlib.broken_lab  # the fixture: links healed, agents restarted, migrations recovered, containers removed
 ECHO_PORT = 7007
 
 
@@ -81,6 +91,33 @@ def _nothing_of_the_page_link_left(lab: Lab, timeout: float = 30) -> None:
     while left := _page_link_processes(lab, "alpha") + _page_link_processes(lab, "beta"):
         assert time.monotonic() < deadline, f"post-copy's processes left behind: {left}"
         time.sleep(0.2)
+
+
+# Where the one copy runs once a post-copy case settled, by alpha's journal: none when the
+# container was lost (the failure rules in README's "Post-copy").
+RUNS_ON = {"ok": ["beta"], "failed": []}
+
+
+def _settled(lab: Lab, row: dict, ct: str, mid: str, report: dict) -> None:
+    """Fill in the fault matrix's row of a post-copy case (what the report said, how alpha's
+    journal settled, where a copy runs) and check that the journal says where it runs."""
+    result = report.get("result", "no report")
+    if result == "no report" and row["fault"] == "source agent killed":
+        result = "no report: agent killed"
+    row.update(migration_id=mid, report=result, error=str(report.get("error") or report.get("stderr") or "")[:300])
+    row["journal"] = migrations(lab, "alpha").get(mid, {}).get("state", "")
+    row["runs_on"] = where(lab, ct).running
+    assert row["journal"] in RUNS_ON, f"alpha's journal says {row['journal']}"
+    assert row["runs_on"] == RUNS_ON[row["journal"]], f"alpha's journal says {row['journal']}, copies run on {row['runs_on']}"
+
+
+def _recover(lab: Lab, row: dict, host: str, mid: str) -> list[dict]:
+    """`phaul recover` as an admin runs it; the row notes when it settled something."""
+    before = migrations(lab, host).get(mid, {}).get("state")
+    outcomes = recover(lab, host, mid)
+    if before in ("in_doubt", "in_progress") and any(not o["message"].startswith("already") for o in outcomes):
+        row["recovered"] = True
+    return outcomes
 
 
 def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
@@ -174,33 +211,36 @@ def test_postcopy_restore_failure_rolls_back(clean_lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("killed", ["destination page handler", "source page server"])
-def test_postcopy_page_source_killed_after_the_resume(clean_lab: Lab, killed: str) -> None:
+def test_postcopy_page_source_killed_after_the_resume(broken_lab: Lab, killed: str) -> None:
     """The destination runs, pages still arriving; its lazy-pages daemon, or the source's
     CRIU serving the pages, is killed. The keeper, holding every userfaultfd, kills the
     copy before any task can fault on a page that never came; the migration is `failed`,
     the container lost, and the report says so."""
-    lab = clean_lab
+    lab = broken_lab
     ct = "pclost" if killed.startswith("destination") else "pcsrc"
-    _start_memload(lab, ct, 512, 4)
-    proc = migrate_async(lab, ct, "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
-    try:
-        wait_paused(lab, "alpha", proc)
-        victims = _lazy_daemons(lab, "beta") if killed.startswith("destination") else criu_pids(lab, "alpha")
-        assert victims, f"no {killed} while pages are due"
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        release(lab, "alpha")
-    report = finish(proc)
-    assert report["result"] == "failed", report
-    assert "lost" in report["error"] and "killed" in report["error"], report["error"]
-    print(f"\npost-copy, {killed} killed: {report['result']}: {report['error'][:300]}")
-    assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
-    assert [c["id"] for c in lab.ct_list("alpha")] == []
-    assert _lazy_daemons(lab, "beta") == []
-    # the file system stays on beta, the copy stopped: `ct start` would boot it afresh
-    assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct=ct) == []
-    _nothing_of_the_page_link_left(lab)
+    fault = "destination page handler killed" if killed.startswith("destination") else "source page source killed"
+    with fault_case("postcopy", fault, ct) as row:
+        _start_memload(lab, ct, 512, 4)
+        proc = migrate_async(lab, ct, "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+        try:
+            mid, _ = wait_paused(lab, "alpha", proc)
+            victims = _lazy_daemons(lab, "beta") if killed.startswith("destination") else criu_pids(lab, "alpha")
+            assert victims, f"no {killed} while pages are due"
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            release(lab, "alpha")
+        report = finish(proc)
+        assert report["result"] == "failed", report
+        assert "lost" in report["error"] and "killed" in report["error"], report["error"]
+        print(f"\npost-copy, {killed} killed: {report['result']}: {report['error'][:300]}")
+        assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
+        assert [c["id"] for c in lab.ct_list("alpha")] == []
+        assert _lazy_daemons(lab, "beta") == []
+        _settled(lab, row, ct, mid, report)  # no copy runs: no memory to check
+        # the file system stays on beta, the copy stopped: `ct start` would boot it afresh
+        assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct=ct) == []
+        _nothing_of_the_page_link_left(lab)
 
 
 def test_hybrid_is_refused_before_anything_moves(clean_lab: Lab) -> None:
@@ -214,114 +254,133 @@ def test_hybrid_is_refused_before_anything_moves(clean_lab: Lab) -> None:
 
 
 @pytest.mark.parametrize("cut_s", [5, 15])
-def test_postcopy_link_cut_finishes(clean_lab: Lab, cut_s: int) -> None:
+def test_postcopy_link_cut_finishes(broken_lab: Lab, cut_s: int) -> None:
     """The link between the hosts cut while pages are due: the faulting tasks wait (nothing
     is filled in) and the transfer finishes with every page right. 5 s: the page link's TCP
     connection outlives the cut (it gives up only after twice --link-timeout, 10 s in the
     lab). 15 s: it does not; the destination dials the link again and sends its unanswered
-    requests again (post-copy recovery), and the source's page hub takes the new connection."""
-    lab = clean_lab
+    requests again (post-copy recovery), and the source's page hub takes the new connection.
+    The 5 s cut is the fault matrix's `postcopy` x `link cut 5 s`."""
+    lab = broken_lab
     ct = f"pccut{cut_s}"
-    _start_memload(lab, ct, 512, 4)
-    proc = migrate_async(lab, ct, "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
-    try:
-        wait_paused(lab, "alpha", proc)
-        link("alpha", up=False)
-        release(lab, "alpha")
-        time.sleep(cut_s)
-    finally:
-        link("alpha", up=True)
-        release(lab, "alpha")
-    report = finish(proc)
-    assert report["result"] == "ok", report
-    print(f"\npost-copy through a {cut_s} s cut: window {report['postcopy_ms']:.0f} ms, "
-          f"{report['postcopy_bytes']} bytes after the resume")
-    assert report["postcopy_ms"] > (cut_s - 1) * 1000, report
-    assert _verify_memory(lab, "beta", ct).startswith("ok pages=131072")
-    assert [c["id"] for c in lab.ct_list("alpha")] == []
-    _nothing_of_the_page_link_left(lab)
+    case = fault_case("postcopy", "link cut 5 s", ct) if cut_s == 5 else contextlib.nullcontext({"fault": ""})
+    with case as row:
+        _start_memload(lab, ct, 512, 4)
+        proc = migrate_async(lab, ct, "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+        try:
+            mid, _ = wait_paused(lab, "alpha", proc)
+            link("alpha", up=False)
+            release(lab, "alpha")
+            time.sleep(cut_s)
+        finally:
+            link("alpha", up=True)
+            release(lab, "alpha")
+        report = finish(proc)
+        assert report["result"] == "ok", report
+        print(f"\npost-copy through a {cut_s} s cut: window {report['postcopy_ms']:.0f} ms, "
+              f"{report['postcopy_bytes']} bytes after the resume")
+        assert report["postcopy_ms"] > (cut_s - 1) * 1000, report
+        _settled(lab, row, ct, mid, report)
+        assert _verify_memory(lab, "beta", ct).startswith("ok pages=131072")
+        assert [c["id"] for c in lab.ct_list("alpha")] == []
+        assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct=ct) == []
+        _nothing_of_the_page_link_left(lab)
 
 
-def test_postcopy_source_agent_killed(clean_lab: Lab) -> None:
+def test_postcopy_source_agent_killed(broken_lab: Lab) -> None:
     """The source agent dies while pages are due. CRIU and the page link outlive it, so the
     transfer goes on; the restarted agent never resumes the frozen source tree (it was
     committed): it destroys it, and the container runs on beta with every page right."""
-    lab = clean_lab
-    _start_memload(lab, "pcagent", 256, 4)
-    proc = migrate_async(lab, "pcagent", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
-    try:
-        mid, _ = wait_paused(lab, "alpha", proc)
-        kill_agent(lab, "alpha")
-    finally:
-        release(lab, "alpha")
-    finish(proc)
-    restart_agents(lab)
-    wait_for(lambda: where(lab, "pcagent").running == ["beta"] and runc_state(lab, "alpha", "pcagent") is None,
-             timeout=120, what="the source settled by its restarted agent")
-    outcomes = recover(lab, "alpha", mid)
-    assert all(o["result"] in ("ok", "in_progress") for o in outcomes), outcomes
-    assert _verify_memory(lab, "beta", "pcagent").startswith("ok pages=65536")
-    assert where(lab, "pcagent").running == ["beta"]
-    _nothing_of_the_page_link_left(lab)
+    lab = broken_lab
+    with fault_case("postcopy", "source agent killed", "pcagent") as row:
+        _start_memload(lab, "pcagent", 256, 4)
+        proc = migrate_async(lab, "pcagent", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+        try:
+            mid, _ = wait_paused(lab, "alpha", proc)
+            kill_agent(lab, "alpha")
+        finally:
+            release(lab, "alpha")
+        report = finish(proc)
+        restart_agents(lab)
+        row["restarted"] = ["alpha"]
+        wait_for(lambda: where(lab, "pcagent").running == ["beta"] and runc_state(lab, "alpha", "pcagent") is None,
+                 timeout=120, what="the source settled by its restarted agent")
+        outcomes = _recover(lab, row, "alpha", mid)
+        assert all(o["result"] in ("ok", "in_progress") for o in outcomes), outcomes
+        wait_for(lambda: migrations(lab, "alpha").get(mid, {}).get("state") == "ok", timeout=120,
+                 what="alpha's journal to settle the migration")
+        _settled(lab, row, "pcagent", mid, report)
+        assert _verify_memory(lab, "beta", "pcagent").startswith("ok pages=65536")
+        assert where(lab, "pcagent").running == ["beta"]
+        wait_for(lambda: leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcagent") == [],
+                 timeout=60, what="nothing left of the migration")
+        _nothing_of_the_page_link_left(lab)
 
 
-def test_postcopy_destination_agent_killed(clean_lab: Lab) -> None:
+def test_postcopy_destination_agent_killed(broken_lab: Lab) -> None:
     """The destination agent dies while pages are due. Its keeper (lazy-pages daemon, uffd
     guard, page link) outlives it, so the transfer goes on; the restarted agent takes the
     migration up from its journal and settles it once the keeper is done: the container
     runs on beta with every page right, and nothing is left on either host."""
-    lab = clean_lab
-    _start_memload(lab, "pcdest", 256, 4)
-    proc = migrate_async(lab, "pcdest", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
-    try:
-        mid, _ = wait_paused(lab, "alpha", proc)
-        assert _keepers(lab, "beta"), "no keeper on beta while pages are due"
-        kill_agent(lab, "beta")
-    finally:
-        release(lab, "alpha")
-    report = finish(proc)
-    assert report["result"] in ("ok", "in_doubt"), report
-    restart_agents(lab)
-    wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to finish the transfer")
-    for host in ("beta", "alpha"):
-        outcomes = recover(lab, host, mid)
-        assert all(o["result"] in ("ok", "in_progress") for o in outcomes), (host, outcomes)
-    wait_for(lambda: where(lab, "pcdest").running == ["beta"] and runc_state(lab, "alpha", "pcdest") is None,
-             timeout=120, what="the migration settled")
-    assert _verify_memory(lab, "beta", "pcdest").startswith("ok pages=65536")
-    wait_for(lambda: leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcdest") == [],
-             timeout=60, what="nothing left of the migration")
-    _nothing_of_the_page_link_left(lab)
+    lab = broken_lab
+    with fault_case("postcopy", "dest agent killed", "pcdest") as row:
+        _start_memload(lab, "pcdest", 256, 4)
+        proc = migrate_async(lab, "pcdest", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+        try:
+            mid, _ = wait_paused(lab, "alpha", proc)
+            assert _keepers(lab, "beta"), "no keeper on beta while pages are due"
+            kill_agent(lab, "beta")
+        finally:
+            release(lab, "alpha")
+        report = finish(proc)
+        assert report["result"] in ("ok", "in_doubt"), report
+        restart_agents(lab)
+        row["restarted"] = ["beta"]
+        wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to finish the transfer")
+        for host in ("beta", "alpha"):
+            outcomes = _recover(lab, row, host, mid)
+            assert all(o["result"] in ("ok", "in_progress") for o in outcomes), (host, outcomes)
+        wait_for(lambda: where(lab, "pcdest").running == ["beta"] and runc_state(lab, "alpha", "pcdest") is None,
+                 timeout=120, what="the migration settled")
+        wait_for(lambda: migrations(lab, "alpha").get(mid, {}).get("state") == "ok", timeout=120,
+                 what="alpha's journal to settle the migration")
+        _settled(lab, row, "pcdest", mid, report)
+        assert _verify_memory(lab, "beta", "pcdest").startswith("ok pages=65536")
+        wait_for(lambda: leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcdest") == [],
+                 timeout=60, what="nothing left of the migration")
+        _nothing_of_the_page_link_left(lab)
 
 
-def test_postcopy_link_cut_for_good_loses_the_container_plainly(clean_lab: Lab) -> None:
+def test_postcopy_link_cut_for_good_loses_the_container_plainly(broken_lab: Lab) -> None:
     """The link cut for longer than the page link survives (twice --link-timeout): the
     keeper, still holding every userfaultfd, kills beta's copy before any task reads a
     page that never came; the source kills its frozen tree. No copy runs anywhere, none
     ever ran on zeros, and once the link is back the migration settles as `failed`."""
-    lab = clean_lab
-    _start_memload(lab, "pcgone", 512, 4)
-    proc = migrate_async(lab, "pcgone", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
-    try:
-        mid, _ = wait_paused(lab, "alpha", proc)
-        link("alpha", up=False)
-        release(lab, "alpha")
-        wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to give up")
-        assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
-    finally:
-        link("alpha", up=True)
-        release(lab, "alpha")
-    report = finish(proc)
-    print(f"\npost-copy, link cut for good: {report['result']}: {str(report.get('error'))[:300]}")
-    assert report["result"] in ("failed", "in_doubt", "no report"), report
-    if report["result"] == "failed":
-        assert "lost" in report["error"], report["error"]
-    for host in ("alpha", "beta"):
-        outcomes = recover(lab, host, mid)
-        assert all(o["result"] in ("failed", "ok") for o in outcomes), (host, outcomes)
-        assert any(o["result"] == "failed" for o in outcomes) or host == "alpha", (host, outcomes)
-    assert where(lab, "pcgone").running == [], where(lab, "pcgone")
-    assert [c["id"] for c in lab.ct_list("alpha")] == []
-    assert _lazy_daemons(lab, "beta") == []
-    assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcgone") == []
-    _nothing_of_the_page_link_left(lab)
+    lab = broken_lab
+    with fault_case("postcopy", "link cut for good", "pcgone") as row:
+        _start_memload(lab, "pcgone", 512, 4)
+        proc = migrate_async(lab, "pcgone", "alpha", "beta", "--method", "postcopy", fault="postcopy:pause")
+        try:
+            mid, _ = wait_paused(lab, "alpha", proc)
+            link("alpha", up=False)
+            release(lab, "alpha")
+            wait_for(lambda: not _keepers(lab, "beta"), timeout=120, what="beta's keeper to give up")
+            assert not any(c["state"] == "running" for c in lab.ct_list("beta")), lab.ct_list("beta")
+        finally:
+            link("alpha", up=True)
+            release(lab, "alpha")
+        report = finish(proc)
+        print(f"\npost-copy, link cut for good: {report['result']}: {str(report.get('error'))[:300]}")
+        assert report["result"] in ("failed", "in_doubt", "no report"), report
+        if report["result"] == "failed":
+            assert "lost" in report["error"], report["error"]
+        for host in ("alpha", "beta"):
+            outcomes = _recover(lab, row, host, mid)
+            assert all(o["result"] in ("failed", "ok") for o in outcomes), (host, outcomes)
+            assert any(o["result"] == "failed" for o in outcomes) or host == "alpha", (host, outcomes)
+        _settled(lab, row, "pcgone", mid, report)  # no copy runs: no memory to check
+        assert row["journal"] == "failed", row
+        assert [c["id"] for c in lab.ct_list("alpha")] == []
+        assert _lazy_daemons(lab, "beta") == []
+        assert leftovers(lab, "alpha") == [] and leftovers(lab, "beta", keep_ct="pcgone") == []
+        _nothing_of_the_page_link_left(lab)

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 STEPS = tuple(s.value for s in Step if s is not Step.PREPARE)
 # The step boundaries the fault matrix breaks (tests/test_faults.py, scripts/fault_table.py):
 # all but "resume", which follows the commit at once, and "postcopy", which only post-copy meets
-# (tests/test_postcopy.py breaks it).
+# (tests/test_postcopy.py breaks it: the fault table's `postcopy` row).
 MATRIX_STEPS = tuple(s for s in STEPS if s not in (Step.RESUME, Step.POSTCOPY))
 KINDS = ("fail", "damage-image", "break-rootfs", "kill-agent", "pause")
 DESTINATION_KINDS = ("damage-image", "break-rootfs")
