@@ -5,6 +5,10 @@ The plan (--dry-run) changes nothing; an interrupted evacuation starts nothing m
 leaves what it did not move running on alpha; running it again finishes the job; what moved
 keeps counting from where it was (the value it keeps in memory is the same), the client's
 connection is kept, and the container that could not move is named with the reason.
+
+A container whose migration ended in doubt (beta's agent killed at the commit) is settled
+first (`phaul recover`): while beta cannot answer, the evacuation names it in doubt with
+what to do (exit 3) and moves the others; once beta is back, it settles it and finishes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,18 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import REPO, TEST_SUBNET, Lab, wait_for
-from faultlib import read_memory_mark, start_counter
+from faultlib import (
+    finish,
+    kill_agent,
+    leftovers,
+    migrate_async,
+    migrations,
+    read_memory_mark,
+    release,
+    runc_state,
+    start_counter,
+    wait_paused,
+)
 
 from phaul.fleet.evacuate import Evacuation, Outcome, Row
 from phaul.testing import lab as lab_mod
@@ -28,6 +43,7 @@ pytestmark = pytest.mark.lab
 
 PORT = 7007
 COUNTERS = ("ev1", "ev2", "ev3", "ev4")
+THREE = ("alpha", "beta", "gamma")
 
 
 def _evacuate(lab: Lab, *args: str) -> subprocess.Popen[str]:
@@ -122,3 +138,71 @@ def test_evacuate_alpha(three_hosts: Lab) -> None:
             print(Evacuation("alpha", rows, doc["parallel"], False).to_table())
     finally:
         probe.kill()
+
+
+def _restart_agents(lab: Lab) -> None:
+    """What an admin does after an agent died (`phaul lab up`), keeping gamma a full host."""
+    lab_mod.up(TEST_SUBNET, lab_dir=lab.dir, hosts=THREE)
+
+
+@pytest.fixture
+def with_doubt(three_hosts: Lab) -> Iterator[Lab]:
+    """The three hosts; afterwards, whatever happened: no migration held, dead agents
+    restarted, what is unsettled settled (then gamma and the containers are removed)."""
+    lab = three_hosts
+    try:
+        yield lab
+    finally:
+        lab.disarm_faults()
+        release(lab, "alpha")
+        _restart_agents(lab)
+        for host in THREE:
+            lab.phaul("--host", host, "recover", check=False, timeout=600)
+
+
+def _running_on(lab: Lab, ct: str) -> list[str]:
+    return [h for h in THREE if runc_state(lab, h, ct) == "running"]
+
+
+def test_evacuate_settles_an_in_doubt_container_first(with_doubt: Lab) -> None:
+    lab = with_doubt
+    marks = {ct: start_counter(lab, ct) for ct in ("evdoubt", "evrest", "evpinned")}
+    lab.phaul("--host", "gamma", "ct", "create", "evpinned", "--memory", "32M")  # gamma refuses it: only beta may take it
+
+    # evdoubt's migration to beta ends in doubt: beta's agent is killed at the commit
+    migrate = migrate_async(lab, "evdoubt", "alpha", "beta", fault="commit:pause")
+    mid, _ = wait_paused(lab, "alpha", migrate)
+    kill_agent(lab, "beta")
+    release(lab, "alpha")
+    report = finish(migrate)
+    assert migrate.returncode == 3 and report["result"] == "in_doubt", report
+    assert "evdoubt" not in _ids(lab, "alpha")  # its source copy is gone; beta holds its restored copy, held
+    assert migrations(lab, "alpha")[mid]["state"] == "in_doubt"
+
+    # beta cannot answer: evdoubt is tried first and named in doubt with what to do; evrest moves to gamma
+    rc, first, err = _finish(_evacuate(lab))
+    rows = {r["ct"]: r for r in first["containers"]}
+    assert rc == 3 and first["exit_code"] == 3, first
+    assert f"settled {mid} (source): in_doubt" in err, err
+    doubt = rows["evdoubt"]
+    assert (doubt["outcome"], doubt["destination"], doubt["migration_id"]) == ("in_doubt", "beta", ""), doubt
+    assert mid in doubt["reason"] and f"phaul --host alpha recover {mid}" in doubt["reason"], doubt
+    assert (rows["evrest"]["outcome"], rows["evrest"]["destination"]) == ("ok", "gamma"), first
+    assert rows["evpinned"]["outcome"] == "stayed" and "gamma already has a container evpinned" in rows["evpinned"]["reason"]
+    assert set(rows) == {"evdoubt", "evrest", "evpinned"}, first
+
+    # beta is back: the evacuation settles evdoubt (its copy runs on beta) and moves what is left
+    _restart_agents(lab)
+    rc, second, err = _finish(_evacuate(lab))
+    rows = {r["ct"]: r for r in second["containers"]}
+    assert rc == 0, (second, err)
+    assert set(rows) == {"evpinned"} and (rows["evpinned"]["outcome"], rows["evpinned"]["destination"]) == ("ok", "beta")
+    assert migrations(lab, "alpha")[mid]["state"] == "ok"
+    assert _ids(lab, "alpha") == {}
+    where = {"evdoubt": "beta", "evrest": "gamma", "evpinned": "beta"}
+    for ct, host in where.items():  # exactly one copy runs, the same processes, counting on
+        assert _running_on(lab, ct) == [host], ct
+        assert read_memory_mark(lab, host, ct) == marks[ct], ct
+        before = lab.counter(host, ct)
+        wait_for(lambda ct=ct, host=host, before=before: lab.counter(host, ct) > before, what=f"{ct} to count on")
+    wait_for(lambda: not leftovers(lab, "alpha"), timeout=30, what=f"alpha to hold nothing: {leftovers(lab, 'alpha')}")

@@ -1,17 +1,33 @@
 """Offline moves and cold copies (issue 13, phaul.migration.offline), for real in the lab:
 `phaul migrate --offline` of a running counter, a plain `phaul migrate` of a stopped
-container, a failure before the destination's start rolled back, and `phaul copy`
-with its own ID and address, refused where it would clash. The few tests without
+container, a failure before the destination's start rolled back, `phaul abort` of a
+move held at each step before its commit (running and stopped containers), `phaul
+migrations --follow` of one to its end, and `phaul copy` with its own ID and address,
+refused where it would clash. The few tests without
 the lab check a copy's configuration."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import COUNT_STEP, TEST_SUBNET, Lab, wait_for
-from faultlib import counter_file, ensure_agents, leftovers, migrations, recover, where
+from conftest import COUNT_STEP, REPO, TEST_SUBNET, Lab, wait_for
+from faultlib import (
+    counter_file,
+    ensure_agents,
+    finish,
+    leftovers,
+    migrate_async,
+    migrations,
+    recover,
+    release,
+    wait_paused,
+    where,
+)
 
 from phaul.containers import ContainerConfig
 from phaul.containers.runc import _check_config
@@ -179,3 +195,135 @@ def test_copy_of_a_running_container_with_its_own_identity(clean_lab: Lab) -> No
         assert json.loads(proc.stderr.strip().splitlines()[-1])["exit_code"] == 2, (why, proc.stderr)
     assert [c["id"] for c in lab_.ct_list("beta")] == ["web-copy"]
     assert not list((lab_.state_dir("beta") / "incoming").glob("*"))
+
+
+# -- abort and follow of an offline move (held at a step by the fault hook's `pause`) -----
+
+# The steps of an offline move before its commit (the destination's start, in "resume"):
+# a running container's, and a stopped one's (it is neither synced while it runs nor stopped).
+BEFORE_START = {"running": ("fs-presync", "dump", "transfer", "restore", "resume"), "stopped": ("transfer", "restore", "resume")}
+STOPPED_AFTER = ("transfer", "restore", "resume")  # a running container was stopped before these
+
+
+class Held:
+    """The lab, and the CLI processes a test starts against a held migration."""
+
+    def __init__(self, lab_: Lab) -> None:
+        self.lab = lab_
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def cli(self, *args: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "phaul", "--hosts-file", str(self.lab.hosts_file), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self.procs.append(proc)
+        return proc
+
+    def migrate(self, ct: str, fault: str) -> subprocess.Popen[str]:
+        proc = migrate_async(self.lab, ct, "alpha", "beta", "--offline", fault=fault)
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def held(clean_lab: Lab) -> Iterator[Held]:
+    """Afterwards, whatever happened: the held migration goes on and ends, the CLI processes
+    are gone, what is unsettled is settled (then clean_lab removes the containers)."""
+    h = Held(clean_lab)
+    try:
+        yield h
+    finally:
+        release(clean_lab, "alpha")
+        for proc in h.procs:
+            try:
+                proc.communicate(timeout=240)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+        wait_for(lambda: all(r["state"] != "in_progress" for r in migrations(clean_lab, "alpha").values()), timeout=240,
+                 what="alpha's migrations to end")
+        for host in ("alpha", "beta"):
+            clean_lab.phaul("--host", host, "recover", check=False, timeout=600)
+
+
+def _journal_steps(lab_: Lab, mid: str) -> list[str]:
+    path = lab_.state_dir("alpha") / "journal" / f"source-{mid}.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stopped_container(lab_: Lab, ct: str) -> None:
+    lab_.phaul("--host", "alpha", "ct", "create", ct)
+    lab_.phaul("--host", "alpha", "ct", "start", ct, "--", "/bin/sh", "-c", "echo kept > /data")
+    wait_for(lambda: _states(lab_, "alpha")[ct] == "stopped", what=f"{ct}'s command to end")
+
+
+@lab
+@pytest.mark.parametrize("state,step", [(st, step) for st, steps in BEFORE_START.items() for step in steps])
+def test_abort_of_an_offline_move_before_the_start_rolls_back(held: Held, state: str, step: str) -> None:
+    """`phaul abort` of an offline move held at `step`: rolled back, the container is on alpha
+    as it was (a running one running again, a stopped one stopped with its files), and beta
+    holds nothing of it."""
+    lab_, ct = held.lab, f"offab-{state}"
+    if state == "running":
+        _start_counter(lab_, ct, 5)
+    else:
+        _stopped_container(lab_, ct)
+    migrate = held.migrate(ct, fault=f"{step}:pause")
+    mid, at = wait_paused(lab_, "alpha", migrate)
+    assert at == step
+    abort = held.cli("abort", mid, "--json")  # finds alpha from the ID; waits for the rollback
+    wait_for(lambda: "abort-requested" in _journal_steps(lab_, mid), timeout=60, what=f"alpha to take the abort of {mid}")
+    release(lab_, "alpha")
+    out, err = abort.communicate(timeout=240)
+    assert abort.returncode == 0, (out, err)
+    shown = json.loads(out)
+    assert (shown["migration_id"], shown["step"], shown["result"]) == (mid, step, "rolled_back"), shown
+    report = finish(migrate)
+    assert migrate.returncode == 1, report
+    assert (report["result"], report["memory_method"]) == ("rolled_back", "offline"), report
+    assert report["aborted_by"].startswith("admin (") and "aborted by admin" in report["error"], report
+
+    assert where(lab_, ct).states == {"alpha": state, "beta": None}
+    root = lab_.rootfs("alpha", ct)
+    if state == "running":
+        starts = _starts(root)  # stopped by the move at "dump": started again by the rollback
+        assert len(starts) == (2 if step in STOPPED_AFTER else 1), starts
+        wait_for(lambda: counter_file(lab_, "alpha", ct) > starts[-1] + 3, what="the counter to go on on alpha")
+    else:
+        assert (root / "data").read_text() == "kept\n"
+    wait_for(lambda: not leftovers(lab_, "beta") and not leftovers(lab_, "alpha", keep_ct=ct), timeout=30,
+             what=f"nothing left: beta {leftovers(lab_, 'beta')}, alpha {leftovers(lab_, 'alpha', keep_ct=ct)}")
+    assert migrations(lab_, "alpha")[mid]["state"] == "rolled_back"
+    assert "resume" not in _journal_steps(lab_, mid) or step == "resume"  # never told beta to start
+
+
+@lab
+def test_follow_an_offline_move_to_its_report(held: Held) -> None:
+    """`migrations --follow` of an offline move held after the stop: the step it is at first,
+    then each later step, then its end; the ended migration then shows how it ended."""
+    lab_, ct = held.lab, "offfollow"
+    _start_counter(lab_, ct, 5)
+    migrate = held.migrate(ct, fault="transfer:pause")
+    mid, _ = wait_paused(lab_, "alpha", migrate)
+    follow = held.cli("--host", "alpha", "migrations", "--follow", mid, "--json")
+    assert follow.stdout is not None
+    first = json.loads(follow.stdout.readline())  # the last progress: the stop
+    assert (first["migration_id"], first["ct"], first["event"], first["phase"]) == (mid, ct, "progress", "dump"), first
+    assert (first["source"], first["destination"]) == ("alpha", "beta") and "stopping" in first["message"], first
+    release(lab_, "alpha")
+    out, err = follow.communicate(timeout=240)
+    assert follow.returncode == 0, err
+    events = [first, *(json.loads(line) for line in out.splitlines())]
+    assert all(e["schema_version"] == 1 and e["migration_id"] == mid for e in events), events
+    progress, end = events[:-1], events[-1]
+    phases = [e["phase"] for e in progress]
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == [
+        "dump", "transfer", "restore", "resume", "cleanup"], phases
+    assert all(e["event"] == "progress" for e in progress), progress
+    assert (end["event"], end["result"], end["error"], end["aborted_by"]) == ("end", "ok", "", ""), end
+    report = finish(migrate)
+    assert migrate.returncode == 0 and report["result"] == "ok" and report["memory_method"] == "offline", report
+    ended = json.loads(lab_.phaul("--host", "alpha", "migrations", "--follow", mid, "--json").stdout)
+    assert (ended["event"], ended["result"], ended["ct"]) == ("end", "ok", ct), ended
+    assert where(lab_, ct).states == {"alpha": None, "beta": "running"}
+    text = lab_.phaul("--host", "alpha", "migrations", "--follow", mid).stdout
+    assert f"{mid} {ct} alpha->beta: OK" in text, text

@@ -4,8 +4,10 @@ moves them; a paused one stays (its memory would be lost).
 
 Steps: settle the host's unsettled migrations (`phaul recover`), list its containers, ask each
 destination for its memory, run every (container, destination) preflight through the source
-agent, plan (phaul.fleet.placement), then migrate by the plan. A container that cannot move
-stays running where it is and is named with the reason; the others go on. Interrupted, it
+agent, plan (phaul.fleet.placement), then migrate by the plan. A migration still unsettled after
+that (its peer does not answer) is named `in_doubt` (exit 3) with what to do, its container on
+the host or not (`Unsettled`): the host must not be retired before it is settled. A container
+that cannot move stays running where it is and is named with the reason; the others go on. Interrupted, it
 starts nothing more and waits for the migrations under way; run again, it continues with
 what is left (what moved is no longer on the host).
 """
@@ -70,6 +72,32 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Unsettled:
+    """A migration of the evacuated host that `phaul recover` could not settle (yet)."""
+
+    migration_id: str
+    role: str  # the host's: source or destination
+    ct: str
+    peer: str
+    state: str  # in_doubt, in_progress
+
+    def row(self, host: str, here: bool) -> Row:
+        """Its container's row: it does not move (`here`: it is on `host`) or cannot be said to be
+        off `host` until the migration is settled; the reason says what the admin does."""
+        mid, state = self.migration_id, self.state.replace("_", " ")
+        settle = f"`phaul --host {host} recover {mid}` settles it once {self.peer}'s agent answers"
+        if here:
+            return Row(self.ct, None, Outcome.IN_DOUBT,
+                       f"migration {mid} ({self.role}, with {self.peer}) is {state}: it stays until {settle}; "
+                       "then evacuate again")
+        if self.role == "source":
+            return Row(self.ct, self.peer, Outcome.IN_DOUBT,
+                       f"migration {mid} to {self.peer} is {state}: {self.peer} may hold its copy, waiting for "
+                       f"{host}'s word, and {host} keeps its images; {settle} (do not retire {host} before)")
+        return Row(self.ct, None, Outcome.IN_DOUBT, f"migration {mid} from {self.peer} is {state}: {settle}")
+
+
+@dataclass(frozen=True)
 class EvacuationOptions:
     """What `phaul evacuate` was asked."""
 
@@ -128,9 +156,13 @@ class Evacuator:
         with self.agent_for(source) as agent:
             doubtful = self._settle(agent, opts.dry_run)
             movable: list[Movable] = []
-            for c in agent.call("ListContainers", pb.Empty()).containers:
+            listed = agent.call("ListContainers", pb.Empty()).containers
+            here = {c.id for c in listed}
+            # an unsettled migration whose container is not here (committed, or held by the peer) is named too
+            rows += [u.row(source.name, here=False) for ct, u in doubtful.items() if ct not in here]
+            for c in listed:
                 if c.id in doubtful:
-                    rows.append(Row(c.id, None, Outcome.IN_DOUBT, doubtful[c.id]))
+                    rows.append(doubtful[c.id].row(source.name, here=True))
                 elif c.state == "paused":  # moved offline only when asked: its memory would be lost
                     rows.append(Row(c.id, None, Outcome.STAYED, "paused: resume it, or move it with `phaul migrate --offline`"))
                 else:
@@ -156,17 +188,17 @@ class Evacuator:
             )
         return dests
 
-    def _settle(self, agent: Agent, dry_run: bool) -> dict[str, str]:
-        """Settle the source's unsettled migrations first (not in a dry run); the containers
-        whose migration is still unsettled, with why."""
+    def _settle(self, agent: Agent, dry_run: bool) -> dict[str, Unsettled]:
+        """Settle the source's unsettled migrations first (not in a dry run); the migrations
+        still unsettled then, by container."""
         if not dry_run:
             for o in agent.call("Recover", pb.RecoverRequest(), timeout=600).outcomes:
                 self.say(f"settled {o.migration_id} ({o.role}): {o.result}: {o.message}")
-        doubtful: dict[str, str] = {}
-        for r in agent.call("ListMigrations", pb.Empty()).migrations:
-            if r.state in ("in_doubt", "in_progress"):
-                doubtful[r.ct] = f"migration {r.migration_id} is {r.state.replace('_', ' ')}: settle it with `phaul recover`"
-        return doubtful
+        return {
+            r.ct: Unsettled(r.migration_id, r.role, r.ct, r.peer, r.state)
+            for r in agent.call("ListMigrations", pb.Empty()).migrations
+            if r.state in ("in_doubt", "in_progress")
+        }
 
     def _capacities(self, dests: Sequence[HostEntry]) -> tuple[dict[str, Capacity], dict[str, str]]:
         """Each destination's memory figures, and the destinations that did not answer, with why."""
