@@ -73,12 +73,13 @@ memory methods (--method):
   postcopy       one short freeze without the memory: the container runs on
                  HOST at once and its pages follow on demand; from the resume
                  until the last page the container depends on both hosts
-  hybrid         pre-copy rounds, then post-copy of what changed since
+  hybrid         pre-copy rounds, then post-copy: after the resume only the
+                 pages that differ from the last round cross the link
   auto           (default) predicts each method's pauses as a client sees them
                  and takes a safe one (precopy, stop-and-copy) when it meets
                  --max-downtime, else the shortest pause that costs no more
-                 in all than stop-and-copy (postcopy only when asked for, for
-                 now); the report says which ran and why
+                 in all than stop-and-copy (postcopy and hybrid only when
+                 asked for); the report says which ran and why
   --offline      no memory moves: the container is stopped (SIGTERM, SIGKILL
                  after 10 s), its files synced, and its command started afresh
                  on HOST; a created or stopped container always moves so and

@@ -50,8 +50,9 @@ def test_explicit_requests() -> None:
     assert choose("postcopy", NO_SOFT_DIRTY, LAB_512M, 300).method == choice.POSTCOPY
     with pytest.raises(MethodUnavailable, match="cannot run: not here"):
         choose("postcopy", NO_SOFT_DIRTY, LAB_512M, 300, unavailable=NO_POSTCOPY)
-    with pytest.raises(MethodUnavailable, match="hybrid"):
-        choose("hybrid", NO_SOFT_DIRTY, LAB_512M, 300)
+    assert choose("hybrid", NO_SOFT_DIRTY, LAB_512M, 300).method == choice.HYBRID
+    with pytest.raises(MethodUnavailable, match="--method hybrid cannot run: not here"):
+        choose("hybrid", NO_SOFT_DIRTY, LAB_512M, 300, unavailable={choice.HYBRID: "not here"})
     with pytest.raises(ValueError, match="unknown method"):
         choose("sometimes", NO_SOFT_DIRTY, LAB_512M, 300)
 

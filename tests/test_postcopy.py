@@ -243,14 +243,44 @@ def test_postcopy_page_source_killed_after_the_resume(broken_lab: Lab, killed: s
         _nothing_of_the_page_link_left(lab)
 
 
-def test_hybrid_is_refused_before_anything_moves(clean_lab: Lab) -> None:
+def test_hybrid_sends_only_what_changed_after_the_resume(clean_lab: Lab) -> None:
+    """Pre-copy rounds, then post-copy: after the resume only the pages that differ from
+    the last round cross the link (the rest the destination rebuilds from that round's
+    images), every page right on the destination, the client's connection intact."""
     lab = clean_lab
-    _start_memload(lab, "pchy", 16, 1)
-    proc = lab.phaul("--host", "alpha", "migrate", "pchy", "beta", "--method", "hybrid", check=False)
-    assert proc.returncode == 2 and "hybrid migration is not built yet" in proc.stderr and "hint:" in proc.stderr, proc.stderr
-    [info] = lab.ct_list("alpha")
-    assert info["state"] == "running" and lab.ct_list("beta") == []
-    assert leftovers(lab, "alpha", keep_ct="pchy") == [] and leftovers(lab, "beta") == []
+    ip = lab_mod.container_address(TEST_SUBNET, 8)
+    lab.phaul("--host", "alpha", "ct", "create", "pchy", "--memory", "224M", "--ip", f"{ip}/24")
+    lab.phaul("--host", "alpha", "ct", "start", "pchy", "--", "/bin/sh", "-c",
+              f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & exec memload --size 128 --rate 2")
+    wait_for(lambda: lab.exec("alpha", "pchy", "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
+             timeout=60, what="memload in pchy")
+    wait_for(lambda: probes.short_probe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", seconds=0.05)[0] == 0,
+             timeout=30, what="the echo server in pchy")
+    probe = probes.LongProbe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", "--interval-ms", "10")
+    try:
+        time.sleep(0.5)
+        report = lab.migrate("pchy", "alpha", "beta", "--method", "hybrid")
+        assert report["result"] == "ok", report
+        assert report["memory_method"] == "hybrid", report
+        rounds = report["rounds"]
+        assert len(rounds) >= 2 and rounds[0]["pages_sent"] > 128 * 256, rounds  # a round sent the memory
+        assert rounds[-1]["pages_dumped"] < 128 * 256 // 4, rounds[-1]  # the final dump left it behind
+        assert 0 < report["postcopy_bytes"] < (128 << 20) // 4, report  # what changed since the round only
+        time.sleep(0.5)
+        rc, result = probe.stop()
+        print(f"\nhybrid 128 MiB rewriting 2 MiB/s: {len(rounds) - 1} rounds, pauses {report['pauses_ms']} ms, "
+              f"after the resume {report['postcopy_bytes']} bytes in {report['postcopy_ms']:.0f} ms; "
+              f"client pauses {result.get('pauses_ms')}")
+        assert rc == 0, result
+        assert not result["reset"] and not result["eof"] and result["wrong"] == 0 and result["missing"] == 0, result
+    finally:
+        probe.kill()
+    assert _verify_memory(lab, "beta", "pchy").startswith("ok pages=32768")
+    assert [c["id"] for c in lab.ct_list("alpha")] == []
+    assert leftovers(lab, "alpha") == []
+    veth = "link " + network.host_veth("pchy")
+    assert [x for x in leftovers(lab, "beta", keep_ct="pchy") if x != veth] == []
+    _nothing_of_the_page_link_left(lab)
 
 
 @pytest.mark.parametrize("cut_s", [5, 15])

@@ -71,7 +71,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Who may call what. Methods called by another agent during a migration (a new
 # agent-to-agent method must be named here, or peers are refused it):
 PEER_METHODS = frozenset({
-    "Prepare", "HoldTraffic", "ApplyPages", "OpenPageStream", "Restore", "Resume", "Abort", "Finish",
+    "Prepare", "HoldTraffic", "ApplyPages", "KeepBasis", "OpenPageStream", "Restore", "Resume", "Abort", "Finish",
     "MigrationStatus", "MigrationDecision", "PeerCheck",
     "KeepStandby", "DropStandby", "FenceStandby",
 })
@@ -486,6 +486,12 @@ class Servicer(pb_grpc.AgentServicer):
         self._incoming(request.migration_id, _peer_name(context))
         stats = self.dest.apply_pages(request.migration_id)
         return pb.ApplyPagesReply(pages_written=stats.pages_written, apply_ms=stats.ms)
+
+    @_rpc
+    def KeepBasis(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.Empty:
+        self._incoming(request.migration_id, _peer_name(context))
+        self.dest.keep_basis(request.migration_id)
+        return pb.Empty()
 
     @_rpc
     def Restore(self, request: pb.MigrationRef, context: grpc.ServicerContext) -> pb.RestoreReply:

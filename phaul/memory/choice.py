@@ -37,6 +37,8 @@ STOP_AND_COPY = "stop-and-copy"
 PAGE_DELTA = "precopy-page-delta"
 SOFT_DIRTY = "precopy-soft-dirty"
 POSTCOPY = "postcopy"
+HYBRID = "hybrid"
+LAZY = (POSTCOPY, HYBRID)  # the methods whose final dump leaves memory behind (a page link)
 OFFLINE = "offline"  # no memory moves: stop, sync, start (phaul.migration.offline); never auto's pick
 
 REQUESTS = ("auto", "precopy", "postcopy", "hybrid", "stop-and-copy")
@@ -121,17 +123,16 @@ def choose(
     unknown request."""
     request = ALIASES.get(request, request)
     unavailable = dict(unavailable or {})
-    unavailable.setdefault("hybrid", "hybrid migration is not built yet")
     pre = precopy_method(features)
     if request == "stop-and-copy":
         return Choice(STOP_AND_COPY, "asked for: a single stop-and-copy")
     if request == "precopy":
         return Choice(pre, "asked for: pre-copy rounds, then a stop-and-copy of what changed")
-    if request in ("postcopy", "hybrid"):
-        name = POSTCOPY if request == "postcopy" else "hybrid"
-        if name in unavailable:
-            raise MethodUnavailable(f"--method {request} cannot run: {unavailable[name]}")
-        return Choice(name, f"asked for: {request}")
+    if request in LAZY:
+        if request in unavailable:
+            raise MethodUnavailable(f"--method {request} cannot run: {unavailable[request]}")
+        why = "pre-copy rounds, then post-copy of what changed since the last" if request == HYBRID else request
+        return Choice(request, f"asked for: {why}")
     if request != "auto":
         raise ValueError(f"unknown method {request!r}; use one of {', '.join(REQUESTS)}")
 
@@ -154,5 +155,5 @@ def choose(
             f"the shortest predicted longest pause ({best.longest_ms:.0f} ms, "
             f"{best.sum_ms:.0f} ms in all against {stop.sum_ms:.0f} ms for stop-and-copy)"
         )
-    skipped = "".join(f"; {n} not possible: {r}" for n, r in unavailable.items() if n != "hybrid")
+    skipped = "".join(f"; {n} not possible: {r}" for n, r in unavailable.items() if n != HYBRID)
     return Choice(best.method, f"auto: {best.method}, {why}{skipped}", preds)

@@ -55,7 +55,7 @@ from typing import BinaryIO
 
 from phaul.linux import freezer
 from phaul.linux.doctor import PIPE_MAX_WANTED  # CRIU splices page runs through pipes this large
-from phaul.memory import page_relay, uffd_guard
+from phaul.memory import page_basis, page_relay, uffd_guard
 from phaul.memory.uffd_guard import UffdGuard
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class Keeper:
 
     def __init__(
         self, criu: str, images: Path, work: Path, status: Path, secret: str, procs: list[Path], redial_s: float,
+        basis: Path | None = None,
     ) -> None:
         self.criu, self.images, self.work, self.status = criu, images, work, status
         self.secret = secret
@@ -150,7 +151,7 @@ class Keeper:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.guard: UffdGuard | None = None
         self.relay: threading.Thread | None = None
-        self.replayer = page_relay.Replayer(self._dial, redial_s, self._say)
+        self.replayer = page_relay.Replayer(self._dial, redial_s, self._say, page_basis.Decoder(basis))
 
     def run(self, go: BinaryIO) -> int:
         """Wait for GO on `go` (the agent, once the images are here), then keep the post-copy."""
@@ -215,7 +216,8 @@ class Keeper:
             self.guard.finish()
             if self.relay is not None:
                 self.relay.join(timeout=5)  # the link's last bytes are counted
-            self._say(done="ok", received=self.replayer.received, redials=self.replayer.redials)
+            self._say(done="ok", received=self.replayer.received, redials=self.replayer.redials,
+                      basis_pages=self.replayer.decoder.basis_pages)
         else:
             self.guard.wait()  # it kills the container, then lets go of the userfaultfds
             self._say(done="lost", error=_daemon_error(self.work, rc))
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("hub", type=Path, help="the unix socket to listen on")
     h.add_argument("port", type=int, help="CRIU's page server on 127.0.0.1")
     h.add_argument("--linger", type=float, required=True, help="s without a link connection before giving up")
+    h.add_argument("--basis", type=Path, help="hybrid: the last pre-copy round's images, which the destination holds")
     k = sub.add_parser("keep", help="destination: the lazy-pages daemon, its guard and its link")
     k.add_argument("--criu", required=True)
     k.add_argument("--images", type=Path, required=True)
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--secret-file", type=Path, required=True)
     k.add_argument("--procs", type=Path, action="append", default=[])
     k.add_argument("--redial-s", type=float, required=True, help="s to dial a broken page link again")
+    k.add_argument("--basis", type=Path, help="hybrid: where KeepBasis keeps the last pre-copy round's images")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lazy-link %(levelname)s %(message)s")
     from phaul.channels.transport import read_secret
@@ -356,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "serve":
         return serve(read_secret(args.secret_file), args.hub, sys.stdin.buffer, sys.stdout.buffer)
     if args.role == "hub":
-        return page_relay.Hub(args.port, args.hub, args.linger, DIAL_TIMEOUT).run()
+        return page_relay.Hub(args.port, args.hub, args.linger, DIAL_TIMEOUT, args.basis).run()
     keeper = Keeper(
         args.criu, args.images, args.work, args.status, read_secret(args.secret_file), args.procs, args.redial_s,
+        args.basis,
     )
     return keeper.run(sys.stdin.buffer)
 

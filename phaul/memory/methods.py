@@ -77,6 +77,7 @@ class Context:
     open_stream: Callable[[], PageStream] | None = None  # a page stream to the destination (phaul.memory.page_stream)
     tcp_established: bool = True
     freezer: Path | None = None  # the container's freezer.state, if phaul may freeze it
+    keep_basis: Callable[[], None] | None = None  # hybrid: the destination keeps the images it holds now
 
 
 @dataclass
@@ -109,6 +110,7 @@ class MemoryMethod(ABC):
     name: ClassVar[str]
     precopy: ClassVar[bool]
     lazy: ClassVar[bool] = False  # the final dump leaves private memory behind (post-copy)
+    page_basis: Path | None = None  # hybrid: the images both hosts hold, for the page link (phaul.memory.page_basis)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -306,8 +308,37 @@ class SoftDirty(MemoryMethod):
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
 
 
+class Hybrid(PageDeltaMethod):
+    """Pre-copy rounds by page deltas, then post-copy: the final dump leaves private memory
+    in the frozen tree, and after the resume only the pages that differ from the last
+    round cross the link; the rest the destination rebuilds from that round's images,
+    which both hosts keep (`page_basis`; phaul.memory.page_basis)."""
+
+    name = "hybrid"
+    lazy = True
+
+    def prepare_final(self) -> None:
+        super().prepare_final()
+        if self.basis is None or self.ctx.keep_basis is None or self.page_basis is not None:
+            return
+        kept = self.ctx.dir / "page-basis"
+        try:
+            self.ctx.keep_basis()
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.mkdir()
+            for f in self.basis.iterdir():  # links: the round's directory may go, these stay
+                (kept / f.name).hardlink_to(f)
+            self.page_basis = kept
+        except (PhaulError, OSError) as e:
+            log.warning("no basis for the page link (%s); every page the container left crosses it", e)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        shutil.rmtree(self.ctx.dir / "page-basis", ignore_errors=True)
+
+
 METHODS: dict[str, type[MemoryMethod]] = {
-    m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty, PostCopy, Offline)
+    m.name: m for m in (StopAndCopy, PageDeltaMethod, SoftDirty, PostCopy, Offline, Hybrid)
 }
 
 

@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from phaul.memory import page_basis
+
 log = logging.getLogger(__name__)
 
 IOV = struct.Struct("=I4xQQQ")  # struct page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id;} (x86-64 layout)
@@ -91,8 +93,11 @@ def read_answer(read: Callable[[int], bytes], request: bytes) -> bytes:
 class Hub:
     """The source's end (see the module's docstring)."""
 
-    def __init__(self, criu_port: int, sock_path: Path, linger: float, dial_timeout: float) -> None:
+    def __init__(
+        self, criu_port: int, sock_path: Path, linger: float, dial_timeout: float, basis: Path | None = None,
+    ) -> None:
         self.criu_port, self.sock_path, self.linger, self.dial_timeout = criu_port, sock_path, linger, dial_timeout
+        self.basis = basis  # hybrid: the last pre-copy round's images, which the destination holds too
         self.criu: socket.socket | None = None
         self.ready = threading.Event()  # CRIU's connection is up
         self.lock = threading.Lock()  # orders requests: queued and sent to CRIU as one step
@@ -109,12 +114,18 @@ class Hub:
         listener.bind(str(self.sock_path))
         os.chmod(self.sock_path, 0o600)
         listener.listen(4)
+        index = None
+        if self.basis is not None:
+            try:
+                index = page_basis.BasisIndex(self.basis)
+            except Exception as e:  # noqa: BLE001 (pycriu's own errors): every page then crosses the link
+                log.warning("cannot index the basis %s (%s); every page crosses the link", self.basis, e)
         self.criu = self._dial()
         if self.criu is None:
             return 1
         self.ready.set()
         threading.Thread(target=self._accept, args=(listener,), name="hub-accept", daemon=True).start()
-        return self._answer()
+        return self._answer(index)
 
     def _dial(self) -> socket.socket | None:
         deadline = time.monotonic() + self.dial_timeout
@@ -174,8 +185,9 @@ class Hub:
                 self.link, self.link_lost_at = None, time.monotonic()
         _shut(conn)
 
-    def _answer(self) -> int:
-        """CRIU's answers, each to the link connection whose request it answers, if still current."""
+    def _answer(self, index: page_basis.BasisIndex | None) -> int:
+        """CRIU's answers, each to the link connection whose request it answers, if still current;
+        with `index`, pages the destination holds unchanged go as references (page_basis)."""
         assert self.criu is not None
         while True:
             item = self.pending.get()
@@ -188,6 +200,11 @@ class Hub:
             except LinkBroken as e:
                 log.error("CRIU's page server ended: %s", e)
                 return 1
+            if index is not None and not closing(request):
+                try:
+                    answer = page_basis.encode(answer, index)
+                except OSError as e:  # the answer goes as CRIU gave it
+                    log.warning("cannot compare an answer with the basis: %s", e)
             with self.lock:
                 link = self.link if epoch == self.epoch else None
             if link is not None:
@@ -223,13 +240,17 @@ class Replayer:
     """The destination's end (see the module's docstring). `dial` starts a link (its stdin
     and stdout pipes, the secret already sent); `say` reports to the keeper's status."""
 
-    def __init__(self, dial: Callable[[], subprocess.Popen[bytes]], redial_s: float, say: Callable[..., None]) -> None:
+    def __init__(
+        self, dial: Callable[[], subprocess.Popen[bytes]], redial_s: float, say: Callable[..., None],
+        decoder: page_basis.Decoder | None = None,
+    ) -> None:
         self.dial, self.redial_s, self.say = dial, redial_s, say
+        self.decoder = decoder or page_basis.Decoder(None)  # hybrid's answers: pages by reference
         self.lock = threading.Condition()
         self.unanswered: collections.deque[bytes] = collections.deque()
         self.link: subprocess.Popen[bytes] | None = None
         self.daemon_done = False  # the daemon closed its side
-        self.received = 0  # bytes of answers handed to the daemon
+        self.received = 0  # bytes of answers read from the link
         self.redials = 0
 
     def run(self, daemon: socket.socket, link: subprocess.Popen[bytes]) -> None:
@@ -279,17 +300,26 @@ class Replayer:
                     return  # the daemon is done and has every answer
                 request, link = self.unanswered[0], self.link
             assert link is not None and link.stdout is not None
+            read = functools.partial(os.read, link.stdout.fileno())
             try:
-                answer = read_answer(functools.partial(os.read, link.stdout.fileno()), request)
+                if closing(request):
+                    answer = read_exact(read, STATUS_SIZE)
+                    wire = len(answer)
+                else:
+                    answer, wire = self.decoder.read_answer(read, read_exact(read, IOV.size))
             except LinkBroken as e:
                 if not self._redial(str(e)):
                     return
                 continue
+            except page_basis.BasisError as e:  # no page is ever made up: the post-copy fails
+                log.error("a page answer from the source does not fit the basis: %s", e)
+                self.say(link="broken", why=str(e))
+                return
             try:
                 daemon.sendall(answer)
             except OSError:
                 return
-            self.received += len(answer)
+            self.received += wire
             with self.lock:
                 self.unanswered.popleft()
             if closing(request):

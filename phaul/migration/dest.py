@@ -55,11 +55,11 @@ from phaul.channels.fs_sync import AREAS, RsyncReceiver
 from phaul.channels.transport import TlsEndpoint, new_secret, rsh_env, write_secret
 from phaul.containers import ContainerConfig, inbound
 from phaul.endpoint import parse_endpoint
-from phaul.errors import Busy, Conflict, NotFound, Refused, ToolFailed
+from phaul.errors import Busy, Conflict, InvalidInput, NotFound, Refused, ToolFailed
 from phaul.linux import criu, criu_images, network
 from phaul.linux.datatree import check_data_tree
 from phaul.linux.doctor import criu_path, criu_version
-from phaul.memory import lazy_link, page_delta
+from phaul.memory import lazy_link, page_basis, page_delta
 from phaul.migration import quota
 from phaul.migration.journal import JournalEntry
 from phaul.migration.offline import OFFLINE_MARK, OFFLINE_START
@@ -125,6 +125,11 @@ class Incoming:
     @property
     def rounds_dir(self) -> Path:
         return self.recv_dir / "rounds"
+
+    @property
+    def basis_dir(self) -> Path:
+        """Hybrid: the last pre-copy round's images, kept by KeepBasis (the agent's)."""
+        return self.dir / "basis"
 
     @property
     def work_dir(self) -> Path:
@@ -327,6 +332,22 @@ class Destination:
         log.debug("migration %s: page delta applied: %d pages in %.0f ms", migration_id, stats.pages_written, stats.ms)
         return stats
 
+    def keep_basis(self, migration_id: str) -> None:
+        """Hybrid, before the final dump: keep what images/ holds now (the last pre-copy
+        round) in basis/, out of the peer's reach, for the keeper to rebuild the pages the
+        source sends as references to it (phaul.memory.page_basis)."""
+        m = self._get(migration_id)
+        with m.lock:
+            if m.state != "prepared" or not m.page_link:
+                raise Conflict(f"migration {migration_id} is {m.state} and not post-copy: no basis to keep")
+            shutil.rmtree(m.basis_dir, ignore_errors=True)
+            try:
+                n = page_basis.keep_basis(m.images_dir, m.basis_dir)
+            except InvalidInput:
+                shutil.rmtree(m.basis_dir, ignore_errors=True)
+                raise
+        log.debug("migration %s: %d image files kept as the page link's basis", migration_id, n)
+
     def restore(self, migration_id: str) -> dict[str, float]:
         """Restore the pushed container, held stopped. Returns CRIU's restore timings.
         Post-copy: without its private memory, which a keeper (phaul.memory.lazy_link)
@@ -436,7 +457,7 @@ class Destination:
         cmd = [
             sys.executable, "-m", "phaul.memory.lazy_link", "keep", "--criu", criu_bin, "--images", str(m.images_dir),
             "--work", str(m.work_dir), "--status", str(m.lazy_status), "--secret-file", str(m.secret_file),
-            "--redial-s", str(self.host.timeouts.link * 2),
+            "--redial-s", str(self.host.timeouts.link * 2), "--basis", str(m.basis_dir),
         ]
         for procs in ct.cgroup_procs(m.ct_id):
             cmd += ["--procs", str(procs)]

@@ -232,7 +232,7 @@ class SourceMigration:
             raise refused
         self._choice = self._offline_choice(info.state) if cold else self._choose_method()
         self.dir.mkdir(parents=True)
-        page_link = self._open_page_link() if self._choice.method == choice.POSTCOPY else ""
+        page_link = self._open_page_link() if self._choice.method in choice.LAZY else ""
         reply = dest.call(
             "Prepare",
             pb.PrepareRequest(
@@ -424,10 +424,10 @@ class SourceMigration:
             restore_fixed_ms=restore_fixed, restore_ms_per_mib=restore_per,
         )
         unavailable = {}
-        if self.options.method == "postcopy" or (self.options.method == "auto" and choice.AUTO_POSTCOPY):
+        if self.options.method in choice.LAZY or (self.options.method == "auto" and choice.AUTO_POSTCOPY):
             lazy_ok, lazy_why = lazy_link.available()  # may raise fs.pipe-max-size: only when post-copy may run
             if not lazy_ok:
-                unavailable[choice.POSTCOPY] = f"{self.host.name}: {lazy_why}"
+                unavailable.update({m: f"{self.host.name}: {lazy_why}" for m in choice.LAZY})
         try:
             picked = choice.choose(self.options.method, features(), costs, self.options.max_downtime_ms, unavailable)
         except choice.MethodUnavailable as e:
@@ -451,7 +451,7 @@ class SourceMigration:
             ct=ct, ct_id=self.ct_id, dir=self.dir, sender=self._sender, apply_pages=self._apply_pages,
             dump_timeout=self.host.timeouts.dump,
             bandwidth=self.options.bandwidth, tcp_established=True, freezer=ct.freezer_state(self.ct_id),
-            open_stream=self._open_page_stream,
+            open_stream=self._open_page_stream, keep_basis=self._keep_basis,
         )
         return methods.METHODS[name](ctx)
 
@@ -522,6 +522,10 @@ class SourceMigration:
         stream = PageStream(env, self._secret)
         self.cancel.watch(stream.proc)  # an abort ends the final transfer
         return stream
+
+    def _keep_basis(self) -> None:
+        """Hybrid: the destination keeps the images it holds now, the last round's."""
+        self.dest.call("KeepBasis", pb.MigrationRef(migration_id=self.id), timeout=30)
 
     def _apply_pages(self) -> float:
         """Ask the destination to apply the page delta just pushed; its ms."""
@@ -618,10 +622,12 @@ class SourceMigration:
             network.isolate(self.ct_id)
         gate = self.held.gate
         assert gate is not None
+        method = self.held.method
+        basis = ["--basis", str(method.page_basis)] if method is not None and method.page_basis is not None else []
         with open(self.dir / "page-hub.log", "ab") as out:  # its own session: it outlives this agent
             self.held.page_hub = subprocess.Popen(
                 [sys.executable, "-m", "phaul.memory.lazy_link", "hub", str(self.dir / PAGE_HUB),
-                 str(self.held.lazy_port), "--linger", str(self.host.timeouts.link * 5)],
+                 str(self.held.lazy_port), "--linger", str(self.host.timeouts.link * 5), *basis],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
             )
         if not gate.release(commit=True):

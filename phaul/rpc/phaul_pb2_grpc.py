@@ -114,6 +114,11 @@ class AgentStub:
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.ApplyPagesRequest.SerializeToString,
                 response_deserializer=phaul_dot_rpc_dot_phaul__pb2.ApplyPagesReply.FromString,
                 _registered_method=True)
+        self.KeepBasis = channel.unary_unary(
+                '/phaul.v1.Agent/KeepBasis',
+                request_serializer=phaul_dot_rpc_dot_phaul__pb2.MigrationRef.SerializeToString,
+                response_deserializer=phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
+                _registered_method=True)
         self.OpenPageStream = channel.unary_unary(
                 '/phaul.v1.Agent/OpenPageStream',
                 request_serializer=phaul_dot_rpc_dot_phaul__pb2.MigrationRef.SerializeToString,
@@ -305,6 +310,13 @@ class AgentServicer:
 
     def ApplyPages(self, request, context):
         """pre-copy: patch images/ with the page delta in delta/
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepBasis(self, request, context):
+        """hybrid: keep images/ as they are (the last round) for the page link
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -507,6 +519,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ApplyPages,
                     request_deserializer=phaul_dot_rpc_dot_phaul__pb2.ApplyPagesRequest.FromString,
                     response_serializer=phaul_dot_rpc_dot_phaul__pb2.ApplyPagesReply.SerializeToString,
+            ),
+            'KeepBasis': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepBasis,
+                    request_deserializer=phaul_dot_rpc_dot_phaul__pb2.MigrationRef.FromString,
+                    response_serializer=phaul_dot_rpc_dot_phaul__pb2.Empty.SerializeToString,
             ),
             'OpenPageStream': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenPageStream,
@@ -1026,6 +1043,33 @@ class Agent:
             '/phaul.v1.Agent/ApplyPages',
             phaul_dot_rpc_dot_phaul__pb2.ApplyPagesRequest.SerializeToString,
             phaul_dot_rpc_dot_phaul__pb2.ApplyPagesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepBasis(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phaul.v1.Agent/KeepBasis',
+            phaul_dot_rpc_dot_phaul__pb2.MigrationRef.SerializeToString,
+            phaul_dot_rpc_dot_phaul__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
