@@ -7,6 +7,8 @@ container (methods interleaved, so drift hits them alike):
   commit gate, restore held stopped, then resume);
 - `phaul postcopy`: `phaul migrate CT beta --method postcopy` (one freeze without
   the memory; the pages follow after the resume, the post-copy window);
+- `phaul hybrid`: `phaul migrate CT beta --method hybrid` (pre-copy rounds, then
+  post-copy of only the pages that differ from the last round);
 - `stop-and-copy`: what a user scripts today: rsync the container's directory
   to the other host while it runs, `runc checkpoint` to local images, rsync of
   the images and the root file system (what changed) to the other host over an
@@ -70,8 +72,8 @@ LAB_DIR = Path("/var/lib/phaul-lab-bench")
 SUBNET = "10.213.7.0/24"
 LOCK = Path("/run/lock/phaul-lab.lock")
 RESULTS = REPO / "bench" / "results"
-METHODS = ("phaul precopy", "phaul postcopy", "stop-and-copy", "local floor")
-PHAUL_METHODS = {"phaul precopy": "precopy", "phaul postcopy": "postcopy"}  # -> `phaul migrate --method`
+METHODS = ("phaul precopy", "phaul postcopy", "phaul hybrid", "stop-and-copy", "local floor")
+PHAUL_METHODS = {"phaul precopy": "precopy", "phaul postcopy": "postcopy", "phaul hybrid": "hybrid"}  # -> `--method`
 RSYNC_PORT = 8730
 MiB = 1 << 20
 PRELOAD = [f"pre:{i}" for i in range(20000)]  # service workloads: keys written before the move
@@ -137,6 +139,7 @@ class Run:
     client: dict[str, Any] = field(default_factory=dict)  # service workloads: the client's figures (ClientFigures)
     pauses_ms: list[float] = field(default_factory=list)  # every pause the probe saw, in order
     postcopy_ms: float = 0.0  # phaul postcopy: from the resume until the last page arrived
+    postcopy_bytes: int = 0  # ... and what crossed meanwhile
     probe: dict[str, Any] = field(default_factory=dict)  # the probe's own result (tcp-probe --json)
 
 
@@ -348,6 +351,7 @@ class Bench:
         r.round_frozen_ms = [x["frozen_ms"] for x in rep["rounds"][:-1]]
         r.memory_method, r.stop_reason, r.phases_ms = rep["memory_method"], rep["stop_reason"], rep["phases_ms"]
         r.postcopy_ms = rep.get("postcopy_ms", 0.0)
+        r.postcopy_bytes = rep.get("postcopy_bytes", 0)
         return "beta"
 
     def _checkpoint(self, ct: str, d: Path) -> None:
@@ -500,6 +504,7 @@ def summarize(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
                 }
         for m in PHAUL_METHODS:
             per[m]["postcopy_ms"] = median([r.postcopy_ms for r in runs if r.workload == w and r.method == m and r.ok])
+            per[m]["postcopy_bytes"] = median([r.postcopy_bytes for r in runs if r.workload == w and r.method == m and r.ok])
         ph = [r for r in runs if r.workload == w and r.method == "phaul precopy" and r.ok]
         per["phaul precopy"]["predicted_frozen_ms"] = median([r.predicted_frozen_ms for r in ph if r.predicted_frozen_ms is not None])
         ratios = [r.frozen_ratio_vs_stop_and_copy for r in ph if r.frozen_ratio_vs_stop_and_copy]
@@ -554,7 +559,7 @@ def table(summary: dict[str, Any]) -> str:
                 lines.append(
                     f"{'':<20} {m:<14} pauses: longest {p['longest_ms']:.0f} ms, summed {p['sum_ms']:.0f} ms, "
                     f"{p['count']:.0f} of them (medians; worst longest {p['longest_ms_max']:.0f} ms)"
-                    + (f"; post-copy window {window:.0f} ms" if window else "")
+                    + (f"; post-copy window {window:.0f} ms, {per[m]['postcopy_bytes'] / MiB:.1f} MiB" if window else "")
                 )
         lines.append(
             f"{'':<20} phaul precopy/stop-and-copy frozen {g(t['frozen_ratio_median'])}; frozen bytes / last round's dirty "
