@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pycriu
 import pytest
 from test_page_delta import _pages, _write_dump
 
@@ -18,6 +19,8 @@ from phaul.memory.page_basis import (
     ENCODED,
     IOV,
     PAGE,
+    PE_LAZY,
+    PE_PRESENT,
     SEGMENT,
     BasisError,
     BasisIndex,
@@ -40,10 +43,18 @@ def _decode(decoder: Decoder, wire: bytes) -> tuple[bytes, int]:
 
 @pytest.fixture
 def basis(tmp_path: Path) -> Path:
-    """A round's images: task 10 with 64 pages at 0x10000 and 16 at 0x800000, task 11 with 8."""
+    """A round's images: task 10 with 64 pages at 0x10000 and 16 at 0x800000, task 11 with 8.
+    As in a full dump, task 10's runs are marked lazy-able (PE_LAZY) besides PE_PRESENT."""
     content = _pages(1, 80)
-    _write_dump(tmp_path / "round", {10: ([(0x10000, 64), (0x800000, 16)], content), 11: ([(0x4000, 8)], _pages(2, 8))})
-    return tmp_path / "round"
+    d = tmp_path / "round"
+    _write_dump(d, {10: ([(0x10000, 64), (0x800000, 16)], content), 11: ([(0x4000, 8)], _pages(2, 8))})
+    with open(d / "pagemap-10.img", "rb") as f:
+        pm = pycriu.images.load(f, pretty=False)
+    for e in pm["entries"][1:]:
+        e["flags"] = PE_PRESENT | PE_LAZY
+    with open(d / "pagemap-10.img", "wb") as f:
+        pycriu.images.dump(pm, f)
+    return d
 
 
 def test_unchanged_pages_cross_as_references_and_come_back_exact(tmp_path: Path, basis: Path) -> None:

@@ -70,6 +70,7 @@ class BasisIndex:
     def __init__(self, image_dir: Path) -> None:
         self.dir = image_dir
         self.runs: dict[int, list[Run]] = {}
+        self.served = self.referenced = 0  # pages encoded, and of them sent as references
         self._starts: dict[int, list[int]] = {}
         self._fds: dict[int, int] = {}
         self._read_maps()
@@ -92,7 +93,8 @@ class BasisIndex:
             for e in entries[1:]:
                 n = int(e.get("nr_pages") or e.get("compat_nr_pages") or 0)
                 flags = int(e.get("flags", PE_PRESENT))
-                if n and flags & PE_PRESENT and not flags & (PE_PARENT | PE_LAZY):  # its pages are in the file
+                # in the file: PE_PRESENT without PE_PARENT (a full dump marks lazy-able pages PE_LAZY too)
+                if n and flags & PE_PRESENT and not flags & PE_PARENT:
                     runs.append(Run(int(e["vaddr"]), n, pages_id, offset))
                     offset += n
             runs.sort(key=lambda r: r.vaddr)
@@ -150,6 +152,8 @@ def encode(answer: bytes, index: BasisIndex) -> bytes:
                 _add(segments, 1, 0, 0)
                 literal.append(page)
         i += n
+    index.served += nr
+    index.referenced += sum(c for c, p, _ in segments if p)
     if all(p == 0 for _, p, _ in segments):
         return answer
     head = IOV.pack(cmd | ENCODED, nr, vaddr, dst_id) + COUNT.pack(len(segments))

@@ -118,6 +118,7 @@ class Hub:
         if self.basis is not None:
             try:
                 index = page_basis.BasisIndex(self.basis)
+                log.info("basis %s: pages of %d tasks", self.basis, len(index.runs))
             except Exception as e:  # noqa: BLE001 (pycriu's own errors): every page then crosses the link
                 log.warning("cannot index the basis %s (%s); every page crosses the link", self.basis, e)
         self.criu = self._dial()
@@ -213,6 +214,8 @@ class Hub:
                 except OSError:
                     pass  # the destination dials again and asks again
             if closing(request):
+                if index is not None:
+                    log.info("%d of %d pages served went as references to the basis", index.referenced, index.served)
                 return 0
 
 
