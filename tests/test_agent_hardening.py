@@ -30,7 +30,7 @@ OK_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 SERVICE = pb.DESCRIPTOR.services_by_name["Agent"]
-PEER_ONLY = {"Prepare", "HoldTraffic", "ApplyPages", "OpenPageStream", "Restore", "Resume", "Abort", "Finish", "MigrationStatus",
+PEER_ONLY = {"Prepare", "HoldTraffic", "ApplyPages", "KeepBasis", "OpenPageStream", "Restore", "Resume", "Abort", "Finish", "MigrationStatus",
              "MigrationDecision", "PeerCheck", "KeepStandby", "DropStandby", "FenceStandby"}
 ANY = {"Info", "StandbyList"}  # admins and peers (a peer sees only what concerns it)
 # Values that reach deeper than random text: names the agent knows, paths that try to escape.

@@ -158,7 +158,9 @@ def test_injection_in_request_fields_is_refused(victim: RunningAgent, field: str
 
 # -- migrations that are not the caller's ---------------------------------------------------------
 
-PER_MIGRATION = ["HoldTraffic", "OpenPageStream", "ApplyPages", "Restore", "Resume", "Finish", "Abort", "MigrationStatus"]
+PER_MIGRATION = [
+    "HoldTraffic", "OpenPageStream", "ApplyPages", "KeepBasis", "Restore", "Resume", "Finish", "Abort", "MigrationStatus",
+]
 
 
 def test_foreign_migrations_are_refused(victim: RunningAgent) -> None:
@@ -422,6 +424,17 @@ def test_crafted_images_are_refused(genuine: Genuine, attack: str) -> None:
     code, details, _ = restore(genuine, ct, images)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
     assert f"CRIU image {name}" in details and fld in details, details
+
+
+def test_keep_basis_of_a_migration_without_a_page_link_is_refused(genuine: Genuine) -> None:
+    """KeepBasis (hybrid) links received images into the migration's own directory: only for a
+    post-copy migration, whose keeper reads them; any other is refused and nothing is made."""
+    _, images = genuine.copy("keep-basis")
+    with prepared(genuine.victim, genuine.config) as rogue:
+        rogue.push(images, "images")
+        code, details = rogue.call("KeepBasis")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "not post-copy" in details, (code, details)
+        assert not (genuine.victim.state / "incoming" / rogue.mid / "basis").exists()
 
 
 def test_a_quota_overrun_cuts_the_migration_off(genuine: Genuine, tmp_path: Path) -> None:
