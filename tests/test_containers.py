@@ -420,3 +420,21 @@ def test_a_periodic_timerfd_keeps_firing_after_restore(kind: RuncContainers, tmp
     state, checks = _objects(kind, "tfd")["timerfd"]
     assert state == "ok" and checks >= before + 5, _objects(kind, "tfd")
     kind.destroy("tfd", timeout=0.5)
+
+
+def test_cgroup_mounts_skip_a_restores_yard_and_bind_mounts(tmp_path: Path) -> None:
+    """A CI run lost a migration: while beta's CRIU restored with its cgroup yard mounted
+    (visible to every lab host), gamma made the next container's cgroups in that yard as it
+    went away. One mount point per hierarchy, the first whole one."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "30 25 0:26 / /sys/fs/cgroup/blkio rw,relatime shared:9 - cgroup cgroup rw,blkio\n"
+        "31 25 0:27 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "32 25 0:28 /phaul-x /mnt/bound rw,relatime - cgroup cgroup rw,pids\n"
+        "40 99 0:26 / /var/lib/x/work/.criu.cgyard.ZN0Nfg/blkio rw,relatime - cgroup cgroup rw,blkio\n"
+        "41 25 0:29 / /sys/fs/cgroup/name\\040with\\040space rw - cgroup cgroup rw,name=systemd\n"
+    )
+    assert _cgroup_mounts(info) == [
+        Path("/sys/fs/cgroup/blkio"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/name with space"),
+    ]
+    assert _cgroup_mounts(tmp_path / "missing") == []

@@ -197,7 +197,7 @@ def test_restore_costs_survive_a_damaged_file(tmp_path: Path) -> None:
 
 def test_method_names_are_the_methods() -> None:
     assert set(memory_methods.METHODS) == {
-        choice.STOP_AND_COPY, choice.PAGE_DELTA, choice.SOFT_DIRTY, choice.POSTCOPY, choice.OFFLINE,
+        choice.STOP_AND_COPY, choice.PAGE_DELTA, choice.SOFT_DIRTY, choice.POSTCOPY, choice.OFFLINE, choice.HYBRID,
     }
 
 

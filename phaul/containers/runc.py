@@ -841,19 +841,24 @@ def _tail(path: Path, lines: int) -> str:
         return f"({path} not written)"
 
 
-def _cgroup_mounts() -> list[Path]:
-    """Mount points of every cgroup (v1) and cgroup2 hierarchy on this host."""
-    mounts: list[Path] = []
+def _cgroup_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """One mount point of every cgroup (v1) and cgroup2 hierarchy on this host: the first
+    whole mount of each (its root "/"). A hierarchy mounted again later, such as the yard
+    CRIU mounts in its work directory during a restore (`.criu.cgyard.*`, gone when it
+    ends), is the same hierarchy: never used, another restore may be unmounting it."""
+    mounts: dict[tuple[str, frozenset[str]], Path] = {}
     try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] in ("cgroup", "cgroup2"):
-                p = Path(fields[1].replace("\\040", " "))
-                if p not in mounts:
-                    mounts.append(p)
+        lines = mountinfo.read_text().splitlines()
     except OSError:
-        pass
-    return mounts
+        return []
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields, super_fields = before.split(), after.split()
+        if len(fields) < 5 or len(super_fields) < 3 or super_fields[0] not in ("cgroup", "cgroup2") or fields[3] != "/":
+            continue
+        hierarchy = (super_fields[0], frozenset(super_fields[2].split(",")) - {"rw", "ro"})
+        mounts.setdefault(hierarchy, Path(fields[4].replace("\\040", " ")))
+    return list(mounts.values())
 
 
 def _rmdir_cgroup(path: Path) -> None:
