@@ -120,17 +120,23 @@ def _recover(lab: Lab, row: dict, host: str, mid: str) -> list[dict]:
     return outcomes
 
 
+def _served_memload(lab: Lab, ct: str, n: int, size_mib: int, rate: float) -> probes.LongProbe:
+    """`ct` on alpha at the lab's address `n`: memload (`size_mib`, rewriting `rate` MiB/s) beside
+    the echo server; returns a probe holding one connection to it from the client namespace."""
+    ip = lab_mod.container_address(TEST_SUBNET, n)
+    lab.phaul("--host", "alpha", "ct", "create", ct, "--memory", f"{size_mib + 96}M", "--ip", f"{ip}/24")
+    lab.phaul("--host", "alpha", "ct", "start", ct, "--", "/bin/sh", "-c",
+              f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & exec memload --size {size_mib} --rate {rate:g}")
+    wait_for(lambda: lab.exec("alpha", ct, "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
+             timeout=60, what=f"memload in {ct}")
+    wait_for(lambda: probes.short_probe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", seconds=0.05)[0] == 0,
+             timeout=30, what=f"the echo server in {ct}")
+    return probes.LongProbe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", "--interval-ms", "10")
+
+
 def test_postcopy_moves_memory_and_a_connection(clean_lab: Lab) -> None:
     lab = clean_lab
-    ip = lab_mod.container_address(TEST_SUBNET, 7)
-    lab.phaul("--host", "alpha", "ct", "create", "pc1", "--memory", "352M", "--ip", f"{ip}/24")
-    lab.phaul("--host", "alpha", "ct", "start", "pc1", "--", "/bin/sh", "-c",
-              f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & exec memload --size 256 --rate 8")
-    wait_for(lambda: lab.exec("alpha", "pc1", "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
-             timeout=60, what="memload in pc1")
-    wait_for(lambda: probes.short_probe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", seconds=0.05)[0] == 0,
-             timeout=30, what="the echo server in pc1")
-    probe = probes.LongProbe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", "--interval-ms", "10")
+    probe = _served_memload(lab, "pc1", 7, 256, 8)
     try:
         time.sleep(0.5)
         report = lab.migrate("pc1", "alpha", "beta", "--method", "postcopy")
@@ -248,15 +254,7 @@ def test_hybrid_sends_only_what_changed_after_the_resume(clean_lab: Lab) -> None
     the last round cross the link (the rest the destination rebuilds from that round's
     images), every page right on the destination, the client's connection intact."""
     lab = clean_lab
-    ip = lab_mod.container_address(TEST_SUBNET, 8)
-    lab.phaul("--host", "alpha", "ct", "create", "pchy", "--memory", "224M", "--ip", f"{ip}/24")
-    lab.phaul("--host", "alpha", "ct", "start", "pchy", "--", "/bin/sh", "-c",
-              f"echo-server --port {ECHO_PORT} >/dev/null 2>&1 & exec memload --size 128 --rate 2")
-    wait_for(lambda: lab.exec("alpha", "pchy", "sh", "-c", "test -s /memload.pid && echo yes || true").strip() == "yes",
-             timeout=60, what="memload in pchy")
-    wait_for(lambda: probes.short_probe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", seconds=0.05)[0] == 0,
-             timeout=30, what="the echo server in pchy")
-    probe = probes.LongProbe(lab_mod.NETNS["client"], f"{ip}:{ECHO_PORT}", "--interval-ms", "10")
+    probe = _served_memload(lab, "pchy", 8, 128, 2)
     try:
         time.sleep(0.5)
         report = lab.migrate("pchy", "alpha", "beta", "--method", "hybrid")
