@@ -18,23 +18,39 @@ which records its cases in the same results file (faultlib.fault_case).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Lab, wait_for
 from faultlib import (
-    HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, kill_agent, kill_criu, leftovers, link,
-    pause_marker, read_memory_mark, record_case, scrub, stopped_processes, where,
+    HOSTS,
+    MARKED_COUNTER,
+    Admin,
+    agent_pid,
+    counter_file,
+    criu_pids,
+    ensure_agents,
+    fault_case,
+    kill_agent,
+    kill_criu,
+    leftovers,
+    link,
+    pause_marker,
+    read_memory_mark,
+    scrub,
+    stopped_processes,
+    where,
 )
-from phaul.testing import faults as faults_mod
+
 from phaul.rpc import phaul_pb2 as pb
+from phaul.testing import faults as faults_mod
 
 pytestmark = pytest.mark.lab
 
@@ -168,10 +184,8 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         request.getfixturevalue("beta_on_tmpfs")
     admin = Admin(lab)
     ct = f"f{CASES.index((step, fault)):02d}"
-    t0 = time.monotonic()
     timers: list[threading.Thread] = []
-    row: dict = {"step": step, "fault": fault, "ct": ct}
-    try:
+    with _cleaned_up(lab, admin, ct, timers), fault_case(step, fault, ct) as row:
         _start_counter(admin, ct)
         wait_for(lambda: counter_file(lab, "alpha", ct) > 2, what="the counter to run")
         mark = read_memory_mark(lab, "alpha", ct)
@@ -227,16 +241,19 @@ def test_fault(lab: Lab, request: pytest.FixtureRequest, step: str, fault: str) 
         if row["report"] in expected:
             assert host == expected[row["report"]], f"the report says {row['report']} but {ct} runs on {host}"
         assert final in expected and expected[final] == host, f"alpha's journal says {final} but {ct} runs on {host}"
-        row["outcome"] = "pass"
-    except BaseException as e:
-        row["outcome"] = f"FAIL: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
-        raise
-    finally:
-        row["seconds"] = round(time.monotonic() - t0, 1)
-        record_case(row)
+
+
+@contextlib.contextmanager
+def _cleaned_up(lab: Lab, admin: Admin, ct: str, timers: list[threading.Thread]) -> Iterator[None]:
+    """After a case (recorded by faultlib.fault_case first): its container and timers go; a
+    failed case also scrubs the lab for the next."""
+    try:
+        yield
+    except BaseException:
         _cleanup(lab, admin, ct, timers)
-        if row["outcome"] != "pass":
-            scrub(lab)
+        scrub(lab)
+        raise
+    _cleanup(lab, admin, ct, timers)
 
 
 def _cleanup(lab: Lab, admin: Admin, ct: str, timers: list[threading.Thread]) -> None:
