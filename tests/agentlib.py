@@ -89,14 +89,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextmanager
 def running_agent(
     d: Path, name: str, creds: dict[str, Credentials], peers: list[str], admins: list[str], *extra: str,
-    config: Path | None = None, env: dict[str, str] | None = None, host: str = "127.0.0.1",
+    config: Path | None = None, env: dict[str, str] | None = None, host: str = "127.0.0.1", state: Path | None = None,
 ) -> Iterator[RunningAgent]:
     """`phaul agent` as in production (no step hook), stopped and cleaned up afterwards.
     With `config`, the agent reads its name, certificates, peers and admins from that file
     (`peers` and `admins` are then unused) and gets only the test's addresses and directories
     as flags. `env` is added to its environment. `host`: the --listen host (an IPv6 address
-    in brackets, or a host name)."""
-    state, canary, cwd = d / "state", d / "canary", d / "cwd"
+    in brackets, or a host name). `state`: its state directory, `d`/state unless given."""
+    state, canary, cwd = state or d / "state", d / "canary", d / "cwd"
     for p in (state, canary / "sub", cwd):
         p.mkdir(parents=True, exist_ok=True)
     (canary / "sub" / "keep.txt").write_text("precious")

@@ -30,10 +30,10 @@ from agentlib import make_pki, running_agent
 from phaul.channels import pki
 from phaul.channels.client import connect
 from phaul.channels.fs_sync import RsyncSender
-from phaul.channels.transport import MAX_CHILDREN, TLS_RSH, Credentials, rsh_env
-from phaul.errors import PhaulError, ToolFailed
+from phaul.channels.transport import MAX_CHILDREN, TLS_RSH, Credentials, TlsEndpoint, rsh_env
+from phaul.errors import InvalidInput, PhaulError, ToolFailed
 from phaul.memory.page_stream import PageStream, StreamError
-from phaul.migration.copies import procs_using
+from phaul.migration.copies import kill_data_channel, procs_using, wait_until
 from phaul.rpc import phaul_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,3 +321,26 @@ def test_the_destination_makes_the_soft_dirty_parent_links(tmp_path: Path) -> No
         (m.rounds_dir / k / "parent").unlink()
     with pytest.raises(ToolFailed, match="parent"):
         dest._link_parents(m)
+
+
+def test_a_dead_agents_data_channel_is_found_by_its_directory(tmp_path: Path) -> None:
+    """An endpoint's commands name their files relative to the migration directory they
+    run in (socat's address must stay short), so recovery finds the listener of a dead
+    agent's migration by its working directory, not by its command line."""
+    creds = make_pki(tmp_path / "pki", ["hosta", "peer1"])
+    mdir = tmp_path / "incoming" / "m1"
+    mdir.mkdir(parents=True)
+    endpoint = TlsEndpoint(creds["hosta"], "127.0.0.1", "peer1", ["cat", mdir / "nothing"], 5.0, mdir / "sealed", mdir)
+    endpoint.open(mdir / "data-channel.log")
+    try:
+        assert str(mdir).encode() not in Path(f"/proc/{endpoint.pid}/cmdline").read_bytes()
+        assert procs_using(mdir) == [endpoint.pid]
+        (mdir / "data-channel.pid").write_text(f"{endpoint.pid}\n")  # as Prepare does
+        kill_data_channel(mdir)
+        assert wait_until(lambda: not procs_using(mdir), 5.0)
+    finally:
+        endpoint.close()
+    with pytest.raises(InvalidInput, match="outside its working directory"):
+        TlsEndpoint(creds["hosta"], "127.0.0.1", "peer1", ["cat", tmp_path / "x"], 5.0, mdir / "sealed", mdir)
+    with pytest.raises(InvalidInput, match="longer than socat"):
+        TlsEndpoint(creds["hosta"], "127.0.0.1", "peer1", ["cat", "x" * 600], 5.0, mdir / "sealed", mdir)

@@ -6,7 +6,7 @@
   hosts file, an rsync data channel and the page stream, all over IPv6; one on the host
   name `localhost` (resolved through this machine's /etc/hosts, which the tests do not
   edit: it names 127.0.0.1 only, so no IPv6 host name is tried); one on 0.0.0.0 that
-  advertises 127.0.0.1.
+  advertises 127.0.0.1; one whose state directory is hundreds of characters deep.
 - In the lab: the IPv6 lab (`up(ipv6=True)`) with the hosts' IPv4 addresses removed, so
   the agents have nothing but IPv6 between them: a running container goes alpha -> beta
   and back with pre-copy, and alpha -> beta with post-copy; memory and counter verified.
@@ -194,7 +194,7 @@ def _push_through_data_channel(tmp_path: Path, agent: RunningAgent, dial_host: s
                 PageStream({**os.environ, **rsh_env(agent.creds["peer1"], str(at), HOST, 5.0)}, reply.secret, timeout=10).close()
             except StreamError as e:
                 endpoint_log = agent.state / "incoming" / mid / "page-stream.log"
-                said = endpoint_log.read_text() if endpoint_log.exists() else "(no endpoint log)"
+                said = endpoint_log.read_text(errors="replace") if endpoint_log.exists() else "(no endpoint log)"
                 raise AssertionError(f"{e}; the endpoint {stream} (dialed at {at}) logged: {said}") from None
         finally:
             peer.call("Abort", pb.MigrationRef(migration_id=mid))
@@ -238,6 +238,16 @@ def test_agent_on_a_wildcard_advertises(tmp_path: Path) -> None:
             assert a.call("Info", pb.Empty()).address == f"127.0.0.1:{agent.port}"  # what peers dial back
         _push_through_data_channel(tmp_path, agent, "127.0.0.1")
         assert "advertised as 127.0.0.1:" in agent.log()
+
+
+def test_agent_in_a_deep_state_directory(tmp_path: Path) -> None:
+    """The data channels' commands name their files relative to the migration's directory:
+    socat garbles an EXEC address past about 512 characters and then fails every
+    connection (a CI run's path was long enough for the page stream's)."""
+    creds = make_pki(tmp_path, [HOST, "peer1", "admin"])
+    deep = tmp_path / "a" / ("d" * 120) / ("e" * 120) / "state"  # the agent's socket stays in tmp_path/a
+    with running_agent(tmp_path / "a", HOST, creds, ["peer1"], ["admin"], state=deep) as agent:
+        _push_through_data_channel(tmp_path, agent, "127.0.0.1")
 
 
 # --- the IPv6 lab --------------------------------------------------------------------------

@@ -69,7 +69,8 @@ class RsyncReceiver:
         self.link_timeout = link_timeout
         self.conf = own / "rsyncd.conf"
         self.endpoint = TlsEndpoint(
-            creds, bind, peer_name, ["rsync", "--server", "--daemon", f"--config={self.conf}", "."], link_timeout, seal,
+            creds, bind, peer_name, ["rsync", "--server", "--daemon", "--config", self.conf, "."], link_timeout, seal,
+            own,
         )
 
     def open(self) -> str:

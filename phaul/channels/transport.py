@@ -42,6 +42,7 @@ TCP_USER_TIMEOUT = 18  # IPPROTO_TCP option number
 # TLS 1.2 or later; TLS 1.2 with ECDHE and AES-GCM or ChaCha20-Poly1305 only (TLS 1.3's suites are all AEAD)
 TLS_OPTIONS = "openssl-min-proto-version=TLS1.2,cipher=ECDHE+AESGCM:ECDHE+CHACHA20"
 MAX_CHILDREN = 4  # connections one endpoint serves at a time
+MAX_EXEC = 500  # characters of the EXEC address (socat 1.7 garbles one past about 512)
 SECRET_USER = "phaul"  # the user name of rsync's daemon authentication
 
 
@@ -84,24 +85,34 @@ class Credentials:
 
 
 class TlsEndpoint:
-    """A TLS listener on an ephemeral port of `bind` that runs `command` for
-    each connection from a peer whose certificate's common name is `peer_name`,
-    unless file `seal` exists (through `GATE`)."""
+    """A TLS listener on an ephemeral port of `bind` that runs `command` in
+    directory `workdir` for each connection from a peer whose certificate's
+    common name is `peer_name`, unless file `seal` exists (through `GATE`).
+    The paths of `command` and `seal` are passed relative to `workdir`, so that
+    socat's EXEC address stays short: socat 1.7 cuts an address token at
+    about 512 characters and then fails every connection."""
 
     def __init__(
-        self, creds: Credentials, bind: str, peer_name: str, command: list[str], link_timeout: float, seal: Path,
+        self, creds: Credentials, bind: str, peer_name: str, command: list[str | Path], link_timeout: float,
+        seal: Path, workdir: Path,
     ) -> None:
         check_id(peer_name, "peer host name")
-        command = ["sh", str(GATE), peer_name, str(seal), *command]
-        if any(c in part for part in command for c in ",!: \"'"):
-            raise InvalidInput(f"endpoint command {command!r} has characters socat would misparse")
+        words = ["sh", str(GATE), peer_name, *(_under(workdir, p) for p in (seal, *command))]
+        if any(c in part for part in words for c in ",!: \"'"):
+            raise InvalidInput(f"endpoint command {words!r} has characters socat would misparse")
+        if len(" ".join(words)) > MAX_EXEC:
+            raise InvalidInput(
+                f"endpoint command {' '.join(words)!r} is longer than socat's {MAX_EXEC} characters",
+                "install phaul and its state directory at shorter paths",
+            )
+        self.workdir = workdir
         self.creds = creds
         try:  # an IPv4 or IPv6 address of this host, or a wildcard
             self.bind = ipaddress.ip_address(bind)
         except ValueError:
             raise InvalidInput(f"data channel bind address {bind!r} is not an IP address") from None
         self.peer_name = peer_name
-        self.command = command
+        self.command = words
         self.link_timeout = link_timeout
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -129,7 +140,7 @@ class TlsEndpoint:
             with open(log_path, "ab") as errlog:
                 self._proc = subprocess.Popen(
                     ["socat", "-t", "0.01", listen, "EXEC:" + " ".join(self.command)],
-                    stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, start_new_session=True, cwd=self.workdir,
                 )
             if _wait_listening(self.port, self._proc):
                 log.debug("data endpoint %s for %s: %s", self.address, self.peer_name, self.command[4])
@@ -156,6 +167,16 @@ class TlsEndpoint:
         _kill_group(self._proc.pid)
         self._proc.wait()
         self._proc = None
+
+
+def _under(workdir: Path, word: str | Path) -> str:
+    """`word` as a command word: a Path relative to `workdir` (which holds it), a str as it is."""
+    if isinstance(word, Path):
+        try:
+            return str(word.relative_to(workdir))
+        except ValueError:
+            raise InvalidInput(f"endpoint path {word} is outside its working directory {workdir}") from None
+    return word
 
 
 def _kill_group(pgid: int, spare: int = 0, keep_root: Path | None = None, timeout: float = 10.0) -> None:

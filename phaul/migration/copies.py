@@ -23,18 +23,23 @@ log = logging.getLogger(__name__)
 
 
 def procs_using(path: Path) -> list[int]:
-    """PIDs of live processes whose command line names `path` or something under it."""
-    needle = str(path).encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "cmdline").read_bytes() and procfs.alive(int(d.name)):
-                found.append(int(d.name))
-        except OSError:
-            continue
-    return found
+    """PIDs of live processes that use `path`: their command line names it or
+    something under it, or they work in it or under it (a data channel's commands,
+    which name their files relative to the migration directory they run in)."""
+    return [
+        int(d.name) for d in Path("/proc").iterdir()
+        if d.name.isdigit() and int(d.name) != os.getpid() and uses(int(d.name), path)
+    ]
+
+
+def uses(pid: int, path: Path) -> bool:
+    """Whether live process `pid` uses `path` (`procs_using`)."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = ""
+    named = str(path).encode() in _cmdline(pid) or cwd == str(path) or cwd.startswith(f"{path}/")
+    return named and procfs.alive(pid)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -54,7 +59,7 @@ def kill_data_channel(mdir: Path) -> None:
         pid = int((mdir / "data-channel.pid").read_text().strip())
     except (OSError, ValueError):
         pid = 0
-    if pid and str(mdir).encode() in _cmdline(pid):
+    if pid and uses(pid, mdir):
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -304,8 +304,8 @@ class Destination:
             _close_stream(m)
             endpoint = TlsEndpoint(
                 self.host.creds, self.host.address, m.source,
-                [sys.executable, "-m", "phaul.memory.page_stream", str(m.secret_file), str(m.delta_dir), str(m.images_dir)],
-                self.host.timeouts.link, m.seal_file,
+                [sys.executable, "-m", "phaul.memory.page_stream", m.secret_file, m.delta_dir, m.images_dir],
+                self.host.timeouts.link, m.seal_file, m.dir,
             )
             address = endpoint.open(m.dir / "page-stream.log")
             m.stream = endpoint

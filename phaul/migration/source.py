@@ -495,9 +495,8 @@ class SourceMigration:
             self.held.lazy_port = int(s.getsockname()[1])
         endpoint = self.held.page_link = TlsEndpoint(
             self.host.creds, self.host.address, self.dest_name,
-            [sys.executable, "-m", "phaul.memory.lazy_link", "serve", str(self.dir / "page-link.secret"),
-             str(self.dir / PAGE_HUB)],
-            self.host.timeouts.link, self.dir / "page-link.sealed",
+            [sys.executable, "-m", "phaul.memory.lazy_link", "serve", self.dir / "page-link.secret", self.dir / PAGE_HUB],
+            self.host.timeouts.link, self.dir / "page-link.sealed", self.dir,
         )
         endpoint.open(self.dir / "page-link.log")
         return self.host.advertised_port(endpoint.port)
