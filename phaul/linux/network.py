@@ -36,7 +36,6 @@ What the pieces give:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -524,7 +523,6 @@ class TrafficHold:
         tag = _digest(ident.ct_id)[:10]
         self.port, self.peer = HOLD_PREFIX + tag, HOLD_PEER_PREFIX + tag
         self._sock: socket.socket | None = None
-        self._out: socket.socket | None = None  # release's socket into the restored copy's veth
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -569,15 +567,14 @@ class TrafficHold:
 
     def release(self, pid: int) -> int:
         """Put the restored container (init `pid`) on the segment and send it what was
-        held; returns the number of frames replayed. `close` (once the container runs:
-        deleting a link takes tens of milliseconds) removes the holding port and hands
-        over the last frames it took."""
+        held; returns the number of frames replayed."""
         t0 = time.monotonic()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._sock is None or self.attracted_at is None:
             plug_restored(self.ident, self.bridge, pid)
+            self.close()
             return 0
         # No frame may overtake a held one: a newer TCP segment reaching the restored socket
         # first makes it acknowledge a hole, and the client retransmits everything held. So the
@@ -587,37 +584,34 @@ class TrafficHold:
         # the restored copy (the announcement), and the few frames kept meanwhile follow.
         veth = self.ident.host_veth
         plug_restored(self.ident, self.bridge, pid, learning=False)
-        out = self._out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        out.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
-        out.bind((veth, 0))
-        try:
-            self._relay(out)
-        finally:
-            _ip("link", "set", "dev", veth, "type", "bridge_slave", "learning", "on")
-        self._replay(out)
-        announce(pid, self.ident)  # the bridge now sends new frames to the restored eth0
-        self._replay(out)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as out:
+            out.setsockopt(_SOL_PACKET, _PACKET_VNET_HDR, 1)
+            out.bind((veth, 0))
+            try:
+                self._relay(out)
+            finally:
+                _ip("link", "set", "dev", veth, "type", "bridge_slave", "learning", "on")
+            self._replay(out)
+            announce(pid, self.ident)  # the bridge now sends new frames to the restored eth0
+            self._replay(out)
+            delete_link(self.port)  # frames already in our socket stay readable
+            self._replay(out)
         now = time.monotonic()
         log.info("released %s: %d frame(s) held for %.0f ms replayed; release took %.1f ms",
                  self.ident.ct_id, self.replayed, (now - self.attracted_at) * 1000, (now - t0) * 1000)
+        self.close()
         return self.replayed
 
     def close(self) -> None:
-        """Stop holding and remove the holding port; after `release`, the frames the port
-        took meanwhile (flooded ones) go to the restored copy first. Idempotent."""
+        """Stop holding and remove the holding port. Idempotent."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        delete_link(self.port)  # frames already in the socket stay readable
         with self._lock:
-            if self._out is not None:
-                with contextlib.suppress(OSError):
-                    self._replay(self._out)
-                self._out.close()
-                self._out = None
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
+        delete_link(self.port)
 
     def _repeat(self) -> None:
         start = time.monotonic()

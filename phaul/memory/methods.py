@@ -11,7 +11,6 @@
   (`phaul.memory.page_stream`), rounds' deltas by rsync (they may be rate-capped).
 - `PostCopy`: nothing before the freeze; the final dump leaves private memory
   behind and the destination fetches it after the resume (phaul.memory.lazy_link).
-  The rest of its images go over the page stream too, as a delta against nothing.
 - `Offline`: no memory moves at all; the destination creates the container from
   its configuration and starts its command afresh (phaul.migration.offline).
 - `SoftDirty` (kernels with soft-dirty): CRIU's own pre-dump rounds with memory
@@ -147,6 +146,16 @@ class StopAndCopy(MemoryMethod):
     def send_final(self, images: Path) -> Sent:
         s = self.ctx.sender.push(images, "images", bwlimit=0, whole_file=True)
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
+
+
+class PostCopy(StopAndCopy):
+    """Post-copy: the final dump leaves private memory in the frozen tree (CRIU's lazy
+    pages), so what travels while frozen is small; the destination runs as soon as it
+    is restored, and pages follow on fault and in the background over the page link
+    (phaul.memory.lazy_link). The source's tree stays frozen until the last page left."""
+
+    name = "postcopy"
+    lazy = True
 
 
 class Offline(MemoryMethod):
@@ -297,33 +306,6 @@ class SoftDirty(MemoryMethod):
     def send_final(self, images: Path) -> Sent:
         s = self.ctx.sender.push(images, "images", ("/parent",), bwlimit=0, whole_file=True)
         return Sent(_pages_in(images), s.bytes_sent, s.duration_ms)
-
-
-class PostCopy(PageDeltaMethod):
-    """Post-copy: the final dump leaves private memory in the frozen tree (CRIU's lazy
-    pages), so what travels while frozen is small; the destination runs as soon as it
-    is restored, and pages follow on fault and in the background over the page link
-    (phaul.memory.lazy_link). The source's tree stays frozen until the last page left.
-    No rounds: the final images go through the page stream, opened before the freeze,
-    as a delta against nothing (the destination's images/ is empty), which spares the
-    freeze an rsync's connection and start-up; by rsync if the stream fails."""
-
-    name = "postcopy"
-    precopy = False
-    lazy = True
-
-    def prepare_final(self) -> None:
-        if self.basis is None:
-            self.basis = self.ctx.dir / "empty-basis"
-            self.basis.mkdir(exist_ok=True)
-        super().prepare_final()
-
-    def _rebase(self, images: Path) -> None:
-        pass  # no later delta: the final images stay where the dump wrote them
-
-    def cleanup(self) -> None:
-        super().cleanup()
-        shutil.rmtree(self.ctx.dir / "empty-basis", ignore_errors=True)
 
 
 class Hybrid(PageDeltaMethod):

@@ -517,21 +517,17 @@ class Destination:
             if m.offline:
                 self._start_offline(m)
                 return
-            t0 = time.monotonic()
             self.journal.record(migration_id, "destination", "resume")
             pid = m.pid or self.host.containers.info(m.ct_id).pid
             if pid:
                 self._release_traffic(m, pid)
             if m.tcp_close and pid:
                 network.close_tcp_connections(pid)
-            t1 = time.monotonic()
             self.host.containers.resume(m.ct_id, m.stopped)
             m.state = "running"
-            took = time.monotonic() - t0
-            if m.net is not None:  # once it runs, off the pause (Finish and Abort close it too)
-                threading.Thread(target=_after_resume, args=(m.net, pid), name=f"resumed-{m.ct_id}", daemon=True).start()
-        log.info("migration %s: %s runs on %s (%.0f ms: network %.0f)", migration_id, m.ct_id, self.host.name,
-                 took * 1000, (t1 - t0) * 1000)
+            if m.net is not None and pid:
+                _announce(pid, m.net.ident)  # once more, now that it runs
+        log.info("migration %s: %s runs on %s", migration_id, m.ct_id, self.host.name)
 
     def _start_offline(self, m: Incoming) -> None:
         """Offline (with m.lock held): run the container's command if it ran on the source.
@@ -804,17 +800,6 @@ def _stop_keeper(m: Incoming) -> None:
             os.killpg(m.keeper.pid, signal.SIGKILL)
         m.keeper.wait()
     m.keeper = None
-
-
-def _after_resume(hold: network.TrafficHold, pid: int) -> None:
-    """The container runs: its holding port's last frames to it, the port removed, and
-    its address announced once more."""
-    try:
-        hold.close()
-    except Exception as e:  # Finish closes it again
-        log.warning("removing the holding port of %s: %s", hold.ident.ct_id, e)
-    if pid:
-        _announce(pid, hold.ident)
 
 
 def _announce(pid: int, ident: network.Identity) -> None:
