@@ -46,7 +46,6 @@ def test_log_goes_on_after_restore(kind: RuncContainers, tmp_path: Path) -> None
     kind.start("tick", TICKER)
     assert _wait_for(timeout=10.0, cond=lambda: len(_ticks(kind, "tick")) >= 3)
     kind.checkpoint("tick", tmp_path / "img", tmp_path / "work")
-    kind.expect_restore("tick")  # as a migration's destination does at Prepare: the keeper waits for runc restore
     last = _ticks(kind, "tick")[-1]
     assert kind.restore("tick", tmp_path / "img", tmp_path / "work").state == "running"
     assert _wait_for(timeout=10.0, cond=lambda: _ticks(kind, "tick")[-1] > last + 3), "the restored container's output is lost"
@@ -70,22 +69,6 @@ def test_log_is_bounded(tmp_path: Path) -> None:
     rc = console.run(["sh", "-c", "echo after"], d, 30, max_bytes=8192)
     console.wait_keeper(d)
     assert console.read_since(d, start.file_id, start.offset).data == b"after\n"
-
-
-def test_a_keeper_started_ahead_runs_what_it_is_given_or_ends_unused(tmp_path: Path) -> None:
-    d = tmp_path / "log"  # made by `run`, not by `spawn`
-    keeper = console.spawn(d)
-    assert keeper.poll() is None and not d.exists()
-    assert console.run(["sh", "-c", "echo ahead"], d, 30, keeper=keeper) == 0
-    assert console.wait_keeper(d) and console.tail(d, 0) == b"ahead\n"
-    unused = console.spawn(d)
-    console.discard(unused)
-    assert unused.returncode == 0 and console.tail(d, 0) == b"ahead\n"
-    dead = console.spawn(d)
-    dead.kill()
-    dead.wait()
-    assert console.run(["sh", "-c", "echo anew"], d, 30, keeper=dead) == 0  # a dead one is replaced
-    assert console.wait_keeper(d) and console.tail(d, 0) == b"ahead\nanew\n"
 
 
 def test_pushed_log_keeps_only_the_log(tmp_path: Path) -> None:

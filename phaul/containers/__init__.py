@@ -138,14 +138,6 @@ class ContainerKind(ABC):
         """The cgroup.procs files that list every process of the container (they need not exist yet)."""
         return []
 
-    def expect_restore(self, ct_id: str) -> None:
-        """Start now what a coming `restore` of `ct_id` needs and its images do not decide
-        (so that the restore, inside a migration's freeze, is shorter); `cancel_restore`
-        ends it if no restore comes."""
-
-    def cancel_restore(self, ct_id: str) -> None:
-        """End what `expect_restore` started for `ct_id`, if a restore did not use it."""
-
     @abstractmethod
     def restore(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0,

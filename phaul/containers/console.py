@@ -18,18 +18,12 @@ agent (`python -m phaul.containers.console`). The keeper:
 
 `log_dir` lies in the container's directory, so a migration moves the log
 with it; the destination's `restore` runs a new keeper appending to it.
-
-The keeper reads `cmd` from its stdin (one JSON line), so it can be started
-ahead (`spawn`): a migration's destination starts the restore's keeper at
-Prepare, and its Python start-up (tens of milliseconds) lies outside the
-container's freeze. A keeper whose stdin closes before a command came ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import select
@@ -64,37 +58,14 @@ class Chunk:
     offset: int
 
 
-def spawn(log_dir: Path, max_bytes: int = DEFAULT_MAX) -> subprocess.Popen[bytes]:
-    """A keeper for `log_dir` (which need not exist yet), waiting for the command `run`
-    gives it; `discard` ends it unused."""
-    keeper = [sys.executable, "-m", "phaul.containers.console", "--dir", str(log_dir), "--max", str(max_bytes)]
-    return subprocess.Popen(keeper, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/")
-
-
-def discard(keeper: subprocess.Popen[bytes]) -> None:
-    """End a keeper from `spawn` that was given no command."""
-    for f in (keeper.stdin, keeper.stdout):
-        if f is not None:
-            f.close()
-    keeper.wait()
-
-
-def run(
-    cmd: list[str], log_dir: Path, timeout: float, max_bytes: int = DEFAULT_MAX,
-    keeper: subprocess.Popen[bytes] | None = None,
-) -> int:
-    """Run `cmd` under a keeper writing its output (and its container's) to `log_dir`:
-    `keeper` (from `spawn` with the same `log_dir`) or a new one; its exit status.
-    ToolFailed if it takes longer than `timeout` s (it is killed)."""
+def run(cmd: list[str], log_dir: Path, timeout: float, max_bytes: int = DEFAULT_MAX) -> int:
+    """Run `cmd` under a keeper writing its output (and its container's) to `log_dir`;
+    its exit status. ToolFailed if it takes longer than `timeout` s (it is killed)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / EXIT).unlink(missing_ok=True)
-    proc = keeper if keeper is not None and keeper.poll() is None else spawn(log_dir, max_bytes)
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        proc.stdin.write(json.dumps(cmd).encode() + b"\n")
-        proc.stdin.close()
-    except OSError:  # it died waiting: read what it says below (nothing)
-        pass
+    keeper = [sys.executable, "-m", "phaul.containers.console", "--dir", str(log_dir), "--max", str(max_bytes), "--", *cmd]
+    proc = subprocess.Popen(keeper, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd="/")
+    assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     pid, buf = 0, b""
     try:
@@ -283,19 +254,12 @@ def _write_at(dfd: int, name: str, text: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(
-        description="keeps a container's console log (phaul.containers.console); "
-        "reads the command to run from stdin, one JSON list",
-    )
+    p = argparse.ArgumentParser(description="keeps a container's console log (phaul.containers.console)")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--max", type=int, default=DEFAULT_MAX)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
     a = p.parse_args()
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return  # discarded, or the agent that spawned it is gone
-    cmd = json.loads(line)
-    if not isinstance(cmd, list) or not cmd or not all(isinstance(w, str) for w in cmd):
-        sys.exit("phaul.containers.console: stdin must hold a JSON list of strings, the command to run")
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     _keeper(a.dir, a.max, cmd)
 
 

@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -116,8 +115,6 @@ class RuncContainers(ContainerKind):
         criu = shutil.which("criu")
         # Only checkpoint and restore need CRIU; containers run without it.
         self.criu_path: Path | None = Path(criu).resolve() if criu else None
-        self._lock = threading.Lock()
-        self._keepers: dict[str, subprocess.Popen[bytes]] = {}  # expect_restore's, by container
 
     # ---- paths ---------------------------------------------------------------
 
@@ -500,19 +497,6 @@ class RuncContainers(ContainerKind):
         if proc.returncode != 0:
             raise self.criu_error(ct_id, "checkpoint", work_dir, proc.returncode, proc.stderr)
 
-    def expect_restore(self, ct_id: str) -> None:
-        """The restore's console keeper, started now (phaul.containers.console.spawn)."""
-        check_id(ct_id)
-        with self._lock:
-            if ct_id not in self._keepers:
-                self._keepers[ct_id] = console.spawn(self.log_dir(ct_id))
-
-    def cancel_restore(self, ct_id: str) -> None:
-        with self._lock:
-            keeper = self._keepers.pop(ct_id, None)
-        if keeper is not None:
-            console.discard(keeper)
-
     def restore(
         self, ct_id: str, image_dir: Path, work_dir: Path, *, tcp_established: bool = True, timeout: float = 300.0,
         lazy_pages: bool = False,
@@ -520,10 +504,8 @@ class RuncContainers(ContainerKind):
         """Run `restore_cmd` to completion; the container runs afterwards. ToolFailed with CRIU's log tail."""
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         cmd = self.restore_cmd(ct_id, image_dir, work_dir, tcp_established=tcp_established, lazy_pages=lazy_pages)
-        with self._lock:
-            keeper = self._keepers.pop(ct_id, None)
         try:  # the restored container's stdout and stderr: a new console keeper's pipe, appending to its log
-            rc = console.run(cmd, self.log_dir(ct_id), timeout, keeper=keeper)
+            rc = console.run(cmd, self.log_dir(ct_id), timeout)
         except ToolFailed:
             raise self.criu_error(ct_id, "restore", work_dir, -1, f"runc restore did not finish within {timeout:.0f} s") from None
         if rc != 0:  # runc removes what it created; never delete here: the ID may name a running container

@@ -222,14 +222,11 @@ class Destination:
                 write_secret(m.secret_file, secret)
                 if page_link:
                     self._spawn_keeper(m, page_link)
-                if not offline and not standby:  # a restore comes: its console keeper starts now
-                    self.host.containers.expect_restore(ct_id)
                 address = receiver.open()
                 (mdir / "data-channel.pid").write_text(f"{receiver.endpoint.pid}\n")
                 self._watch_quota(m, need_bytes)
             except BaseException as e:
                 _stop_keeper(m)
-                self.host.containers.cancel_restore(ct_id)
                 _close_channels(m)
                 receiver.close()
                 shutil.rmtree(mdir, ignore_errors=True)
@@ -556,7 +553,6 @@ class Destination:
             if m.placed:
                 self.host.containers.destroy(m.ct_id, timeout=0)  # held stopped: it never ran here
             _stop_keeper(m)  # after the copy is gone: it never reads a page that did not come
-            self.host.containers.cancel_restore(m.ct_id)
             shutil.rmtree(m.dir, ignore_errors=True)
             m.state = "aborted"
             self._settle_quietly(migration_id, Result.ROLLED_BACK)
@@ -727,7 +723,6 @@ class Destination:
             m = self._incoming.pop(migration_id, None)
         if m is not None:
             _close_channels(m)
-            self.host.containers.cancel_restore(m.ct_id)
 
     def reload_restored(self, e: JournalEntry) -> None:
         """After an agent restart: take back a copy restored and held here, so that
