@@ -28,29 +28,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import Lab, wait_for
 from faultlib import (
-    HOSTS,
-    MARKED_COUNTER,
-    Admin,
-    agent_pid,
-    counter_file,
-    criu_pids,
-    ensure_agents,
-    fault_case,
-    kill_agent,
-    kill_criu,
-    leftovers,
-    link,
-    pause_marker,
-    read_memory_mark,
-    scrub,
-    stopped_processes,
-    where,
+    HOSTS, MARKED_COUNTER, Admin, agent_pid, counter_file, criu_pids, ensure_agents, fault_case, kill_agent, kill_criu,
+    leftovers, link, pause_marker, read_memory_mark, scrub, stopped_processes, where,
 )
-
-from phaul.rpc import phaul_pb2 as pb
 from phaul.testing import faults as faults_mod
+from phaul.rpc import phaul_pb2 as pb
 
 pytestmark = pytest.mark.lab
 

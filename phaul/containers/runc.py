@@ -846,18 +846,16 @@ def _cgroup_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]
     whole mount of each (its root "/"). A hierarchy mounted again later, such as the yard
     CRIU mounts in its work directory during a restore (`.criu.cgyard.*`, gone when it
     ends), is the same hierarchy: never used, another restore may be unmounting it."""
-    mounts: dict[tuple[str, frozenset[str]], Path] = {}
+    mounts: dict[str, Path] = {}  # by the hierarchy's device (major:minor)
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
         return []
     for line in lines:
         before, _, after = line.partition(" - ")
-        fields, super_fields = before.split(), after.split()
-        if len(fields) < 5 or len(super_fields) < 3 or super_fields[0] not in ("cgroup", "cgroup2") or fields[3] != "/":
-            continue
-        hierarchy = (super_fields[0], frozenset(super_fields[2].split(",")) - {"rw", "ro"})
-        mounts.setdefault(hierarchy, Path(fields[4].replace("\\040", " ")))
+        fields, fstype = before.split(), after.split()[:1]
+        if len(fields) >= 5 and fstype in (["cgroup"], ["cgroup2"]) and fields[3] == "/":
+            mounts.setdefault(fields[2], Path(fields[4].replace("\\040", " ")))
     return list(mounts.values())
 
 

@@ -35,11 +35,10 @@ def procs_using(path: Path) -> list[int]:
 def uses(pid: int, path: Path) -> bool:
     """Whether live process `pid` uses `path` (`procs_using`)."""
     try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
+        works_there = Path(os.readlink(f"/proc/{pid}/cwd")).is_relative_to(path)
     except OSError:
-        cwd = ""
-    named = str(path).encode() in _cmdline(pid) or cwd == str(path) or cwd.startswith(f"{path}/")
-    return named and procfs.alive(pid)
+        works_there = False
+    return (works_there or str(path).encode() in _cmdline(pid)) and procfs.alive(pid)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
